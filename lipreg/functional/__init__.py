@@ -1,0 +1,34 @@
+"""Pure estimators: tensors and modules in, results out. Imports neither Lightning nor Hydra."""
+
+from lipreg.functional.autolip import autolip
+from lipreg.functional.graph import TraceError, UnsupportedOperationError
+from lipreg.functional.linear_map import LinearMap
+from lipreg.functional.power_iteration import operator_norm, top_singular_triplets
+from lipreg.functional.results import LayerBound, LipschitzResult
+from lipreg.functional.rules import (
+    Affine,
+    Combine,
+    Elementwise,
+    NodeContext,
+    Nonlinear,
+    UnsupportedNodeError,
+    register_rule,
+)
+
+__all__ = [
+    "Affine",
+    "Combine",
+    "Elementwise",
+    "LayerBound",
+    "LinearMap",
+    "LipschitzResult",
+    "NodeContext",
+    "Nonlinear",
+    "TraceError",
+    "UnsupportedNodeError",
+    "UnsupportedOperationError",
+    "autolip",
+    "operator_norm",
+    "register_rule",
+    "top_singular_triplets",
+]
