@@ -249,7 +249,7 @@ def test_lipsdp_product_of_norms(bench_dir: Path, name: str, sizes: list[int]) -
     for layer, w in zip(linears, raw, strict=True):
         np.testing.assert_array_equal(layer.weight.detach().numpy(), w)
     published = PUBLISHED["lipsdp"][name]["product_of_norms"]
-    assert rel(product_of_norms([m.weight for m in linears]), published) < 1e-3
+    assert rel(product_of_norms([m.weight.detach() for m in linears]), published) < 1e-3
 
 
 def test_lipsdp_random_exact_constant(bench_dir: Path) -> None:
@@ -293,9 +293,8 @@ def test_glipsdp_fnn_matches_raw_arrays(bench_dir: Path) -> None:
     assert got.shape == (7, 1)
     np.testing.assert_allclose(got[:, 0], expected, rtol=1e-12)
     assert net.meta["input_mean"].shape == (64,) and np.all(net.meta["input_scale"] > 0)
-    assert load_glipsdp("fnn2", 3, bench_dir, output_index=None).model(
-        torch.zeros(1, 64)
-    ).shape == (1, 10)
+    full = load_glipsdp("fnn2", 3, bench_dir, output_index=None).model
+    assert full(torch.zeros(1, 64, dtype=torch.float64)).shape == (1, 10)
     with pytest.raises(ValueError):
         load_glipsdp("fnn2", 3, bench_dir, output_index=10)
 

@@ -3,6 +3,7 @@
 from lipreg.functional.autolip import autolip
 from lipreg.functional.graph import TraceError, UnsupportedOperationError
 from lipreg.functional.linear_map import LinearMap
+from lipreg.functional.lower_bound import jacobian_norms, lower_bound
 from lipreg.functional.power_iteration import operator_norm, top_singular_triplets
 from lipreg.functional.results import LayerBound, LipschitzResult
 from lipreg.functional.rules import (
@@ -13,7 +14,9 @@ from lipreg.functional.rules import (
     Nonlinear,
     UnsupportedNodeError,
     register_rule,
+    registered_targets,
 )
+from lipreg.functional.seqlip import NotSequentialError, seqlip
 
 __all__ = [
     "Affine",
@@ -30,5 +33,10 @@ __all__ = [
     "autolip",
     "operator_norm",
     "register_rule",
+    "registered_targets",
+    "seqlip",
+    "lower_bound",
+    "jacobian_norms",
+    "NotSequentialError",
     "top_singular_triplets",
 ]

@@ -453,12 +453,12 @@ def _torus_norm(
     docstring (the relative ``1e-10`` is applied by the caller).
     """
     n_groups, c_out, c_in = w_groups.shape[:3]
-    kernel = w_groups.shape[3:]
+    kernel = tuple(w_groups.shape[3:])
     sigmas = [p.sigma for p in plans]
     tori = [p.size // p.sigma for p in plans]
     n_phases = math.prod(sigmas)
 
-    # Per axis: tap t sits at torus position d t = sigma q + r; q is folded modulo M.
+    # Per axis: tap t sits at torus position d t = sigma q + r, with q folded modulo M.
     q_values: list[list[int]] = []
     q_index: list[list[int]] = []
     r_index: list[list[int]] = []
@@ -470,9 +470,7 @@ def _torus_norm(
         r_index.append([(d * t) % sigma for t in range(k)])
     n_q = math.prod(len(v) for v in q_values)
     n_taps = math.prod(kernel)
-
-    # Flat destination (polyphase tap, phase) of every kernel tap, in row-major tap order.
-    dest = []
+    dest = []  # flat (polyphase tap, phase) slot of every kernel tap, row-major tap order
     for taps in product(*(range(k) for k in kernel)):
         qi = ri = 0
         for axis, t in enumerate(taps):
@@ -490,42 +488,121 @@ def _torus_norm(
         return out.reshape(n_q, n_groups, c_out, c_in * n_phases)
 
     w_poly = polyphase(taps_first)
-    abs_sums = polyphase(taps_first.abs()).sum(0)  # S: per-entry sums of |w|
-    eps_dft = (2 * n_q + n_taps + 140) * _UNIT_ROUNDOFF
-    dft_margin = eps_dft * float(abs_sums.square().sum((-2, -1)).sqrt().max()) * (1 + 1e-6)
+    # S = per-entry sums of |w| over taps: dominates |W'_q| and sum_q |W'_q| entrywise.
+    s_frob = float(polyphase(taps_first.abs()).sum(0).square().sum((-2, -1)).sqrt().max())
+    s_frob *= 1 + 1e-6
+    q_grid = torch.tensor(list(product(*q_values)), dtype=torch.long).reshape(n_q, len(tori))
 
     rows, cols = c_out, c_in * n_phases
     small, inner = min(rows, cols), max(rows, cols)
-    gram_margin = (2 * inner + 4 * small + 24) * _UNIT_ROUNDOFF
-    w_flat = w_poly.reshape(n_q, -1)
-
-    # Exact integer angles: angle(w, q) = 2 pi * (sum_a w_a q_a lcm/M_a mod lcm) / lcm.
-    lcm = math.lcm(*tori)
     freq_shape = [*tori[:-1], tori[-1] // 2 + 1]  # half spectrum (real kernel)
     n_freq = math.prod(freq_shape)
-    q_grid = torch.tensor(list(product(*q_values)), dtype=torch.long).reshape(n_q, len(tori))
+    # Rough multiply-add counts of the two ways of forming the Gram matrices.
+    n_shifts = math.prod(2 * len(v) - 1 for v in q_values)
+    cost_direct = n_freq * n_q * rows * cols * 2 + n_freq * small * small * inner * 4
+    cost_autocorr = n_q * n_q * small * small * inner + n_freq * n_shifts * small * small * 2
+    if small > 1 and cost_autocorr < cost_direct:
+        top = _top_eig_autocorr(w_poly, q_grid, tori, freq_shape)
+    else:
+        top = _top_eig_direct(w_poly, q_grid, tori, freq_shape)
+    # Weyl: rounding of the polyphase sums (folded taps) and, on the direct route, of the DFT
+    # moves each singular value by at most eps * ||S||_F.
+    sigma_margin = (2 * n_q + n_taps + 110) * _UNIT_ROUNDOFF * s_frob
+    lam = top + _gram_margin(n_q, inner, small, n_shifts) * s_frob**2
+    return math.sqrt(max(lam, 0.0)) + sigma_margin
 
-    per_freq_bytes = n_groups * (rows * cols * 48 + small * small * 32) + n_q * 32
-    chunk = max(1, _CHUNK_BYTES // per_freq_bytes)
+
+def _gram_margin(n_q: int, inner: int, small: int, n_shifts: int) -> float:
+    """Coefficient ``c`` such that ``c ||S||_F^2`` bounds every Gram/eigenvalue rounding error.
+
+    Covers (i) forming a Gram entry as a sum of at most ``n_q^2 * inner`` products of DFT
+    coefficients (each within 40 u of exact) and weights, for either Gram route, and (ii) the
+    eigensolver's backward error, taken as ``(4 g + 16) u ||G||_2`` with ``||G||_2 <= ||S||^2``.
+    Both are far below the relative ``1e-10`` added on top.
+    """
+    terms = math.sqrt(2) * (n_q * inner + n_q * inner + n_shifts + 120) + 4 * small + 16
+    return terms * _UNIT_ROUNDOFF * 1.01
+
+
+def _angles(
+    start: int, stop: int, freq_shape: list[int], tori: list[int], offsets: torch.Tensor
+) -> torch.Tensor:
+    """``2 pi <omega, offset / M> mod 2 pi`` for flat half-spectrum frequencies ``[start, stop)``.
+
+    The reduction is done in exact integer arithmetic (common denominator ``lcm(M)``) so the
+    float angle lies in ``[0, 2 pi)`` with a few ulps of error; ``offsets`` is ``(X, D)`` int64.
+    """
+    lcm = math.lcm(*tori)
+    rem = torch.arange(start, stop, dtype=torch.long)
+    numer = torch.zeros(rem.numel(), offsets.shape[0], dtype=torch.long)
+    for axis in reversed(range(len(tori))):
+        omega = rem % freq_shape[axis]
+        rem = rem // freq_shape[axis]
+        numer += ((omega[:, None] * offsets[None, :, axis]) % tori[axis]) * (lcm // tori[axis])
+    return (numer % lcm).to(torch.float64) * (2 * math.pi / lcm)
+
+
+def _top_eig_direct(
+    w_poly: torch.Tensor, q_grid: torch.Tensor, tori: list[int], freq_shape: list[int]
+) -> float:
+    """``max_w lambda_max`` of the smaller Gram matrix of ``K'(w) = sum_q exp(i theta) W'_q``.
+
+    The DFT matrices are formed chunk by chunk (two real matmuls), then their Gram matrices.
+    """
+    n_q, n_groups, rows, cols = w_poly.shape
+    small = min(rows, cols)
+    w_flat = w_poly.reshape(n_q, -1)
+    n_freq = math.prod(freq_shape)
+    per_freq = n_groups * (rows * cols * 48 + small * small * 32) + n_q * 32
+    step = max(1, _CHUNK_BYTES // per_freq)
     best = 0.0
-    for start in range(0, n_freq, chunk):
-        flat = torch.arange(start, min(start + chunk, n_freq), dtype=torch.long)
-        numer = torch.zeros(flat.numel(), n_q, dtype=torch.long)
-        rem = flat
-        for axis in reversed(range(len(tori))):
-            omega = rem % freq_shape[axis]
-            rem = rem // freq_shape[axis]
-            prod_mod = (omega[:, None] * q_grid[None, :, axis]) % tori[axis]
-            numer += prod_mod * (lcm // tori[axis])
-        angle = (numer % lcm).to(torch.float64) * (2 * math.pi / lcm)
+    for start in range(0, n_freq, step):
+        angle = _angles(start, min(start + step, n_freq), freq_shape, tori, q_grid)
         real = torch.cos(angle) @ w_flat
         imag = torch.sin(angle) @ w_flat
-        frob2 = (real.square() + imag.square()).reshape(-1, n_groups, rows * cols).sum(-1)
-        if small == 1:
-            top = frob2  # a rank-one row/column: its norm is its Frobenius norm
+        if small == 1:  # a single row/column: its squared norm is its squared Frobenius norm
+            top = (real.square() + imag.square()).reshape(-1, n_groups, rows * cols).sum(-1)
         else:
             mats = torch.complex(real, imag).reshape(-1, n_groups, rows, cols)
             gram = mats @ mats.mH if rows <= cols else mats.mH @ mats
             top = torch.linalg.eigvalsh(gram)[..., -1]
-        best = max(best, float((top + gram_margin * frob2).max()))
-    return math.sqrt(max(best, 0.0)) + dft_margin
+        best = max(best, float(top.max()))
+    return best
+
+
+def _top_eig_autocorr(
+    w_poly: torch.Tensor, q_grid: torch.Tensor, tori: list[int], freq_shape: list[int]
+) -> float:
+    """``max_w lambda_max`` of the smaller Gram matrix via the kernel autocorrelation.
+
+    With ``V_q`` the polyphase taps oriented so that ``V_q`` is ``g x l`` with ``g <= l``,
+    ``G(w) = sum_{q,q'} exp(i theta(w, q - q')) V_q V_q'^T = sum_delta exp(i theta(w, delta))
+    R_delta`` with ``R_delta = sum_{q - q' = delta} V_q V_q'^T``. The ``R_delta`` are computed
+    once (real matmuls), then each ``G(w)`` costs one small complex combination.
+    """
+    n_q, n_groups, rows, cols = w_poly.shape
+    v = w_poly if rows <= cols else w_poly.transpose(-1, -2)
+    small, inner = v.shape[-2], v.shape[-1]
+    diffs = q_grid[:, None, :] - q_grid[None, :, :]  # (Q, Q, D) integer shifts
+    shifts, inverse = torch.unique(diffs.reshape(n_q * n_q, -1), dim=0, return_inverse=True)
+    left_idx = torch.arange(n_q).repeat_interleave(n_q)
+    right_idx = torch.arange(n_q).repeat(n_q)
+    autocorr = []
+    for s in range(shifts.shape[0]):
+        sel = (inverse == s).nonzero().flatten()
+        # (G, g, P*l) @ (G, P*l, g): the sum over pairs is the contraction over P*l.
+        lhs = v[left_idx[sel]].permute(1, 2, 0, 3).reshape(n_groups, small, -1)
+        rhs = v[right_idx[sel]].permute(1, 2, 0, 3).reshape(n_groups, small, -1)
+        autocorr.append(lhs @ rhs.transpose(-1, -2))
+    r_flat = torch.stack(autocorr).reshape(shifts.shape[0], -1)
+    n_freq = math.prod(freq_shape)
+    per_freq = n_groups * small * small * 48 + shifts.shape[0] * 32
+    best = 0.0
+    step = max(1, _CHUNK_BYTES // per_freq)
+    for start in range(0, n_freq, step):
+        stop = min(start + step, n_freq)
+        angle = _angles(start, stop, freq_shape, tori, shifts)
+        gram = torch.complex(torch.cos(angle) @ r_flat, torch.sin(angle) @ r_flat)
+        top = torch.linalg.eigvalsh(gram.reshape(-1, n_groups, small, small))[..., -1]
+        best = max(best, float(top.max()))
+    return best

@@ -40,6 +40,7 @@ __all__ = [
     "analyse",
     "check_input_shape",
     "check_finite_parameters",
+    "eval_function",
 ]
 
 
@@ -421,3 +422,63 @@ def combine(spec: Combine, parent_values: list[float]) -> float:
 
 
 __all__ += ["Affine", "combine", "node_lipschitz"]
+
+
+def eval_function(model: nn.Module) -> tuple[Any, str]:
+    """A callable computing ``model`` in evaluation mode without touching the model.
+
+    Traced with ``torch.fx`` and evaluated node by node with evaluation semantics (BatchNorm
+    running statistics, dropout off, no hooks fired). When fx cannot trace the model, the
+    fallback calls ``model`` inside a context that switches it to eval mode and restores
+    every submodule's mode afterwards (forward hooks then do run); the returned string says
+    which path was taken.
+    """
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:
+        return _eval_mode_call(model), "eval-mode call (fx could not trace the model)"
+    nodes = list(gm.graph.nodes)
+    submodules = {n.target: gm.get_submodule(n.target) for n in nodes if n.op == "call_module"}
+    attrs: dict[str, Any] = {}
+    for n in nodes:
+        if n.op == "get_attr":
+            obj: Any = gm
+            for part in str(n.target).split("."):
+                obj = getattr(obj, part)
+            attrs[n.target] = obj
+
+    def run(x: Tensor) -> Any:
+        env: dict[fx.Node, Any] = {}
+        for node in nodes:
+            if node.op == "placeholder":
+                env[node] = x
+            elif node.op == "get_attr":
+                env[node] = attrs[node.target]
+            elif node.op == "output":
+                return fx.node.map_arg(node.args[0], lambda n: env[n])
+            else:
+                args = fx.node.map_arg(node.args, lambda n: env[n])
+                kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+                if node.op == "call_module":
+                    env[node] = _eval_call_module(submodules[node.target], args, kwargs)
+                elif node.op == "call_method":
+                    self_obj, *rest = args
+                    env[node] = getattr(self_obj, node.target)(*rest, **kwargs)
+                else:
+                    env[node] = _eval_call_function(node.target, args, kwargs)
+        raise RuntimeError("graph without output")
+
+    return run, "fx"
+
+
+def _eval_mode_call(model: nn.Module) -> Any:
+    def run(x: Tensor) -> Any:
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            model.eval()
+            return model(x)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+    return run

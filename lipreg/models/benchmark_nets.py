@@ -28,7 +28,12 @@ Facts established on these files (they correct two statements of the folder's RE
    order, reproduces the published per-seed LipLT values of CNN-2 and CNN-3 only with
    ``"whc"`` (to ~1e-15 relative); ``"chw"`` (PyTorch's, the order the networks were trained
    with) is ~30 % off and ``"hwc"`` (Keras style) a few % off. The product of layer norms
-   cannot tell the orders apart (a permutation is an isometry).
+   cannot tell the orders apart (a permutation is an isometry). Moreover a sampled gradient
+   norm of the ``"chw"`` CNN-2 of seed 1 (about 5.18) exceeds its published LipSDP value
+   (4.24), so the published bounds are not bounds of the networks as trained.
+
+Sources of the two facts: ``Comparison/evaluate_single_model_lipschitz.m`` (row selection) and
+``utils/conv_layer_to_fc.m`` (column-major ``sub2ind`` over ``[c, h, w]``) in ppauli/GLipSDP.
 """
 
 from __future__ import annotations
@@ -459,16 +464,19 @@ def load_glipsdp_summary(
     ``summary`` (per method: ``values``, ``mean``, ``std``). Method fields are renamed with
     :data:`GLIPSDP_METHOD_NAMES` (``Lip_MP`` -> ``product_of_norms``, ``Lip_LT`` -> ``liplt``,
     ``Lip_LipSDP`` -> ``lipsdp``, ``Lip_SepLip`` -> ``seqlip_theirs``, ``Lip_lb`` ->
-    ``lower_bound_sampled``, ``Lip_GLipSDP``/``Lip_GLipSDP_c`` -> ``glipsdp``, ``Lip_LiPopt``
-    -> ``lipopt``); unknown fields keep their name. The README's rounded means are also in
-    :data:`PUBLISHED` for when the file is unavailable.
+    ``lower_bound_sampled``, ``Lip_GLipSDP`` -> ``glipsdp`` (FNNs), ``Lip_GLipSDP_c`` ->
+    ``glipsdp_conv`` (CNNs, their convolutional formulation), ``Lip_LiPopt`` -> ``lipopt``);
+    unknown fields keep their name. The README's rounded means are also in :data:`PUBLISHED`
+    for when the file is unavailable.
 
     Args:
         directory: Folder of the ``.mat`` files; :func:`default_benchmark_dir` if ``None``.
 
     Returns:
         ``{arch: {method: {"mean": float, "std": float, "values": np.ndarray (10,)}}}``. The
-        values refer to logit 7 (zero-based) and, for the CNNs, to flatten order ``"whc"``.
+        values refer to logit 7 (zero-based) and, for the CNNs, to flatten order ``"whc"``
+        (verified for ``product_of_norms`` and ``liplt``; ``glipsdp_conv`` was not checked and
+        may assume another order).
     """
     path = _resolve_dir(directory) / _GLIPSDP_SUMMARY_FILE
     data = _loadmat(path, squeeze_me=True, struct_as_record=False)
