@@ -1,6 +1,6 @@
 """Pure estimators: tensors and modules in, results out. Imports neither Lightning nor Hydra."""
 
-from lipreg.functional.autolip import autolip
+from lipreg.functional.autolip import AutoLip, autolip
 from lipreg.functional.graph import TraceError, UnsupportedOperationError
 from lipreg.functional.linear_map import LinearMap
 from lipreg.functional.lower_bound import jacobian_norms, lower_bound
@@ -20,6 +20,7 @@ from lipreg.functional.seqlip import NotSequentialError, seqlip
 
 __all__ = [
     "Affine",
+    "AutoLip",
     "Combine",
     "Elementwise",
     "LayerBound",
@@ -27,16 +28,16 @@ __all__ = [
     "LipschitzResult",
     "NodeContext",
     "Nonlinear",
+    "NotSequentialError",
     "TraceError",
     "UnsupportedNodeError",
     "UnsupportedOperationError",
     "autolip",
+    "jacobian_norms",
+    "lower_bound",
     "operator_norm",
     "register_rule",
     "registered_targets",
     "seqlip",
-    "lower_bound",
-    "jacobian_norms",
-    "NotSequentialError",
     "top_singular_triplets",
 ]

@@ -43,7 +43,7 @@ from lipreg.functional.power_iteration import operator_norm
 from lipreg.functional.results import LayerBound, LipschitzResult
 from lipreg.functional.rules import Affine, Combine, Elementwise, Nonlinear
 
-__all__ = ["AffineChain", "autolip", "find_affine_chains", "chain_linear_map"]
+__all__ = ["AffineChain", "AutoLip", "autolip", "chain_linear_map", "find_affine_chains"]
 
 
 @dataclass
@@ -119,8 +119,10 @@ class _ChainBounder:
         state: dict[str, Tensor],
         generator: torch.Generator,
         dense_limit: int,
+        traced: fx.GraphModule | None = None,
     ) -> None:
         self.analysis = analysis
+        self.traced = traced
         self.model = model
         self.certify = certify
         self.tol = tol
@@ -138,13 +140,14 @@ class _ChainBounder:
             return self.analysis
         if self._analysis64 is None:
             self._analysis64 = analyse(
-                self.model, self.analysis.input_shape, dtype=torch.float64
+                self.model, self.analysis.input_shape, dtype=torch.float64, traced=self.traced
             )
         return self._analysis64
 
     def _node64(self, node: fx.Node) -> fx.Node:
-        by_name = {n.name: n for n in self.analysis64.order}
-        return by_name[node.name]
+        if self.analysis64 is self.analysis:
+            return node
+        return next(n for n in self.analysis64.order if n.name == node.name)
 
     def bound(self, chain: AffineChain) -> LayerBound:
         specs = [self.analysis.specs[n] for n in chain.nodes]
@@ -183,14 +186,28 @@ class _ChainBounder:
         extra = {"converged": res.converged, "residual": res.residual}
         if not self.certify:
             return LayerBound(
-                chain.name, "affine", res.sigma, False, res.sigma, None, self.method,
-                res.n_iter, extra,
+                chain.name,
+                "affine",
+                res.sigma,
+                False,
+                res.sigma,
+                None,
+                self.method,
+                res.n_iter,
+                extra,
             )
         upper, how = self._product_bound(core, scale)
         if upper is None:
             return LayerBound(
-                chain.name, "affine", res.sigma, False, res.sigma, None,
-                f"{self.method} ({how})", res.n_iter, extra,
+                chain.name,
+                "affine",
+                res.sigma,
+                False,
+                res.sigma,
+                None,
+                f"{self.method} ({how})",
+                res.n_iter,
+                extra,
             )
         return LayerBound(
             chain.name, "affine", upper, True, res.sigma, upper, how, res.n_iter, extra
@@ -244,6 +261,7 @@ def autolip(
     state: dict[str, Tensor] | None = None,
     seed: int = 0,
     dense_limit: int = 2048,
+    traced: fx.GraphModule | None = None,
 ) -> LipschitzResult:
     """AutoLip upper bound of ``model`` (in evaluation mode) for the l2 norm.
 
@@ -261,6 +279,8 @@ def autolip(
         seed: seed of the private generator of the cold starts (the global RNG is untouched).
         dense_limit: maps whose smaller side is at most this are materialised and certified
             exactly.
+        traced: a graph from :func:`lipreg.functional.graph.trace` to skip re-tracing (the
+            :class:`AutoLip` estimator does this).
 
     Returns:
         :class:`~lipreg.functional.results.LipschitzResult` with ``method="autolip"``.
@@ -275,7 +295,7 @@ def autolip(
     start = time.perf_counter()
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}.")
-    analysis = analyse(model, input_shape, dtype=dtype)
+    analysis = analyse(model, input_shape, dtype=dtype, traced=traced)
     generator = torch.Generator(device=analysis.device).manual_seed(seed)
     bounder = _ChainBounder(
         analysis,
@@ -287,6 +307,7 @@ def autolip(
         state=dict(state or {}),
         generator=generator,
         dense_limit=dense_limit,
+        traced=traced,
     )
     chains = find_affine_chains(analysis)
     value: dict[fx.Node, float] = {analysis.input_node: 1.0}
@@ -348,3 +369,37 @@ def autolip(
         time_s=time.perf_counter() - start,
         notes=notes,
     )
+
+
+class AutoLip:
+    """A reusable AutoLip estimator that warm-starts itself across calls.
+
+    It traces the model once and keeps the power-iteration vectors between calls, so that
+    re-estimating after a few optimizer steps costs a few iterations per layer. Every call
+    still reads the current weights. This is what :class:`lipreg.LipschitzCallback` uses.
+
+    Example:
+        >>> import torch, lipreg
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+        >>> estimator = lipreg.AutoLip(net, (4,), certify=False)
+        >>> first, second = estimator(), estimator()
+        >>> second.n_iter <= first.n_iter
+        True
+    """
+
+    def __init__(self, model: nn.Module, input_shape: Sequence[int], **options) -> None:
+        from lipreg.functional.graph import check_input_shape, trace
+
+        self.model = model
+        self.input_shape = check_input_shape(input_shape)
+        self.options = options
+        self.state: dict[str, Tensor] = dict(options.pop("state", None) or {})
+        self._traced = trace(model)
+
+    def __call__(self, **overrides) -> LipschitzResult:
+        options = {**self.options, **overrides}
+        result = autolip(
+            self.model, self.input_shape, state=self.state, traced=self._traced, **options
+        )
+        self.state = result.state
+        return result

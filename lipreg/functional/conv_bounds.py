@@ -16,9 +16,11 @@ length ``k``, dilation ``d``, effective kernel length ``k_eff = d (k - 1) + 1``,
 
 Only the padded indices ``J = {s i + d t}`` are ever read. Each read index ``j`` is either a
 padding zero (``zeros`` mode) or a copy of one input entry ``pi(j)`` (``circular``, ``reflect``,
-``replicate`` modes, and the interior in every mode).
+``replicate`` modes, and the interior in every mode). With zero padding, a tap ``t`` whose reads
+all hit padding zeros contributes nothing: it is zeroed and its reads are dropped from ``J``
+(exact; this matters for small inputs with large dilation or padding).
 
-1. Torus embedding (Sedghi, Gupta & Long, ICLR 2019)
+1. Torus embedding
    Let ``N`` be a torus size and place every input entry ``x[a]`` at torus position ``j mod N``
    for the read index ``j`` it is copied to. This is an isometry ``x -> x_T`` (a coordinate
    embedding) provided it is well defined: all reads of one entry land on the same position,
@@ -32,12 +34,12 @@ padding zero (``zeros`` mode) or a copy of one input entry ``pi(j)`` (``circular
    ``N = n + p`` (the right padding is wrapped onto the left padding, which is also zero). A
    true circular "same" convolution admits ``N = n`` exactly.
 
-2. Spectrum of the torus convolution
+2. Spectrum of the torus convolution (Sedghi, Gupta & Long, ICLR 2019)
    ``T`` is block-circulant; the DFT diagonalises it into the ``C_out x C_in`` matrices
-   ``K(w) = sum_t w[:, :, t] exp(2 pi i w d t / N)`` (kernel zero-embedded in the torus with its
-   dilation, and *folded* modulo ``N`` when it is longer than the torus). The singular values of
-   ``T`` are exactly the union over all frequencies of the singular values of ``K(w)``, so
-   ``||T|| = max_w ||K(w)||_2``.
+   ``K(f) = sum_t w[:, :, t] exp(2 pi i f d t / N)``, ``f in Z_N`` (the kernel zero-embedded in
+   the torus with its dilation, and *folded* modulo ``N`` when it is longer than the torus; the
+   sign of the exponent is immaterial). The singular values of ``T`` are exactly the union over
+   all frequencies of the singular values of ``K(f)``, so ``||T|| = max_f ||K(f)||_2``.
 
 3. Stride via the polyphase decomposition
    Let ``N`` be a multiple of ``s`` and ``M = N / s``. Splitting the torus into the ``s`` phases
@@ -46,7 +48,8 @@ padding zero (``zeros`` mode) or a copy of one input entry ``pi(j)`` (``circular
    ``Z_M`` from ``C_in * s`` phase channels to ``C_out`` with the kernel
    ``W'[o, (c, r), q mod M] = sum_{t: d t = s q + r} w[o, c, t]`` of length
    ``ceil(k_eff / s)``. Its norm is therefore exactly
-   ``max_w ||K'(w)||_2`` over the ``C_out x (C_in s)`` matrices ``K'(w)`` of the polyphase kernel.
+   ``max_f ||K'(f)||_2`` over the ``C_out x (C_in s)`` matrices ``K'(f)`` of the polyphase kernel
+   (in several dimensions the phases multiply: ``C_in * prod(s)`` phase channels).
    Bounding the strided conv by the stride-1 one instead would be loose by up to ``sqrt(s)``.
    This is exact for a true circular strided convolution (``s | n`` and ``L = n / s``).
 
@@ -64,14 +67,21 @@ padding zero (``zeros`` mode) or a copy of one input entry ``pi(j)`` (``circular
    with the strided (polyphase) and with the stride-1 torus, and the smallest bound is returned.
    Every candidate is a proven upper bound, so their minimum is one as well.
 
+6. im2col bound (wins when the output is tiny)
+   ``conv = (I_L (x) W_mat) U`` where ``U`` stacks the receptive field of every output (a 0/1
+   matrix with at most one 1 per row; reads of padding zeros are zero rows) and ``W_mat`` is the
+   ``C_out x (C_in k)`` weight matrix. So ``||conv|| <= sqrt(c) ||W_mat||_2`` with ``c`` the
+   largest number of (output, tap) pairs reading one input entry. It is exact for a single
+   output whose window holds no padding. The smaller of this bound and the torus bounds is returned.
+
 Separability
    Padding maps, read sets, torus embeddings and output maps are all tensor products over the
    spatial axes, so each axis chooses its own ``(stride of the torus conv, N, factor)`` and the
-   bound is ``prod(factor_axis) * max_w ||K'(w)||_2`` on the product torus.
+   bound is ``prod(factor_axis) * max_f ||K'(f)||_2`` on the product torus.
 
 Choice of N
    Any valid ``N`` gives a sound bound. We use the smallest valid one per axis: the bound samples
-   the same continuous symbol on the grid ``w / M``, and a coarser grid usually (not always)
+   the same continuous symbol on the grid ``f / M``, and a coarser grid usually (not always)
    takes a smaller maximum; it also minimises the work.
 
 groups
@@ -79,7 +89,7 @@ groups
    the per-frequency matrices are computed for all groups in one batch.
 
 Real FFT half spectrum
-   The kernel is real, so ``K'(-w) = conj(K'(w))`` has the same singular values; only the
+   The kernel is real, so ``K'(-f) = conj(K'(f))`` has the same singular values; only the
    frequencies with the last coordinate in ``[0, M_last // 2]`` (as in ``rfftn``) are needed.
 
 Transposed convolutions
@@ -91,15 +101,21 @@ Transposed convolutions
    exposes extra output rows, so it *can* increase the norm; it is accounted for exactly.)
 
 Rounding (the only deliberate slack)
-   Everything runs in float64 / complex128 (the weight is converted exactly). With
-   ``u = 2**-53``: the DFT coefficients use exactly reduced integer angles, so each computed
-   ``K'(w)`` differs from the exact one by at most ``eps_dft * ||S||_F`` in spectral norm, where
-   ``S`` holds the per-entry sums of ``|w|`` and ``eps_dft = (2 Q + T + 140) u`` (``Q`` polyphase
-   taps, ``T`` kernel taps); by Weyl's inequality this is added to the result. The largest
-   eigenvalue of the smaller Gram matrix ``G`` (size ``g``, inner length ``l``) is raised by
-   ``(2 l + 4 g + 24) u ||K'||_F^2``, which covers the Gram rounding error and the
-   backward error of the LAPACK Hermitian eigensolver. Finally the result is multiplied by
-   ``1 + 1e-10``. The total relative slack is far below 1e-9 for realistic layer sizes.
+   Everything runs in float64 / complex128. The weight is converted exactly and scaled by a
+   power of two (exact) so that its largest entry lies in ``[0.5, 1)``; the result is scaled
+   back. Let ``u = 2**-53`` and ``S`` the matrix of per-entry sums of ``|w|`` over the kernel taps
+   (per group, in the polyphase layout). DFT coefficients use exactly reduced integer angles, so
+   each is within ``40 u`` of exact. (a) The computed polyphase taps and, on the direct route, the
+   computed DFT matrices differ from the exact ones by at most ``(2 Q + T + 110) u ||S||_F`` in
+   spectral norm (``Q`` polyphase taps, ``T`` kernel taps); by Weyl's inequality this is added to
+   the singular value. (b) Each computed Gram matrix (direct route ``K' K'^H``, or autocorrelation
+   route, see :func:`_top_eig_autocorr`) differs from the exact one by at most
+   ``sqrt(2) (2 Q l + n_shifts + 120) u ||S||_F^2`` (``l`` the longer side), and the Hermitian
+   eigensolver is backward stable with error ``p(g) u ||G||_2``; we take ``p(g) = 4 g + 16`` for
+   Gram size ``g`` and ``||G||_2 <= ||S||_F^2``. Both, plus ``1e-290`` for underflow, are added to
+   the eigenvalue. (c) The result is multiplied by ``1 + 1e-10``, which also absorbs the final
+   square roots and products. For realistic layers (a)+(b) are below ``1e-10`` relative, so the
+   returned number exceeds the exact torus norm by a relative ``~1e-10`` to ``1e-9``.
 """
 
 from __future__ import annotations
@@ -155,7 +171,7 @@ def conv_operator_norm_bound(
         ``max_{x != 0} ||conv(x)||_2 / ||x||_2  <=  B``
 
     for the linear part of the layer (bias excluded) applied to inputs of spatial size
-    ``input_spatial``. ``B = prod(axis factors) * max_w ||K'(w)||_2`` with ``K'(w)`` the DFT of
+    ``input_spatial``. ``B = prod(axis factors) * max_f ||K'(f)||_2`` with ``K'(f)`` the DFT of
     the polyphase kernel on the smallest valid torus (see the module docstring), plus an explicit
     rounding margin. It is exact (up to that margin) for circular convolutions whose geometry is
     a true torus, including strided ones.
@@ -195,8 +211,7 @@ def conv_operator_norm_bound(
     groups = _as_int(groups, "groups")
     if groups < 1 or weight.shape[0] % groups != 0:
         raise ValueError(
-            f"groups must be a positive divisor of weight.shape[0]={weight.shape[0]}, "
-            f"got {groups}."
+            f"groups must be a positive divisor of weight.shape[0]={weight.shape[0]}, got {groups}."
         )
     if padding_mode not in _PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}.")
@@ -243,8 +258,10 @@ def conv_operator_norm_bound(
         n_used = [None] * dims
 
     axis_candidates: list[list[_AxisPlan]] = []
+    window_copies = 1
+    dead_taps: list[list[int]] = []
     for axis in range(dims):
-        plans = _axis_plans(
+        plans, copies, dead = _axis_plans(
             n=spatial[axis],
             pad_l=pads[axis][0],
             pad_r=pads[axis][1],
@@ -254,18 +271,33 @@ def conv_operator_norm_bound(
             n_out=n_used[axis],
             mode=padding_mode,
         )
-        if not plans:  # this axis reads padding zeros only: the operator is zero
-            return 0.0
         axis_candidates.append(plans)
+        window_copies *= copies
+        dead_taps.append(dead)
 
-    if w64.numel() == 0:
+    # An axis that reads padding zeros only makes the whole operator zero.
+    if w64.numel() == 0 or not all(axis_candidates):
         return 0.0
+    for axis, dead in enumerate(dead_taps):
+        # Taps that only ever meet padding zeros do not contribute: dropping them is exact.
+        if dead:
+            w64 = w64.index_fill(axis + 2, torch.tensor(dead), 0.0)
+    peak = float(w64.abs().max())
+    if peak == 0.0:
+        return 0.0
+    # Exact power-of-two normalisation keeps squares away from overflow and underflow.
+    exponent = math.frexp(peak)[1]
+    half = -exponent // 2  # two steps: 2**-exponent alone may overflow for subnormal weights
+    w64 = w64 * 2.0**half * 2.0 ** (-exponent - half)
     w_groups = w64.reshape(groups, w64.shape[0] // groups, *w64.shape[1:])
-    best = math.inf
+    best = math.sqrt(window_copies) * _window_norm(w_groups)
     for combo in product(*axis_candidates):
         factor = math.sqrt(math.prod(p.mult for p in combo))
         best = min(best, factor * _torus_norm(w_groups, dilation_t, combo))
-    return float(best * (1.0 + _REL_MARGIN))
+    try:
+        return math.ldexp(best * (1.0 + _REL_MARGIN), exponent)
+    except OverflowError:  # beyond float64: infinity is still a valid upper bound
+        return math.inf
 
 
 # ----------------------------------------------------------------------------- validation
@@ -366,8 +398,13 @@ def _embeds(reads: list[int], labels: list[int | None], size: int) -> bool:
 
 def _axis_plans(
     n: int, pad_l: int, pad_r: int, k: int, d: int, s: int, n_out: int | None, mode: str
-) -> list[_AxisPlan]:
-    """Candidate torus embeddings of one axis (all sound); empty if the axis reads only zeros."""
+) -> tuple[list[_AxisPlan], int, list[int]]:
+    """Torus embeddings of one axis, im2col copy count and dead taps.
+
+    Returns the candidate plans (all sound; empty if the axis reads padding zeros only), the
+    largest number of (output, live tap) pairs reading one input entry (im2col bound) and the
+    taps that never read an input entry (only possible with zero padding).
+    """
     m = n + pad_l + pad_r
     k_eff = d * (k - 1) + 1
     if mode == "reflect" and max(pad_l, pad_r) >= n:
@@ -387,10 +424,21 @@ def _axis_plans(
         )
     if n_out is None:
         n_out = (m - k_eff) // s + 1
-    reads = sorted({s * i + d * t for i in range(n_out) for t in range(k)})
+    live = [
+        t
+        for t in range(k)
+        if any(_source(s * i + d * t - pad_l, n, mode) is not None for i in range(n_out))
+    ]
+    if not live:
+        return [], 0, []
+    dead = sorted(set(range(k)) - set(live))
+    # Reads of dead taps are irrelevant (their weights are zeroed), so they impose nothing.
+    reads = sorted({s * i + d * t for i in range(n_out) for t in live})
     sources = [_source(j - pad_l, n, mode) for j in reads]
-    if all(a is None for a in sources):
-        return []
+    window_copies = Counter(
+        _source(s * i + d * t - pad_l, n, mode) for i in range(n_out) for t in live
+    )
+    window_copies.pop(None, None)
     copies = Counter(a for a in sources if a is not None)
     dup = max(copies.values())
     extent = reads[-1] + 1  # read window [0, extent)
@@ -418,7 +466,7 @@ def _axis_plans(
 
     direct = search(s, sources, 1)
     if direct is not None and direct.mult == 1:
-        return [direct]
+        return [direct], max(window_copies.values()), dead
     # Fallbacks: the duplication argument (labels are the read positions themselves, always
     # embeddable without wrap-around) and, for strided convs, the stride-1 torus with a row
     # restriction. Keep the best plan for each torus stride.
@@ -437,7 +485,7 @@ def _axis_plans(
         cur = best_per_sigma.get(plan.sigma)
         if cur is None or (plan.mult, plan.size) < (cur.mult, cur.size):
             best_per_sigma[plan.sigma] = plan
-    return list(best_per_sigma.values())
+    return list(best_per_sigma.values()), max(window_copies.values()), dead
 
 
 # ----------------------------------------------------------------------------- spectrum
@@ -449,7 +497,7 @@ def _torus_norm(
     """Upper bound on the norm of the (polyphase) torus convolution described by ``plans``.
 
     ``w_groups`` has shape ``(G, C_out/G, C_in/G, *kernel)`` in float64. Returns
-    ``max_w sigma_max(K'(w))`` over the half spectrum plus the rounding margins of the module
+    ``max_f sigma_max(K'(f))`` over the half spectrum plus the rounding margins of the module
     docstring (the relative ``1e-10`` is applied by the caller).
     """
     n_groups, c_out, c_in = w_groups.shape[:3]
@@ -508,8 +556,26 @@ def _torus_norm(
     # Weyl: rounding of the polyphase sums (folded taps) and, on the direct route, of the DFT
     # moves each singular value by at most eps * ||S||_F.
     sigma_margin = (2 * n_q + n_taps + 110) * _UNIT_ROUNDOFF * s_frob
-    lam = top + _gram_margin(n_q, inner, small, n_shifts) * s_frob**2
+    lam = top + _gram_margin(n_q, inner, small, n_shifts) * s_frob**2 + 1e-290
     return math.sqrt(max(lam, 0.0)) + sigma_margin
+
+
+def _window_norm(w_groups: torch.Tensor) -> float:
+    """Upper bound on ``max_g ||W_g||_2`` for the ``C_out/G x (C_in/G * taps)`` matrices ``W_g``.
+
+    Gram rounding (``gamma_l ||W||_F^2``) and the eigensolver backward error are covered by the
+    same margin as in :func:`_gram_margin` with a single tap.
+    """
+    mats = w_groups.reshape(w_groups.shape[0], w_groups.shape[1], -1)
+    rows, cols = mats.shape[-2:]
+    if min(rows, cols) == 1:
+        top = float(mats.square().sum((-2, -1)).max())
+    else:
+        gram = mats @ mats.mT if rows <= cols else mats.mT @ mats
+        top = float(torch.linalg.eigvalsh(gram)[..., -1].max())
+    frob2 = float(mats.square().sum((-2, -1)).max()) * (1 + 1e-6)
+    lam = top + _gram_margin(1, max(rows, cols), min(rows, cols), 1) * frob2 + 1e-290
+    return math.sqrt(max(lam, 0.0))
 
 
 def _gram_margin(n_q: int, inner: int, small: int, n_shifts: int) -> float:
@@ -527,7 +593,7 @@ def _gram_margin(n_q: int, inner: int, small: int, n_shifts: int) -> float:
 def _angles(
     start: int, stop: int, freq_shape: list[int], tori: list[int], offsets: torch.Tensor
 ) -> torch.Tensor:
-    """``2 pi <omega, offset / M> mod 2 pi`` for flat half-spectrum frequencies ``[start, stop)``.
+    """``2 pi <f, offset / M> mod 2 pi`` for flat half-spectrum frequencies ``[start, stop)``.
 
     The reduction is done in exact integer arithmetic (common denominator ``lcm(M)``) so the
     float angle lies in ``[0, 2 pi)`` with a few ulps of error; ``offsets`` is ``(X, D)`` int64.
@@ -545,7 +611,7 @@ def _angles(
 def _top_eig_direct(
     w_poly: torch.Tensor, q_grid: torch.Tensor, tori: list[int], freq_shape: list[int]
 ) -> float:
-    """``max_w lambda_max`` of the smaller Gram matrix of ``K'(w) = sum_q exp(i theta) W'_q``.
+    """``max_f lambda_max`` of the smaller Gram matrix of ``K'(f) = sum_q exp(i theta) W'_q``.
 
     The DFT matrices are formed chunk by chunk (two real matmuls), then their Gram matrices.
     """
@@ -573,16 +639,16 @@ def _top_eig_direct(
 def _top_eig_autocorr(
     w_poly: torch.Tensor, q_grid: torch.Tensor, tori: list[int], freq_shape: list[int]
 ) -> float:
-    """``max_w lambda_max`` of the smaller Gram matrix via the kernel autocorrelation.
+    """``max_f lambda_max`` of the smaller Gram matrix via the kernel autocorrelation.
 
     With ``V_q`` the polyphase taps oriented so that ``V_q`` is ``g x l`` with ``g <= l``,
-    ``G(w) = sum_{q,q'} exp(i theta(w, q - q')) V_q V_q'^T = sum_delta exp(i theta(w, delta))
+    ``G(f) = sum_{q,q'} exp(i theta(f, q - q')) V_q V_q'^T = sum_delta exp(i theta(f, delta))
     R_delta`` with ``R_delta = sum_{q - q' = delta} V_q V_q'^T``. The ``R_delta`` are computed
-    once (real matmuls), then each ``G(w)`` costs one small complex combination.
+    once (real matmuls), then each ``G(f)`` costs one small complex combination.
     """
     n_q, n_groups, rows, cols = w_poly.shape
     v = w_poly if rows <= cols else w_poly.transpose(-1, -2)
-    small, inner = v.shape[-2], v.shape[-1]
+    small = v.shape[-2]
     diffs = q_grid[:, None, :] - q_grid[None, :, :]  # (Q, Q, D) integer shifts
     shifts, inverse = torch.unique(diffs.reshape(n_q * n_q, -1), dim=0, return_inverse=True)
     left_idx = torch.arange(n_q).repeat_interleave(n_q)

@@ -38,9 +38,10 @@ __all__ = [
     "TraceError",
     "UnsupportedOperationError",
     "analyse",
-    "check_input_shape",
     "check_finite_parameters",
+    "check_input_shape",
     "eval_function",
+    "trace",
 ]
 
 
@@ -141,7 +142,8 @@ class Analysis:
         return node.name
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx`` trace of ``model`` (falls back to a module chain for ``nn.Sequential``)."""
     try:
         return fx.symbolic_trace(model)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
@@ -212,8 +214,10 @@ def _per_sample_shape(value: Any, node: fx.Node) -> tuple[int, ...] | None:
 def _is_tensor_like(value: Any) -> bool:
     if isinstance(value, Tensor):
         return True
-    return isinstance(value, tuple | list) and len(value) > 0 and all(
-        isinstance(v, Tensor) for v in value
+    return (
+        isinstance(value, tuple | list)
+        and len(value) > 0
+        and all(isinstance(v, Tensor) for v in value)
     )
 
 
@@ -222,8 +226,13 @@ def analyse(
     input_shape: Sequence[int],
     *,
     dtype: torch.dtype = torch.float32,
+    traced: fx.GraphModule | None = None,
 ) -> Analysis:
-    """Trace ``model`` and attach a Lipschitz spec to every input-dependent node."""
+    """Trace ``model`` and attach a Lipschitz spec to every input-dependent node.
+
+    ``traced`` reuses a graph from :func:`trace` (the probe pass and the rules still run, so
+    that every spec reads the current weights).
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     input_shape = check_input_shape(input_shape)
@@ -232,10 +241,8 @@ def analyse(
     check_finite_parameters(model)
     first = next(iter(list(model.parameters()) + list(model.buffers())), None)
     device = first.device if first is not None else torch.device("cpu")
-    probe_dtype = (
-        first.dtype if first is not None and first.is_floating_point() else torch.float32
-    )
-    gm = _trace(model)
+    probe_dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    gm = traced if traced is not None else trace(model)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise TypeError(
@@ -262,8 +269,10 @@ def analyse(
             if node.op == "output":
                 out = node.args[0]
                 if not isinstance(out, fx.Node) or not isinstance(values.get(out), Tensor):
-                    kind = type(values.get(out, out)).__name__ if isinstance(out, fx.Node) else (
-                        type(out).__name__
+                    kind = (
+                        type(values.get(out, out)).__name__
+                        if isinstance(out, fx.Node)
+                        else (type(out).__name__)
                     )
                     raise TypeError(
                         f"the model's output is a {kind}, not a tensor: lipreg bounds maps "
@@ -398,8 +407,9 @@ def _describe_unsupported(node: fx.Node, target: Any, reason: str | None) -> str
         what = f"function {name}"
         key = name
     if reason is None:
-        reason = NOT_LIPSCHITZ_HINTS.get(key.replace("1d", "").replace("2d", "").replace(
-            "3d", ""), "no rule registered")
+        reason = NOT_LIPSCHITZ_HINTS.get(
+            key.replace("1d", "").replace("2d", "").replace("3d", ""), "no rule registered"
+        )
     return f"{what} at node {node.name!r} [{node.format_node()}]: {reason}"
 
 

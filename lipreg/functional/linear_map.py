@@ -16,6 +16,7 @@ handled the same way.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -110,7 +111,7 @@ def compose(maps: Sequence[LinearMap], name: str | None = None) -> LinearMap:
     """The composition ``maps[-1] ∘ … ∘ maps[0]`` as one :class:`LinearMap`."""
     if not maps:
         raise ValueError("compose() needs at least one linear map, got an empty sequence.")
-    for prev, nxt in zip(maps, maps[1:], strict=False):
+    for prev, nxt in itertools.pairwise(maps):
         if prev.out_shape != nxt.in_shape:
             raise ValueError(
                 f"cannot compose {prev.name!r} (output {prev.out_shape}) with {nxt.name!r} "

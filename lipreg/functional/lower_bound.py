@@ -200,9 +200,7 @@ def lower_bound(
         raise ValueError("nothing to search: give inputs or n_random > 0.")
     all_x, all_s = torch.cat(pool_x), torch.cat(pool_s)
     if n_anneal_steps > 0 and n_chains > 0:
-        _anneal(
-            evaluate, all_x, all_s, std, n_anneal_steps, n_chains, gen, progress=progress
-        )
+        _anneal(evaluate, all_x, all_s, std, n_anneal_steps, n_chains, gen, progress=progress)
     notes = [
         "certified lower bound: the largest ‖J(x) v‖ found, at a point where the network is "
         "differentiable (with probability one); the true constant can be larger.",
@@ -210,8 +208,14 @@ def lower_bound(
     if how != "fx":
         notes.append(f"evaluation path: {how}")
     layers = [
-        LayerBound(name=f"best from {src}", kind="lower", value=val, certified=False,
-                   estimate=val, method="jacobian")
+        LayerBound(
+            name=f"best from {src}",
+            kind="lower",
+            value=val,
+            certified=False,
+            estimate=val,
+            method="jacobian",
+        )
         for src, val in sources.items()
     ]
     return LipschitzResult(
@@ -221,7 +225,7 @@ def lower_bound(
         layers=layers,
         state={"argmax": best_x, "direction": best_v},
         time_s=time.perf_counter() - start,
-        notes=notes + [f"best found by: {best_source}"],
+        notes=[*notes, f"best found by: {best_source}"],
     )
 
 

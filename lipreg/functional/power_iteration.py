@@ -102,7 +102,10 @@ def operator_norm(
     Args:
         op: the linear map.
         v0: optional warm-start right vector (any shape with ``in_features`` entries).
-        tol: stop when the relative change of ``σ̂`` between two iterations is ``≤ tol``.
+        tol: relative tolerance. Power method: stop when ``σ̂`` changes by ``≤ tol`` in one
+            iteration (the paper's rule). Lanczos: stop when the extrapolated remaining error
+            of ``σ̂`` is ``≤ tol`` (see :func:`_lanczos_converged`), which tracks the true
+            error far better on clustered spectra.
         max_iter: cap on the number of ``AᵀA`` products.
         method: ``"lanczos"`` (default, fast on clustered spectra) or ``"power"`` (the
             paper's Algorithm 2).
@@ -123,6 +126,25 @@ def operator_norm(
         if method == "power":
             return _power(op, q, tol, max_iter)
         return _lanczos(op, q, tol, max_iter)
+
+
+def _lanczos_converged(history: list[float], tol: float) -> bool:
+    """Stop when the extrapolated remaining error of the Ritz value is ``≤ tol`` (relative).
+
+    Lanczos Ritz values increase towards ``σ_max``. With the last two increments
+    ``Δ_j ≤ Δ_{j−1}`` and their ratio ``ρ``, a geometric tail leaves ``Δ_j ρ / (1 − ρ)`` to
+    go; requiring that (and ``Δ_j`` itself) to be ``≤ tol·σ`` guards against the slow,
+    clustered-spectrum case where single increments are small long before convergence.
+    """
+    if len(history) < 3:
+        return False
+    s, d1, d2 = history[-1], history[-1] - history[-2], history[-2] - history[-3]
+    if d1 <= 0 and d2 <= 0:
+        return True
+    if d1 > tol * s:
+        return False
+    rho = min(max(d1 / d2, 0.0), 0.99) if d2 > 0 else 0.99
+    return d1 * rho / (1.0 - rho) <= tol * s
 
 
 def _power(op: LinearMap, v: Tensor, tol: float, max_iter: int) -> OperatorNormResult:
@@ -165,6 +187,7 @@ def _lanczos(op: LinearMap, q: Tensor, tol: float, max_iter: int) -> OperatorNor
     converged = False
     theta_vec = None
     n_iter = 0
+    history: list[float] = []
     for n_iter in range(1, max_iter + 1):
         basis.append(q)
         w, aq = op.gram_matvec(q[None])
@@ -188,7 +211,8 @@ def _lanczos(op: LinearMap, q: Tensor, tol: float, max_iter: int) -> OperatorNor
         sigma = math.sqrt(theta)
         rel = abs(sigma - prev) / max(sigma, 1e-300)
         scale = max(abs(a) for a in alphas) or 1.0
-        if sigma == 0.0 or rel <= tol or beta <= 1e-12 * scale:
+        history.append(sigma)
+        if sigma == 0.0 or beta <= 1e-12 * scale or _lanczos_converged(history, tol):
             converged = True
             break
         prev = sigma

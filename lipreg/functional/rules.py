@@ -441,16 +441,17 @@ def _softmax_rule(ctx: NodeContext) -> Nonlinear:
     return Nonlinear(0.5, "softmax: ‖diag(p) − ppᵀ‖ ≤ max_i 2p_i(1−p_i) ≤ 1/2")
 
 
-def _log_softmax_rule(ctx: NodeContext) -> Nonlinear:
+def _log_softmax_bound(ctx: NodeContext, dim: int | None) -> Nonlinear:
     # Jacobian I − 1 pᵀ: ‖·‖ ≤ 1 + ‖1‖‖p‖ ≤ 1 + sqrt(n), n the size of the softmax dimension.
     _single_input(ctx, "log_softmax")
-    dim = ctx.arg(1, "dim", None)
-    shape = ctx.in_shapes[0]
     if dim is None:
         raise UnsupportedNodeError("log_softmax without an explicit dim is not supported.")
-    n = (1,) + tuple(shape)
-    size = n[dim] if dim >= 0 else n[dim]
+    size = (1, *ctx.in_shapes[0])[dim]
     return Nonlinear(1.0 + math.sqrt(size), "log_softmax: ‖I − 1pᵀ‖ ≤ 1 + sqrt(n)")
+
+
+def _log_softmax_rule(ctx: NodeContext) -> Nonlinear:
+    return _log_softmax_bound(ctx, ctx.arg(1, "dim", None))
 
 
 for _t in (nn.Softmax, nn.Softmax2d):
@@ -458,15 +459,10 @@ for _t in (nn.Softmax, nn.Softmax2d):
 register_rule(F.softmax, _softmax_rule)
 register_rule(torch.softmax, _softmax_rule)
 register_rule("softmax", _softmax_rule)
-register_rule(nn.LogSoftmax, lambda ctx: _log_softmax_rule_module(ctx))
+register_rule(nn.LogSoftmax, lambda ctx: _log_softmax_bound(ctx, ctx.target.dim))
 register_rule(F.log_softmax, _log_softmax_rule)
 register_rule(torch.log_softmax, _log_softmax_rule)
 register_rule("log_softmax", _log_softmax_rule)
-
-
-def _log_softmax_rule_module(ctx: NodeContext) -> Nonlinear:
-    size = (1, *ctx.in_shapes[0])[ctx.target.dim]
-    return Nonlinear(1.0 + math.sqrt(size), "log_softmax: ‖I − 1pᵀ‖ ≤ 1 + sqrt(n)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -635,7 +631,12 @@ def _conv_transpose_module(ctx: NodeContext) -> Affine:
     # The output padding actually used (it may come from an output_size argument).
     out_pad = tuple(
         out_spatial[i]
-        - ((in_spatial[i] - 1) * m.stride[i] - 2 * m.padding[i] + m.dilation[i] * (m.kernel_size[i] - 1) + 1)
+        - (
+            (in_spatial[i] - 1) * m.stride[i]
+            - 2 * m.padding[i]
+            + m.dilation[i] * (m.kernel_size[i] - 1)
+            + 1
+        )
         for i in range(d)
     )
 

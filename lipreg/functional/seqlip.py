@@ -177,23 +177,27 @@ def _svd_of_chain(
 
 
 def _dense_svd(W: Tensor) -> _SVD:
-    """Thin SVD through the smaller Gram matrix (much faster than gesdd on wide layers)."""
-    out_f, in_f = W.shape
-    if in_f <= out_f:
-        evals, V = torch.linalg.eigh(W.T @ W)
-        evals, V = evals.flip(0).clamp_min(0), V.flip(1)
-        S = evals.sqrt()
-        keep = S > S[0] * 1e-13 if S.numel() and S[0] > 0 else S > 0
-        S, V = S[keep], V[:, keep]
-        U = (W @ V) / S
-    else:
-        evals, U = torch.linalg.eigh(W @ W.T)
-        evals, U = evals.flip(0).clamp_min(0), U.flip(1)
-        S = evals.sqrt()
-        keep = S > S[0] * 1e-13 if S.numel() and S[0] > 0 else S > 0
-        S, U = S[keep], U[:, keep]
-        V = (W.T @ U) / S
-    return _SVD(U=U, S=S, V=V, exact=True)
+    """Full thin SVD of an explicit float64 matrix.
+
+    LAPACK's SVD (backward stable: ``U S Vᵀ = W + E`` with ``‖E‖ ≈ ε‖W‖``) for matrices up to
+    1024 on the smaller side, which covers every case where exact SeqLip is feasible. Larger
+    matrices go through the eigen-decomposition of the smaller Gram matrix, several times
+    faster on this hardware and accurate for the top singular triplets that greedy SeqLip
+    relies on (small singular values lose relative accuracy; greedy is an estimate anyway).
+    """
+    if min(W.shape) <= 1024:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        return _SVD(U=U, S=S, V=Vh.T, exact=True)
+    flip = W.shape[1] > W.shape[0]
+    G = W @ W.T if flip else W.T @ W
+    evals, vecs = torch.linalg.eigh(G)
+    S = evals.flip(0).clamp_min(0).sqrt()
+    vecs = vecs.flip(1)
+    keep = S > 0
+    S, vecs = S[keep], vecs[:, keep]
+    if flip:
+        return _SVD(U=vecs, S=S, V=(W.T @ vecs) / S, exact=True)
+    return _SVD(U=(W @ vecs) / S, S=S, V=vecs, exact=True)
 
 
 def _truncate(svd: _SVD, top_k: int | None) -> _SVD:
@@ -400,8 +404,8 @@ def seqlip(
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}.")
     analysis = analyse(model, input_shape, dtype=dtype)
-    analysis64 = analysis if dtype == torch.float64 else analyse(
-        model, input_shape, dtype=torch.float64
+    analysis64 = (
+        analysis if dtype == torch.float64 else analyse(model, input_shape, dtype=torch.float64)
     )
     generator = torch.Generator(device=analysis.device).manual_seed(seed)
     state = dict(state or {})
@@ -480,14 +484,17 @@ def seqlip(
                 value, _ = pair_norm_exact(A, Bm, lo, hi)
                 value *= 1 + RELATIVE_MARGIN
                 ok = svds[i].exact and svds[i + 1].exact
-                layers.append(LayerBound(name, "seqlip-pair", value, ok, value, value if ok else
-                                         None, "exact"))
+                layers.append(
+                    LayerBound(
+                        name, "seqlip-pair", value, ok, value, value if ok else None, "exact"
+                    )
+                )
                 certified &= ok
             else:
-                value, _ = pair_norm_greedy(A, Bm, lo, hi, n_restarts=n_restarts,
-                                            generator=generator)
-                layers.append(LayerBound(name, "seqlip-pair", value, False, value, None,
-                                         "greedy"))
+                value, _ = pair_norm_greedy(
+                    A, Bm, lo, hi, n_restarts=n_restarts, generator=generator
+                )
+                layers.append(LayerBound(name, "seqlip-pair", value, False, value, None, "greedy"))
                 certified = False
     total = math.prod(lb.value for lb in layers)
     if method == "greedy":

@@ -54,9 +54,11 @@ def make_case(name: str) -> tuple[Callable, tuple[int, ...]]:
         return (lambda x: F.conv3d(x, w, stride=(1, 2, 1), padding=1)), (2, 4, 5, 3)
     if name == "conv_transpose2d":
         w = rand(4, 3, 3, 3, seed=8)  # (in, out/groups, kh, kw)
-        return (
-            lambda x: F.conv_transpose2d(x, w, stride=2, padding=1, output_padding=1)
-        ), (4, 4, 3)
+        return (lambda x: F.conv_transpose2d(x, w, stride=2, padding=1, output_padding=1)), (
+            4,
+            4,
+            3,
+        )
     if name == "conv_transpose2d_groups":
         w = rand(4, 2, 4, 3, seed=9)  # groups=2: out channels 4
         return (lambda x: F.conv_transpose2d(x, w, stride=(2, 1), groups=2, dilation=(1, 2))), (
@@ -67,9 +69,11 @@ def make_case(name: str) -> tuple[Callable, tuple[int, ...]]:
     if name == "avgpool2d":
         return (lambda x: F.avg_pool2d(x, 3, stride=2, padding=1)), (2, 7, 6)
     if name == "avgpool2d_no_pad_count":
-        return (
-            lambda x: F.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
-        ), (1, 6, 6)
+        return (lambda x: F.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)), (
+            1,
+            6,
+            6,
+        )
     if name == "avgpool1d":
         return (lambda x: F.avg_pool1d(x, 2)), (3, 9)
     raise KeyError(name)
@@ -165,7 +169,9 @@ def test_conv_adjoint_is_the_transposed_convolution():
     y = rand(2, *out_shape, seed=21)
     ref = F.conv_transpose2d(y, w, stride=2, padding=1, output_padding=(0, 1))
     assert ref.shape[1:] == in_shape
-    torch.testing.assert_close(op.rmatvec(y.reshape(2, -1)), ref.reshape(2, -1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        op.rmatvec(y.reshape(2, -1)), ref.reshape(2, -1), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_float32_map():
@@ -214,24 +220,62 @@ def _modules():
         bn.weight.uniform_(-2, 2)
     return [
         ("conv_zeros", nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1)), (2, 7, 6)),
-        ("conv_reflect", nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect")), (2, 5, 6)),
-        ("conv_circular", nn.Sequential(nn.Conv2d(2, 3, 3, padding=2, padding_mode="circular", dilation=2)), (2, 6, 5)),
-        ("conv_replicate", nn.Sequential(nn.Conv1d(2, 3, 4, padding=2, padding_mode="replicate")), (2, 9)),
+        (
+            "conv_reflect",
+            nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect")),
+            (2, 5, 6),
+        ),
+        (
+            "conv_circular",
+            nn.Sequential(nn.Conv2d(2, 3, 3, padding=2, padding_mode="circular", dilation=2)),
+            (2, 6, 5),
+        ),
+        (
+            "conv_replicate",
+            nn.Sequential(nn.Conv1d(2, 3, 4, padding=2, padding_mode="replicate")),
+            (2, 9),
+        ),
         ("conv3d_groups", nn.Sequential(nn.Conv3d(4, 2, 2, groups=2, padding=1)), (4, 3, 4, 3)),
-        ("convT", nn.Sequential(nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1)), (3, 4, 3)),
-        ("convT1d_groups", nn.Sequential(nn.ConvTranspose1d(4, 6, 3, stride=3, groups=2, dilation=2)), (4, 5)),
+        (
+            "convT",
+            nn.Sequential(nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1)),
+            (3, 4, 3),
+        ),
+        (
+            "convT1d_groups",
+            nn.Sequential(nn.ConvTranspose1d(4, 6, 3, stride=3, groups=2, dilation=2)),
+            (4, 5),
+        ),
         ("avgpool", nn.Sequential(nn.AvgPool2d(3, stride=2, padding=1)), (2, 7, 7)),
-        ("conv_bn_flatten_linear", nn.Sequential(nn.Conv2d(2, 3, 3), bn, nn.Flatten(), nn.Linear(3 * 3 * 4, 5)), (2, 5, 6)),
+        (
+            "conv_bn_flatten_linear",
+            nn.Sequential(nn.Conv2d(2, 3, 3), bn, nn.Flatten(), nn.Linear(3 * 3 * 4, 5)),
+            (2, 5, 6),
+        ),
     ]
 
 
-@pytest.mark.parametrize("idx", range(9))
+MODULE_NAMES = [
+    "conv_zeros",
+    "conv_reflect",
+    "conv_circular",
+    "conv_replicate",
+    "conv3d_groups",
+    "convT",
+    "convT1d_groups",
+    "avgpool",
+    "conv_bn_flatten_linear",
+]
+
+
+@pytest.mark.parametrize("idx", range(len(MODULE_NAMES)), ids=MODULE_NAMES)
 def test_rule_linear_maps_match_layer_jacobian(idx):
     from lipreg.functional.autolip import chain_linear_map, find_affine_chains
     from lipreg.functional.graph import analyse
 
     torch.manual_seed(idx)
     name, model, in_shape = _modules()[idx]
+    assert name == MODULE_NAMES[idx]
     model = model.double().eval()
     analysis = analyse(model, in_shape, dtype=F64)
     chains = list(find_affine_chains(analysis).values())
