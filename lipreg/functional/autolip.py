@@ -397,9 +397,10 @@ class AutoLip:
         self._traced = trace(model)
 
     def __call__(self, **overrides) -> LipschitzResult:
+        """Estimate with the current weights; ``overrides`` replace constructor options
+        (``state={}`` forces a cold start)."""
+        state = overrides.pop("state", self.state)
         options = {**self.options, **overrides}
-        result = autolip(
-            self.model, self.input_shape, state=self.state, traced=self._traced, **options
-        )
+        result = autolip(self.model, self.input_shape, state=state, traced=self._traced, **options)
         self.state = result.state
         return result

@@ -171,10 +171,12 @@ def conv_operator_norm_bound(
         ``max_{x != 0} ||conv(x)||_2 / ||x||_2  <=  B``
 
     for the linear part of the layer (bias excluded) applied to inputs of spatial size
-    ``input_spatial``. ``B = prod(axis factors) * max_f ||K'(f)||_2`` with ``K'(f)`` the DFT of
-    the polyphase kernel on the smallest valid torus (see the module docstring), plus an explicit
-    rounding margin. It is exact (up to that margin) for circular convolutions whose geometry is
-    a true torus, including strided ones.
+    ``input_spatial``. ``B`` is the smaller of ``prod(axis factors) * max_f ||K'(f)||_2``, with
+    ``K'(f)`` the DFT of the polyphase kernel on the smallest valid torus, and the im2col bound
+    ``sqrt(c) ||W_mat||_2`` (see the module docstring), plus an explicit rounding margin
+    (relative ``~1e-10``). It is exact up to that margin for circular convolutions whose
+    geometry is a true torus, including strided ones; with zero padding it approaches the true
+    norm as the input grows (within 1% on 32x32 inputs with 3x3 kernels in our tests).
 
     Args:
         weight: real ``ConvNd`` weight ``(C_out, C_in / groups, *kernel)``; for ``transposed``
