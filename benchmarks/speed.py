@@ -50,21 +50,29 @@ def bench(name: str, make, shape: tuple[int, ...], top_k: int, quick: bool) -> l
         est = lipreg.AutoLip(model, shape, certify=False, tol=1e-4, method=method, max_iter=2000)
         t_cold, cold = best_time(lambda est=est: est(state={}), repeat=1 if quick else 2)
         est.state = cold.state
-        rows.append([name, f"AutoLip cold ({method})", t_cold, t_cold / fb, cold.n_iter,
-                     cold.value, ""])
+        rows.append(
+            [name, f"AutoLip cold ({method})", t_cold, t_cold / fb, cold.n_iter, cold.value, ""]
+        )
         for opt_name in ("sgd", "adam"):
             m2 = copy.deepcopy(model)
-            est2 = lipreg.AutoLip(m2, shape, certify=False, tol=1e-4, method=method,
-                                  max_iter=2000)
+            est2 = lipreg.AutoLip(m2, shape, certify=False, tol=1e-4, method=method, max_iter=2000)
             est2.state = {k: v.clone() for k, v in cold.state.items()}
             one_step(m2, shape, opt_name)
             saved = est2.state
             t_warm, warm = best_time(
                 lambda est2=est2, saved=saved: est2(state=dict(saved)), repeat=1 if quick else 3
             )
-            rows.append([name, f"AutoLip warm ({method}, 1 {opt_name} step)", t_warm,
-                         t_warm / fb, warm.n_iter, warm.value,
-                         f"{warm.n_iter / cold.n_iter:.3f}"])
+            rows.append(
+                [
+                    name,
+                    f"AutoLip warm ({method}, 1 {opt_name} step)",
+                    t_warm,
+                    t_warm / fb,
+                    warm.n_iter,
+                    warm.value,
+                    f"{warm.n_iter / cold.n_iter:.3f}",
+                ]
+            )
     t_cert, cert = best_time(lambda: lipreg.autolip(base, shape, certify=True), repeat=1)
     rows.append([name, "AutoLip certified", t_cert, t_cert / fb, cert.n_iter, cert.value, ""])
     t_sl, sl = best_time(

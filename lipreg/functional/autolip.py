@@ -39,7 +39,7 @@ from torch import Tensor, fx, nn
 from lipreg.functional.certify import dense_norm_bound, matrix_norm_bound, schur_bound
 from lipreg.functional.graph import Analysis, analyse, combine, node_lipschitz
 from lipreg.functional.linear_map import LinearMap, compose
-from lipreg.functional.power_iteration import operator_norm
+from lipreg.functional.power_iteration import check_iteration_options, operator_norm
 from lipreg.functional.results import LayerBound, LipschitzResult
 from lipreg.functional.rules import Affine, Combine, Elementwise, Nonlinear
 
@@ -151,12 +151,17 @@ class _ChainBounder:
 
     def bound(self, chain: AffineChain) -> LayerBound:
         specs = [self.analysis.specs[n] for n in chain.nodes]
+        if self.certify:  # closed forms and weights at the model's own precision (float64)
+            specs = [self.analysis64.specs[self._node64(n)] for n in chain.nodes]
         scale = math.prod(s.norm for s in specs if s.isometry)  # type: ignore[misc]
         core = [(n, s) for n, s in zip(chain.nodes, specs, strict=True) if not s.isometry]
+        # Closed forms evaluated in float64 are exact up to a few ulps: pad by 4 ulps.
+        pad = 1 + 4 * torch.finfo(torch.float64).eps if self.certify else 1.0
         if not core:
-            return LayerBound(chain.name, "affine", scale, True, scale, scale, "closed-form")
+            value = scale * pad
+            return LayerBound(chain.name, "affine", value, True, scale, value, "closed-form")
         if len(core) == 1 and core[0][1].norm is not None:
-            value = scale * core[0][1].norm
+            value = scale * core[0][1].norm * pad
             return LayerBound(chain.name, "affine", value, True, value, value, "closed-form")
         if len(core) == 1 and core[0][1].weight is not None and self.certify:
             upper, v = matrix_norm_bound(core[0][1].weight)
@@ -295,6 +300,7 @@ def autolip(
     start = time.perf_counter()
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}.")
+    check_iteration_options(tol, max_iter, method)
     analysis = analyse(model, input_shape, dtype=dtype, traced=traced)
     generator = torch.Generator(device=analysis.device).manual_seed(seed)
     bounder = _ChainBounder(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from lipreg.functional.rules import (
     Spec,
     UnsupportedNodeError,
     _Var,
+    has_module_rule,
     lookup_rule,
 )
 
@@ -61,7 +63,14 @@ _DROPOUT_FUNCTIONS = {
     F.alpha_dropout,
     F.feature_alpha_dropout,
 }
-_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_DROPOUT_MODULES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
 _PROBE_BATCH = 2
 
 
@@ -126,7 +135,7 @@ class Analysis:
     input_shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
-    module_names: dict[int, str] = field(default_factory=dict)
+    labels: dict[fx.Node, str] = field(default_factory=dict)
 
     def users(self, node: fx.Node) -> list[fx.Node]:
         """Input-dependent users of ``node`` (the output node excluded)."""
@@ -136,25 +145,61 @@ class Analysis:
         return node is self.output_node
 
     def label(self, node: fx.Node) -> str:
-        """A readable name: the module path for ``call_module``, else the node name."""
-        if node.op == "call_module":
-            return str(node.target)
-        return node.name
+        """A unique readable name: the module path for ``call_module`` (with ``#k`` for the
+        k-th call of a module called several times), else the node name."""
+        return self.labels.get(node, node.name)
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that (i) keeps modules with a registered lipreg rule as leaves, so that
+    ``register_rule(MyModule, ...)`` works for user modules, and (ii) never runs forward hooks
+    while tracing (they would receive fx proxies; lipreg bounds ``forward`` only)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return has_module_rule(m) or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        return super().call_module(m, m.forward, args, kwargs)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    """``torch.fx`` trace of ``model`` (falls back to a module chain for ``nn.Sequential``)."""
+    """``torch.fx`` trace of ``model`` (falls back to a module chain for ``nn.Sequential``).
+
+    A model that is itself a leaf with a rule (a bare ``nn.Conv2d``, say) is traced as a
+    one-module graph so that its rule, and its certificate, apply.
+    """
+    _warn_about_hooks(model)
+    if has_module_rule(model):
+        return _sequential_graph(nn.Sequential(model))
     try:
-        return fx.symbolic_trace(model)
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
         if isinstance(model, nn.Sequential):
             return _sequential_graph(model)
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
-            "AutoLip needs a static graph: move data-dependent control flow (if/for on tensor "
-            "values) out of forward(), or express the network as an nn.Sequential of modules, "
-            "which lipreg walks without fx."
+            "lipreg needs a static graph of tensor operations. Common causes: control flow "
+            "that depends on tensor values (if/for on x), calls into non-torch libraries, or "
+            "modules that are not registered as submodules. Rewrite forward() accordingly, or "
+            "express the network as an nn.Sequential of modules, which lipreg walks without fx."
         ) from exc
+
+
+def _warn_about_hooks(model: nn.Module) -> None:
+    hooked = [
+        name or type(model).__name__
+        for name, m in model.named_modules()
+        if m._forward_hooks or m._forward_pre_hooks
+    ]
+    if hooked:
+        warnings.warn(
+            f"modules {hooked} have forward hooks; lipreg neither runs nor models hooks (it "
+            "bounds each module's forward()). If a hook changes outputs, the bound does not "
+            "account for it.",
+            stacklevel=3,
+        )
 
 
 def _sequential_graph(model: nn.Sequential) -> fx.GraphModule:
@@ -171,6 +216,8 @@ def _eval_call_module(module: nn.Module, args: tuple, kwargs: dict) -> Any:
     """Evaluate a leaf module with eval semantics and without firing its hooks."""
     if isinstance(module, _DROPOUT_MODULES):
         return args[0]
+    if isinstance(module, nn.RReLU):  # random slopes in training mode
+        return F.rrelu(args[0], module.lower, module.upper, training=False)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         use_batch = module.running_mean is None
         return F.batch_norm(
@@ -189,6 +236,8 @@ def _eval_call_module(module: nn.Module, args: tuple, kwargs: dict) -> Any:
 def _eval_call_function(target: Any, args: tuple, kwargs: dict) -> Any:
     if target in _DROPOUT_FUNCTIONS:
         return args[0] if args else kwargs["input"]
+    if target is F.rrelu:
+        kwargs = {**kwargs, "training": False}
     if target is F.batch_norm:
         kwargs = dict(kwargs)
         if len(args) > 5:
@@ -196,6 +245,10 @@ def _eval_call_function(target: Any, args: tuple, kwargs: dict) -> Any:
         else:
             kwargs["training"] = False
     return target(*args, **kwargs)
+
+
+def _cuda_devices(device: torch.device) -> list[int]:
+    return [device.index or 0] if device.type == "cuda" else []
 
 
 def _per_sample_shape(value: Any, node: fx.Node) -> tuple[int, ...] | None:
@@ -249,7 +302,6 @@ def analyse(
             f"the model's forward takes {len(placeholders)} inputs "
             f"({[p.name for p in placeholders]}); lipreg bounds functions of ONE tensor input."
         )
-    module_names = {id(m): name for name, m in model.named_modules()}
     values: dict[fx.Node, Any] = {}
     variable: set[fx.Node] = set()
     shapes: dict[fx.Node, tuple[int, ...]] = {}
@@ -259,7 +311,8 @@ def analyse(
     def load(a: Any) -> Any:
         return fx.node.map_arg(a, lambda n: values[n])
 
-    with torch.no_grad():
+    # fork_rng: a safety net, so that no op of the model can consume the global RNG.
+    with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(device)):
         for node in gm.graph.nodes:
             if node.op == "placeholder":
                 values[node] = x0
@@ -391,8 +444,20 @@ def analyse(
         input_shape=input_shape,
         dtype=dtype,
         device=device,
-        module_names=module_names,
+        labels=_unique_labels(order),
     )
+
+
+def _unique_labels(nodes: list[fx.Node]) -> dict[fx.Node, str]:
+    calls: dict[str, list[fx.Node]] = {}
+    for n in nodes:
+        if n.op == "call_module":
+            calls.setdefault(str(n.target), []).append(n)
+    labels: dict[fx.Node, str] = {}
+    for target, ns in calls.items():
+        for k, n in enumerate(ns, start=1):
+            labels[n] = target if len(ns) == 1 else f"{target}#{k}"
+    return labels
 
 
 def _describe_unsupported(node: fx.Node, target: Any, reason: str | None) -> str:

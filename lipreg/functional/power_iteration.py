@@ -67,6 +67,16 @@ class OperatorNormResult:
     residual: float
 
 
+def check_iteration_options(tol: float, max_iter: int, method: str) -> None:
+    """Validate the options shared by every iterative estimator."""
+    if not isinstance(tol, int | float) or tol <= 0 or not math.isfinite(tol):
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}.")
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}.")
+    if method not in ("lanczos", "power"):
+        raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}.")
+
+
 def _random_unit(n: int, like: LinearMap, generator: torch.Generator | None) -> Tensor:
     v = torch.randn(n, generator=generator, dtype=like.dtype, device=like.device)
     return v / v.norm()
@@ -109,18 +119,15 @@ def operator_norm(
         max_iter: cap on the number of ``AᵀA`` products.
         method: ``"lanczos"`` (default, fast on clustered spectra) or ``"power"`` (the
             paper's Algorithm 2).
-        generator: private random generator for the cold start (the global RNG is never
-            used).
+        generator: private random generator for the cold start (default: a fresh one seeded
+            with 0; the global RNG is never used).
 
     Returns:
         :class:`OperatorNormResult` whose ``sigma`` never exceeds the true norm.
     """
-    if tol <= 0 or not math.isfinite(tol):
-        raise ValueError(f"tol must be a positive finite number, got {tol!r}.")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter!r}.")
-    if method not in ("lanczos", "power"):
-        raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}.")
+    check_iteration_options(tol, max_iter, method)
+    if generator is None:  # never touch the global RNG
+        generator = torch.Generator(device=op.device).manual_seed(0)
     q = _prepare_start(op, v0, generator)
     with torch.no_grad():
         if method == "power":
@@ -281,6 +288,8 @@ def top_singular_triplets(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}.")
     b = min(k + max(oversample, 0), n)
+    if generator is None:  # never touch the global RNG
+        generator = torch.Generator(device=op.device).manual_seed(0)
     X = torch.randn(b, n, generator=generator, dtype=op.dtype, device=op.device)
     if V0 is not None:
         V0 = V0.detach().to(dtype=op.dtype, device=op.device).reshape(n, -1)

@@ -24,6 +24,7 @@ max-pool ``sqrt(c)`` with ``c`` the largest number of windows that contain one i
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable
@@ -246,6 +247,11 @@ def registered_targets() -> dict[str, list[str]]:
     }
 
 
+def has_module_rule(module: nn.Module) -> bool:
+    """Whether ``module``'s class (or a base class) has a registered rule."""
+    return any(cls in _MODULE_RULES for cls in type(module).__mro__)
+
+
 def lookup_rule(node: fx.Node, target: Any) -> RuleFn | None:
     if node.op == "call_module":
         for cls in type(target).__mro__:
@@ -298,21 +304,39 @@ def _gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-_SILU_RANGE = (_extreme_slope(F.silu, -10, 0, -1), _extreme_slope(F.silu, 0, 10, 1))
+@functools.cache
+def _silu_range() -> tuple[float, float]:
+    return (_extreme_slope(F.silu, -10, 0, -1), _extreme_slope(F.silu, 0, 10, 1))
+
+
+@functools.cache
+def _gelu_tanh_range() -> tuple[float, float]:
+    return (_extreme_slope(_gelu_tanh, -10, 0, -1), _extreme_slope(_gelu_tanh, 0, 10, 1))
+
+
+@functools.cache
+def _mish_range() -> tuple[float, float]:
+    return (_extreme_slope(F.mish, -10, 0, -1), _extreme_slope(F.mish, 0, 10, 1))
+
+
+# exact GELU: f' = Φ(x) + xφ(x), extrema at ±√2 in closed form
 _GELU_RANGE = (
-    # exact GELU: f' = Φ(x) + xφ(x), extrema at ±√2 in closed form
     0.5 * (1 + math.erf(-1.0)) - math.sqrt(2) * math.exp(-1.0) / math.sqrt(2 * math.pi) - 1e-12,
     0.5 * (1 + math.erf(1.0)) + math.sqrt(2) * math.exp(-1.0) / math.sqrt(2 * math.pi) + 1e-12,
 )
-_GELU_TANH_RANGE = (_extreme_slope(_gelu_tanh, -10, 0, -1), _extreme_slope(_gelu_tanh, 0, 10, 1))
-_MISH_RANGE = (_extreme_slope(F.mish, -10, 0, -1), _extreme_slope(F.mish, 0, 10, 1))
 _SELU_SCALE = 1.0507009873554804934193349852946
 _SELU_ALPHA = 1.6732632423543772848170429916717
 
 
-def _const(slope_min: float, slope_max: float) -> RuleFn:
-    spec = Elementwise(slope_min, slope_max)
-    return lambda ctx: spec
+SlopeRange = tuple[float, float] | Callable[[], tuple[float, float]]
+
+
+def _slopes(rng: SlopeRange) -> tuple[float, float]:
+    return rng() if callable(rng) else rng
+
+
+def _const(rng: SlopeRange) -> RuleFn:
+    return lambda ctx: Elementwise(*_slopes(rng))
 
 
 def _leaky(alpha: float) -> Elementwise:
@@ -325,7 +349,7 @@ def _elu(alpha: float) -> Elementwise:
 
 
 def _gelu(approximate: str) -> Elementwise:
-    return Elementwise(*(_GELU_TANH_RANGE if approximate == "tanh" else _GELU_RANGE))
+    return Elementwise(*(_gelu_tanh_range() if approximate == "tanh" else _GELU_RANGE))
 
 
 def _single_input(ctx: NodeContext, what: str) -> None:
@@ -355,14 +379,14 @@ for _cls, _rng in [
     (nn.LogSigmoid, (0.0, 1.0)),
     (nn.Tanhshrink, (0.0, 1.0)),
     (nn.Softshrink, (0.0, 1.0)),
-    (nn.SiLU, _SILU_RANGE),
-    (nn.Mish, _MISH_RANGE),
+    (nn.SiLU, _silu_range),
+    (nn.Mish, _mish_range),
     (nn.SELU, (0.0, _SELU_SCALE * _SELU_ALPHA)),
 ]:
-    register_rule(_cls, _const(*_rng))
+    register_rule(_cls, _const(_rng))
 
-register_rule(nn.Softplus, _const(0.0, 1.0))
-register_rule(nn.CELU, _const(0.0, 1.0))
+register_rule(nn.Softplus, _const((0.0, 1.0)))
+register_rule(nn.CELU, _const((0.0, 1.0)))
 register_rule(nn.LeakyReLU, lambda ctx: _leaky(ctx.target.negative_slope))
 register_rule(nn.ELU, lambda ctx: _elu(ctx.target.alpha))
 register_rule(nn.GELU, lambda ctx: _gelu(ctx.target.approximate))
@@ -393,8 +417,8 @@ for _fn, _rng in [
     (F.logsigmoid, (0.0, 1.0)),
     (F.tanhshrink, (0.0, 1.0)),
     (F.softshrink, (0.0, 1.0)),
-    (F.silu, _SILU_RANGE),
-    (F.mish, _MISH_RANGE),
+    (F.silu, _silu_range),
+    (F.mish, _mish_range),
     (F.selu, (0.0, _SELU_SCALE * _SELU_ALPHA)),
     (torch.selu, (0.0, _SELU_SCALE * _SELU_ALPHA)),
     (F.celu, (0.0, 1.0)),
@@ -410,7 +434,7 @@ for _fn, _rng in [
     (torch.clamp_min, (0.0, 1.0)),
     (torch.clamp_max, (0.0, 1.0)),
 ]:
-    register_rule(_fn, _elementwise_rule(lambda ctx, _r=_rng: Elementwise(*_r)))
+    register_rule(_fn, _elementwise_rule(lambda ctx, _r=_rng: Elementwise(*_slopes(_r))))
 
 for _name, _rng in [
     ("relu", (0.0, 1.0)),
@@ -425,7 +449,7 @@ for _name, _rng in [
     ("clamp_min", (0.0, 1.0)),
     ("clamp_max", (0.0, 1.0)),
 ]:
-    register_rule(_name, _elementwise_rule(lambda ctx, _r=_rng: Elementwise(*_r)))
+    register_rule(_name, _elementwise_rule(lambda ctx, _r=_rng: Elementwise(*_slopes(_r))))
 
 register_rule(
     F.leaky_relu,
@@ -580,7 +604,22 @@ for _d, _f in (
 def _linear_module(ctx: NodeContext) -> Affine:
     _single_input(ctx, "nn.Linear")
     w = ctx.param(ctx.target.weight)
-    return Affine(linear=lambda x: F.linear(x, w), weight=w)
+    if len(ctx.in_shapes[0]) == 1:
+        return Affine(linear=lambda x: F.linear(x, w), weight=w)
+    # On a (..., in) sample the map is I ⊗ W: same norm as W, but W is not its matrix.
+    return Affine(linear=lambda x: F.linear(x, w), certify=lambda: _matrix_norm_bound(w))
+
+
+def _check_rank(ctx: NodeContext, what: str, d: int) -> None:
+    """A d-dimensional conv/pool needs per-sample inputs (C, *d spatial dims)."""
+    shape = ctx.in_shapes[0]
+    if len(shape) != d + 1:
+        raise ValueError(
+            f"{what} at node {ctx.node.name!r} expects each input sample to have shape "
+            f"{('(C, L)', '(C, H, W)', '(C, D, H, W)')[d - 1]} but got {tuple(shape)}: "
+            "input_shape must be the shape of ONE sample including "
+            "its channel dimension, e.g. (1, 28, 28) for MNIST."
+        )
 
 
 def _conv_module(ctx: NodeContext) -> Affine:
@@ -589,6 +628,7 @@ def _conv_module(ctx: NodeContext) -> Affine:
     _single_input(ctx, type(ctx.target).__name__)
     m = ctx.target
     d = len(m.kernel_size)
+    _check_rank(ctx, type(m).__name__, d)
     w = ctx.param(m.weight)
     conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
     in_spatial = tuple(ctx.in_shapes[0][-d:])
@@ -624,6 +664,7 @@ def _conv_transpose_module(ctx: NodeContext) -> Affine:
     _single_input(ctx, type(ctx.target).__name__)
     m = ctx.target
     d = len(m.kernel_size)
+    _check_rank(ctx, type(m).__name__, d)
     w = ctx.param(m.weight)
     convt = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[d - 1]
     in_spatial = tuple(ctx.in_shapes[0][-d:])
@@ -769,7 +810,56 @@ for _f in (
     F.pad,
 ):
     register_rule(_f, _generic_nonnegative)
-for _f in (F.linear, F.conv1d, F.conv2d, F.conv3d, torch.matmul, operator.matmul):
+
+
+def _linear_function(ctx: NodeContext) -> Affine:
+    _single_input(ctx, "F.linear")
+    w = ctx.arg(1, "weight")
+    if not isinstance(ctx.args[0], _Var) or isinstance(w, _Var):
+        raise UnsupportedNodeError("F.linear with an input-dependent weight is a product.")
+    if len(ctx.in_shapes[0]) == 1:
+        return Affine(linear=lambda x: F.linear(x, w), weight=w)
+    return Affine(linear=lambda x: F.linear(x, w), certify=lambda: _matrix_norm_bound(w))
+
+
+def _matrix_norm_bound(w: Tensor) -> float:
+    from lipreg.functional.certify import matrix_norm_bound
+
+    return matrix_norm_bound(w)[0]
+
+
+def _conv_function(d: int) -> RuleFn:
+    conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
+
+    def rule(ctx: NodeContext) -> Affine:
+        from lipreg.functional.conv_bounds import conv_operator_norm_bound
+
+        _single_input(ctx, conv.__name__)
+        w = ctx.arg(1, "weight")
+        if not isinstance(ctx.args[0], _Var) or isinstance(w, _Var):
+            raise UnsupportedNodeError(f"{conv.__name__} with an input-dependent weight.")
+        _check_rank(ctx, conv.__name__, d)
+        stride, padding = ctx.arg(3, "stride", 1), ctx.arg(4, "padding", 0)
+        dilation, groups = ctx.arg(5, "dilation", 1), ctx.arg(6, "groups", 1)
+        in_spatial = tuple(ctx.in_shapes[0][-d:])
+
+        def linear(x: Tensor) -> Tensor:
+            return conv(x, w, None, stride, padding, dilation, groups)
+
+        def certify() -> float:
+            return conv_operator_norm_bound(
+                w, in_spatial, stride=stride, padding=padding, dilation=dilation, groups=groups
+            )
+
+        return Affine(linear=linear, certify=certify)
+
+    return rule
+
+
+register_rule(F.linear, _linear_function)
+for _d, _f in ((1, F.conv1d), (2, F.conv2d), (3, F.conv3d)):
+    register_rule(_f, _conv_function(_d))
+for _f in (torch.matmul, operator.matmul):
     register_rule(_f, _generic_linear)
 for _f in (
     F.dropout,
@@ -848,7 +938,8 @@ def _add_like(sign: float) -> RuleFn:
         weights = []
         for i, a in enumerate(ctx.args[:2]):
             if isinstance(a, _Var):
-                weights.append(1.0 if i == 0 else abs(float(alpha)))
+                coef = 1.0 if i == 0 else abs(float(alpha))
+                weights.append(coef * _broadcast_factor(ctx, a.index))
         if ctx.n_inputs >= 2:
             return Combine("sum", tuple(weights))
         # One input-dependent side: x ± b, or b − x.
@@ -875,10 +966,24 @@ register_rule("add", _add_like(+1))
 register_rule("sub", _add_like(-1))
 
 
+def _broadcast_factor(ctx: NodeContext, index: int) -> float:
+    """Norm ``sqrt(k)`` of broadcasting input ``index`` to the output (each entry copied k
+    times); 1 when the shapes agree."""
+    n_in = math.prod(ctx.in_shapes[index])
+    n_out = math.prod(ctx.out_shape) if ctx.out_shape is not None else n_in
+    return math.sqrt(n_out / n_in) if n_in else 1.0
+
+
 def _rsub(ctx: NodeContext) -> Spec:
-    # torch.rsub(x, c) = c − x
+    # torch.rsub(input, other, alpha) = other − alpha · input
     if ctx.n_inputs >= 2:
-        return Combine("sum", (1.0, 1.0))
+        alpha = abs(float(ctx.arg(2, "alpha", 1)))
+        weights = tuple(
+            (alpha if i == 0 else 1.0) * _broadcast_factor(ctx, a.index)
+            for i, a in enumerate(ctx.args[:2])
+            if isinstance(a, _Var)
+        )
+        return Combine("sum", weights)
     return ctx.generic_affine()
 
 

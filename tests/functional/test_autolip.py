@@ -201,12 +201,6 @@ def test_other_convolutions(module, shape):
     assert abs(e.value - t) <= 1e-3 * t and e.value <= t * (1 + 1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a bare nn.Conv2d passed as the model is traced THROUGH by fx (the root is never "
-    "a leaf), so it becomes F.conv2d handled by the generic rule without the conv certificate: "
-    "large inputs give an uncertified estimate, while nn.Sequential(conv) is certified.",
-)
 def test_bare_conv_module_is_certified_like_a_wrapped_one():
     conv = init_(nn.Conv2d(2, 3, 3, padding=1).double(), 8)
     with warnings.catch_warnings():
@@ -547,12 +541,6 @@ def test_train_mode_value_equals_eval_mode_value(certify):
         assert max_jac_norm(m64, (1, 6, 6), 10, 0) <= v_eval * (1 + 1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: forward hooks of NON-leaf submodules (e.g. a nested nn.Sequential or a custom "
-    "block) fire during autolip, because torch.fx.symbolic_trace calls them through "
-    "Module.__call__ with Proxy arguments.",
-)
 def test_hooks_of_nested_containers_are_not_called():
     inner = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
     m = nn.Sequential(inner, nn.Linear(4, 2))
@@ -564,11 +552,6 @@ def test_hooks_of_nested_containers_are_not_called():
 
 @pytest.mark.parametrize(
     "layer", [nn.RReLU(), nn.FeatureAlphaDropout(0.5)], ids=["RReLU", "FeatureAlphaDropout"]
-)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: in train mode the probe pass calls RReLU.forward / FeatureAlphaDropout.forward "
-    "(not in graph._DROPOUT_MODULES), which draw from the GLOBAL RNG.",
 )
 def test_train_mode_random_layers_leave_global_rng_alone(layer):
     m = nn.Sequential(nn.Conv2d(2, 2, 3), layer, nn.Flatten(), nn.Linear(2 * 4 * 4, 2)).train()
@@ -650,12 +633,6 @@ class SharedConv(nn.Module):
         return torch.cat([a.flatten(1), b.flatten(1)], dim=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: result.state is keyed by chain name; a module applied at two input sizes gives "
-    "two chains with the same name ('conv'), one vector overwrites the other, and passing "
-    "state= back raises ValueError (warm-start vector has 16 entries, expected 64).",
-)
 def test_warm_start_with_a_module_used_at_two_input_sizes():
     m = init_(SharedConv(), 16)
     cold = lipreg.autolip(m, (1, 8, 8), certify=False)
@@ -733,12 +710,6 @@ def test_missing_channel_dimension_is_reported():
         lipreg.autolip(CNN_28, (28, 28))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: input_shape missing the channel dim of a conv with in_channels == 2 (the probe "
-    "batch size) passes the probe (torch treats the batch as channels of an unbatched input) "
-    "and later fails with a raw torch RuntimeError that does not mention input_shape.",
-)
 def test_missing_channel_dimension_with_two_channels_is_reported():
     m = nn.Sequential(nn.Conv2d(2, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3))
     with pytest.raises((RuntimeError, ValueError), match="input_shape"):
@@ -839,11 +810,6 @@ def test_invalid_options_raise_when_iterations_run(kw):
         lipreg.autolip(m, (3,), certify=False, **kw)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (validation): with certify=True and only dense/closed-form layers, invalid "
-    "method/tol/max_iter are silently accepted (they are only checked inside operator_norm).",
-)
 @pytest.mark.parametrize("kw", [{"method": "foo"}, {"tol": -1.0}, {"max_iter": 0}])
 def test_invalid_options_raise_even_when_certifying(kw):
     m = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3))
@@ -851,12 +817,6 @@ def test_invalid_options_raise_even_when_certifying(kw):
         lipreg.autolip(m, (3,), **kw)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (soundness, tiny): for a float64 model with the default dtype=float32, weights "
-    "are rounded to float32 BEFORE the 'float64' certificate, so the certified value can be "
-    "below the true norm (here by 3e-8 relative, > the 1e-9 margin).",
-)
 def test_float64_model_with_float32_iterations_stays_sound():
     m = nn.Sequential(nn.Linear(4, 3, bias=False)).double()
     with torch.no_grad():

@@ -241,11 +241,6 @@ def test_generator_isolation_and_determinism(method):
     assert t.S.shape == (3,)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (doc/behaviour mismatch): operator_norm's docstring says 'the global RNG is "
-    "never used', but with generator=None the cold start calls torch.randn on the global RNG.",
-)
 def test_operator_norm_without_generator_leaves_global_rng_alone():
     W = torch.randn(20, 15, generator=gen(5), dtype=F64)
     before = torch.get_rng_state()

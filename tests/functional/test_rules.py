@@ -326,12 +326,6 @@ def test_batchnorm_alone_closed_form():
     assert r.value >= expected * (1 - 1e-15)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the closed-form BatchNorm norm is computed in the compute dtype (float32 by "
-    "default), so the certified value can be ~1e-7 BELOW max|γ|/sqrt(var+eps) of the float32 "
-    "model evaluated exactly; certify.py promises float64 certificates.",
-)
 def test_batchnorm_closed_form_certificate_is_not_rounded_down_in_float32():
     g = gen(0)
     worst = 0.0
@@ -687,13 +681,6 @@ class Swish2(nn.Module):
         return x * torch.sigmoid(x)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: register_rule(MyModule, spec) on a custom nn.Module subclass has no effect, "
-    "because torch.fx traces through non-torch.nn modules (they never become call_module "
-    "nodes); the docstring example of register_rule (Swish2) and the hint printed by "
-    "UnsupportedOperationError both recommend exactly this.",
-)
 def test_register_rule_on_a_custom_module_class(rule_registry):
     lipreg.register_rule(Swish2, lipreg.Elementwise(-0.0999, 1.0999))
     m = nn.Sequential(nn.Linear(3, 4), Swish2(), nn.Linear(4, 2)).double()
@@ -718,12 +705,6 @@ class AddChannelMean(nn.Module):
         return x + x.mean(dim=(2, 3), keepdim=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (unsound): Combine('sum') ignores broadcasting. In x + x.mean(1, keepdim=True) "
-    "the (B,1) branch is copied n times, which multiplies its constant by sqrt(n); AutoLip "
-    "reports 1 + 1/sqrt(n) as a certified upper bound while the true constant is 2.",
-)
 @pytest.mark.parametrize("model,shape", [(AddMean(), (9,)), (AddChannelMean(), (2, 4, 4))])
 def test_broadcast_sum_is_sound(model, shape):
     # the map is linear: x -> (I + P) x with P the averaging projector, whose norm is 2
@@ -743,12 +724,6 @@ class RsubAlpha(nn.Module):
         return torch.rsub(self.fc(x), x, alpha=5.0)  # = x - 5 fc(x)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (unsound): the torch.rsub rule returns Combine('sum', (1, 1)) for two "
-    "input-dependent arguments and ignores alpha: rsub(f(x), x, alpha=5) = x - 5 f(x) is "
-    "bounded by 1 + L(f) instead of 1 + 5 L(f).",
-)
 def test_rsub_with_alpha_is_sound():
     m = init_(RsubAlpha().double(), 17)
     true_L = norm2(torch.eye(3, dtype=F64) - 5 * m.fc.weight)
