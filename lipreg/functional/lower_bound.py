@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -67,7 +68,11 @@ def jacobian_norms(
     prev = torch.zeros(batch, dtype=x.dtype, device=x.device)
     sigma = prev
     for _ in range(n_iter):
-        _, jv = torch.func.jvp(fn, (x,), (v,))
+        with warnings.catch_warnings():
+            # torch's forward-mode AD emits its own "torch.jit.script is deprecated" notice
+            # when it loads its decompositions on first use; it is not ours to act on.
+            warnings.filterwarnings("ignore", ".*torch.jit.script.*", FutureWarning)
+            _, jv = torch.func.jvp(fn, (x,), (v,))
         sigma = jv.flatten(1).norm(dim=1)
         (jtjv,) = vjp_fn(jv)
         if bool(((sigma - prev).abs() <= tol * sigma.clamp_min(1e-30)).all()):

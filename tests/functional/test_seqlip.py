@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import warnings
 
 import pytest
 import torch
@@ -83,17 +82,13 @@ def ref_seqlip(Ms: list[torch.Tensor], boxes: list[tuple[float, float]]) -> floa
 
 def ref_pairs_all_hi(Ms: list[torch.Tensor], boxes: list[tuple[float, float]]) -> list[float]:
     """Pair values at σ = hi everywhere (the greedy's starting point)."""
-    return [
-        norm2(hi * (A @ B)) for (A, B), (_, hi) in zip(ref_factors(Ms), boxes, strict=True)
-    ]
+    return [norm2(hi * (A @ B)) for (A, B), (_, hi) in zip(ref_factors(Ms), boxes, strict=True)]
 
 
 def joint_max_sigma(Ms: list[torch.Tensor], boxes: list[tuple[float, float]]) -> float:
     """§2.6 bound: max over all hidden patterns jointly of ||M_K diag(σ) ... diag(σ) M_1||."""
     pats = [patterns(M.shape[0], *b) for M, b in zip(Ms[:-1], boxes, strict=True)]
-    idx = torch.cartesian_prod(*[torch.arange(p.shape[0]) for p in pats]).reshape(
-        -1, len(pats)
-    )
+    idx = torch.cartesian_prod(*[torch.arange(p.shape[0]) for p in pats]).reshape(-1, len(pats))
     P = Ms[0].detach().to(F64).expand(idx.shape[0], -1, -1)
     for k, p in enumerate(pats):
         P = Ms[k + 1].detach().to(F64) @ (p[idx[:, k]][:, :, None] * P)
@@ -232,6 +227,14 @@ def test_pair_norm_exact_matches_brute_force(box: tuple[float, float]) -> None:
         near = torch.minimum((sigma - lo).abs(), (sigma - hi).abs())
         assert float(near.max()) <= 1e-7  # a vertex of the box
         assert norm2((A * sigma) @ B) == pytest.approx(value, rel=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [8192, 1000, 7])
+def test_pair_norm_exact_across_chunks(chunk: int) -> None:
+    g = gen(20)
+    A, B = torch.randn(3, 14, generator=g, dtype=F64), torch.randn(14, 2, generator=g, dtype=F64)
+    value, _ = pair_norm_exact(A, B, 0.0, 1.0, chunk=chunk)
+    assert value == pytest.approx(brute_pair(A, B, 0.0, 1.0), rel=1e-12)
 
 
 @pytest.mark.parametrize("box", BOXES.values(), ids=BOXES.keys())
@@ -510,7 +513,9 @@ def test_invariances(seed: int) -> None:
         [Ms[0][p1], Ms[1][p2][:, p1], Ms[2][:, p2]], biases=[bs[0][p1], bs[1][p2], bs[2]]
     )
     # other biases, and no biases at all
-    rebiased = net_from(Ms, biases=[10 * torch.randn(w, generator=g, dtype=F64) for w in widths[1:]])
+    rebiased = net_from(
+        Ms, biases=[10 * torch.randn(w, generator=g, dtype=F64) for w in widths[1:]]
+    )
     unbiased = net_from(Ms)
     for variant in (rotated, permuted, rebiased, unbiased):
         value = lipreg.seqlip(variant, (5,), method="exact", dtype=F64).value
@@ -653,12 +658,87 @@ def test_top_k_truncation_is_an_estimate_with_closed_form_for_k1(
     assert greedy.kind == "estimate" and not greedy.certified
     assert any("truncated" in note for note in greedy.notes)
 
+    # truncated blocks are sub-matrices of the full blocks: never above untruncated SeqLip
+    full = ref_seqlip(Ms, [RELU] * (len(Ms) - 1))
+    with pytest.warns(UserWarning):
+        top2 = lipreg.seqlip(net, (widths[0],), method="exact", top_k=2, dtype=F64)
+    assert top2.value <= full * (1 + 1e-8)
+
 
 def test_top_k_not_below_rank_keeps_certification() -> None:
     net = random_mlp([6, 5, 4, 3], 810)
     res = lipreg.seqlip(net, (6,), method="exact", top_k=10, dtype=F64)
     assert res.certified
     assert res.value == pytest.approx(ref_seqlip(weights(net), [RELU, RELU]), rel=REL)
+
+
+def test_iterative_svds_for_maps_above_dense_limit() -> None:
+    """dense_limit=1 forces the block power iteration for the convolutions' SVDs."""
+    c1 = nn.Conv2d(1, 1, 3, padding=1, dtype=F64)
+    c2 = nn.Conv2d(1, 2, 3, dtype=F64)
+    lin = nn.Linear(8, 3, dtype=F64)
+    net = init_(nn.Sequential(c1, nn.ReLU(), c2, nn.ReLU(), nn.Flatten(), lin), 902)
+    M1 = dense(lambda z: F.conv2d(z, c1.weight, padding=1), (1, 4, 4))
+    M2 = dense(lambda z: F.conv2d(z, c2.weight), (1, 4, 4))
+    Ms = [M1, M2, lin.weight.detach()]
+    full = ref_seqlip(Ms, [RELU, RELU])
+    with pytest.warns(UserWarning, match="estimate"):
+        res = lipreg.seqlip(net, (1, 4, 4), method="exact", dense_limit=1, dtype=F64)
+    assert not res.certified and res.kind == "estimate"
+    assert res.value == pytest.approx(full, rel=1e-6)
+    greedy = lipreg.seqlip(net, (1, 4, 4), method="greedy", dense_limit=1, dtype=F64)
+    assert greedy.value <= full * (1 + 1e-6)
+    assert greedy.value >= math.prod(ref_pairs_all_hi(Ms, [RELU, RELU])) * (1 - 1e-6)
+    # warm start from the previous subspaces gives the same number
+    again = lipreg.seqlip(
+        net, (1, 4, 4), method="greedy", dense_limit=1, dtype=F64, state=greedy.state
+    )
+    assert again.value == pytest.approx(full, rel=1e-6)
+
+
+def test_consecutive_affine_maps_are_merged() -> None:
+    g = gen(860)
+    W1, W2, W3 = (torch.randn(o, i, generator=g, dtype=F64) for o, i in [(6, 5), (4, 6), (3, 4)])
+    net = nn.Sequential(linear(W1), linear(W2), nn.ReLU(), linear(W3))
+    res = lipreg.seqlip(net, (5,), method="exact", dtype=F64)
+    assert res.value == pytest.approx(ref_seqlip([W2 @ W1, W3], [RELU]), rel=REL)
+    assert res.certified
+
+
+def test_conv_batchnorm_chain() -> None:
+    conv, bn = nn.Conv2d(1, 2, 3, dtype=F64), nn.BatchNorm2d(2, dtype=F64)
+    lin = nn.Linear(8, 2, dtype=F64)
+    net = init_(nn.Sequential(conv, bn, nn.ReLU(), nn.Flatten(), lin), 870)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.3, -1.0], dtype=F64))
+        bn.running_var.copy_(torch.tensor([0.5, 2.0], dtype=F64))
+    d = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    M1 = dense(lambda z: F.conv2d(z, conv.weight) * d[None, :, None, None], (1, 4, 4))
+    res = lipreg.seqlip(net, (1, 4, 4), method="exact", dtype=F64)
+    assert res.value == pytest.approx(ref_seqlip([M1, lin.weight.detach()], [RELU]), rel=REL)
+    assert res.certified
+
+
+@pytest.mark.parametrize("zeroed", [0, 2, 4])
+def test_a_zero_layer_gives_zero(zeroed: int) -> None:
+    net = random_mlp([5, 4, 4, 3], 880)
+    with torch.no_grad():
+        net[zeroed].weight.zero_()
+    X = torch.randn(20, 5, generator=gen(881), dtype=F64)
+    assert float(batched_jacobians(net, X).abs().max()) == 0.0  # constant function
+    for method in ("exact", "greedy"):
+        assert lipreg.seqlip(net, (5,), method=method, dtype=F64).value == 0.0
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_works_under_no_grad_and_inference_mode(context) -> None:
+    net = random_mlp([5, 6, 3], 890)
+    expected = ref_seqlip(weights(net), [RELU])
+    with context():
+        exact = lipreg.seqlip(net, (5,), method="exact", dtype=F64)
+        greedy = lipreg.seqlip(net, (5,), method="greedy", dtype=F64)
+    assert exact.value == pytest.approx(expected, rel=REL)
+    assert greedy.value <= expected * (1 + 1e-12)
 
 
 def test_single_affine_map() -> None:
@@ -691,15 +771,12 @@ def test_shared_module_applied_twice() -> None:
     assert res.value == pytest.approx(ref_seqlip([W, W], [RELU]), rel=REL)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _svd_of_chain uses the raw weight of a lone nn.Linear (spec.weight) as the "
-    "chain's matrix even when the Linear acts on a multi-dimensional input (I_T ⊗ W); when "
-    "a Flatten mixes the rows afterwards the pair factors have mismatched sizes and seqlip "
-    "crashes with a RuntimeError (shape mismatch) for both methods.",
-)
 @pytest.mark.parametrize("method", ["exact", "greedy"])
 def test_linear_on_multidimensional_input_then_flatten(method: str) -> None:
+    """A Linear on a (T, d) sample is I_T ⊗ W; a Flatten then mixes the rows.
+
+    Regression: this used to crash (the lone Linear's raw weight was taken as the matrix).
+    """
     g = gen(850)
     W1 = torch.randn(4, 3, generator=g, dtype=F64)
     W2 = torch.randn(2, 8, generator=g, dtype=F64)
@@ -808,4 +885,3 @@ def test_seqlip_does_not_perturb_the_model() -> None:
     expected = ref_seqlip([d[:, None] * W1, W2], [RELU])
     assert exact.value == pytest.approx(expected, rel=REL)
     assert greedy.value <= expected * (1 + 1e-6)
-
