@@ -63,8 +63,11 @@ def estimate_all(
 ) -> dict[str, Any]:
     start = time.perf_counter()
     al = lipreg.autolip(model, shape)
-    out: dict[str, Any] = {"autolip": al.value, "autolip_est": al.estimate,
-                           "certified": al.certified}
+    out: dict[str, Any] = {
+        "autolip": al.value,
+        "autolip_est": al.estimate,
+        "certified": al.certified,
+    }
     if exact:
         try:
             ex = lipreg.seqlip(model, shape, method="exact")
@@ -92,8 +95,19 @@ def lipsdp_rows() -> list[list[Any]]:
         r = estimate_all(net, shape, scale=scale, lb_points=2048, lb_steps=100)
         pub = PUBLISHED["lipsdp"][name]
         published = ", ".join(f"{k} {v:g}" for k, v in pub.items())
-        rows.append([f"LipSDP {name}", "published", r["autolip"], r["autolip_est"],
-                     r["seqlip_exact"], r["seqlip_greedy"], r["lower"], published, r["time"]])
+        rows.append(
+            [
+                f"LipSDP {name}",
+                "published",
+                r["autolip"],
+                r["autolip_est"],
+                r["seqlip_exact"],
+                r["seqlip_greedy"],
+                r["lower"],
+                published,
+                r["time"],
+            ]
+        )
     return rows
 
 
@@ -110,14 +124,14 @@ def digits_inputs(meta: dict[str, Any], shape: tuple[int, ...]) -> torch.Tensor 
 
 def glipsdp_rows(seeds: range) -> list[list[Any]]:
     rows = []
-    for arch, shape in (("fnn2", (64,)), ("fnn3", (64,)), ("cnn2", (1, 8, 8)),
-                        ("cnn3", (1, 8, 8))):
+    for arch, shape in (("fnn2", (64,)), ("fnn3", (64,)), ("cnn2", (1, 8, 8)), ("cnn3", (1, 8, 8))):
         results = []
         for seed in seeds:
             loaded = load_glipsdp(arch, seed)
             inputs = digits_inputs(loaded.meta, shape)
-            results.append(estimate_all(loaded.model, shape, inputs=inputs, lb_points=256,
-                                        lb_steps=30))
+            results.append(
+                estimate_all(loaded.model, shape, inputs=inputs, lb_points=256, lb_steps=30)
+            )
 
         def mean(key: str, results: list = results) -> float:
             vals = [r[key] for r in results]
@@ -125,9 +139,19 @@ def glipsdp_rows(seeds: range) -> list[list[Any]]:
 
         pub = PUBLISHED["glipsdp"][arch]
         published = ", ".join(f"{k} {v:g}" for k, v in pub.items())
-        rows.append([f"GLipSDP {arch} (mean of {len(results)})", "published", mean("autolip"),
-                     mean("autolip_est"), mean("seqlip_exact"), mean("seqlip_greedy"),
-                     mean("lower"), published, sum(r["time"] for r in results)])
+        rows.append(
+            [
+                f"GLipSDP {arch} (mean of {len(results)})",
+                "published",
+                mean("autolip"),
+                mean("autolip_est"),
+                mean("seqlip_exact"),
+                mean("seqlip_greedy"),
+                mean("lower"),
+                published,
+                sum(r["time"] for r in results),
+            ]
+        )
     return rows
 
 
@@ -138,20 +162,44 @@ def paper_rows(skip_alexnet: bool, quick: bool) -> list[list[Any]]:
         builders += [("mnist_cnn7", mnist_cnn7), ("mnist_cnn10", mnist_cnn10)]
     for name, make in builders:
         torch.manual_seed(0)
-        r = estimate_all(make(), (1, 28, 28), top_k=200, lb_points=128, lb_steps=20,
-                         exact=False)
+        r = estimate_all(make(), (1, 28, 28), top_k=200, lb_points=128, lb_steps=20, exact=False)
         al, gsl, lb = PAPER_CNN[name]
-        rows.append([name, "random init", r["autolip"], r["autolip_est"], r["seqlip_exact"],
-                     r["seqlip_greedy"], r["lower"],
-                     f"paper (trained): AutoLip {al:g}, greedy SeqLip {gsl:g}, LB {lb:g}",
-                     r["time"]])
+        rows.append(
+            [
+                name,
+                "random init",
+                r["autolip"],
+                r["autolip_est"],
+                r["seqlip_exact"],
+                r["seqlip_greedy"],
+                r["lower"],
+                f"paper (trained): AutoLip {al:g}, greedy SeqLip {gsl:g}, LB {lb:g}",
+                r["time"],
+            ]
+        )
     if not skip_alexnet:
         torch.manual_seed(0)
-        r = estimate_all(alexnet(), (3, 224, 224), top_k=50 if quick else 200, lb_points=16,
-                         lb_steps=0, exact=False)
-        rows.append(["AlexNet 224x224", "random init", r["autolip"], r["autolip_est"],
-                     r["seqlip_exact"], r["seqlip_greedy"], r["lower"],
-                     "paper (pretrained): AutoLip 3.62e7, greedy SeqLip 5.45e6", r["time"]])
+        r = estimate_all(
+            alexnet(),
+            (3, 224, 224),
+            top_k=50 if quick else 200,
+            lb_points=16,
+            lb_steps=0,
+            exact=False,
+        )
+        rows.append(
+            [
+                "AlexNet 224x224",
+                "random init",
+                r["autolip"],
+                r["autolip_est"],
+                r["seqlip_exact"],
+                r["seqlip_greedy"],
+                r["lower"],
+                "paper (pretrained): AutoLip 3.62e7, greedy SeqLip 5.45e6",
+                r["time"],
+            ]
+        )
     return rows
 
 
@@ -166,17 +214,30 @@ def main() -> None:
         rows += lipsdp_rows()
         rows += glipsdp_rows(range(3) if args.quick else range(10))
     else:
-        print(f"benchmark networks not found in {default_benchmark_dir()}: skipping them "
-              "(set LIPREG_BENCHMARK_NETS to their folder).")
+        print(
+            f"benchmark networks not found in {default_benchmark_dir()}: skipping them "
+            "(set LIPREG_BENCHMARK_NETS to their folder)."
+        )
     rows += paper_rows(args.skip_alexnet, args.quick)
     print_table(
-        ["network", "weights", "AutoLip (certified)", "AutoLip est.", "SeqLip exact",
-         "SeqLip greedy (est.)", "lower bound", "published", "time (s)"],
+        [
+            "network",
+            "weights",
+            "AutoLip (certified)",
+            "AutoLip est.",
+            "SeqLip exact",
+            "SeqLip greedy (est.)",
+            "lower bound",
+            "published",
+            "time (s)",
+        ],
         rows,
     )
-    print("\nAutoLip (certified) and SeqLip exact are guaranteed upper bounds; 'AutoLip est.' "
-          "and greedy SeqLip are estimates; the lower bound is certified from below. "
-          "'–' = not computed (exact SeqLip needs every activation width <= 20).")
+    print(
+        "\nAutoLip (certified) and SeqLip exact are guaranteed upper bounds; 'AutoLip est.' "
+        "and greedy SeqLip are estimates; the lower bound is certified from below. "
+        "'–' = not computed (exact SeqLip needs every activation width <= 20)."
+    )
 
 
 if __name__ == "__main__":

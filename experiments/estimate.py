@@ -30,8 +30,10 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = PAPER_MODELS[args.model]()
     shape = PAPER_INPUT_SHAPES[args.model]
-    print(f"{args.model}: input shape {shape}, {sum(p.numel() for p in model.parameters())} "
-          "parameters (random init)\n")
+    print(
+        f"{args.model}: input shape {shape}, {sum(p.numel() for p in model.parameters())} "
+        "parameters (random init)\n"
+    )
     al = lipreg.autolip(model, shape)
     print(al.summary(), "\n")
     if args.seqlip != "none":

@@ -179,15 +179,19 @@ class _ChainBounder:
             self.new_state[chain.name] = v_exact.to(self.analysis.dtype)
             return LayerBound(chain.name, "affine", upper, True, upper, upper, how)
 
+        gap0 = self.state.get(f"{chain.name}#gap")
         res = operator_norm(
             op,
             v0=self.state.get(chain.name),
+            gap0=float(gap0) if gap0 is not None else None,
             tol=self.tol,
             max_iter=self.max_iter,
             method=self.method,  # type: ignore[arg-type]
             generator=self.generator,
         )
         self.new_state[chain.name] = res.v
+        if math.isfinite(res.gap):
+            self.new_state[f"{chain.name}#gap"] = torch.tensor(res.gap, dtype=torch.float64)
         extra = {"converged": res.converged, "residual": res.residual}
         if not self.certify:
             return LayerBound(

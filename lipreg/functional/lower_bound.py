@@ -21,6 +21,7 @@ differentiable with probability one (random or perturbed points).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -59,7 +60,7 @@ def jacobian_norms(
     dims = tuple(range(1, x.ndim))
 
     def normalise(t: Tensor) -> Tensor:
-        n = t.flatten(1).norm(dim=1).clamp_min(1e-300)
+        n = t.reshape(batch, -1).norm(dim=1).clamp_min(1e-300)
         return t / n.reshape(batch, *([1] * (t.ndim - 1)))
 
     v = normalise(v)
@@ -73,12 +74,12 @@ def jacobian_norms(
             # when it loads its decompositions on first use; it is not ours to act on.
             warnings.filterwarnings("ignore", ".*torch.jit.script.*", FutureWarning)
             _, jv = torch.func.jvp(fn, (x,), (v,))
-        sigma = jv.flatten(1).norm(dim=1)
+        sigma = jv.reshape(batch, -1).norm(dim=1)
         (jtjv,) = vjp_fn(jv)
         if bool(((sigma - prev).abs() <= tol * sigma.clamp_min(1e-30)).all()):
             break
         prev = sigma
-        zero = jtjv.flatten(1).norm(dim=1) == 0
+        zero = jtjv.reshape(batch, -1).norm(dim=1) == 0
         v = torch.where(zero.reshape(batch, *([1] * len(dims))), v, normalise(jtjv))
     return sigma.detach(), v.detach()
 
@@ -189,6 +190,8 @@ def lower_bound(
             raise ValueError("inputs is empty: no point to search from.")
         data_x = torch.cat(data)
         mean, std = float(data_x.mean()), float(data_x.std()) if data_x.numel() > 1 else 1.0
+        if not std > 0:  # constant inputs: random points would all collapse onto them
+            std = 1.0
         sig, _ = evaluate(data_x, "data")
         pool_x.append(data_x)
         pool_s.append(sig)
@@ -206,6 +209,10 @@ def lower_bound(
     all_x, all_s = torch.cat(pool_x), torch.cat(pool_s)
     if n_anneal_steps > 0 and n_chains > 0:
         _anneal(evaluate, all_x, all_s, std, n_anneal_steps, n_chains, gen, progress=progress)
+    if dtype != torch.float64:
+        # Re-evaluate the best point on a float64 copy, so that float32 rounding of the
+        # Jacobian cannot push the reported value above the exact ‖J(x) v‖.
+        best_value = _float64_value(model, best_x, best_v, gen)
     notes = [
         "certified lower bound: the largest ‖J(x) v‖ found, at a point where the network is "
         "differentiable (with probability one); the true constant can be larger.",
@@ -232,6 +239,15 @@ def lower_bound(
         time_s=time.perf_counter() - start,
         notes=[*notes, f"best found by: {best_source}"],
     )
+
+
+def _float64_value(model: nn.Module, x: Tensor, v: Tensor, gen: torch.Generator) -> float:
+    model64 = copy.deepcopy(model).double()
+    fn64, _ = eval_function(model64)
+    sig, _ = jacobian_norms(
+        fn64, x[None].double(), v0=v[None].double(), n_iter=20, tol=1e-12, generator=gen
+    )
+    return float(sig[0])
 
 
 def _anneal(

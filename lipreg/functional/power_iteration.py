@@ -56,6 +56,8 @@ class OperatorNormResult:
         residual: ``‖AᵀA v − σ̂² v‖ / σ̂²`` of the returned vector (0 for an exact singular
             vector). It measures how far ``v`` is from a singular vector; it is *not* a bound
             on ``σ_max − σ̂``.
+        gap: Lanczos's estimate of the relative gap ``(σ_1² − σ_2²)/σ_1²``; pass it back as
+            ``gap0`` with ``v0`` so that a warm start can stop after one product.
     """
 
     sigma: float
@@ -65,6 +67,7 @@ class OperatorNormResult:
     converged: bool
     rel_change: float
     residual: float
+    gap: float = math.nan
 
 
 def check_iteration_options(tol: float, max_iter: int, method: str) -> None:
@@ -102,6 +105,7 @@ def operator_norm(
     op: LinearMap,
     *,
     v0: Tensor | None = None,
+    gap0: float | None = None,
     tol: float = 1e-4,
     max_iter: int = 500,
     method: Literal["lanczos", "power"] = "lanczos",
@@ -112,10 +116,14 @@ def operator_norm(
     Args:
         op: the linear map.
         v0: optional warm-start right vector (any shape with ``in_features`` entries).
-        tol: relative tolerance. Power method: stop when ``σ̂`` changes by ``≤ tol`` in one
-            iteration (the paper's rule). Lanczos: stop when the extrapolated remaining error
-            of ``σ̂`` is ``≤ tol`` (see :func:`_lanczos_converged`), which tracks the true
-            error far better on clustered spectra.
+        gap0: relative spectral gap returned by the call that produced ``v0`` (``gap``);
+            lets Lanczos judge a warm start after a single product.
+        tol: relative tolerance on ``σ̂``. Lanczos (default) stops when the Kato–Temple
+            estimate of the remaining error, ``r²/(2 g θ²)`` with residual ``r`` and relative
+            gap ``g`` (:func:`_temple_error`), is ``≤ tol``; measured errors then sit well
+            below ``tol``. The power method stops when ``σ̂`` changes by ``≤ tol`` in one
+            iteration (the paper's rule), which can stop far from the norm when the top
+            singular values are clustered.
         max_iter: cap on the number of ``AᵀA`` products.
         method: ``"lanczos"`` (default, fast on clustered spectra) or ``"power"`` (the
             paper's Algorithm 2).
@@ -132,26 +140,21 @@ def operator_norm(
     with torch.no_grad():
         if method == "power":
             return _power(op, q, tol, max_iter)
-        return _lanczos(op, q, tol, max_iter)
+        return _lanczos(op, q, tol, max_iter, gap0 if v0 is not None else None)
 
 
-def _lanczos_converged(history: list[float], tol: float) -> bool:
-    """Stop when the extrapolated remaining error of the Ritz value is ``≤ tol`` (relative).
+def _temple_error(theta: float, gap: float, residual: float) -> float:
+    """Estimated relative error of ``σ̂ = sqrt(θ)``, from the Kato–Temple inequality.
 
-    Lanczos Ritz values increase towards ``σ_max``. With the last two increments
-    ``Δ_j ≤ Δ_{j−1}`` and their ratio ``ρ``, a geometric tail leaves ``Δ_j ρ / (1 − ρ)`` to
-    go; requiring that (and ``Δ_j`` itself) to be ``≤ tol·σ`` guards against the slow,
-    clustered-spectrum case where single increments are small long before convergence.
+    For a unit Ritz vector with residual ``r = ‖AᵀA x − θ x‖`` and the next eigenvalue
+    ``λ_2 < θ``, ``λ_max ≤ θ + r² / (θ − λ_2)``. With the relative gap ``g = (θ − λ_2)/θ``
+    estimated from the second Ritz value this gives ``(λ_max − θ)/θ ≲ r² / (g θ²)``, halved
+    for ``σ = sqrt(λ)``. A cluster (``g ≈ 0``) keeps the estimate large until the residual
+    itself is tiny; without a gap estimate (first cold iteration) it is infinite.
     """
-    if len(history) < 3:
-        return False
-    s, d1, d2 = history[-1], history[-1] - history[-2], history[-2] - history[-3]
-    if d1 <= 0 and d2 <= 0:
-        return True
-    if d1 > tol * s:
-        return False
-    rho = min(max(d1 / d2, 0.0), 0.99) if d2 > 0 else 0.99
-    return d1 * rho / (1.0 - rho) <= tol * s
+    if theta <= 0 or not gap > 0:
+        return math.inf
+    return residual * residual / (2.0 * theta * theta * gap)
 
 
 def _power(op: LinearMap, v: Tensor, tol: float, max_iter: int) -> OperatorNormResult:
@@ -182,28 +185,26 @@ def _power(op: LinearMap, v: Tensor, tol: float, max_iter: int) -> OperatorNormR
     return OperatorNormResult(sigma, v, u, n_iter, converged, rel, residual)
 
 
-def _lanczos(op: LinearMap, q: Tensor, tol: float, max_iter: int) -> OperatorNormResult:
+def _lanczos(
+    op: LinearMap, q: Tensor, tol: float, max_iter: int, gap0: float | None
+) -> OperatorNormResult:
     n = op.in_features
     max_iter = min(max_iter, n)  # the Krylov space cannot grow beyond n
     basis: list[Tensor] = []
     images: list[Tensor] = []  # A q_j, so that A x for the Ritz vector x needs no extra pass
     alphas: list[float] = []
     betas: list[float] = []
-    prev = 0.0
-    rel = math.inf
+    prev, rel, gap = 0.0, math.inf, math.nan
     converged = False
-    theta_vec = None
     n_iter = 0
-    history: list[float] = []
     for n_iter in range(1, max_iter + 1):
         basis.append(q)
         w, aq = op.gram_matvec(q[None])
         w, aq = w[0], aq[0]
         images.append(aq)
-        alpha = float(torch.dot(q, w))
-        alphas.append(alpha)
-        # Full re-orthogonalisation (twice is enough, "twice is enough" of Kahan/Parlett):
-        # keeps the Ritz values honest Rayleigh quotients in finite precision.
+        alphas.append(float(torch.dot(q, w)))
+        # Full re-orthogonalisation, twice ("twice is enough", Kahan/Parlett): keeps the
+        # Ritz values honest Rayleigh quotients in finite precision.
         Q = torch.stack(basis)
         w = w - Q.T @ (Q @ w)
         w = w - Q.T @ (Q @ w)
@@ -217,9 +218,14 @@ def _lanczos(op: LinearMap, q: Tensor, tol: float, max_iter: int) -> OperatorNor
         theta_vec = evecs[:, -1]
         sigma = math.sqrt(theta)
         rel = abs(sigma - prev) / max(sigma, 1e-300)
-        scale = max(abs(a) for a in alphas) or 1.0
-        history.append(sigma)
-        if sigma == 0.0 or beta <= 1e-12 * scale or _lanczos_converged(history, tol):
+        # Gap to the rest of the spectrum: from the second Ritz value, or on the first
+        # iteration of a warm start from the previous call's gap.
+        if len(alphas) > 1:
+            gap = max(theta - float(evals[-2]), 0.0) / max(theta, 1e-300)
+        elif gap0 is not None:
+            gap = gap0
+        error = _temple_error(theta, gap, beta * abs(float(theta_vec[-1])))
+        if sigma == 0.0 or beta <= 1e-12 * max(abs(a) for a in alphas) or error <= tol:
             converged = True
             break
         prev = sigma
@@ -227,10 +233,8 @@ def _lanczos(op: LinearMap, q: Tensor, tol: float, max_iter: int) -> OperatorNor
             break
         betas.append(beta)
         q = w / beta
-    assert theta_vec is not None
     s = theta_vec.to(dtype=op.dtype, device=op.device)
-    Q = torch.stack(basis)
-    x = s @ Q
+    x = s @ torch.stack(basis)
     xnorm = x.norm()
     ax = (s @ torch.stack(images)) / xnorm
     x = x / xnorm
@@ -238,7 +242,7 @@ def _lanczos(op: LinearMap, q: Tensor, tol: float, max_iter: int) -> OperatorNor
     # Residual of the Ritz pair from the Lanczos relation: ‖B x − θ x‖ = β_j |s_j|.
     residual = (beta * abs(float(theta_vec[-1]))) / max(sigma**2, 1e-300)
     u = ax / sigma if sigma > 0 else ax
-    return OperatorNormResult(sigma, x, u, n_iter, converged, rel, residual)
+    return OperatorNormResult(sigma, x, u, n_iter, converged, rel, residual, gap)
 
 
 @dataclass

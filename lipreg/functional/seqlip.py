@@ -206,6 +206,11 @@ def _truncate(svd: _SVD, top_k: int | None) -> _SVD:
     return _SVD(svd.U[:, :top_k], svd.S[:top_k], svd.V[:, :top_k], exact=False)
 
 
+def _f64(value: float, like: Tensor) -> Tensor:
+    """A float64 scalar tensor: ``torch.where`` on Python floats would round to float32."""
+    return torch.tensor(value, dtype=torch.float64, device=like.device)
+
+
 def pair_norm_exact(
     A: Tensor, B: Tensor, lo: float, hi: float, *, chunk: int = 8192
 ) -> tuple[float, Tensor]:
@@ -216,13 +221,14 @@ def pair_norm_exact(
     """
     A, B = A.to(torch.float64), B.to(torch.float64)
     n = A.shape[1]
+    hi_t, lo_t = _f64(hi, A), _f64(lo, A)
     bits = 2 ** torch.arange(n, device=A.device)
     best, best_sigma = -1.0, None
     left = A.shape[0] <= B.shape[1]
     for start in range(0, 2**n, chunk):
         idx = torch.arange(start, min(2**n, start + chunk), device=A.device)
         mask = (idx[:, None] & bits) > 0
-        sigma = torch.where(mask, hi, lo).to(torch.float64)  # (p, n)
+        sigma = torch.where(mask, hi_t, lo_t)  # (p, n), float64 (no float32 rounding)
         M = (A[None] * sigma[:, None, :]) @ B  # (p, r1, r2)
         G = M @ M.transpose(1, 2) if left else M.transpose(1, 2) @ M
         top = torch.linalg.eigvalsh(G)[:, -1]
@@ -289,7 +295,7 @@ def pair_norm_greedy(
     starts = [torch.full((n,), hi, dtype=torch.float64, device=A.device)]
     for _ in range(n_restarts):
         coin = torch.rand(n, generator=generator, device=A.device) < 0.5
-        starts.append(torch.where(coin, hi, lo).to(torch.float64))
+        starts.append(torch.where(coin, _f64(hi, A), _f64(lo, A)))
     best, best_sigma = -1.0, starts[0]
     for sigma in starts:
         value, sigma = _greedy_from(A, B, lo, hi, sigma, max_sweeps, refine_candidates)
@@ -305,7 +311,7 @@ def _greedy_from(
     s, u, v = _top_pair(M)
     for _ in range(max_sweeps):
         gain = (A.T @ u) * (B @ v)  # d/dσ_j of uᵀ A diag(σ) B v
-        proposal = torch.where(gain > 0, hi, lo).to(torch.float64)
+        proposal = torch.where(gain > 0, _f64(hi, A), _f64(lo, A))
         changed = proposal != sigma
         if bool(changed.any()):
             step = proposal[changed] - sigma[changed]
@@ -343,7 +349,7 @@ def _best_single_flip(
     """Index of the single flip that most increases ``‖M‖`` (if any), by rank-one updates."""
     if n_cand <= 0 or lo == hi:
         return None
-    delta = torch.where(sigma == hi, lo - hi, hi - lo)  # change of σ_j if flipped
+    delta = torch.where(sigma == hi, _f64(lo - hi, A), _f64(hi - lo, A))  # σ_j change if flipped
     cand = torch.argsort(delta * gain, descending=True)[:n_cand]
     a, b, d = A[:, cand].T, B[cand], delta[cand]  # (c, r1), (c, r2), (c,)
     # Batched power iteration on each M_j = M + d_j a_j b_jᵀ, started from the current v.
@@ -468,9 +474,13 @@ def seqlip(
             if not svd.exact:
                 certified = False
                 new_state[f"seqlip:{m.name}"] = svd.V.to(dtype)
+                full = svd.S.numel() >= min(svd.U.shape[0], svd.V.shape[0])
+                what = "all" if full else "the top"
                 notes.append(
-                    f"{m.name}: truncated to the top {svd.S.numel()} singular triplets "
-                    "(heuristic; not a bound)."
+                    f"{m.name}: {what} {svd.S.numel()} singular triplets, computed by block "
+                    "subspace iteration (iterative"
+                    + ("" if full else ", truncated")
+                    + "; the result is an estimate, not a bound)."
                 )
             svds.append(svd)
         K = len(svds)

@@ -150,11 +150,6 @@ class ScalarHead(nn.Module):
         return self.lin(x).squeeze(-1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: lower_bound/jacobian_norms crash (IndexError in jv.flatten(1)) on models whose "
-    "output is one scalar per sample, shape (N,), although autolip and seqlip accept them.",
-)
 def test_scalar_output_per_sample() -> None:
     model = init_(ScalarHead(), 80)
     res = lipreg.lower_bound(model, (4,), n_random=32, batch_size=32, n_anneal_steps=1)

@@ -123,11 +123,11 @@ def test_never_exceeds_true_norm_random_and_clustered(method):
             )
             assert res.sigma <= t * (1 + 1e-12), (W.shape, tol, max_iter)
             assert res.n_iter <= max_iter
-        if spread is not None:  # converged: within the width of the top cluster
+        if spread is not None:  # converged: within the cluster's width or the tolerance
             res = lipreg.operator_norm(
                 matrix_op(W), tol=1e-10, max_iter=3000, method=method, generator=gen(5)
             )
-            assert res.sigma >= t * (1 - spread) - 1e-12
+            assert res.sigma >= t * (1 - max(spread, 1e-10)) - 1e-12
 
 
 def test_lanczos_clustered_spectrum_converges_to_top_value():

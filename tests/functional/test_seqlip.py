@@ -280,13 +280,6 @@ ROUNDING_CASES = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: pair_norm_exact builds σ with torch.where(mask, hi, lo) on Python floats, "
-    "which yields a float32 tensor: box ends are rounded to float32 before .to(float64) "
-    "(1.13 -> 1.1299999952, 0.1 -> 0.1000000015). The 'exact' value is then off by up to "
-    "~4e-8 relative, above the 1e-9 certification margin.",
-)
 @pytest.mark.parametrize("case", ROUNDING_CASES.values(), ids=ROUNDING_CASES.keys())
 def test_pair_norm_exact_does_not_round_the_box(case) -> None:
     A, B, lo, hi, expected = case
@@ -295,13 +288,6 @@ def test_pair_norm_exact_does_not_round_the_box(case) -> None:
     assert set(sigma.tolist()) <= {lo, hi}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: pair_norm_greedy builds its patterns with torch.where(..., hi, lo) on Python "
-    "floats (float32), so the returned σ is not a vertex of the box for box ends that float32 "
-    "cannot represent; _best_single_flip then tests `sigma == hi`, misclassifies rounded hi "
-    "entries as lo, and evaluates 'flips' that leave the box (σ_j = hi + (hi − lo)).",
-)
 def test_pair_norm_greedy_returns_box_vertices_for_non_float32_box() -> None:
     lo, hi = -0.13, 1.13
     for seed in range(20):
@@ -322,12 +308,6 @@ def gelu_slope_range() -> tuple[float, float]:
     return slope(-math.sqrt(2)), slope(math.sqrt(2))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (unsound, ~3.5e-8 relative): the float32 rounding of the GELU slope box in "
-    "pair_norm_exact makes the certified exact SeqLip of Linear(I) -> GELU -> Linear(1ᵀ) "
-    "smaller than the Jacobian norm at x = √2·1.",
-)
 def test_exact_seqlip_with_gelu_is_not_below_a_local_jacobian_norm() -> None:
     net = net_from([torch.eye(3, dtype=F64), torch.ones(1, 3, dtype=F64)], nn.GELU)
     res = lipreg.seqlip(net, (3,), method="exact", dtype=F64)
