@@ -35,6 +35,7 @@ from lipreg.models import (
     default_benchmark_dir,
     load_glipsdp,
     load_lipsdp,
+    mlp,
     mnist_cnn4,
     mnist_cnn5,
     mnist_cnn7,
@@ -155,6 +156,21 @@ def glipsdp_rows(seeds: range) -> list[list[Any]]:
     return rows
 
 
+def mlp_rows(quick: bool) -> list[list[Any]]:
+    """The paper's MLP architecture (2-D input, 20 ReLU units per layer), random init: exact
+    SeqLip is feasible at width 20 and shows how greedy and AutoLip compare to it."""
+    rows = []
+    for n_hidden in (3,) if quick else (3, 4):
+        torch.manual_seed(0)
+        net = mlp(2, (20,) * n_hidden, 1).double()
+        r = estimate_all(net, (2,), scale=4.0, lb_points=4096, lb_steps=100)
+        rows.append([f"MLP 2-{'-'.join(['20'] * n_hidden)}-1 ({n_hidden + 1} linear layers)",
+                     "random init", r["autolip"], r["autolip_est"], r["seqlip_exact"],
+                     r["seqlip_greedy"], r["lower"], "paper (trained): see issue 4",
+                     r["time"]])
+    return rows
+
+
 def paper_rows(skip_alexnet: bool, quick: bool) -> list[list[Any]]:
     rows = []
     builders = [("mnist_cnn4", mnist_cnn4), ("mnist_cnn5", mnist_cnn5)]
@@ -218,6 +234,7 @@ def main() -> None:
             f"benchmark networks not found in {default_benchmark_dir()}: skipping them "
             "(set LIPREG_BENCHMARK_NETS to their folder)."
         )
+    rows += mlp_rows(args.quick)
     rows += paper_rows(args.skip_alexnet, args.quick)
     print_table(
         [
