@@ -136,6 +136,40 @@ class Analysis:
     dtype: torch.dtype
     device: torch.device
     labels: dict[fx.Node, str] = field(default_factory=dict)
+    pieces: set[fx.Node] = field(default_factory=set)
+    model_name: str = "model"
+
+    def refresh_specs(self) -> None:
+        """(Re)apply every node's rule, reading the current parameters.
+
+        Cheap (no forward pass except for generic affine offsets): the penalty calls it at
+        every step so that its closures see the current weights, with autograd.
+        """
+        specs: dict[fx.Node, Spec] = {}
+        unsupported: list[str] = []
+        for node, ctx in self.contexts.items():
+            if node in self.pieces:
+                specs[node] = Nonlinear(1.0, "one piece of a split")
+                continue
+            rule = lookup_rule(node, ctx.target)
+            if rule is None:
+                unsupported.append(_describe_unsupported(node, ctx.target, None))
+                continue
+            try:
+                specs[node] = rule(ctx)
+            except UnsupportedNodeError as exc:
+                unsupported.append(_describe_unsupported(node, ctx.target, str(exc)))
+        if unsupported:
+            lines = "\n".join(f"  - {u}" for u in unsupported)
+            raise UnsupportedOperationError(
+                f"lipreg has no Lipschitz rule for {len(unsupported)} node(s) of "
+                f"{self.model_name}:\n{lines}\n"
+                "Add one with lipreg.register_rule(target, rule), e.g. "
+                "lipreg.register_rule(MyActivation, lipreg.Elementwise(0.0, 1.0)) for an "
+                "activation with slopes in [0, 1], or a function returning lipreg.Affine(...) "
+                "/ lipreg.Nonlinear(constant) (see lipreg.functional.rules)."
+            )
+        self.specs = specs
 
     def users(self, node: fx.Node) -> list[fx.Node]:
         """Input-dependent users of ``node`` (the output node excluded)."""
@@ -280,11 +314,13 @@ def analyse(
     *,
     dtype: torch.dtype = torch.float32,
     traced: fx.GraphModule | None = None,
+    differentiable: bool = False,
 ) -> Analysis:
     """Trace ``model`` and attach a Lipschitz spec to every input-dependent node.
 
     ``traced`` reuses a graph from :func:`trace` (the probe pass and the rules still run, so
-    that every spec reads the current weights).
+    that every spec reads the current weights). ``differentiable=True`` keeps parameters
+    attached to autograd in every spec (for :class:`lipreg.LipschitzPenalty`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -364,12 +400,24 @@ def analyse(
     if output_node is None:
         raise TypeError("the traced graph has no output node.")
 
-    specs: dict[fx.Node, Spec] = {}
     contexts: dict[fx.Node, NodeContext] = {}
     inputs: dict[fx.Node, list[fx.Node]] = {}
     order: list[fx.Node] = []
-    unsupported: list[str] = []
+    pieces: set[fx.Node] = set()
     input_node = placeholders[0]
+    if differentiable:
+        derived = [
+            n.name
+            for n in gm.graph.nodes
+            if n.op.startswith("call") and n not in variable and isinstance(values.get(n), Tensor)
+        ]
+        if derived:
+            raise ValueError(
+                f"nodes {derived} compute tensors from parameters inside forward() (e.g. a "
+                "weight normalisation); a differentiable penalty would see them frozen at "
+                "their first value. Compute them in a module (parametrizations are fine) or "
+                "use the estimators, which re-read them at every call."
+            )
 
     for node in gm.graph.nodes:
         if node not in variable:
@@ -386,7 +434,8 @@ def analyse(
                     return _Var(len(_vi) - 1)
                 v = values[a]
                 if isinstance(v, Tensor) and v.is_floating_point():
-                    return v.detach().to(dtype=dtype, device=device)
+                    v = v.to(dtype=dtype, device=device)
+                    return v if differentiable else v.detach()
                 return v
             return a
 
@@ -394,7 +443,7 @@ def analyse(
         kwargs = fx.node.map_aggregate(node.kwargs, mark)
         inputs[node] = var_inputs
         target = gm.get_submodule(node.target) if node.op == "call_module" else node.target
-        ctx = NodeContext(
+        contexts[node] = NodeContext(
             node=node,
             target=target,
             args=tuple(args),
@@ -404,39 +453,20 @@ def analyse(
             out_shape=shapes.get(node),
             dtype=dtype,
             device=device,
+            differentiable=differentiable,
         )
-        contexts[node] = ctx
         # getitem on a tuple-valued node (split/chunk): a projection of one piece.
         if (
             node.op == "call_function"
             and node.target is operator.getitem
             and isinstance(values[var_inputs[0]], tuple | list)
         ):
-            specs[node] = Nonlinear(1.0, "one piece of a split")
-            continue
-        rule = lookup_rule(node, target)
-        if rule is None:
-            unsupported.append(_describe_unsupported(node, target, None))
-            continue
-        try:
-            specs[node] = rule(ctx)
-        except UnsupportedNodeError as exc:
-            unsupported.append(_describe_unsupported(node, target, str(exc)))
-    if unsupported:
-        lines = "\n".join(f"  - {u}" for u in unsupported)
-        raise UnsupportedOperationError(
-            f"lipreg has no Lipschitz rule for {len(unsupported)} node(s) of "
-            f"{type(model).__name__}:\n{lines}\n"
-            "Add one with lipreg.register_rule(target, rule), e.g. "
-            "lipreg.register_rule(MyActivation, lipreg.Elementwise(0.0, 1.0)) for an "
-            "activation with slopes in [0, 1], or a function returning lipreg.Affine(...) / "
-            "lipreg.Nonlinear(constant) (see lipreg.functional.rules)."
-        )
-    return Analysis(
+            pieces.add(node)
+    analysis = Analysis(
         graph=gm.graph,
         input_node=input_node,
         output_node=output_node,
-        specs=specs,
+        specs={},
         contexts=contexts,
         shapes=shapes,
         order=order,
@@ -445,7 +475,11 @@ def analyse(
         dtype=dtype,
         device=device,
         labels=_unique_labels(order),
+        pieces=pieces,
+        model_name=type(model).__name__,
     )
+    analysis.refresh_specs()
+    return analysis
 
 
 def _unique_labels(nodes: list[fx.Node]) -> dict[fx.Node, str]:

@@ -145,6 +145,7 @@ class NodeContext:
     out_shape: tuple[int, ...] | None
     dtype: torch.dtype
     device: torch.device
+    differentiable: bool = False
     meta: dict = field(default_factory=dict)
 
     @property
@@ -152,10 +153,12 @@ class NodeContext:
         return self.target if isinstance(self.target, nn.Module) else None
 
     def param(self, t: Tensor | None) -> Tensor | None:
-        """A parameter or buffer detached and cast to the compute dtype/device."""
+        """A parameter or buffer cast to the compute dtype/device, detached from autograd
+        unless the analysis is differentiable (the penalty's)."""
         if t is None:
             return None
-        return t.detach().to(dtype=self.dtype, device=self.device)
+        t = t.to(dtype=self.dtype, device=self.device)
+        return t if self.differentiable else t.detach()
 
     def arg(self, index: int, name: str, default: Any = None) -> Any:
         """Positional-or-keyword argument lookup."""
@@ -719,7 +722,7 @@ def _batchnorm_module(ctx: NodeContext) -> Affine:
     ndim = len(ctx.in_shapes[0])
     view = (1, -1) + (1,) * (ndim - 1)
     s = scale.reshape(view)
-    return Affine(linear=lambda x: x * s, norm=float(scale.abs().max()))
+    return Affine(linear=lambda x: x * s, norm=float(scale.detach().abs().max()))
 
 
 def _identity(ctx: NodeContext) -> Affine:
@@ -911,7 +914,7 @@ def _batch_norm_function(ctx: NodeContext) -> Affine:
     if w is not None:
         scale = scale * w.to(ctx.dtype)
     s = scale.reshape((1, -1) + (1,) * (len(ctx.in_shapes[0]) - 1))
-    return Affine(linear=lambda x: x * s, norm=float(scale.abs().max()))
+    return Affine(linear=lambda x: x * s, norm=float(scale.detach().abs().max()))
 
 
 register_rule(F.batch_norm, _batch_norm_function)
@@ -1016,7 +1019,7 @@ def _mul(ctx: NodeContext) -> Affine:
     const_t = const.to(ctx.dtype) if isinstance(const, Tensor) else const
     if tuple(in_shape) == tuple(out_shape):
         # element-wise scaling by a constant tensor (broadcast over x): diagonal operator.
-        return Affine(linear=lambda x: x * const_t, norm=float(const_t.abs().max()))
+        return Affine(linear=lambda x: x * const_t, norm=float(const_t.detach().abs().max()))
     return ctx.generic_affine()
 
 
@@ -1035,7 +1038,7 @@ def _div(ctx: NodeContext) -> Affine:
         return Affine(linear=lambda x: x * k, norm=abs(k), isometry=True)
     inv = 1.0 / const.to(ctx.dtype)
     if tuple(ctx.in_shapes[0]) == tuple(ctx.out_shape):
-        return Affine(linear=lambda x: x * inv, norm=float(inv.abs().max()))
+        return Affine(linear=lambda x: x * inv, norm=float(inv.detach().abs().max()))
     return ctx.generic_affine()
 
 

@@ -1,0 +1,186 @@
+"""A differentiable AutoLip regulariser with warm-started power iteration (torch-style).
+
+:class:`LipschitzPenalty` is an ``nn.Module`` owned by the LightningModule (or any training
+loop). Calling it returns ``weight · f(L̂)``, a differentiable scalar to add to the loss, where
+``L̂`` is AutoLip evaluated with the current layer-norm estimates
+
+.. math::
+
+    \\hat\\sigma_c = u_c^\\top A_c v_c , \\qquad u_c = \\frac{A_c v_c}{\\lVert A_c v_c \\rVert},
+
+one per merged affine map ``A_c`` (Linear, Conv at its real input shape — the operator norm,
+not the norm of the reshaped kernel —, conv → BN, ...). As in ``torch.nn.utils.parametrizations
+.spectral_norm``, the vectors ``v_c`` are buffers refined under ``no_grad`` by a few power
+iterations per call in training mode only, then cloned, so that the gradient is
+``∂σ̂/∂A = u vᵀ`` (the gradient of the top singular value). After a cold start at construction
+(Lanczos to ``tol``) one iteration per step keeps them converged.
+
+Forms (``form=``): ``"log"`` — ``Σ_c log σ̂_c`` (sum of log layer norms, scale-free);
+``"linear"`` — ``L̂``; ``"hinge"`` — ``max(0, L̂ − target)`` (penalise only above a target).
+
+.. note:: ``L̂`` uses power-iteration values, which approach each norm from below: the penalty
+   is a training signal, not a certified bound. Use :func:`lipreg.autolip` (or the callback)
+   to *report* the certified bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lipreg.functional.autolip import chain_linear_map, find_affine_chains
+from lipreg.functional.graph import analyse, check_input_shape, node_lipschitz, trace
+from lipreg.functional.power_iteration import operator_norm
+from lipreg.functional.rules import Affine, Combine, Elementwise, Nonlinear
+
+__all__ = ["LipschitzPenalty"]
+
+_FORMS = ("log", "linear", "hinge")
+
+
+class LipschitzPenalty(nn.Module):
+    """Differentiable AutoLip penalty with warm-started power-iteration buffers.
+
+    Args:
+        model: the network to regularise (kept by reference, not registered as a submodule,
+            so that the owner's ``state_dict`` holds its parameters once).
+        input_shape: shape of ONE input, without the batch dimension.
+        method: ``"autolip"`` (the only one for now: SeqLip's pattern search is not
+            differentiable; see the README).
+        weight: multiplier of the penalty.
+        target: required by ``form="hinge"``.
+        form: ``"log"``, ``"linear"`` or ``"hinge"`` (see the module docstring).
+        n_power_iterations: power iterations per training-mode call (1 is enough warm).
+        tol: tolerance of the cold start at construction.
+        seed: seed of the private generator of the cold start.
+
+    Example:
+        >>> import torch, lipreg
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> penalty = lipreg.LipschitzPenalty(net, (4,), weight=1e-2, form="log")
+        >>> loss = net(torch.randn(3, 4)).pow(2).mean() + penalty()
+        >>> loss.backward()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_shape: Sequence[int],
+        *,
+        method: Literal["autolip"] = "autolip",
+        weight: float = 1e-3,
+        target: float | None = None,
+        form: Literal["log", "linear", "hinge"] = "log",
+        n_power_iterations: int = 1,
+        tol: float = 1e-4,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if method != "autolip":
+            raise ValueError(
+                f"method must be 'autolip', got {method!r}. A differentiable SeqLip penalty "
+                "is not available: its activation-pattern search has no useful gradient."
+            )
+        if form not in _FORMS:
+            raise ValueError(f"form must be one of {_FORMS}, got {form!r}.")
+        if form == "hinge" and (target is None or not target > 0):
+            raise ValueError(f"form='hinge' needs a positive target, got target={target!r}.")
+        if not isinstance(n_power_iterations, int) or n_power_iterations < 0:
+            raise ValueError(f"n_power_iterations must be an int >= 0, got {n_power_iterations}.")
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"weight must be a finite number >= 0, got {weight!r}.")
+        object.__setattr__(self, "_model", model)  # a reference, not a submodule
+        self.input_shape = check_input_shape(input_shape)
+        self.method, self.weight, self.target, self.form = method, weight, target, form
+        self.n_power_iterations = n_power_iterations
+        first = next(iter(model.parameters()), None)
+        dtype = (
+            torch.float64 if first is not None and first.dtype == torch.float64 else (torch.float32)
+        )
+        self._analysis = analyse(
+            model, self.input_shape, dtype=dtype, traced=trace(model), differentiable=True
+        )
+        self._chains = find_affine_chains(self._analysis)
+        self.chain_names = [c.name for c in self._chains.values()]
+        generator = torch.Generator(device=self._analysis.device).manual_seed(seed)
+        with torch.no_grad():
+            for i, chain in enumerate(self._chains.values()):
+                res = operator_norm(
+                    chain_linear_map(self._analysis, chain), tol=tol, generator=generator
+                )
+                self.register_buffer(f"v_{i}", res.v.detach().clone())
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    def layer_norms(self) -> dict[str, Tensor]:
+        """Differentiable ``σ̂_c`` of every merged affine map (refreshing ``v`` in training)."""
+        self._analysis.refresh_specs()  # closures over the current parameters, with autograd
+        sigmas: dict[str, Tensor] = {}
+        for i, (name, chain) in enumerate(
+            zip(self.chain_names, self._chains.values(), strict=True)
+        ):
+            op = chain_linear_map(self._analysis, chain)
+            v = getattr(self, f"v_{i}")
+            if self.training and self.n_power_iterations > 0:
+                with torch.no_grad():
+                    for _ in range(self.n_power_iterations):
+                        g, _ = op.gram_matvec(v.to(op.dtype)[None])
+                        norm = g.norm()
+                        if norm > 0 and torch.isfinite(norm):
+                            v.copy_(g[0] / norm)
+            # Clone: v is updated in place at the next step, while autograd may still need
+            # this value for the backward pass (same reason as in torch's spectral_norm).
+            v_used = v.clone().to(op.dtype)
+            av = op.apply(v_used.reshape(1, *op.in_shape)).reshape(-1)
+            u = (av / av.norm().clamp_min(1e-12)).detach()
+            sigmas[name] = torch.dot(u, av)
+        return sigmas
+
+    def lipschitz_estimate(self, sigmas: dict[str, Tensor] | None = None) -> Tensor:
+        """Differentiable AutoLip value ``L̂`` from the layer norms (an estimate, see note)."""
+        sigmas = self.layer_norms() if sigmas is None else sigmas
+        a = self._analysis
+        one = torch.ones((), dtype=a.dtype, device=a.device)
+        values: dict = {a.input_node: one}
+        by_end = {
+            chain.nodes[-1]: (name, chain)
+            for name, chain in zip(self.chain_names, self._chains.values(), strict=True)
+        }
+        for node in a.order[1:]:
+            spec, parents = a.specs[node], a.inputs[node]
+            if isinstance(spec, Affine):
+                if node in by_end:
+                    name, chain = by_end[node]
+                    values[node] = sigmas[name] * values[chain.source]
+            elif isinstance(spec, Elementwise | Nonlinear):
+                values[node] = node_lipschitz(spec) * values[parents[0]]
+            elif isinstance(spec, Combine):
+                parts = [values[p] for p in parents]
+                if spec.mode == "sum":
+                    weights = spec.weights or (1.0,) * len(parts)
+                    values[node] = sum(abs(w) * p for w, p in zip(weights, parts, strict=True))
+                else:
+                    values[node] = torch.sqrt(sum(p * p for p in parts))
+        return values.get(a.output_node, 0 * one)
+
+    def forward(self) -> Tensor:
+        """The weighted penalty, a differentiable scalar to add to the loss."""
+        sigmas = self.layer_norms()
+        if self.form == "log":
+            value = sum(torch.log(s.clamp_min(1e-12)) for s in sigmas.values())
+        else:
+            lip = self.lipschitz_estimate(sigmas)
+            value = lip if self.form == "linear" else torch.relu(lip - self.target)
+        return self.weight * value
+
+    def extra_repr(self) -> str:
+        return (
+            f"method={self.method!r}, form={self.form!r}, weight={self.weight}, "
+            f"target={self.target}, layers={len(self.chain_names)}"
+        )
