@@ -129,7 +129,9 @@ class LipschitzLowerBound(Metric):
         self.seed = int(seed)
         self._generator = torch.Generator().manual_seed(self.seed)
         self._sample_ndim: int | None = None
-        self.add_state("value", default=torch.tensor(0.0, dtype=torch.float32), dist_reduce_fx="max")
+        self.add_state(
+            "value", default=torch.tensor(0.0, dtype=torch.float32), dist_reduce_fx="max"
+        )
 
     @property
     def model(self) -> nn.Module:
@@ -137,7 +139,7 @@ class LipschitzLowerBound(Metric):
         return self._model
 
     def update(self, x: Tensor) -> None:
-        """Add the largest local Jacobian norm over the batch ``x`` of shape ``(B, *input_shape)``."""
+        """Add the largest local Jacobian norm over the batch ``x`` of shape ``(B, *in_shape)``."""
         if not isinstance(x, Tensor):
             raise TypeError(
                 f"update() expects a tensor batch of model inputs (B, *input_shape), got "
@@ -153,9 +155,9 @@ class LipschitzLowerBound(Metric):
             )
         if self._sample_ndim is not None and x.ndim - 1 != self._sample_ndim:
             raise ValueError(
-                f"update() got a batch of shape {tuple(x.shape)} ({x.ndim} dimensions), but earlier "
-                f"batches had {self._sample_ndim + 1} dimensions (B, *input_shape). Did you drop "
-                "or add the batch dimension? Use a new metric for inputs of another rank."
+                f"update() got a batch of shape {tuple(x.shape)} ({x.ndim} dimensions), but "
+                f"earlier batches had {self._sample_ndim + 1} dimensions (B, *input_shape). Did "
+                "you drop or add the batch dimension? Use a new metric for inputs of another rank."
             )
         if x.shape[0] == 0:
             return
@@ -188,9 +190,7 @@ class LipschitzLowerBound(Metric):
 
             with torch.enable_grad():
                 try:
-                    sigma, _ = jacobian_norms(
-                        fn_tensor, x, v0=v0, n_iter=self.n_iter, tol=self.tol
-                    )
+                    sigma, _ = jacobian_norms(fn_tensor, x, v0=v0, n_iter=self.n_iter, tol=self.tol)
                 except RuntimeError as exc:
                     raise RuntimeError(
                         f"evaluating the model's Jacobian on a batch of shape {tuple(x.shape)} "
