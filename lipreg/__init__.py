@@ -6,11 +6,15 @@ The estimators (:func:`autolip`, :func:`seqlip`, :func:`lower_bound`) live in
 torchmetrics) is imported on first use.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lipreg.functional import *  # noqa: F403
 from lipreg.functional import __all__ as _functional_all
 from lipreg.penalty import LipschitzPenalty
+
+if TYPE_CHECKING:
+    from lipreg.callback import LipschitzCallback
+    from lipreg.metrics import LipschitzLowerBound
 
 __version__ = "0.1.0"
 __all__ = [
