@@ -26,9 +26,9 @@ import warnings
 from typing import Any
 
 import torch
+from _common import print_table, setup_threads
 
 import lipreg
-from benchmarks._common import print_table, setup_threads
 from lipreg.models import (
     PUBLISHED,
     alexnet,
@@ -164,10 +164,19 @@ def mlp_rows(quick: bool) -> list[list[Any]]:
         torch.manual_seed(0)
         net = mlp(2, (20,) * n_hidden, 1).double()
         r = estimate_all(net, (2,), scale=4.0, lb_points=4096, lb_steps=100)
-        rows.append([f"MLP 2-{'-'.join(['20'] * n_hidden)}-1 ({n_hidden + 1} linear layers)",
-                     "random init", r["autolip"], r["autolip_est"], r["seqlip_exact"],
-                     r["seqlip_greedy"], r["lower"], "paper (trained): see issue 4",
-                     r["time"]])
+        rows.append(
+            [
+                f"MLP 2-{'-'.join(['20'] * n_hidden)}-1 ({n_hidden + 1} linear layers)",
+                "random init",
+                r["autolip"],
+                r["autolip_est"],
+                r["seqlip_exact"],
+                r["seqlip_greedy"],
+                r["lower"],
+                "paper (trained): see issue 4",
+                r["time"],
+            ]
+        )
     return rows
 
 

@@ -19,9 +19,9 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from _common import best_time, forward_backward_time, print_table, setup_threads
 
 import lipreg
-from benchmarks._common import best_time, forward_backward_time, print_table, setup_threads
 from lipreg.models import alexnet, mnist_cnn4
 
 

@@ -219,6 +219,44 @@ def test_train_mode_model_with_batchnorm_and_dropout_is_untouched() -> None:
     assert_rel(value, dense_max(eval_copy, X, randn(6, 5, seed=32)))
 
 
+def test_forward_hooks_of_leaf_modules_are_not_fired() -> None:
+    model = relu_mlp(seed=17)
+    calls: list[str] = []
+    model[0].register_forward_hook(lambda *_: calls.append("hook"))
+    metric = LipschitzLowerBound(model)
+    metric.update(randn(4, 6, seed=36))
+    assert calls == []
+    model._forward_hooks.clear()
+    model[0]._forward_hooks.clear()
+    assert_rel(metric.compute(), dense_max(model, randn(4, 6, seed=36)))
+
+
+class Untraceable(nn.Module):
+    """Value-dependent control flow: torch.fx cannot trace it (eval-mode-call fallback)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Dropout())
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(x.detach().abs().sum()) >= 0:  # always true, but not traceable
+            x = self.body(x)
+        return self.head(x)
+
+
+def test_untraceable_model_in_train_mode() -> None:
+    model = init_(Untraceable(), seed=18).train()
+    before = copy.deepcopy(model.state_dict())
+    X = randn(5, 6, seed=37)
+    metric = LipschitzLowerBound(model)
+    metric.update(X)
+    assert all(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert_rel(metric.compute(), dense_max(model, X))
+
+
 def test_model_without_grad_requirements() -> None:
     model = relu_mlp(seed=10).requires_grad_(False)
     X = randn(5, 6, seed=33)
