@@ -253,7 +253,7 @@ def _eval_call_module(module: nn.Module, args: tuple, kwargs: dict) -> Any:
     if isinstance(module, nn.RReLU):  # random slopes in training mode
         return F.rrelu(args[0], module.lower, module.upper, training=False)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        use_batch = module.running_mean is None
+        use_batch = module.running_mean is None  # rejected by the BatchNorm rule
         return F.batch_norm(
             args[0],
             module.running_mean,
@@ -542,8 +542,20 @@ def eval_function(model: nn.Module) -> tuple[Any, str]:
     every submodule's mode afterwards (forward hooks then do run); the returned string says
     which path was taken.
     """
+    coupled = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+    ]
+    if coupled:
+        raise ValueError(
+            f"BatchNorm modules {coupled} have track_running_stats=False: they normalise with "
+            "batch statistics even in eval mode, so the network is not a per-sample function "
+            "and has no per-sample Jacobian. Use track_running_stats=True."
+        )
     try:
-        gm = fx.symbolic_trace(model)
+        tracer = _Tracer()
+        gm = fx.GraphModule(model, tracer.trace(model))
     except Exception:
         return _eval_mode_call(model), "eval-mode call (fx could not trace the model)"
     nodes = list(gm.graph.nodes)

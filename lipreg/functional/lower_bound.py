@@ -53,6 +53,8 @@ def jacobian_norms(
     """
     x = x.detach()
     batch = x.shape[0]
+    if generator is None:  # never touch the global RNG
+        generator = torch.Generator(device=x.device).manual_seed(0)
     if v0 is None:
         v = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     else:
