@@ -49,8 +49,12 @@ class LipschitzPenalty(nn.Module):
         model: the network to regularise (kept by reference, not registered as a submodule,
             so that the owner's ``state_dict`` holds its parameters once).
         input_shape: shape of ONE input, without the batch dimension.
-        method: ``"autolip"`` (the only one for now: SeqLip's pattern search is not
-            differentiable; see the README).
+        method: ``"autolip"``, or ``"seqlip"`` for sequential networks whose multi-layer
+            SeqLip chains are small enough to materialise (smaller side ``≤ dense_limit``):
+            the penalty is then ``Σ log`` (or the product) of the SeqLip pair norms
+            ``‖Σ̃ Vᵀ diag(σ*) U Σ̃‖`` through differentiable SVDs, with the activation
+            patterns ``σ*`` re-searched greedily (no gradient) at every training-mode call.
+        dense_limit: see ``method="seqlip"``.
         weight: multiplier of the penalty.
         target: required by ``form="hinge"``.
         form: ``"log"``, ``"linear"`` or ``"hinge"`` (see the module docstring).
@@ -71,7 +75,8 @@ class LipschitzPenalty(nn.Module):
         model: nn.Module,
         input_shape: Sequence[int],
         *,
-        method: Literal["autolip"] = "autolip",
+        method: Literal["autolip", "seqlip"] = "autolip",
+        dense_limit: int = 1024,
         weight: float = 1e-3,
         target: float | None = None,
         form: Literal["log", "linear", "hinge"] = "log",
@@ -80,11 +85,8 @@ class LipschitzPenalty(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if method != "autolip":
-            raise ValueError(
-                f"method must be 'autolip', got {method!r}. A differentiable SeqLip penalty "
-                "is not available: its activation-pattern search has no useful gradient."
-            )
+        if method not in ("autolip", "seqlip"):
+            raise ValueError(f"method must be 'autolip' or 'seqlip', got {method!r}.")
         if form not in _FORMS:
             raise ValueError(f"form must be one of {_FORMS}, got {form!r}.")
         if form == "hinge" and (target is None or not target > 0):
@@ -113,6 +115,9 @@ class LipschitzPenalty(nn.Module):
                     chain_linear_map(self._analysis, chain), tol=tol, generator=generator
                 )
                 self.register_buffer(f"v_{i}", res.v.detach().clone())
+        self._seq_items: list = []
+        if method == "seqlip":
+            self._init_seqlip(dense_limit)
 
     @property
     def model(self) -> nn.Module:
@@ -169,8 +174,64 @@ class LipschitzPenalty(nn.Module):
                     values[node] = torch.sqrt(sum(p * p for p in parts))
         return values.get(a.output_node, 0 * one)
 
+    # ---------------------------------------------------------------- SeqLip
+    def _init_seqlip(self, dense_limit: int) -> None:
+        from lipreg.functional.seqlip import _segment, _SeqChain
+
+        items, _ = _segment(self._analysis)  # raises NotSequentialError for branching graphs
+        for item in items:
+            if isinstance(item, _SeqChain) and len(item.maps) > 1:
+                for m in item.maps:
+                    op = chain_linear_map(self._analysis, m)
+                    if min(op.in_features, op.out_features) > dense_limit:
+                        raise ValueError(
+                            f"method='seqlip' materialises every map of a SeqLip chain; "
+                            f"{m.name!r} is {op.out_features}x{op.in_features}, larger than "
+                            f"dense_limit={dense_limit}. Use method='autolip' for this network."
+                        )
+        self._seq_items = items
+
+    def seqlip_factors(self) -> dict[str, Tensor]:
+        """Differentiable SeqLip factors: pair norms, single-map norms and constants."""
+        from lipreg.functional.seqlip import _SeqChain, pair_norm_greedy
+
+        sigmas = self.layer_norms()  # single-map chains, with their warm power iteration
+        factors: dict[str, Tensor] = {}
+        for item in self._seq_items:
+            if not isinstance(item, _SeqChain):
+                factors[item.name] = torch.as_tensor(item.value, dtype=self._analysis.dtype)
+                continue
+            if len(item.maps) == 1:
+                factors[item.maps[0].name] = sigmas[item.maps[0].name]
+                continue
+            mats = [chain_linear_map(self._analysis, m) for m in item.maps]
+            svds = [torch.linalg.svd(_dense(op), full_matrices=False) for op in mats]
+            K = len(svds)
+            tilde = [
+                S if k in (0, K - 1) else S.clamp_min(0).sqrt() for k, (_, S, _) in enumerate(svds)
+            ]
+            for k in range(K - 1):
+                A = tilde[k + 1][:, None] * svds[k + 1][2]  # Σ̃ Vᵀ  (r, n)
+                B = svds[k][0] * tilde[k][None, :]  # U Σ̃  (n, r)
+                lo, hi, act = item.boxes[k]
+                with torch.no_grad():  # the pattern is a maximiser, found without gradient
+                    _, pattern = pair_norm_greedy(A.detach(), B.detach(), lo, hi, n_restarts=0)
+                pair = (A * pattern.to(A.dtype)) @ B
+                factors[f"{item.maps[k].name} | {act} | {item.maps[k + 1].name}"] = (
+                    torch.linalg.matrix_norm(pair, ord=2)
+                )
+        return factors
+
     def forward(self) -> Tensor:
         """The weighted penalty, a differentiable scalar to add to the loss."""
+        if self.method == "seqlip":
+            factors = self.seqlip_factors()
+            if self.form == "log":
+                value = sum(torch.log(f.clamp_min(1e-12)) for f in factors.values())
+            else:
+                lip = torch.stack(list(factors.values())).prod()
+                value = lip if self.form == "linear" else torch.relu(lip - self.target)
+            return self.weight * value
         sigmas = self.layer_norms()
         if self.form == "log":
             value = sum(torch.log(s.clamp_min(1e-12)) for s in sigmas.values())
@@ -184,3 +245,10 @@ class LipschitzPenalty(nn.Module):
             f"method={self.method!r}, form={self.form!r}, weight={self.weight}, "
             f"target={self.target}, layers={len(self.chain_names)}"
         )
+
+
+def _dense(op) -> Tensor:
+    """The matrix of a linear map, differentiably: the weight of a lone dense layer, else the
+    map applied to the identity."""
+    eye = torch.eye(op.in_features, dtype=op.dtype, device=op.device)
+    return op.apply(eye.reshape(-1, *op.in_shape)).reshape(op.in_features, -1).T

@@ -1,0 +1,165 @@
+"""Module-level (hence picklable) Lightning pieces for ``test_callback.py`` / ``test_penalty.py``.
+
+``ddp_spawn`` pickles the LightningModule, the callbacks and the dataloaders into fresh
+processes, so everything a DDP test uses lives here; :func:`run_ddp` is what the DDP test
+runs in a subprocess (``python -c "import _lightning_helpers; ..."``) under a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+D_IN, D_OUT = 6, 3
+
+
+def make_mlp(
+    widths: tuple[int, ...] = (D_IN, 16, 16, D_OUT),
+    *,
+    dropout: float = 0.0,
+    batchnorm: bool = False,
+) -> nn.Sequential:
+    """Linear (+BatchNorm1d) + ReLU (+Dropout) blocks, a Linear at the end."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            if batchnorm:
+                layers.append(nn.BatchNorm1d(b))
+            layers.append(nn.ReLU())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+def regression_data(n: int = 40, seed: int = 0, d_in: int = D_IN, d_out: int = D_OUT):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g)
+    y = torch.randn(n, d_out, generator=g)
+    return TensorDataset(x, y)
+
+
+class DictDataset(Dataset):
+    """Samples as ``{"x": ..., "y": ...}`` dicts (batches collate to a dict)."""
+
+    def __init__(self, base: TensorDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x, y = self.base[i]
+        return {"x": x, "y": y}
+
+
+class RegressionModule(pl.LightningModule):
+    """MSE regression of ``net`` with plain SGD.
+
+    ``penalty``: an optional ``lipreg.LipschitzPenalty`` built on ``net`` and owned by this
+    module (added to the loss). ``nan_at_step``: set one weight of ``net`` to NaN in the
+    training step at that ``global_step`` (before the forward pass).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module | None = None,
+        *,
+        lr: float = 0.05,
+        penalty: nn.Module | None = None,
+        nan_at_step: int | None = None,
+        fail_if_trained: bool = False,
+    ) -> None:
+        super().__init__()
+        self.net = net if net is not None else make_mlp()
+        self.penalty = penalty
+        self.lr = lr
+        self.nan_at_step = nan_at_step
+        self.fail_if_trained = fail_if_trained
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.fail_if_trained:
+            raise AssertionError("a training step ran")
+        if self.nan_at_step is not None and self.global_step == self.nan_at_step:
+            weight = next(p for p in self.net.parameters() if p.ndim == 2)
+            with torch.no_grad():
+                weight[0, 0] = math.nan
+        x, y = (batch["x"], batch["y"]) if isinstance(batch, dict) else batch
+        loss = nn.functional.mse_loss(self(x).float(), y.float())
+        if self.penalty is not None:
+            loss = loss + self.penalty()
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class DumpLipschitzMetrics(Callback):
+    """On ``on_train_end``, each rank writes the LipschitzCallback's ``last_metrics`` and
+    the ``lipschitz/`` entries of ``trainer.callback_metrics`` to ``rank{r}.json``."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lipreg.callback import LipschitzCallback
+
+        (cb,) = [c for c in trainer.callbacks if isinstance(c, LipschitzCallback)]
+        record = {
+            "last_metrics": cb.last_metrics,
+            "callback_metrics": {
+                k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("lips")
+            },
+            "global_step": trainer.global_step,
+            "world_size": trainer.world_size,
+        }
+        path = Path(self.out_dir) / f"rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(record))
+
+
+def run_ddp(out_dir: str) -> None:
+    """Two CPU processes (gloo, ``ddp_spawn``), the callback with AutoLip + lower bound.
+
+    The lower bound searches from the rank's own batch (ranks see different shards) and the
+    timings differ per rank: identical values on both ranks require the broadcast.
+    """
+    from lipreg.callback import LipschitzCallback
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    pl.seed_everything(0, verbose=False)
+    module = RegressionModule(make_mlp())
+    callback = LipschitzCallback(
+        methods=["autolip", "lower_bound"],
+        every_n_train_steps=2,
+        certify_every_n_train_steps=2,
+        lower_bound_points=4,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=6,
+        logger=CSVLogger(out_dir, name="ddp"),
+        callbacks=[callback, DumpLipschitzMetrics(out_dir)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=50,
+    )
+    loader = DataLoader(regression_data(48), batch_size=4, shuffle=False)
+    trainer.fit(module, loader)
