@@ -124,18 +124,37 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(model, datamodule=datamodule)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("test") and not cfg.trainer.get("fast_dev_run"):
         trainer.test(model, datamodule=datamodule)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        metrics.update(
+            {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        )
     if trainer.is_global_zero and cfg.get("final_bounds") and not cfg.trainer.get("fast_dev_run"):
         x = next(iter(datamodule.val_dataloader()))[0]
         bounds = final_bounds(model.net, tuple(cfg.model.input_shape), list(cfg.final_bounds), x)
         out = Path(cfg.paths.output_dir)
         write_atomically(out / "bounds.json", json.dumps({"metrics": metrics, "bounds": bounds},
                                                          indent=2))
+        write_atomically(out / "bounds.md", bounds_markdown(cfg, bounds, metrics))
         log_layer_table(trainer, bounds)
         metrics.update({f"final/{k}": v["value"] for k, v in bounds.items() if "value" in v})
     return metrics
+
+
+def bounds_markdown(cfg: DictConfig, bounds: dict[str, Any], metrics: dict[str, float]) -> str:
+    """A short human-readable report of the final bounds."""
+    lines = [f"# {cfg.task_name}: {cfg.model.name} on {cfg.data._target_.rsplit('.', 1)[-1]}",
+             "", "| quantity | value | guarantee |", "|---|---|---|"]
+    guarantee = {"autolip": "certified upper bound", "lower_bound": "certified lower bound"}
+    for key, entry in bounds.items():
+        if "value" not in entry:
+            continue
+        g = guarantee.get(key, "certified upper bound" if entry.get("certified") else "estimate")
+        lines.append(f"| {key} | {entry['value']:.6g} | {g} |")
+    lines += ["", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items())]
+    return "\n".join(lines) + "\n"
 
 
 def log_layer_table(trainer: pl.Trainer, bounds: dict[str, Any]) -> None:

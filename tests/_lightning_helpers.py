@@ -7,6 +7,7 @@ runs in a subprocess (``python -c "import _lightning_helpers; ..."``) under a ti
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -31,7 +32,7 @@ def make_mlp(
 ) -> nn.Sequential:
     """Linear (+BatchNorm1d) + ReLU (+Dropout) blocks, a Linear at the end."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
         layers.append(nn.Linear(a, b))
         if i < len(widths) - 2:
             if batchnorm:
@@ -126,6 +127,7 @@ class DumpLipschitzMetrics(Callback):
             },
             "global_step": trainer.global_step,
             "world_size": trainer.world_size,
+            "pid": os.getpid(),
         }
         path = Path(self.out_dir) / f"rank{trainer.global_rank}.json"
         path.write_text(json.dumps(record))
