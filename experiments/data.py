@@ -785,6 +785,8 @@ class TorchvisionDataModule(_ImageDataModule):
         """Load both splits through torchvision (as uint8, native size); idempotent."""
         if self.train_dataset is not None:
             return
+        if self.download:
+            self.prepare_data()  # no-op when the files exist (Lightning ran it on rank 0)
         self._check_files()
         train, test = self._load(True), self._load(False)
         self._counts = (len(train[0]), len(test[0]))

@@ -121,8 +121,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return instantiate(cfg.study, _recursive_=False)(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
+    # the resolved config (without Hydra's own node, present when composed in tests)
+    resolved = {
+        k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+        for k, v in cfg.items_ex(resolve=False)
+        if k != "hydra"
+    }
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(resolved)  # the resolved config is the W&B run config
     trainer.fit(model, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("test") and not cfg.trainer.get("fast_dev_run"):

@@ -12,6 +12,7 @@ import struct
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import ClassVar
 
 import lightning.pytorch as pl
 import numpy as np
@@ -89,9 +90,9 @@ def write_cifar(root: Path, per_batch: int = 4, n_test: int = 6) -> Path:
 class NoMD5CIFAR10(torchvision.datasets.CIFAR10):
     """CIFAR10 with the md5 entries set to None, so synthetic files pass the integrity check."""
 
-    train_list = [[name, None] for name, _ in torchvision.datasets.CIFAR10.train_list]
-    test_list = [[name, None] for name, _ in torchvision.datasets.CIFAR10.test_list]
-    meta = {**torchvision.datasets.CIFAR10.meta, "md5": None}
+    train_list: ClassVar = [[name, None] for name, _ in torchvision.datasets.CIFAR10.train_list]
+    test_list: ClassVar = [[name, None] for name, _ in torchvision.datasets.CIFAR10.test_list]
+    meta: ClassVar = {**torchvision.datasets.CIFAR10.meta, "md5": None}
 
 
 class SyntheticCIFARModule(D.TorchvisionDataModule):
@@ -177,9 +178,9 @@ def test_digits_alexnet_size_is_lazy_and_limit():
     # storage stays native uint8 (1,797 x 1 x 8 x 8 = 115 kB), not 1 GB of float32
     assert dm.train_dataset.images.dtype == torch.uint8
     assert dm.train_dataset.images.shape == (1797, 1, 8, 8)
-    x, y = first_batch(dm.train_dataloader())
+    x, _ = first_batch(dm.train_dataloader())
     assert x.shape == (4, 3, 224, 224) and x.dtype == torch.float32
-    assert torch.equal(x[:, 0], x[:, 2]) and -1 <= x.min() and x.max() <= 1
+    assert torch.equal(x[:, 0], x[:, 2]) and x.min() >= -1 and x.max() <= 1
     assert "50 of 1,797" in dm.description and "3 channels" in dm.description
     sub = D.DigitsDataModule(substitute_for="MNIST")
     assert "SUBSTITUTE for MNIST" in sub.description
@@ -391,7 +392,7 @@ def test_imagefolder_with_val_folder(tmp_path):
     x, y = first_batch(dm.train_dataloader())
     assert x.shape == (9, 3, 16, 12) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert sorted(y.tolist()) == [0] * 3 + [1] * 4 + [2] * 2
-    assert -1 <= x.min() and x.max() <= 1
+    assert x.min() >= -1 and x.max() <= 1
     eel = x[y == 2]
     torch.testing.assert_close(eel, torch.full_like(eel, expected_pixel(128)), atol=0.01, rtol=0)
     cat = x[y == 0]
@@ -403,7 +404,7 @@ def test_imagefolder_with_val_folder(tmp_path):
     assert "test from val/ folder" in dm.description
 
     grey = D.ImageFolderDataModule(tmp_path, image_size=8, channels=1)
-    xg, yg = first_batch(grey.val_dataloader())
+    xg, _ = first_batch(grey.val_dataloader())
     assert xg.shape == (2, 1, 8, 8)
     torch.testing.assert_close(xg, torch.full_like(xg, expected_pixel(100)), atol=0.01, rtol=0)
 
