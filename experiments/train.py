@@ -82,16 +82,24 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, LitModel, pl.Trainer
     return datamodule, model, trainer
 
 
-def final_bounds(net: torch.nn.Module, input_shape: tuple[int, ...], methods: list[str],
-                 inputs: torch.Tensor | None = None) -> dict[str, Any]:
+def final_bounds(
+    net: torch.nn.Module,
+    input_shape: tuple[int, ...],
+    methods: list[str],
+    inputs: torch.Tensor | None = None,
+) -> dict[str, Any]:
     """Certified AutoLip, SeqLip (exact if widths allow, else greedy) and a lower bound."""
     out: dict[str, Any] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if "autolip" in methods:
             r = lipreg.autolip(net, input_shape)
-            out["autolip"] = {"value": r.value, "certified": r.certified, "estimate": r.estimate,
-                              "layers": {lb.name: lb.value for lb in r.layers}}
+            out["autolip"] = {
+                "value": r.value,
+                "certified": r.certified,
+                "estimate": r.estimate,
+                "layers": {lb.name: lb.value for lb in r.layers},
+            }
         if "seqlip" in methods:
             try:
                 try:
@@ -102,8 +110,7 @@ def final_bounds(net: torch.nn.Module, input_shape: tuple[int, ...], methods: li
             except lipreg.NotSequentialError as exc:
                 out["seqlip"] = {"skipped": str(exc)}
         if "lower_bound" in methods:
-            r = lipreg.lower_bound(net, input_shape, inputs=inputs, n_random=128,
-                                   n_anneal_steps=30)
+            r = lipreg.lower_bound(net, input_shape, inputs=inputs, n_random=128, n_anneal_steps=30)
             out["lower_bound"] = {"value": r.value, "kind": r.kind}
     return out
 
@@ -133,25 +140,38 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("test") and not cfg.trainer.get("fast_dev_run"):
         trainer.test(model, datamodule=datamodule)
-        metrics.update(
-            {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        )
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     if trainer.is_global_zero and cfg.get("final_bounds") and not cfg.trainer.get("fast_dev_run"):
         x = next(iter(datamodule.val_dataloader()))[0]
         bounds = final_bounds(model.net, tuple(cfg.model.input_shape), list(cfg.final_bounds), x)
         out = Path(cfg.paths.output_dir)
-        write_atomically(out / "bounds.json", json.dumps({"metrics": metrics, "bounds": bounds},
-                                                         indent=2))
+        write_atomically(
+            out / "bounds.json", json.dumps({"metrics": metrics, "bounds": bounds}, indent=2)
+        )
         write_atomically(out / "bounds.md", bounds_markdown(cfg, bounds, metrics))
         log_layer_table(trainer, bounds)
         metrics.update({f"final/{k}": v["value"] for k, v in bounds.items() if "value" in v})
+    finish_wandb(trainer)
     return metrics
+
+
+def finish_wandb(trainer: pl.Trainer) -> None:
+    """Close W&B runs so that offline files are complete (and sweeps start fresh runs)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
 
 
 def bounds_markdown(cfg: DictConfig, bounds: dict[str, Any], metrics: dict[str, float]) -> str:
     """A short human-readable report of the final bounds."""
-    lines = [f"# {cfg.task_name}: {cfg.model.name} on {cfg.data._target_.rsplit('.', 1)[-1]}",
-             "", "| quantity | value | guarantee |", "|---|---|---|"]
+    lines = [
+        f"# {cfg.task_name}: {cfg.model.name} on {cfg.data._target_.rsplit('.', 1)[-1]}",
+        "",
+        "| quantity | value | guarantee |",
+        "|---|---|---|",
+    ]
     guarantee = {"autolip": "certified upper bound", "lower_bound": "certified lower bound"}
     for key, entry in bounds.items():
         if "value" not in entry:
@@ -170,8 +190,11 @@ def log_layer_table(trainer: pl.Trainer, bounds: dict[str, Any]) -> None:
     layers = bounds.get("autolip", {}).get("layers", {})
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and layers:
-            logger.log_table(key="lipschitz/layers", columns=["layer", "norm_or_constant"],
-                             data=[[k, v] for k, v in layers.items()])
+            logger.log_table(
+                key="lipschitz/layers",
+                columns=["layer", "norm_or_constant"],
+                data=[[k, v] for k, v in layers.items()],
+            )
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from lipreg.functional.autolip import AutoLip, autolip
 from lipreg.functional.graph import check_input_shape
 from lipreg.functional.lower_bound import lower_bound
+from lipreg.functional.power_iteration import check_iteration_options
 from lipreg.functional.seqlip import NotSequentialError, seqlip
 
 __all__ = ["LipschitzCallback"]
@@ -71,8 +72,11 @@ class LipschitzCallback(Callback):
             ``"net"``); ``None`` bounds the LightningModule's own ``forward``.
         tol, max_iter: Lanczos tolerance and cap per layer.
         certify_every_n_train_steps: cadence of ``lipschitz/autolip_certified`` (default 10
-            times ``every_n_train_steps``; ``0`` disables it). Certificates cost more than
-            warm estimates.
+            times ``every_n_train_steps``; ``0`` disables it; epoch-end estimates always
+            certify). Certificates cost more than warm estimates.
+        seqlip_every_n_train_steps: cadence of SeqLip (default 10 times
+            ``every_n_train_steps``): a greedy search over activation patterns costs far more
+            than a warm AutoLip estimate.
         seqlip_method: ``"greedy"`` (estimate) or ``"exact"`` (certified, small widths).
         seqlip_top_k: top-``k`` truncation for SeqLip on large layers (``None``: automatic).
         lower_bound_points: random points of the lower-bound search (besides the batch).
@@ -93,6 +97,7 @@ class LipschitzCallback(Callback):
         tol: float = 1e-4,
         max_iter: int = 500,
         certify_every_n_train_steps: int | None = None,
+        seqlip_every_n_train_steps: int | None = None,
         seqlip_method: str = "greedy",
         seqlip_top_k: int | None = None,
         lower_bound_points: int = 32,
@@ -120,8 +125,19 @@ class LipschitzCallback(Callback):
             raise ValueError(f"seqlip_method must be 'greedy' or 'exact', got {seqlip_method!r}.")
         if on_nonfinite not in ("warn", "raise"):
             raise ValueError(f"on_nonfinite must be 'warn' or 'raise', got {on_nonfinite!r}.")
+        check_iteration_options(tol, max_iter, "lanczos")
+        for name, value in (
+            ("certify_every_n_train_steps", certify_every_n_train_steps),
+            ("seqlip_every_n_train_steps", seqlip_every_n_train_steps),
+        ):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be an int >= 0 or None, got {value!r}.")
+        if not isinstance(lower_bound_points, int) or lower_bound_points < 0:
+            raise ValueError(f"lower_bound_points must be an int >= 0, got {lower_bound_points!r}.")
         if certify_every_n_train_steps is None:
             certify_every_n_train_steps = 10 * every_n_train_steps if every_n_train_steps else 0
+        if seqlip_every_n_train_steps is None:
+            seqlip_every_n_train_steps = 10 * every_n_train_steps if every_n_train_steps else 0
         self.methods = methods
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs
@@ -129,6 +145,8 @@ class LipschitzCallback(Callback):
         self.model_attr = model_attr
         self.tol, self.max_iter = tol, max_iter
         self.certify_every_n_train_steps = certify_every_n_train_steps
+        self.seqlip_every_n_train_steps = seqlip_every_n_train_steps
+        self._methods_arg = tuple(methods) if methods is not None else ("auto",)
         self.seqlip_method, self.seqlip_top_k = seqlip_method, seqlip_top_k
         self.lower_bound_points = lower_bound_points
         self.log_layers = log_layers
@@ -145,7 +163,7 @@ class LipschitzCallback(Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
-            methods=tuple(self.methods or ("auto",)),
+            methods=self._methods_arg,  # constructor arguments: stable across _prepare()
             every_n_train_steps=self.every_n_train_steps,
             every_n_epochs=self.every_n_epochs,
         )
@@ -179,12 +197,11 @@ class LipschitzCallback(Callback):
         self._last_step = int(state_dict.get("last_step", -1))
         self._estimator = None
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        network = self._network(pl_module)
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # After configure_model() (which runs after setup()), before the first step:
+        # configuration mistakes surface here, before any training.
         if self.input_shape is not None:
-            self._prepare(network)  # configuration mistakes surface here, before training
+            self._prepare(self._network(pl_module))
 
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
@@ -211,17 +228,24 @@ class LipschitzCallback(Callback):
     ) -> None:
         step = trainer.global_step
         if self.should_compute(step, trainer.current_epoch) and step != self._last_step:
-            self._compute_and_log(trainer, pl_module, step)
+            self._compute_and_log(trainer, pl_module, step, epoch_end=False)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         n = self.every_n_epochs
         if n and (trainer.current_epoch + 1) % n == 0 and trainer.global_step != self._last_step:
-            self._compute_and_log(trainer, pl_module, trainer.global_step)
+            self._compute_and_log(trainer, pl_module, trainer.global_step, epoch_end=True)
 
     def should_compute(self, step: int, epoch: int) -> bool:
         """Whether to estimate after optimizer step ``step``; override for other schedules."""
-        n = self.every_n_train_steps
-        return bool(n) and step > 0 and step % n == 0
+        cadences = (
+            self.every_n_train_steps,
+            self.certify_every_n_train_steps,
+            self.seqlip_every_n_train_steps,
+        )
+        return step > 0 and any(n and step % n == 0 for n in cadences)
+
+    def _due(self, cadence: int | None, step: int, epoch_end: bool) -> bool:
+        return epoch_end or (bool(cadence) and step % cadence == 0)
 
     # ------------------------------------------------------------------ the work
     def _network(self, pl_module: LightningModule) -> nn.Module:
@@ -262,11 +286,13 @@ class LipschitzCallback(Callback):
             if self.methods is None:
                 self.methods = ["autolip", "seqlip"] if sequential else ["autolip"]
 
-    def _compute_and_log(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+    def _compute_and_log(
+        self, trainer: Trainer, pl_module: LightningModule, step: int, epoch_end: bool
+    ) -> None:
         network = self._network(pl_module)
         if self._estimator is None:
             self._prepare(network)
-        metrics = self._compute(network, step)
+        metrics = self._compute(network, step, epoch_end)
         # Same numbers on every rank (collective: every rank reaches this line at this step).
         metrics = trainer.strategy.broadcast(metrics, src=0)
         self.last_metrics = metrics
@@ -274,14 +300,14 @@ class LipschitzCallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         for key, value in metrics.items():
-            trainer.callback_metrics[key] = torch.tensor(value)
+            trainer.callback_metrics[key] = torch.tensor(value, dtype=torch.float64)
 
-    def _compute(self, network: nn.Module, step: int) -> dict[str, float]:
+    def _compute(self, network: nn.Module, step: int, epoch_end: bool) -> dict[str, float]:
         metrics: dict[str, float] = {}
         device_type = next(network.parameters(), torch.zeros(())).device.type
         try:
             with torch.autocast(device_type=device_type, enabled=False):
-                metrics.update(self._estimate(network, step))
+                metrics.update(self._estimate(network, step, epoch_end))
         except ValueError as exc:
             if "non-finite" not in str(exc):
                 raise
@@ -292,12 +318,12 @@ class LipschitzCallback(Callback):
             self._nonfinite(f"non-finite Lipschitz values at step {step}: {bad}")
         return metrics
 
-    def _estimate(self, network: nn.Module, step: int) -> dict[str, float]:
+    def _estimate(self, network: nn.Module, step: int, epoch_end: bool) -> dict[str, float]:
         assert self._estimator is not None and self.input_shape is not None
         metrics: dict[str, float] = {}
         methods = self.methods or ["autolip"]
         al = None
-        if "autolip" in methods:
+        if "autolip" in methods and self._due(self.every_n_train_steps, step, epoch_end):
             start = time.perf_counter()
             al = self._estimator()
             metrics["lipschitz/autolip"] = al.value
@@ -307,23 +333,25 @@ class LipschitzCallback(Callback):
                 for lb in al.layers:
                     if lb.kind == "affine":
                         metrics[f"lipschitz/layer/{lb.name.replace(' -> ', '+')}"] = lb.value
-            n_cert = self.certify_every_n_train_steps
-            if n_cert and step % n_cert == 0:
-                start = time.perf_counter()
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    cert = autolip(
-                        network,
-                        self.input_shape,
-                        certify=True,
-                        dense_limit=0,
-                        state=self._estimator.state,
-                        tol=self.tol,
-                    )
-                if cert.certified:
-                    metrics["lipschitz/autolip_certified"] = cert.value
-                    metrics["lipschitz/autolip_certified_time_s"] = time.perf_counter() - start
-        if "seqlip" in methods:
+        if "autolip" in methods and self._due(self.certify_every_n_train_steps, step, epoch_end):
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                # dense_limit=0: FFT/eigen certificates, far cheaper than materialising maps
+                cert = autolip(
+                    network,
+                    self.input_shape,
+                    certify=True,
+                    dense_limit=0,
+                    state=self._estimator.state,
+                    tol=self.tol,
+                )
+            if cert.certified:
+                metrics["lipschitz/autolip_certified"] = cert.value
+                metrics["lipschitz/autolip_certified_time_s"] = time.perf_counter() - start
+            else:  # say so rather than log an estimate under a "certified" key
+                rank_zero_warn(f"LipschitzCallback: could not certify AutoLip: {cert.notes}")
+        if "seqlip" in methods and self._due(self.seqlip_every_n_train_steps, step, epoch_end):
             start = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -342,7 +370,7 @@ class LipschitzCallback(Callback):
             metrics["lipschitz/seqlip_time_s"] = time.perf_counter() - start
             if al is not None and al.value > 0:
                 metrics["lipschitz/seqlip_over_autolip"] = sl.value / al.value
-        if "lower_bound" in methods:
+        if "lower_bound" in methods and self._due(self.every_n_train_steps, step, epoch_end):
             start = time.perf_counter()
             lb = lower_bound(
                 network,

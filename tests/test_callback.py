@@ -23,12 +23,6 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from _lightning_helpers import (
-    DictDataset,
-    RegressionModule,
-    make_mlp,
-    regression_data,
-)
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -36,6 +30,21 @@ from torch.utils.data import DataLoader
 
 from lipreg.callback import LipschitzCallback
 from lipreg.functional import UnsupportedOperationError
+
+try:  # tests/ as a package (tests/__init__.py) or as a plain directory on sys.path
+    from tests._lightning_helpers import (
+        DictDataset,
+        RegressionModule,
+        make_mlp,
+        regression_data,
+    )
+except ModuleNotFoundError:
+    from _lightning_helpers import (
+        DictDataset,
+        RegressionModule,
+        make_mlp,
+        regression_data,
+    )
 
 torch.set_num_threads(1)
 
@@ -115,7 +124,7 @@ def assert_plain(obj: Any, where: str = "state") -> None:
 # ---------------------------------------------------------------- 1. cadence, keys, values
 def test_cadence_keys_and_direct_logging(tmp_path):
     """Rows exactly at steps 3, 6, 9 of a 10-step run although log_every_n_steps=50."""
-    callback = LipschitzCallback(every_n_train_steps=3)
+    callback = LipschitzCallback(every_n_train_steps=3, seqlip_every_n_train_steps=3)
     logger = CSVLogger(tmp_path, name="csv")
     trainer = make_trainer(tmp_path, [callback], max_steps=10, logger=logger, log_every_n_steps=50)
     trainer.fit(RegressionModule(), loader())
@@ -339,15 +348,6 @@ def test_checkpoint_resume_continues_warm(tmp_path):
     assert cold_iters > max(warm_iters, 2 * N_AFFINE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with the default methods=None, _prepare() resolves self.methods to "
-    "['autolip', 'seqlip'] and state_key (built from self.methods) changes from "
-    "methods=('auto',) to ('autolip', 'seqlip'); a fresh LipschitzCallback() built with the "
-    "same arguments has the old key, so Lightning never calls its load_state_dict on resume "
-    "(it warns 'callbacks used to create the checkpoint need to be provided') and the "
-    "resumed run starts cold.",
-)
 def test_checkpoint_resume_continues_warm_with_default_methods(tmp_path):
     first = LipschitzCallback(every_n_train_steps=2)
     key_before = first.state_key
@@ -381,6 +381,7 @@ def test_bf16_true_runs_and_gives_finite_values(tmp_path):
         methods=["autolip", "seqlip", "lower_bound"],
         every_n_train_steps=3,
         certify_every_n_train_steps=3,
+        seqlip_every_n_train_steps=3,
         lower_bound_points=4,
     )
     module = RegressionModule(lr=0.1)
@@ -538,13 +539,6 @@ def test_nan_weights_raise_when_asked(tmp_path):
     assert trainer.global_step == 6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (doubtful): invalid tol/max_iter are not validated by LipschitzCallback nor by "
-    "setup() (AutoLip.__init__ does not check them); with input_shape given the ValueError "
-    "only appears at the first estimate, mid-training, although setup() promises "
-    "'configuration mistakes surface here, before training'.",
-)
 @pytest.mark.parametrize("kwargs", [{"tol": -1.0}, {"max_iter": 0}])
 def test_invalid_iteration_options_rejected_before_training(tmp_path, kwargs):
     with pytest.raises(ValueError):
@@ -573,13 +567,6 @@ def test_configure_model_network_with_inferred_input_shape(tmp_path):
     assert rel(callback.last_metrics["lipschitz/autolip"], norm_product(module.net)) < 1e-3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with input_shape given, LipschitzCallback.setup() traces the network, but "
-    "Lightning calls Callback.setup before LightningModule.configure_model, so a network "
-    "built in configure_model does not exist yet: TraceError (model_attr=None) or "
-    "ValueError 'no nn.Module attribute' (model_attr='net'). Without input_shape it works.",
-)
 @pytest.mark.parametrize("model_attr", [None, "net"])
 def test_configure_model_network_with_given_input_shape(tmp_path, model_attr):
     callback = LipschitzCallback(

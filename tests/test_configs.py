@@ -190,7 +190,9 @@ def test_missing_alexnet_weights_file_is_reported(tmp_path):
     cfg = make_cfg(
         tmp_path, ["logger=none", "model=alexnet", f"model.net.weights={tmp_path}/missing.pth"]
     )
-    with pytest.raises((FileNotFoundError, InstantiationException), match="null for random weights"):
+    with pytest.raises(
+        (FileNotFoundError, InstantiationException), match="null for random weights"
+    ):
         build(cfg)
 
 

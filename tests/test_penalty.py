@@ -15,12 +15,16 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from _lightning_helpers import RegressionModule, make_mlp, regression_data
 from torch import nn
 from torch.utils.data import DataLoader
 
 import lipreg
 from lipreg import LipschitzPenalty
+
+try:  # tests/ as a package (tests/__init__.py) or as a plain directory on sys.path
+    from tests._lightning_helpers import RegressionModule, make_mlp, regression_data
+except ModuleNotFoundError:
+    from _lightning_helpers import RegressionModule, make_mlp, regression_data
 
 torch.set_num_threads(1)
 
@@ -416,14 +420,6 @@ def test_functional_model_sees_in_place_updates():
     assert penalty().item() == pytest.approx(2.0 * before, rel=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: for parameters read through fx get_attr nodes (F.linear(x, self.w)), "
-    "analyse() captures the Parameter objects once (mark() in graph.py; the cached "
-    "GraphModule too), so LipschitzPenalty (and the AutoLip estimator class) keep reading "
-    "the OLD tensors after net.load_state_dict(..., assign=True): the value is silently "
-    "stale. nn.Linear-based models are not affected (rules read module.weight).",
-)
 def test_functional_model_sees_replaced_parameters():
     net = FunctionalMLP()
     penalty = LipschitzPenalty(net, (5,), weight=1.0, form="linear").eval()
@@ -432,12 +428,6 @@ def test_functional_model_sees_replaced_parameters():
     assert penalty().item() == pytest.approx(4.0 * before, rel=1e-6)  # fixed v: exactly 4x
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: same capture of get_attr parameters: under torch.func.functional_call the "
-    "penalty of a functional-style model ignores the weights passed in (same value, "
-    "gradient None), so gradcheck fails; the nn.Linear MLP/CNN versions pass.",
-)
 def test_functional_model_gradcheck_via_functional_call():
     net = FunctionalMLP(F64)
     penalty = LipschitzPenalty(net, (5,), weight=1.0, form="linear").eval()

@@ -47,6 +47,15 @@ __all__ = [
 ]
 
 
+class _Attr:
+    """A parameter or buffer read by a ``get_attr`` node, resolved at every refresh."""
+
+    __slots__ = ("target",)
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+
 class UnsupportedOperationError(TypeError):
     """The network contains operations lipreg has no Lipschitz rule for."""
 
@@ -125,6 +134,7 @@ class Analysis:
     """
 
     graph: fx.Graph
+    root: nn.Module
     input_node: fx.Node
     output_node: fx.Node | None
     specs: dict[fx.Node, Spec]
@@ -139,6 +149,22 @@ class Analysis:
     pieces: set[fx.Node] = field(default_factory=set)
     model_name: str = "model"
 
+    def _materialise(self, ctx: NodeContext) -> None:
+        """Constant arguments as the rules see them: parameters read from the live model
+        now, floating tensors cast to the compute dtype (detached unless differentiable)."""
+
+        def load(a: Any) -> Any:
+            if isinstance(a, _Attr):
+                a = _resolve(self.root, a.target)
+            if isinstance(a, Tensor) and a.is_floating_point():
+                a = a.to(dtype=ctx.dtype, device=ctx.device)
+                return a if ctx.differentiable else a.detach()
+            return a
+
+        raw_args, raw_kwargs = ctx.meta["raw"]
+        ctx.args = tuple(fx.node.map_aggregate(raw_args, load))
+        ctx.kwargs = dict(fx.node.map_aggregate(raw_kwargs, load))
+
     def refresh_specs(self) -> None:
         """(Re)apply every node's rule, reading the current parameters.
 
@@ -148,6 +174,7 @@ class Analysis:
         specs: dict[fx.Node, Spec] = {}
         unsupported: list[str] = []
         for node, ctx in self.contexts.items():
+            self._materialise(ctx)
             if node in self.pieces:
                 specs[node] = Nonlinear(1.0, "one piece of a split")
                 continue
@@ -204,14 +231,14 @@ def trace(model: nn.Module) -> fx.GraphModule:
     """
     _warn_about_hooks(model)
     if has_module_rule(model):
-        return _sequential_graph(nn.Sequential(model))
+        return _with_root(_sequential_graph(nn.Sequential(model)), nn.Sequential(model))
     try:
         tracer = _Tracer()
         graph = tracer.trace(model)
-        return fx.GraphModule(tracer.root, graph, type(model).__name__)
+        return _with_root(fx.GraphModule(tracer.root, graph, type(model).__name__), model)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
         if isinstance(model, nn.Sequential):
-            return _sequential_graph(model)
+            return _with_root(_sequential_graph(model), model)
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
             "lipreg needs a static graph of tensor operations. Common causes: control flow "
@@ -219,6 +246,21 @@ def trace(model: nn.Module) -> fx.GraphModule:
             "modules that are not registered as submodules. Rewrite forward() accordingly, or "
             "express the network as an nn.Sequential of modules, which lipreg walks without fx."
         ) from exc
+
+
+def _with_root(gm: fx.GraphModule, root: nn.Module) -> fx.GraphModule:
+    # GraphModule copies attribute references at construction; parameters replaced later
+    # (load_state_dict(assign=True), torch.func.functional_call) must be read from the live
+    # model, so remember it (unregistered: not a submodule).
+    object.__setattr__(gm, "_lipreg_root", root)
+    return gm
+
+
+def _resolve(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in str(target).split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _warn_about_hooks(model: nn.Module) -> None:
@@ -332,6 +374,7 @@ def analyse(
     device = first.device if first is not None else torch.device("cpu")
     probe_dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
     gm = traced if traced is not None else trace(model)
+    root: nn.Module = getattr(gm, "_lipreg_root", gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise TypeError(
@@ -373,13 +416,10 @@ def analyse(
             args, kwargs = load(node.args), load(node.kwargs)
             try:
                 if node.op == "get_attr":
-                    obj: Any = gm
-                    for part in str(node.target).split("."):
-                        obj = getattr(obj, part)
-                    values[node] = obj
+                    values[node] = _resolve(root, node.target)
                     continue
                 if node.op == "call_module":
-                    values[node] = _eval_call_module(gm.get_submodule(node.target), args, kwargs)
+                    values[node] = _eval_call_module(root.get_submodule(node.target), args, kwargs)
                 elif node.op == "call_method":
                     self_obj, *rest = args
                     values[node] = getattr(self_obj, node.target)(*rest, **kwargs)
@@ -432,17 +472,15 @@ def analyse(
                 if a in variable:
                     _vi.append(a)
                     return _Var(len(_vi) - 1)
-                v = values[a]
-                if isinstance(v, Tensor) and v.is_floating_point():
-                    v = v.to(dtype=dtype, device=device)
-                    return v if differentiable else v.detach()
-                return v
+                if a.op == "get_attr":  # re-read at every refresh (see _with_root)
+                    return _Attr(a.target)
+                return values[a]
             return a
 
         args = fx.node.map_aggregate(node.args, mark)
         kwargs = fx.node.map_aggregate(node.kwargs, mark)
         inputs[node] = var_inputs
-        target = gm.get_submodule(node.target) if node.op == "call_module" else node.target
+        target = root.get_submodule(node.target) if node.op == "call_module" else node.target
         contexts[node] = NodeContext(
             node=node,
             target=target,
@@ -462,8 +500,11 @@ def analyse(
             and isinstance(values[var_inputs[0]], tuple | list)
         ):
             pieces.add(node)
+    for ctx in contexts.values():
+        ctx.meta["raw"] = (ctx.args, ctx.kwargs)
     analysis = Analysis(
         graph=gm.graph,
+        root=root,
         input_node=input_node,
         output_node=output_node,
         specs={},
