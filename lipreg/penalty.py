@@ -99,13 +99,8 @@ class LipschitzPenalty(nn.Module):
         self.input_shape = check_input_shape(input_shape)
         self.method, self.weight, self.target, self.form = method, weight, target, form
         self.n_power_iterations = n_power_iterations
-        first = next(iter(model.parameters()), None)
-        dtype = (
-            torch.float64 if first is not None and first.dtype == torch.float64 else (torch.float32)
-        )
-        self._analysis = analyse(
-            model, self.input_shape, dtype=dtype, traced=trace(model), differentiable=True
-        )
+        object.__setattr__(self, "_traced", trace(model))  # not a submodule either
+        self._analysis = self._analyse()
         self._chains = find_affine_chains(self._analysis)
         self.chain_names = [c.name for c in self._chains.values()]
         generator = torch.Generator(device=self._analysis.device).manual_seed(seed)
@@ -123,8 +118,29 @@ class LipschitzPenalty(nn.Module):
     def model(self) -> nn.Module:
         return self._model
 
+    def _placement(self) -> tuple[torch.dtype, torch.device]:
+        first = next(iter(self._model.parameters()), None)
+        if first is None:
+            return torch.float32, torch.device("cpu")
+        return (torch.float64 if first.dtype == torch.float64 else torch.float32), first.device
+
+    def _analyse(self):
+        dtype, _ = self._placement()
+        return analyse(
+            self._model, self.input_shape, dtype=dtype, traced=self._traced, differentiable=True
+        )
+
+    def _follow_model(self) -> None:
+        """Re-analyse after the model moved to another dtype or device (``.double()``,
+        ``.to("cuda")``), so that the penalty computes where the model lives."""
+        a = self._analysis
+        if (a.dtype, a.device) != self._placement():
+            self._analysis = self._analyse()
+            self._chains = find_affine_chains(self._analysis)
+
     def layer_norms(self) -> dict[str, Tensor]:
         """Differentiable ``σ̂_c`` of every merged affine map (refreshing ``v`` in training)."""
+        self._follow_model()
         self._analysis.refresh_specs()  # closures over the current parameters, with autograd
         sigmas: dict[str, Tensor] = {}
         for i, (name, chain) in enumerate(

@@ -443,12 +443,6 @@ def test_functional_model_gradcheck_via_functional_call():
     assert torch.autograd.gradcheck(f, params, eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (doubtful): the compute dtype is fixed at construction (analyse(dtype=...)): "
-    "after net.double() and penalty.double() the buffers are float64 but penalty() is "
-    "still computed and returned in float32.",
-)
 def test_penalty_follows_model_converted_to_float64():
     net = mlp()
     penalty = LipschitzPenalty(net, (5,), weight=1.0, form="linear")
