@@ -193,31 +193,23 @@ class _ChainBounder:
         if math.isfinite(res.gap):
             self.new_state[f"{chain.name}#gap"] = torch.tensor(res.gap, dtype=torch.float64)
         extra = {"converged": res.converged, "residual": res.residual}
-        if not self.certify:
+        upper, how = self._product_bound(core, scale) if self.certify else (None, "")
+        if upper is None:  # an estimate: the iterative value, labelled as such
+            method = f"{self.method} ({how})" if self.certify else self.method
             return LayerBound(
-                chain.name,
-                "affine",
-                res.sigma,
-                False,
-                res.sigma,
-                None,
-                self.method,
-                res.n_iter,
-                extra,
+                chain.name, "affine", res.sigma, False, res.sigma, None, method, res.n_iter, extra
             )
-        upper, how = self._product_bound(core, scale)
-        if upper is None:
-            return LayerBound(
-                chain.name,
-                "affine",
-                res.sigma,
-                False,
-                res.sigma,
-                None,
-                f"{self.method} ({how})",
-                res.n_iter,
-                extra,
-            )
+        return LayerBound(
+            chain.name,
+            "affine",
+            res.sigma,
+            False,
+            res.sigma,
+            None,
+            f"{self.method} ({how})",
+            res.n_iter,
+            extra,
+        )
         return LayerBound(
             chain.name, "affine", upper, True, res.sigma, upper, how, res.n_iter, extra
         )
