@@ -200,17 +200,6 @@ class _ChainBounder:
                 chain.name, "affine", res.sigma, False, res.sigma, None, method, res.n_iter, extra
             )
         return LayerBound(
-            chain.name,
-            "affine",
-            res.sigma,
-            False,
-            res.sigma,
-            None,
-            f"{self.method} ({how})",
-            res.n_iter,
-            extra,
-        )
-        return LayerBound(
             chain.name, "affine", upper, True, res.sigma, upper, how, res.n_iter, extra
         )
 
