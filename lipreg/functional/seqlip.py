@@ -211,6 +211,17 @@ def _f64(value: float, like: Tensor) -> Tensor:
     return torch.tensor(value, dtype=torch.float64, device=like.device)
 
 
+def _maybe_progress(items: list, progress: bool):
+    if not progress:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        warnings.warn("progress=True needs tqdm (pip install tqdm); no progress bar.", stacklevel=3)
+        return items
+    return tqdm(items, desc="SeqLip")
+
+
 def pair_norm_exact(
     A: Tensor, B: Tensor, lo: float, hi: float, *, chunk: int = 8192
 ) -> tuple[float, Tensor]:
@@ -379,6 +390,7 @@ def seqlip(
     dtype: torch.dtype = torch.float32,
     state: dict[str, Tensor] | None = None,
     seed: int = 0,
+    progress: bool = False,
 ) -> LipschitzResult:
     """SeqLip bound (``method="exact"``) or estimate (``method="greedy"``) of ``model``.
 
@@ -399,6 +411,8 @@ def seqlip(
         dtype: dtype of the iterations on large maps (dense SVDs are always float64).
         state: warm-start subspaces from a previous result's ``.state``.
         seed: seed of the private generator.
+        progress: show a tqdm progress bar over the SeqLip chains (large networks take
+            minutes: AlexNet's top-k SVDs).
 
     Returns:
         :class:`~lipreg.functional.results.LipschitzResult`, ``method`` ``"seqlip-exact"`` or
@@ -445,7 +459,7 @@ def seqlip(
                             f"= {exact_width_limit}. Use method='greedy' (an estimate) or "
                             "raise exact_width_limit (cost doubles with each unit)."
                         )
-    for item in items:
+    for item in _maybe_progress(items, progress):
         if isinstance(item, LayerBound):
             layers.append(item)
             continue
