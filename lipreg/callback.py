@@ -80,6 +80,9 @@ class LipschitzCallback(Callback):
         seqlip_method: ``"greedy"`` (estimate) or ``"exact"`` (certified, small widths).
         seqlip_top_k: top-``k`` truncation for SeqLip on large layers (``None``: automatic).
         lower_bound_points: random points of the lower-bound search (besides the batch).
+        certify_dense_limit: maps whose smaller side is at most this are certified exactly by
+            materialising them (tighter than the FFT/product certificates on small feature
+            maps, costlier on large ones); ``0`` uses only structured certificates.
         log_layers: log per-layer norms.
         on_nonfinite: ``"warn"`` (log NaN, warn, keep training) or ``"raise"`` when the
             weights or a bound are not finite.
@@ -101,6 +104,7 @@ class LipschitzCallback(Callback):
         seqlip_method: str = "greedy",
         seqlip_top_k: int | None = None,
         lower_bound_points: int = 32,
+        certify_dense_limit: int = 2048,
         log_layers: bool = True,
         on_nonfinite: str = "warn",
         seed: int = 0,
@@ -149,6 +153,7 @@ class LipschitzCallback(Callback):
         self._methods_arg = tuple(methods) if methods is not None else ("auto",)
         self.seqlip_method, self.seqlip_top_k = seqlip_method, seqlip_top_k
         self.lower_bound_points = lower_bound_points
+        self.certify_dense_limit = certify_dense_limit
         self.log_layers = log_layers
         self.on_nonfinite = on_nonfinite
         self.seed = seed
@@ -337,12 +342,11 @@ class LipschitzCallback(Callback):
             start = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                # dense_limit=0: FFT/eigen certificates, far cheaper than materialising maps
                 cert = autolip(
                     network,
                     self.input_shape,
                     certify=True,
-                    dense_limit=0,
+                    dense_limit=self.certify_dense_limit,
                     state=self._estimator.state,
                     tol=self.tol,
                 )

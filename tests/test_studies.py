@@ -1,0 +1,363 @@
+"""The paper studies (experiments/studies.py): every experiment config composes, and every
+study runs end-to-end in quick mode into a temporary folder, writes its table and plots, and
+its numbers satisfy truths that do not depend on lipreg:
+
+- AutoLip (certified) of an MLP = the product of ``torch.linalg.matrix_norm(W, 2)``;
+- lower bounds ≤ exact SeqLip ≤ AutoLip ≤ Frobenius product; greedy SeqLip ≤ exact SeqLip;
+- exact SeqLip ≥ the brute-force max over activation patterns of
+  ``‖W_K diag(σ) ⋯ diag(σ) W_1‖`` (paper.md §2.6-2.7), and ≥ any Jacobian norm (autograd);
+- paper_random: AutoLip = 1, greedy SeqLip/AutoLip ≤ 1 and ≤ Theorem 3's bound.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import inspect
+import itertools
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from experiments import studies
+from experiments.models import paper_mlp
+from experiments.train import train
+from lipreg.models import mnist_cnn4
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+NOT_OVERRIDDEN = (
+    "conf/train.yaml must list `_self_` BEFORE `experiment` in its defaults, otherwise its own "
+    "task_name/study override the experiment config's."
+)
+REL = 1e-6  # relative slack for float64 comparisons of independently computed numbers
+
+
+def make_cfg(tmp_path: Path, experiment: str, overrides: list[str] | None = None) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(
+            config_name="train",
+            overrides=[
+                f"experiment={experiment}",
+                "logger=none",
+                f"hydra.run.dir={tmp_path}/run",
+                f"paths.results_dir={tmp_path}/results",
+                *(overrides or []),
+            ],
+            return_hydra_config=True,
+        )
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb_network(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    yield
+    GlobalHydra.instance().clear()
+
+
+def read_table(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "table.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def num(row: dict[str, str], column: str) -> float | None:
+    """A table cell as a float; ``None`` for '–' (not computed)."""
+    value = row[column]
+    return None if value == studies.DASH else float(value)
+
+
+def run_quick(tmp_path: Path, experiment: str, overrides: list[str] | None = None) -> Path:
+    cfg = make_cfg(tmp_path, experiment, ["study.quick=true", *(overrides or [])])
+    assert cfg.task_name == experiment, NOT_OVERRIDDEN
+    summary = train(cfg)
+    assert summary and all(math.isfinite(v) for v in summary.values())
+    out = tmp_path / "results" / cfg.task_name
+    assert (out / "table.md").is_file() and (out / "table.csv").is_file()
+    md = (out / "table.md").read_text()
+    assert "certified" in md and "estimate" in md  # every number says what it is
+    assert not list(out.glob(".*tmp")), "a temporary file was left behind"
+    return out
+
+
+def assert_pngs(folder: Path, names: list[str]) -> None:
+    for name in names:
+        data = (folder / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000, name
+
+
+def spectral_product(net: torch.nn.Module) -> float:
+    return math.prod(
+        float(torch.linalg.matrix_norm(m.weight.detach().double(), 2))
+        for m in net.modules()
+        if isinstance(m, torch.nn.Linear)
+    )
+
+
+def frobenius_product(net: torch.nn.Module) -> float:
+    return math.prod(
+        float(torch.linalg.matrix_norm(m.weight.detach().double(), "fro"))
+        for m in net.modules()
+        if isinstance(m, torch.nn.Linear)
+    )
+
+
+def max_pattern_bound(net: torch.nn.Module) -> float:
+    """max over σ ∈ {0,1}^n of ‖W_K diag(σ_{K-1}) ⋯ diag(σ_1) W_1‖ by enumeration (paper.md
+    §2.6: a bound on L(f) that exact SeqLip dominates)."""
+    weights = [m.weight.detach().double() for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    best = 0.0
+    widths = [w.shape[0] for w in weights[:-1]]
+    for pattern in itertools.product(*[itertools.product((0.0, 1.0), repeat=n) for n in widths]):
+        m = weights[0]
+        for sigma, w in zip(pattern, weights[1:], strict=True):
+            m = w @ (torch.tensor(sigma, dtype=torch.float64)[:, None] * m)
+        best = max(best, float(torch.linalg.matrix_norm(m, 2)))
+    return best
+
+
+def jacobian_norm_max(net: torch.nn.Module, x: torch.Tensor) -> float:
+    """Largest spectral norm of the autograd Jacobian over the points ``x``."""
+    net = net.double().eval()
+    best = 0.0
+    for xi in x.double():
+        jac = torch.autograd.functional.jacobian(lambda z: net(z[None])[0], xi)
+        best = max(best, float(torch.linalg.matrix_norm(jac.reshape(jac.shape[0], -1), 2)))
+    return best
+
+
+# --------------------------------------------------------------------------------------------
+# Composition
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_config_composes_and_names_its_study(tmp_path, experiment):
+    cfg = make_cfg(tmp_path, experiment)
+    assert cfg.task_name == experiment and cfg.get("study"), (
+        f"experiment={experiment} composed with task_name={cfg.task_name!r} and study="
+        f"{cfg.get('study')!r}: {NOT_OVERRIDDEN}"
+    )
+    target = cfg.study._target_
+    assert target.startswith("experiments.studies.")
+    fn = getattr(studies, target.rsplit(".", 1)[1])
+    params = {k: v for k, v in cfg.study.items() if not k.startswith("_")}
+    inspect.signature(fn.__wrapped__).bind(cfg, **params)  # every parameter exists
+    assert "quick" in inspect.signature(fn.__wrapped__).parameters
+    bound = instantiate(cfg.study, _recursive_=False)
+    assert callable(bound)
+    for group in ("data", "model", "trainer"):  # every interpolation resolves
+        OmegaConf.to_container(cfg[group], resolve=True)
+
+
+def test_a_study_also_runs_without_partial(tmp_path):
+    """``study: {_target_: ...}`` without ``_partial_`` works too (returns a bound study)."""
+    bound = studies.paper_random(quick=True)
+    assert callable(bound) and bound.keywords == {"quick": True}
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks with closed-form truths
+# --------------------------------------------------------------------------------------------
+
+
+def test_random_spectrum_weights_are_as_specified():
+    gen = torch.Generator().manual_seed(0)
+    q = studies.haar_orthogonal(7, gen)
+    torch.testing.assert_close(q.T @ q, torch.eye(7, dtype=torch.float64))
+    net = studies.random_spectrum_mlp(4, 0.1, width=12, seed=3)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Linear):
+            s = torch.linalg.svdvals(m.weight.detach())
+            assert s[0].item() == pytest.approx(1.0, rel=1e-12)
+            if len(s) > 1:
+                assert torch.allclose(s[1:], torch.full_like(s[1:], 0.1), rtol=1e-10)
+            assert m.bias.abs().max() == 0
+    assert spectral_product(net) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_markdown_and_csv_say_dash_for_missing_values(tmp_path):
+    rows = [{"a": 1.23456789, "b": None, "c": "x|y"}, {"a": float("nan"), "d": True}]
+    studies.write_table(tmp_path, "t", rows, ["a note"])
+    md = (tmp_path / "table.md").read_text()
+    assert "| 1.235 | – | x\\|y |" in md and "- a note" in md
+    table = read_table(tmp_path)
+    assert table[0]["a"] == "1.23456789" and table[0]["b"] == studies.DASH
+    assert table[1]["a"] == studies.DASH and table[1]["d"] == "yes"
+
+
+# --------------------------------------------------------------------------------------------
+# Each study end to end (quick mode)
+# --------------------------------------------------------------------------------------------
+
+
+def test_paper_random_quick(tmp_path):
+    out = run_quick(tmp_path, "paper_random")
+    rows = read_table(out)
+    assert {float(r["r (s2/s1)"]) for r in rows} == {0.5, 0.1, 0.01}
+    for r in rows:
+        k = int(r["linear layers K"])
+        al = num(r, "AutoLip (certified upper), mean")
+        ratio = num(r, "SeqLip/AutoLip mean")
+        assert al == pytest.approx(1.0, rel=REL)  # Π ‖W‖ = 1 by construction
+        assert 0 < num(r, "SeqLip/AutoLip min") <= ratio <= num(r, "SeqLip/AutoLip max")
+        assert num(r, "SeqLip/AutoLip max") <= 1 + REL  # greedy ≤ exact SeqLip ≤ AutoLip
+        assert ratio <= num(r, "Theorem 3 bound on SeqLip/AutoLip (mean)") * (1 + REL)
+        assert ratio >= 0.5 / math.pi ** (k - 1)  # near 1/π per pair, never far below
+        assert num(r, "1/π^(K−1)") == pytest.approx(math.pi ** -(k - 1))
+        if k == 1:
+            assert ratio == pytest.approx(1.0, rel=REL)
+        assert "RANDOM" in r["weights"]
+    assert_pngs(out, ["ratio_vs_layers.png"])
+
+
+@pytest.mark.slow
+def test_paper_mlp_quick(tmp_path):
+    out = run_quick(tmp_path, "paper_mlp")
+    (row,) = read_table(out)
+    depth, width = 3, 8  # the quick network
+    net = paper_mlp(depth, width)
+    net.load_state_dict(torch.load(tmp_path / "run" / "weights" / f"depth{depth}.pt"))
+    al = num(row, "AutoLip (certified upper)")
+    sl = num(row, "SeqLip exact (certified upper)")
+    gsl = num(row, "greedy SeqLip (estimate)")
+    assert al == pytest.approx(spectral_product(net), rel=REL)
+    assert num(row, "Frobenius product (certified upper)") == pytest.approx(
+        frobenius_product(net), rel=REL
+    )
+    assert al <= num(row, "Frobenius product (certified upper)") * (1 + REL)
+    assert sl <= al * (1 + REL)
+    assert gsl <= sl * (1 + REL)
+    assert sl >= max_pattern_bound(net) * (1 - REL)
+    x = 4 * torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
+    assert jacobian_norm_max(net, x) <= sl * (1 + REL)
+    for column in ("LB data", "LB annealing", "LB grid"):
+        assert 0 < num(row, f"{column} (certified lower)") <= sl * (1 + REL)
+    assert num(row, "AutoLip/SeqLip") == pytest.approx(al / sl, rel=REL)
+    assert num(row, "paper AutoLip") is None  # no paper row for depth 3
+    assert "GP" in row["data"] and "trained" in row["weights"]
+    curves = list(csv.DictReader((out / "curves.csv").read_text().splitlines()))
+    assert curves and all(r["run"] == "depth3" for r in curves)
+    assert_pngs(out, ["bound_curves.png", "ratio_vs_depth.png"])
+
+
+@pytest.mark.slow
+def test_paper_cnn_quick(tmp_path):
+    out = run_quick(tmp_path, "paper_cnn", ["study.prefer_fashion_mnist=false"])
+    (row,) = read_table(out)
+    assert "SUBSTITUTE for MNIST" in row["data"]
+    assert "SUBSTITUTE" in (out / "table.md").read_text()
+    al = num(row, "AutoLip (certified upper)")
+    assert num(row, "AutoLip estimate") <= al * (1 + REL)
+    gsl = next(num(row, c) for c in row if c.startswith("greedy SeqLip top-"))
+    assert 0 < gsl <= al * (1 + REL)
+    lb_data = num(row, "LB data (certified lower)")
+    lb_anneal = num(row, "LB annealing (certified lower)")
+    assert 0 < lb_data <= lb_anneal * (1 + REL)  # annealing starts from the same images
+    assert lb_anneal <= al
+    assert num(row, "SeqLip exact (certified upper)") is None
+    assert num(row, "paper AutoLip") == 174.0
+    net = mnist_cnn4()
+    net.load_state_dict(torch.load(tmp_path / "run" / "weights" / "cnn.pt"))
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert jacobian_norm_max(net, x) <= al * (1 + REL)
+    assert_pngs(out, ["bound_curves.png", "bounds_vs_depth.png"])
+
+
+def test_paper_cnn_prefers_installed_fashion_mnist_and_labels_it(tmp_path, monkeypatch):
+    import experiments.data as data_module
+
+    root = tmp_path / "fashion-mnist"
+    root.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", 120), ("t10k", 40)):
+        images = torch.randint(0, 256, (n, 28, 28), generator=gen, dtype=torch.uint8)
+        labels = (torch.arange(n) % 10).to(torch.uint8)
+        head = struct.pack(">IIII", 2051, n, 28, 28)
+        (root / f"{prefix}-images-idx3-ubyte.gz").write_bytes(
+            gzip.compress(head + images.numpy().tobytes())
+        )
+        (root / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(
+            gzip.compress(struct.pack(">II", 2049, n) + labels.numpy().tobytes())
+        )
+    monkeypatch.setattr(data_module, "DEFAULT_FASHION_MNIST_ROOT", str(root))
+    cfg = make_cfg(tmp_path, "paper_cnn")
+    assert studies._cnn_data(cfg, False, 100) is None  # study.prefer_fashion_mnist=false
+    data = studies._cnn_data(cfg, True, 100)
+    assert data is not None and data._target_.endswith("FashionMNISTDataModule")
+    datamodule = instantiate(studies._run_cfg(cfg, "cnn", data=data).data)
+    datamodule.setup("fit")
+    studies._mark_substitute(datamodule, "MNIST")
+    assert "Fashion-MNIST" in datamodule.description
+    assert "SUBSTITUTE for MNIST" in datamodule.description
+
+
+@pytest.mark.slow
+def test_paper_alexnet_quick(tmp_path):
+    out = run_quick(tmp_path, "paper_alexnet")
+    (row,) = read_table(out)
+    assert "RANDOM weights" in row["weights"] and "quick" in row["network"]
+    al = num(row, "AutoLip (certified upper)")
+    est = num(row, "AutoLip estimate")
+    pools = num(row, "max-pool factors")
+    product = next(num(row, c) for c in row if c.startswith("product of the"))
+    assert est <= al * (1 + REL)
+    assert pools in (1.0, 2.0, 4.0, 8.0)  # each 3x3/2 max-pool contributes 1 or 2
+    assert product * pools == pytest.approx(est, rel=REL)
+    gsl = next(num(row, c) for c in row if c.startswith("greedy SeqLip top-"))
+    assert 0 < gsl <= al * (1 + REL)
+    assert 0 < num(row, "LB (certified lower)") <= al
+    assert num(row, "paper AutoLip (product of 8 layer norms)") == 3.62e7
+    assert "SUBSTITUTE for ImageNet" in row["data"]
+    assert (out / "layers.csv").is_file()
+    assert_pngs(out, ["bounds.png"])
+
+
+@pytest.mark.slow
+def test_penalty_sweep_quick(tmp_path):
+    out = run_quick(tmp_path, "penalty_sweep")
+    rows = read_table(out)
+    assert [float(r["penalty weight"]) for r in rows] == [0.0, 0.1]
+    for r in rows:
+        al = num(r, "AutoLip (certified upper)")
+        assert 0 <= num(r, "test accuracy") <= 1
+        assert num(r, "greedy SeqLip (estimate)") <= al * (1 + REL)
+        assert num(r, "LB annealing (certified lower)") <= al
+        assert "SUBSTITUTE for MNIST" in r["data"]
+    assert num(rows[0], "final penalty term") == 0.0  # weight 0 adds nothing to the loss
+    assert num(rows[1], "final penalty term") != 0.0
+    assert_pngs(out, ["accuracy_vs_bound.png", "bound_curves.png"])
+
+
+@pytest.mark.slow
+def test_penalty_sweep_mlp_seqlip_penalty_quick(tmp_path):
+    out = run_quick(tmp_path, "penalty_sweep_mlp")
+    rows = read_table(out)
+    for r in rows:
+        al = num(r, "AutoLip (certified upper)")
+        sl = num(r, "SeqLip exact (certified upper)")
+        assert num(r, "test MSE") > 0
+        assert sl <= al * (1 + REL)
+        assert num(r, "greedy SeqLip (estimate)") <= sl * (1 + REL)
+        assert num(r, "LB annealing (certified lower)") <= sl * (1 + REL)
+        assert "seqlip" in r["weights"]
+    net = paper_mlp(4, 8)
+    net.load_state_dict(torch.load(tmp_path / "run" / "weights" / "weight0.1.pt"))
+    assert num(rows[1], "AutoLip (certified upper)") == pytest.approx(
+        spectral_product(net), rel=REL
+    )
+    assert_pngs(out, ["accuracy_vs_bound.png", "bound_curves.png"])
