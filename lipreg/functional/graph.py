@@ -103,11 +103,18 @@ def check_input_shape(input_shape: Any) -> tuple[int, ...]:
 
 def check_finite_parameters(model: nn.Module) -> None:
     """Raise if any floating parameter or buffer holds NaN or Inf."""
-    bad = [
-        name
+    named = [
+        (name, t)
         for name, t in list(model.named_parameters()) + list(model.named_buffers())
-        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all())
+        if t is not None and t.is_floating_point() and t.numel()
     ]
+    if not named:
+        return
+    with torch.no_grad():  # one device sync for all tensors (this runs at every estimate)
+        finite = torch.stack([torch.isfinite(t).all().to(named[0][1].device) for _, t in named])
+    if bool(finite.all()):
+        return
+    bad = [name for (name, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
     if bad:
         raise ValueError(
             f"the model has non-finite (NaN/Inf) values in {bad}: no Lipschitz bound exists "
