@@ -100,7 +100,7 @@ class LitModel(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = self.net.parameters()
         if self.hparams.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=self.hparams.lr, momentum=0.9,
-                                   weight_decay=self.hparams.weight_decay)
-        return torch.optim.Adam(params, lr=self.hparams.lr,
-                                weight_decay=self.hparams.weight_decay)
+            return torch.optim.SGD(
+                params, lr=self.hparams.lr, momentum=0.9, weight_decay=self.hparams.weight_decay
+            )
+        return torch.optim.Adam(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

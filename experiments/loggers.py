@@ -36,8 +36,10 @@ def wandb_logger(
         raise ValueError(f"mode must be auto/online/offline/disabled, got {mode!r}.")
     if mode == "auto":
         env = os.environ.get("WANDB_MODE")
-        mode = env if env in ("online", "offline", "disabled") else (
-            "online" if wandb_logged_in() else "offline"
+        mode = (
+            env
+            if env in ("online", "offline", "disabled")
+            else ("online" if wandb_logged_in() else "offline")
         )
     os.makedirs(save_dir, exist_ok=True)
     return WandbLogger(project=project, save_dir=save_dir, name=name, mode=mode, **kwargs)

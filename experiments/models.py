@@ -18,9 +18,7 @@ def image_mlp(
     input_shape: Sequence[int], hidden: Sequence[int] = (256, 256), num_classes: int = 10
 ) -> nn.Sequential:
     """Flatten + ReLU MLP for image classification."""
-    return nn.Sequential(
-        nn.Flatten(), *mlp(math.prod(input_shape), tuple(hidden), num_classes)
-    )
+    return nn.Sequential(nn.Flatten(), *mlp(math.prod(input_shape), tuple(hidden), num_classes))
 
 
 def paper_mlp(depth: int = 4, width: int = 20, in_features: int = 2) -> nn.Sequential:
