@@ -278,7 +278,8 @@ class LipschitzCallback(Callback):
         from lipreg.functional.graph import analyse
         from lipreg.functional.seqlip import _segment
 
-        analysis = analyse(network, self.input_shape)  # raises for unsupported ops
+        # raises for unsupported ops; reuses the estimator's trace
+        analysis = analyse(network, self.input_shape, traced=self._estimator._traced)
         if self.methods is None or "seqlip" in self.methods:
             try:
                 _segment(analysis)
