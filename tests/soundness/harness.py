@@ -1,0 +1,174 @@
+"""Shared checks of the soundness harness and its per-family tally.
+
+:func:`check_soundness` bounds one model with ``lipreg.autolip`` and either
+
+* records an intentional refusal (``UnsupportedOperationError`` / ``TraceError``) and checks
+  that its message names the op, or
+* checks ``certified_upper ≥ oracle_lower · (1 − 1e-6)`` with the independent oracle,
+
+and in both cases that bounding left the model bit-identical (parameters, buffers, plain
+tensor attributes, ``training`` flags) and the global RNG untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import lipreg
+from tests.soundness.oracle import OracleResult, fingerprint_diff, model_fingerprint
+from tests.soundness.oracle import oracle_lower_bound as _oracle
+
+__all__ = ["STATS", "Outcome", "check_soundness", "refusal_reasons", "summary_lines"]
+
+REL_TOL = 1e-6
+
+
+@dataclass
+class Outcome:
+    label: str
+    families: list[str]
+    status: str  # "certified", "refused", "unsound", "error", "mutated", "bad-refusal"
+    upper: float | None = None
+    lower: float | None = None
+    jacobian_norm: float | None = None
+    reasons: list[str] = field(default_factory=list)
+    message: str = ""
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("certified", "refused")
+
+
+@dataclass
+class _Stats:
+    per_family: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    reasons: Counter[str] = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)
+    cases: int = 0
+    seconds: float = 0.0
+
+
+STATS = _Stats()
+
+
+def refusal_reasons(message: str) -> list[str]:
+    """One short line per refused node of a lipreg refusal message."""
+    lines = [ln.strip()[2:] for ln in message.splitlines() if ln.strip().startswith("- ")]
+    if not lines:
+        lines = [message.split(". ")[0]]
+    return [re.sub(r"\s+", " ", ln)[:140] for ln in lines]
+
+
+def _record(outcome: Outcome) -> None:
+    STATS.cases += 1
+    STATS.seconds += outcome.seconds
+    for fam in set(outcome.families):
+        STATS.per_family[fam][outcome.status] += 1
+    for reason in outcome.reasons:
+        STATS.reasons[reason] += 1
+    if not outcome.ok:
+        STATS.failures.append(f"{outcome.label}: {outcome.status}: {outcome.message[:300]}")
+
+
+def check_soundness(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    label: str,
+    families: Sequence[str],
+    names: Sequence[str],
+    seed: int = 0,
+    oracle_kwargs: dict | None = None,
+    autolip_kwargs: dict | None = None,
+    check_lower_bound: bool = False,
+    lower_bound_kwargs: dict | None = None,
+) -> Outcome:
+    """Bound ``model`` with lipreg and judge the result (see the module docstring)."""
+    start = time.perf_counter()
+    outcome = Outcome(label=label, families=list(families), status="certified")
+    before = model_fingerprint(model)
+    rng_before = torch.random.get_rng_state()
+    try:
+        try:
+            result = lipreg.autolip(model, tuple(input_shape), **(autolip_kwargs or {}))
+        except (lipreg.UnsupportedOperationError, lipreg.TraceError) as exc:
+            message = str(exc)
+            outcome.status = "refused"
+            outcome.reasons = refusal_reasons(message)
+            outcome.message = message
+            if not any(n.lower() in message.lower() for n in names):
+                outcome.status = "bad-refusal"
+                outcome.message = f"the refusal names none of {list(names)}: {message}"
+        except Exception as exc:  # a raw error is a bug: lipreg must refuse by name
+            outcome.status = "error"
+            outcome.message = f"{type(exc).__name__}: {exc}"
+        else:
+            mutated = fingerprint_diff(before, model_fingerprint(model))
+            outcome.upper = float(result.value)
+            oracle: OracleResult = _oracle(model, input_shape, seed=seed, **(oracle_kwargs or {}))
+            outcome.lower, outcome.jacobian_norm = oracle.lower, oracle.jacobian_norm
+            if not (result.certified and result.kind == "upper"):
+                outcome.status = "unsound"
+                outcome.message = f"not certified: certified={result.certified}, kind={result.kind}"
+            elif not math.isfinite(outcome.upper) or outcome.upper < oracle.lower * (1 - REL_TOL):
+                outcome.status = "unsound"
+                outcome.message = (
+                    f"certified upper bound {outcome.upper:.6g} < certified lower bound "
+                    f"{oracle.lower:.6g} (‖J‖ = {oracle.jacobian_norm:.6g})"
+                )
+            elif check_lower_bound:
+                lb = lipreg.lower_bound(
+                    model, tuple(input_shape), **(lower_bound_kwargs or _CHEAP_LOWER_BOUND)
+                )
+                if lb.kind != "lower" or not lb.value <= outcome.upper * (1 + REL_TOL):
+                    outcome.status = "unsound"
+                    outcome.message = (
+                        f"lipreg.lower_bound {lb.value:.6g} (kind {lb.kind}) > certified upper "
+                        f"bound {outcome.upper:.6g}"
+                    )
+            if mutated and outcome.ok:
+                outcome.status = "mutated"
+                outcome.message = f"autolip changed {mutated}"
+        diff = fingerprint_diff(before, model_fingerprint(model))
+        rng_same = torch.equal(rng_before, torch.random.get_rng_state())
+        if (diff or not rng_same) and outcome.ok:
+            outcome.status = "mutated"
+            outcome.message = f"bounding changed {diff}" + ("" if rng_same else " + global RNG")
+    finally:
+        outcome.seconds = time.perf_counter() - start
+        _record(outcome)
+    return outcome
+
+
+_CHEAP_LOWER_BOUND = {"n_random": 32, "n_anneal_steps": 5, "n_chains": 2, "batch_size": 32}
+
+
+def summary_lines() -> list[str]:
+    """The per-family table of the run (for the terminal summary)."""
+    if not STATS.cases:
+        return []
+    out = [
+        f"soundness harness: {STATS.cases} cases in {STATS.seconds:.1f} s (bounding + oracle time)",
+        f"{'family':34s} {'models':>6s} {'certified':>9s} {'refused':>7s} {'failed':>6s}",
+    ]
+    for fam in sorted(STATS.per_family):
+        c = STATS.per_family[fam]
+        total = sum(c.values())
+        failed = total - c["certified"] - c["refused"]
+        out.append(f"{fam:34s} {total:6d} {c['certified']:9d} {c['refused']:7d} {failed:6d}")
+    if STATS.reasons:
+        out.append("refusal reasons (count):")
+        out += [f"  {n:4d}  {r}" for r, n in STATS.reasons.most_common(40)]
+    if STATS.failures:
+        out.append(f"failures ({len(STATS.failures)}):")
+        out += [f"  {f}" for f in STATS.failures]
+    return out
