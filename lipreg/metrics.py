@@ -12,43 +12,54 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lipreg.functional.graph import check_finite_parameters, eval_function
-from lipreg.functional.lower_bound import jacobian_norms
+from lipreg.functional.lower_bound import DifferenceQuotients, jacobian_norms
 
 __all__ = ["LipschitzLowerBound"]
 
+LOCAL_STEPS = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
+"""Relative steps of the metric's quotients: small, so that the value describes the network at
+the evaluated samples (``lipreg.lower_bound`` also tries larger steps)."""
+
 
 class LipschitzLowerBound(Metric):
-    r"""Data-dependent lower bound of the l2 Lipschitz constant of ``model``.
+    r"""Data-dependent certified lower bound of the l2 Lipschitz constant of ``model``.
 
     For the evaluated samples :math:`x_1, \dots, x_N` (all batches passed to :meth:`update`
     since the last :meth:`reset`, on all processes)
 
     .. math::
 
-        \widehat{L} = \max_{i} \lVert J_f(x_i)\, v_i \rVert_2
-        \le \max_{i} \lVert J_f(x_i) \rVert_2 \le L(f),
+        \widehat{L} = \max_{i \in S} \max_{t}
+        \frac{\lVert f(x_i + h_{i,t}) - f(x_i) \rVert_2 - \text{margin}}
+             {\lVert h_{i,t} \rVert_2} \le L(f),
 
-    where :math:`J_f(x_i)` is the Jacobian of the network in evaluation mode at :math:`x_i`
-    (exact autograd, no finite differences) and :math:`v_i` the unit vector reached by
-    ``n_iter`` steps of batched power iteration on :math:`J_f(x_i)^\top J_f(x_i)` (see
-    :func:`lipreg.functional.lower_bound.jacobian_norms`).
+    difference quotients evaluated in float64 (:class:`lipreg.functional.lower_bound.
+    DifferenceQuotients`, with the rounding model documented in
+    :mod:`lipreg.functional.lower_bound`) along ``h_{i,t} = ±t·max(‖x_i‖, 1)·v_i``. The
+    direction :math:`v_i` and the set :math:`S` (the ``n_certify`` samples of each batch with
+    the largest ``‖J_f(x_i) v_i‖``) come from ``n_iter`` steps of batched power iteration on
+    :math:`J_f(x_i)^\top J_f(x_i)` (autograd, :func:`lipreg.functional.lower_bound.
+    jacobian_norms`); the Jacobian only guides, it is never reported.
 
     **Guarantee.** Every value is a certified *lower* bound on the l2 Lipschitz constant of
-    the network in evaluation mode (at points of differentiability, up to rounding in the
-    model's dtype), never an upper bound: the true constant can be much larger than what the
-    data reveal.
+    the network in evaluation mode, by definition of the constant (any two points), at kinks
+    too, never an upper bound: the true constant can be much larger than what the data reveal.
+    A non-finite output raises ``ValueError`` ("non-finite").
 
     The model is evaluated with evaluation semantics (BatchNorm running statistics, dropout
     off) through :func:`lipreg.functional.graph.eval_function`, whatever its current mode,
-    and is never modified: no parameter, buffer (BatchNorm running statistics), ``.grad``,
-    train/eval flag or global RNG state changes. :meth:`update` works inside
-    ``torch.no_grad()`` and ``torch.inference_mode()`` (as in Lightning's validation loop).
+    and is never modified (the float64 evaluation runs on a deep copy when the model is not
+    float64): no parameter, buffer (BatchNorm running statistics), ``.grad``, train/eval flag
+    or global RNG state changes. :meth:`update` works inside ``torch.no_grad()`` and
+    ``torch.inference_mode()`` (as in Lightning's validation loop).
 
     Args:
         model: the network, a map from a batch ``(B, *input_shape)`` to a batch of outputs
             that treats samples independently. Only a reference is kept: the model is not a
             submodule of the metric (see *Notes*).
         n_iter: power iterations per update (per-sample Jacobian norms).
+        n_certify: samples per update whose difference quotients are certified (those with
+            the largest Jacobian norms).
         tol: relative tolerance at which power iteration stops early.
         max_samples_per_update: if given, each :meth:`update` evaluates a random subset of at
             most this many samples of the batch (drawn with the private generator).
@@ -59,9 +70,9 @@ class LipschitzLowerBound(Metric):
     Notes:
         * State ``value``: a float32 scalar reduced with ``max`` across processes (values are
           non-negative, so the default 0 is neutral). float32 is torchmetrics' convention,
-          works on every device (MPS has no float64) and is ample for logging; the Jacobian
-          norms themselves are computed in the model's dtype and rounded *down* when stored,
-          so storing never inflates the bound. Use ``metric.set_dtype(torch.float64)`` to keep
+          works on every device (MPS has no float64) and is ample for logging; the certified
+          quotients are computed in float64 and rounded *down* when stored, so storing never
+          inflates the bound. Use ``metric.set_dtype(torch.float64)`` to keep
           float64.
         * The model is held as a plain attribute, not registered as a submodule: otherwise the
           parameters of a LightningModule owning both the network and the metric would appear
@@ -97,6 +108,7 @@ class LipschitzLowerBound(Metric):
         model: nn.Module,
         *,
         n_iter: int = 30,
+        n_certify: int = 4,
         tol: float = 1e-6,
         max_samples_per_update: int | None = None,
         seed: int = 0,
@@ -107,6 +119,8 @@ class LipschitzLowerBound(Metric):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if not _is_int(n_iter) or n_iter < 1:
             raise ValueError(f"n_iter must be a positive int, got {n_iter!r}.")
+        if not _is_int(n_certify) or n_certify < 1:
+            raise ValueError(f"n_certify must be a positive int, got {n_certify!r}.")
         if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol >= 0:
             raise ValueError(f"tol must be a non-negative float, got {tol!r}.")
         if max_samples_per_update is not None and (
@@ -122,6 +136,7 @@ class LipschitzLowerBound(Metric):
         # a submodule (duplicated state_dict/parameters in the owner, .to() moving the model).
         object.__setattr__(self, "_model", model)
         self.n_iter = int(n_iter)
+        self.n_certify = int(n_certify)
         self.tol = float(tol)
         self.max_samples_per_update = (
             None if max_samples_per_update is None else int(max_samples_per_update)
@@ -139,7 +154,7 @@ class LipschitzLowerBound(Metric):
         return self._model
 
     def update(self, x: Tensor) -> None:
-        """Add the largest local Jacobian norm over the batch ``x`` of shape ``(B, *in_shape)``."""
+        """Add the best certified difference quotient at the batch ``x`` (``(B, *in_shape)``)."""
         if not isinstance(x, Tensor):
             raise TypeError(
                 f"update() expects a tensor batch of model inputs (B, *input_shape), got "
@@ -190,7 +205,7 @@ class LipschitzLowerBound(Metric):
 
             with torch.enable_grad():
                 try:
-                    sigma, _ = jacobian_norms(fn_tensor, x, v0=v0, n_iter=self.n_iter, tol=self.tol)
+                    sigma, v = jacobian_norms(fn_tensor, x, v0=v0, n_iter=self.n_iter, tol=self.tol)
                 except RuntimeError as exc:
                     raise RuntimeError(
                         f"evaluating the model's Jacobian on a batch of shape {tuple(x.shape)} "
@@ -203,13 +218,15 @@ class LipschitzLowerBound(Metric):
                     "the model's Jacobian norm is non-finite (NaN/Inf) at some inputs: the "
                     "network overflows on this batch."
                 )
-            batch_max = _round_down(sigma.max(), self.value.dtype).to(self.value.device)
+            top = torch.argsort(sigma, descending=True, stable=True)[: self.n_certify]
+            certificate = DifferenceQuotients(model, steps=LOCAL_STEPS)(x[top], v[top])
+            batch_max = _round_down(certificate.values.max(), self.value.dtype)
             # Also outside inference mode, so that the state never becomes an inference tensor.
-            self.value = torch.maximum(self.value, batch_max)
+            self.value = torch.maximum(self.value, batch_max.to(self.value.device))
         self._sample_ndim = x.ndim - 1
 
     def compute(self) -> Tensor:
-        """The running maximum of the local Jacobian norms (0 before any update)."""
+        """The running maximum of the certified quotients (0 before any update)."""
         return self.value
 
 

@@ -4,7 +4,9 @@ Ground truths, all independent of the code under test: spectral norms of float64
 (``torch.linalg.matrix_norm``), dense Jacobians from ``torch.autograd.functional.jacobian`` and
 their SVDs, the brute-force max over activation patterns of ``||W2 diag(σ) W1||`` (equal to
 L(f) for one hidden ReLU layer with a full-row-rank first layer, paper.md §5 fact 7), and the
-published exact constant of the LipSDP random network (36.48223).
+published exact constant of the LipSDP random network (36.48223), exact rational products
+(``fractions``) for a cancelling network, closed forms (``|x|``, networks that are identically
+zero), and difference quotients recomputed by plain float64 module calls.
 """
 
 from __future__ import annotations
@@ -130,12 +132,12 @@ def test_lipsdp_random_network() -> None:
 
 
 def test_float32_model_is_close_to_its_float64_norm() -> None:
-    """float32 Jacobian products may overshoot ||W|| by rounding (~2e-7), never by more."""
+    """The float32 search may overshoot ||W|| by rounding; the certified quotient never does."""
     for seed in range(3):
         layer = init_(nn.Linear(20, 15), 70 + seed)
         exact = norm2(layer.weight)
         res = lipreg.lower_bound(layer, (20,), n_random=64, batch_size=64, n_anneal_steps=2)
-        assert res.value <= exact * (1 + 1e-6)
+        assert res.value <= exact * (1 + 1e-12)
         assert res.value >= exact * (1 - 1e-5)
 
 
@@ -442,3 +444,253 @@ def test_same_seed_same_value_and_global_rng_untouched() -> None:
     assert torch.equal(torch.get_rng_state(), rng)
     assert a.value == b.value
     assert torch.equal(a.state["argmax"], b.state["argmax"])
+
+
+# ---------------------------------------------------------------------------------------------
+# 14. Certified by definition: difference quotients, kinks, cancellation, non-finite values
+# ---------------------------------------------------------------------------------------------
+
+
+def quotient64(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> float:
+    """``‖f(z) − f(x)‖ / ‖z − x‖`` of an eval-mode float64 copy, by a plain module call."""
+    m = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        fz, fx = m(z.to(F64)[None]), m(x.to(F64)[None])
+    return float((fz - fx).norm() / (z.to(F64) - x.to(F64)).norm())
+
+
+class KinkZero(nn.Module):
+    """``relu(x) − relu(−x) − x ≡ 0``, whose autograd Jacobian at 0 is ``−I`` (norm 1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x) - torch.relu(-x) - x
+
+
+class Abs(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.abs()
+
+
+def test_identically_zero_network_at_a_kink_gives_zero_not_one() -> None:
+    net = KinkZero()
+    zeros = torch.zeros(3, 4, dtype=F64)
+    sigma, _ = lipreg.jacobian_norms(net, zeros, generator=gen(0))
+    assert torch.allclose(sigma, torch.ones(3, dtype=F64))  # the trap: autograd says 1
+    res = lipreg.lower_bound(net, (4,), inputs=zeros, **data_only())
+    assert res.value == 0.0
+    assert res.kind == "lower"
+    assert res.estimate == pytest.approx(1.0)  # the uncertified autograd value, reported as such
+    assert any("kink" in n for n in res.notes)
+    # away from the kink too
+    assert lipreg.lower_bound(net, (4,), **FAST).value == 0.0
+
+
+def test_identically_zero_sequential_gives_zero() -> None:
+    net = nn.Sequential(nn.Linear(4, 4, dtype=F64), nn.ReLU(), nn.Linear(4, 4, dtype=F64))
+    init_(net, 5)
+    with torch.no_grad():
+        net[2].weight.zero_()  # output ≡ bias
+    assert lipreg.lower_bound(net, (4,), **FAST).value == 0.0
+
+
+def test_abs_at_its_kink_reaches_one_and_never_exceeds_it() -> None:
+    # L(|x|) = 1 exactly; autograd's Jacobian at 0 is 0.
+    res = lipreg.lower_bound(Abs(), (5,), inputs=torch.zeros(2, 5, dtype=F64), **data_only())
+    assert 1 - 1e-9 <= res.value <= 1.0
+    res = lipreg.lower_bound(Abs(), (5,), **FAST)
+    assert 1 - 1e-6 <= res.value <= 1.0
+
+
+def test_relu_net_at_a_kink_bias_free_origin() -> None:
+    """At 0 every unit of a bias-free ReLU net sits on its kink (autograd: J = 0)."""
+    net = relu_mlp([8, 6, 3], 11, bias=False)
+    W1, W2 = net[0].weight.detach(), net[2].weight.detach()
+    exact = brute_k2(W1, W2)
+    zeros = torch.zeros(1, 8, dtype=F64)
+    sigma, _ = lipreg.jacobian_norms(net, zeros, generator=gen(0))
+    assert float(sigma[0]) == 0.0
+    res = lipreg.lower_bound(net, (8,), inputs=zeros, **data_only())
+    assert 0 < res.value <= exact * (1 + 1e-12)
+    z = res.state["witness"]
+    assert res.value <= quotient64(net, res.state["argmax"], z) * (1 + 1e-12)
+    # positively homogeneous: the quotient along ±v is ‖f(±v)‖, one of them is the value
+    v = res.state["direction"].to(F64)
+    v = v / v.norm()
+    with torch.no_grad():
+        best = max(float(net(v[None]).norm()), float(net(-v[None]).norm()))
+    assert res.value == pytest.approx(best, rel=1e-9)
+
+
+def test_relu_net_at_a_kink_of_one_unit() -> None:
+    """One unit exactly on its kink: the certified value still covers the off-side piece."""
+    net = relu_mlp([5, 6, 3], 12)
+    with torch.no_grad():
+        net[0].weight[0] = torch.tensor([1.0, 0, 0, 0, 0], dtype=F64)
+        net[0].bias[0] = 0.0
+    x = torch.randn(1, 5, generator=gen(13), dtype=F64)
+    x[0, 0] = 0.0  # unit 0's pre-activation is exactly 0
+    exact = brute_k2(net[0].weight.detach(), net[2].weight.detach())
+    autograd_norm = float(local_norms(net, x)[0])
+    res = lipreg.lower_bound(net, (5,), inputs=x, n_iter=200, **data_only())
+    assert res.value <= exact * (1 + 1e-12)
+    assert res.value >= autograd_norm * (1 - 1e-6)  # both sides of the kink were tried
+    assert res.value <= quotient64(net, res.state["argmax"], res.state["witness"]) * (1 + 1e-12)
+
+
+def exact_product_norm(W2: torch.Tensor, W1: torch.Tensor) -> float:
+    """``‖W2 W1‖_2`` with the product computed exactly in rational arithmetic."""
+    from fractions import Fraction
+
+    a = [[Fraction(float(w)) for w in row] for row in W2.tolist()]
+    b = [[Fraction(float(w)) for w in row] for row in W1.tolist()]
+    prod = [
+        [float(sum(a[i][k] * b[k][j] for k in range(len(b)))) for j in range(len(b[0]))]
+        for i in range(len(a))
+    ]
+    return norm2(torch.tensor(prod, dtype=F64))
+
+
+def test_cancellation_below_the_rounding_noise_is_not_certified() -> None:
+    """W2 W1 ≈ 3e-14 exactly, while float64 rounding noise in the output is ~1e-14: a margin
+    relative to the (tiny) output would certify ~1e-7 here, 10⁶ times the true constant."""
+    g = gen(0)
+    W1 = (
+        torch.randn(6, 2, generator=g, dtype=F64) @ torch.randn(2, 6, generator=g, dtype=F64)
+    ) * 10
+    U = torch.linalg.svd(W1).U
+    W2 = torch.cat([U[:, 2:].T, 3 * U[:, 2:4].T])  # rows ⟂ the range of W1
+    net = nn.Sequential(
+        nn.Linear(6, 6, bias=False, dtype=F64), nn.Linear(6, 6, bias=False, dtype=F64)
+    )
+    with torch.no_grad():
+        net[0].weight.copy_(W1)
+        net[1].weight.copy_(W2)
+    exact = exact_product_norm(W2, W1)
+    assert 0 < exact < 1e-12
+    for model in (net, copy.deepcopy(net).float()):
+        exact_m = exact_product_norm(model[1].weight.detach(), model[0].weight.detach())
+        res = lipreg.lower_bound(model, (6,), **FAST)
+        assert res.value <= exact_m * (1 + 1e-9)
+
+
+def test_certified_value_is_a_real_quotient_of_the_witness_pair() -> None:
+    net = tanh_net()
+    res = lipreg.lower_bound(net, (5,), **FAST)
+    x, z = res.state["argmax"], res.state["witness"]
+    assert not torch.equal(x.to(F64), z)
+    assert res.value <= quotient64(net, x, z) * (1 + 1e-12)
+    assert res.value >= quotient64(net, x, z) * (1 - 1e-6)  # the margin is small
+
+
+@pytest.mark.parametrize("make,shape", NETS.values(), ids=NETS.keys())
+def test_tight_against_the_best_jacobian_norm(make, shape) -> None:
+    net = make()
+    res = lipreg.lower_bound(net, shape, **FAST)
+    assert res.kind == "lower"
+    assert res.value >= 0.97 * res.estimate
+    assert res.value >= 0.97 * float(local_norms(net, res.state["argmax"][None])[0])
+
+
+class NaNScale(nn.Module):
+    def __init__(self, value: float, where: str) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.scale = torch.tensor(value)  # a plain attribute, not a buffer or parameter
+        self.where = where
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.where == "mul":
+            return self.lin(x) * self.scale
+        return self.lin(x) + self.scale  # finite Jacobian, non-finite output
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize("where", ["mul", "add"])
+def test_non_finite_outputs_raise_never_a_finite_number(value: float, where: str) -> None:
+    with pytest.raises(ValueError, match="non-finite"):
+        lipreg.lower_bound(NaNScale(value, where), (3,), **FAST)
+
+
+class BatchCoupled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3, dtype=F64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x - x.mean(0, keepdim=True))
+
+
+def test_batch_coupled_models_are_refused() -> None:
+    with pytest.raises(ValueError, match="per-sample"):
+        lipreg.lower_bound(BatchCoupled(), (4,), **FAST)
+    bn = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3, track_running_stats=False))
+    with pytest.raises(ValueError, match="track_running_stats"):
+        lipreg.lower_bound(bn, (4,), **FAST)
+
+
+class NoDeepCopy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+    def __deepcopy__(self, memo: dict) -> NoDeepCopy:
+        raise TypeError("cannot copy this module")
+
+
+def test_a_model_that_cannot_be_copied_to_float64_raises_clearly() -> None:
+    with pytest.raises(RuntimeError, match="deepcopy"):
+        lipreg.lower_bound(NoDeepCopy(), (3,), **FAST)
+
+
+# ---------------------------------------------------------------------------------------------
+# 15. Models without forward-mode AD: reverse-mode fallback (LSTM, fused attention)
+# ---------------------------------------------------------------------------------------------
+
+
+class LSTMOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(x)[0]
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+def segment_sup(model: nn.Module, x: torch.Tensor, z: torch.Tensor, n: int = 41) -> float:
+    """max of the dense float64 Jacobian norm on points of the segment [x, z] (mean value
+    theorem: the quotient is at most the sup over the segment)."""
+    m = copy.deepcopy(model).double().eval()
+    t = torch.linspace(0, 1, n, dtype=F64).reshape(-1, *([1] * x.ndim))
+    pts = x.to(F64)[None] + t * (z.to(F64) - x.to(F64))[None]
+    return float(local_norms(m, pts).max())
+
+
+@pytest.mark.parametrize(
+    "make,shape", [(LSTMOut, (5, 3)), (Attention, (5, 4))], ids=["lstm", "mha"]
+)
+def test_models_without_forward_ad(make, shape) -> None:
+    model = init_(make(), 90, scale=0.5).eval()
+    X = torch.randn(6, *shape, generator=gen(91))
+    with torch.no_grad():  # the fused attention kernel runs under no_grad
+        sigma, _ = lipreg.jacobian_norms(model, X, n_iter=300, tol=1e-10, generator=gen(92))
+    expected = local_norms(copy.deepcopy(model).double(), X)
+    assert torch.allclose(sigma.double(), expected, rtol=1e-4)
+    with torch.no_grad():
+        res = lipreg.lower_bound(model, shape, n_random=32, batch_size=32, n_anneal_steps=2)
+    assert res.kind == "lower"
+    x, z = res.state["argmax"], res.state["witness"]
+    assert res.value <= quotient64(model, x, z) * (1 + 1e-12)
+    assert res.value <= segment_sup(model, x, z) * (1 + 1e-3)
+    assert res.value >= 0.97 * float(local_norms(copy.deepcopy(model).double(), x[None])[0])
