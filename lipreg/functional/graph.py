@@ -1,28 +1,36 @@
 """Tracing a network into a graph of Lipschitz specs.
 
-:func:`analyse` traces ``model`` with ``torch.fx``, runs one probe pass (batch of 2 zeros, with
-*evaluation* semantics: BatchNorm uses running statistics, dropout is the identity) without
-touching the model — no mode switch, no hooks fired, no buffer update, no global RNG — and
-assigns to every input-dependent node the spec returned by its rule
-(:mod:`lipreg.functional.rules`). Every node without a rule is collected, and one
-:class:`UnsupportedOperationError` lists them all.
+:func:`analyse` traces ``model`` with ``torch.fx`` and runs two probe passes, both with
+*evaluation semantics*: every submodule's ``training`` flag is off while tracing and probing
+(so ``if self.training:`` branches, dropout, BatchNorm statistics and parametrizations such as
+``spectral_norm`` behave as in ``model.eval()``), no hook fires, the global RNG is untouched,
+and every flag and buffer is restored exactly afterwards. It then assigns to every
+input-dependent node the spec returned by its rule (:mod:`lipreg.functional.rules`).
+
+**Deny by default.** A node depends on the input when any of its arguments does, whatever
+its value type (a tuple holding ``None``, a nested tuple, a dict): only shape queries
+(``x.shape``, ``x.size()``, ``x.dim()``) read nothing but metadata. Everything the analysis
+cannot account for is refused with the node named, all at once, in one
+:class:`UnsupportedOperationError`: an op without a rule (or with a rule proven for a parent
+class whose methods the module overrides), a value that is not a plain tensor, an in-place
+update whose old value is read afterwards, an op that mixes the samples of a batch (found by
+changing one sample of the probe batch and watching the other).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from lipreg.functional.rules import (
-    NOT_LIPSCHITZ_HINTS,
     Affine,
     Combine,
     Elementwise,
@@ -33,6 +41,9 @@ from lipreg.functional.rules import (
     _Var,
     has_module_rule,
     lookup_rule,
+    overriding_methods,
+    refusal_hint,
+    splits_into_pieces,
 )
 
 __all__ = [
@@ -43,7 +54,9 @@ __all__ = [
     "check_finite_parameters",
     "check_input_shape",
     "eval_function",
+    "evaluation_mode",
     "trace",
+    "unwrap_compiled",
 ]
 
 
@@ -64,23 +77,80 @@ class TraceError(TypeError):
     """``torch.fx`` could not trace the network."""
 
 
-_DROPOUT_FUNCTIONS = {
-    F.dropout,
-    F.dropout1d,
-    F.dropout2d,
-    F.dropout3d,
-    F.alpha_dropout,
-    F.feature_alpha_dropout,
-}
-_DROPOUT_MODULES = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
 _PROBE_BATCH = 2
+# Ops that read only a tensor's metadata: their results do not depend on the input's values.
+_SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "get_device"})
+_SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module, *, restore_buffers: bool = True) -> Iterator[None]:
+    """Run a block with every submodule of ``model`` in evaluation mode, then restore it.
+
+    The ``training`` flags are set directly (``Module.eval`` may be overridden by user code)
+    and restored exactly, each module to its own value. With ``restore_buffers``, every
+    buffer the block writes to (a running statistic, a ``spectral_norm`` vector, a counter)
+    is put back bit for bit: lipreg never modifies the model it bounds.
+    """
+    modules = list(model.modules())
+    flags = [m.training for m in modules]
+    saved: list[tuple[Tensor, int, Tensor]] = []
+    if restore_buffers:
+        with torch.no_grad():
+            saved = [(b, b._version, b.detach().clone()) for b in model.buffers()]
+    try:
+        for m in modules:
+            m.training = False
+        yield
+    finally:
+        for m, flag in zip(modules, flags, strict=True):
+            m.training = flag
+        with torch.no_grad():
+            for buffer, version, copy in saved:
+                if buffer._version != version:
+                    buffer.copy_(copy)
+
+
+def unwrap_compiled(module: nn.Module) -> nn.Module:
+    """The eager module behind ``torch.compile(module)`` (compiling does not change the
+    function, and lipreg traces Python code, not compiled kernels)."""
+    while type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
+        module = module._orig_mod
+    return module
+
+
+def _has_forward(model: nn.Module) -> bool:
+    """Whether some class of ``model`` below the framework base classes defines forward()."""
+    for cls in type(model).__mro__:
+        if "forward" in vars(cls):
+            base = cls is nn.Module or cls.__module__.startswith(
+                ("lightning.pytorch.core", "pytorch_lightning.core")
+            )
+            return not base
+    return False
+
+
+def sub_networks(model: nn.Module) -> list[str]:
+    """Names of ``model``'s direct children that have parameters and a forward()."""
+    return [
+        name
+        for name, child in model.named_children()
+        if any(True for _ in child.parameters()) and _has_forward(unwrap_compiled(child))
+    ]
+
+
+def check_has_forward(model: nn.Module) -> None:
+    """Raise :class:`TraceError` with the sub-networks to choose from when ``model`` has no
+    ``forward`` of its own (an autoencoder or a GAN written as a LightningModule)."""
+    if _has_forward(model):
+        return
+    subs = sub_networks(model)
+    pick = subs[0] if subs else "net"
+    raise TraceError(
+        f"{type(model).__name__} has no forward(): there is no single function of the input "
+        f"to bound. Its sub-networks are {subs}; bound one of them, e.g. "
+        f"lipreg.autolip(model.{pick}, input_shape), or LipschitzCallback(model_attr={pick!r})."
+    )
 
 
 def check_input_shape(input_shape: Any) -> tuple[int, ...]:
@@ -155,6 +225,7 @@ class Analysis:
     labels: dict[fx.Node, str] = field(default_factory=dict)
     pieces: set[fx.Node] = field(default_factory=set)
     model_name: str = "model"
+    refusals: dict[fx.Node, str] = field(default_factory=dict)
 
     def _materialise(self, ctx: NodeContext) -> None:
         """Constant arguments as the rules see them: parameters read from the live model
@@ -162,7 +233,7 @@ class Analysis:
 
         def load(a: Any) -> Any:
             if isinstance(a, _Attr):
-                a = _resolve(self.root, a.target)
+                a = _resolve_attr(self.graph.owning_module, self.root, a.target)
             if isinstance(a, Tensor) and a.is_floating_point():
                 a = a.to(dtype=ctx.dtype, device=ctx.device)
                 return a if ctx.differentiable else a.detach()
@@ -179,30 +250,27 @@ class Analysis:
         every step so that its closures see the current weights, with autograd.
         """
         specs: dict[fx.Node, Spec] = {}
-        unsupported: list[str] = []
-        for node, ctx in self.contexts.items():
-            self._materialise(ctx)
-            if node in self.pieces:
-                specs[node] = Nonlinear(1.0, "one piece of a split")
-                continue
-            rule = lookup_rule(node, ctx.target)
-            if rule is None:
-                unsupported.append(_describe_unsupported(node, ctx.target, None))
-                continue
-            try:
-                specs[node] = rule(ctx)
-            except UnsupportedNodeError as exc:
-                unsupported.append(_describe_unsupported(node, ctx.target, str(exc)))
+        unsupported: list[tuple[str, bool]] = []  # (description, a rule could be added)
+        with evaluation_mode(self.root, restore_buffers=False):
+            for node, ctx in self.contexts.items():
+                self._materialise(ctx)
+                if node in self.refusals:
+                    reason = _rule_refusal(node, ctx) or self.refusals[node]
+                    unsupported.append((_describe(node, ctx.target, reason), False))
+                    continue
+                if node in self.pieces:
+                    specs[node] = Nonlinear(1.0, "one piece of a split")
+                    continue
+                rule = lookup_rule(node, ctx.target)
+                if rule is None:
+                    unsupported.append(_describe_missing_rule(node, ctx.target))
+                    continue
+                try:
+                    specs[node] = rule(ctx)
+                except UnsupportedNodeError as exc:
+                    unsupported.append((_describe(node, ctx.target, str(exc)), False))
         if unsupported:
-            lines = "\n".join(f"  - {u}" for u in unsupported)
-            raise UnsupportedOperationError(
-                f"lipreg has no Lipschitz rule for {len(unsupported)} node(s) of "
-                f"{self.model_name}:\n{lines}\n"
-                "Add one with lipreg.register_rule(target, rule), e.g. "
-                "lipreg.register_rule(MyActivation, lipreg.Elementwise(0.0, 1.0)) for an "
-                "activation with slopes in [0, 1], or a function returning lipreg.Affine(...) "
-                "/ lipreg.Nonlinear(constant) (see lipreg.functional.rules)."
-            )
+            raise UnsupportedOperationError(_unsupported_message(self.model_name, unsupported))
         self.specs = specs
 
     def users(self, node: fx.Node) -> list[fx.Node]:
@@ -218,15 +286,39 @@ class Analysis:
         return self.labels.get(node, node.name)
 
 
+def _rule_refusal(node: fx.Node, ctx: NodeContext) -> str | None:
+    """The node's own rule's reason to refuse it, if any (more specific than the analysis')."""
+    rule = lookup_rule(node, ctx.target)
+    if rule is None:
+        return None
+    try:
+        rule(ctx)
+    except UnsupportedNodeError as exc:
+        return str(exc)
+    return None
+
+
 class _Tracer(fx.Tracer):
-    """fx tracer that (i) keeps modules with a registered lipreg rule as leaves, so that
-    ``register_rule(MyModule, ...)`` works for user modules, and (ii) never runs forward hooks
-    while tracing (they would receive fx proxies; lipreg bounds ``forward`` only)."""
+    """fx tracer that (i) keeps modules whose rule binds (:func:`rules.module_rule_class`) as
+    leaves, so that ``register_rule(MyModule, ...)`` works for user modules, and traces
+    through every other module, including a subclass of a ruled torch module that overrides
+    a method (torch's own modules without a rule stay leaves and are refused by name);
+    (ii) never runs forward hooks while tracing (they would receive fx proxies; lipreg bounds
+    ``forward`` only); (iii) traces the eager module behind a ``torch.compile`` wrapper."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return has_module_rule(m) or super().is_leaf_module(m, module_qualified_name)
+        if unwrap_compiled(m) is not m:
+            return False
+        if has_module_rule(m):
+            return True
+        if overriding_methods(m):  # a subclass of a ruled class: a different function
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        inner = unwrap_compiled(m)
+        if inner is not m:
+            return self.call_module(inner, inner.forward, args, kwargs)
         return super().call_module(m, m.forward, args, kwargs)
 
 
@@ -236,13 +328,19 @@ def trace(model: nn.Module) -> fx.GraphModule:
     A model that is itself a leaf with a rule (a bare ``nn.Conv2d``, say) is traced as a
     one-module graph so that its rule, and its certificate, apply.
     """
+    model = unwrap_compiled(model)
     _warn_about_hooks(model)
+    check_has_forward(model)
     if has_module_rule(model):
         return _with_root(_sequential_graph(nn.Sequential(model)), nn.Sequential(model))
+    before = set(vars(model))
     try:
-        tracer = _Tracer()
-        graph = tracer.trace(model)
-        return _with_root(fx.GraphModule(tracer.root, graph, type(model).__name__), model)
+        # The graph of the evaluation-mode function: `if self.training:` branches are
+        # resolved as in model.eval(); flags are restored afterwards.
+        with evaluation_mode(model):
+            tracer = _Tracer()
+            graph = tracer.trace(model)
+            gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
         if isinstance(model, nn.Sequential):
             return _with_root(_sequential_graph(model), model)
@@ -253,6 +351,12 @@ def trace(model: nn.Module) -> fx.GraphModule:
             "modules that are not registered as submodules. Rewrite forward() accordingly, or "
             "express the network as an nn.Sequential of modules, which lipreg walks without fx."
         ) from exc
+    finally:
+        # fx stores constants created inside forward() as `_tensor_constant<k>` attributes of
+        # the model; the GraphModule holds its own references, and the model stays untouched.
+        for name in set(vars(model)) - before:
+            delattr(model, name)
+    return _with_root(gm, model)
 
 
 def _with_root(gm: fx.GraphModule, root: nn.Module) -> fx.GraphModule:
@@ -268,6 +372,17 @@ def _resolve(root: nn.Module, target: str) -> Any:
     for part in str(target).split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _resolve_attr(gm: nn.Module | None, root: nn.Module, target: str) -> Any:
+    """A ``get_attr`` target, read from the live model (parameters replaced since tracing
+    are seen), or from the GraphModule for constants that fx created while tracing."""
+    try:
+        return _resolve(root, target)
+    except AttributeError:
+        if gm is None:
+            raise
+        return _resolve(gm, target)
 
 
 def _warn_about_hooks(model: nn.Module) -> None:
@@ -295,66 +410,248 @@ def _sequential_graph(model: nn.Sequential) -> fx.GraphModule:
     return fx.GraphModule(model, graph)
 
 
-def _eval_call_module(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-    """Evaluate a leaf module with eval semantics and without firing its hooks."""
-    if isinstance(module, _DROPOUT_MODULES):
-        return args[0]
-    if isinstance(module, nn.RReLU):  # random slopes in training mode
-        return F.rrelu(args[0], module.lower, module.upper, training=False)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        use_batch = module.running_mean is None  # rejected by the BatchNorm rule
-        return F.batch_norm(
-            args[0],
-            module.running_mean,
-            module.running_var,
-            module.weight,
-            module.bias,
-            use_batch,
-            0.0,
-            module.eps,
-        )
-    return module.forward(*args, **kwargs)
-
-
-def _eval_call_function(target: Any, args: tuple, kwargs: dict) -> Any:
-    if target in _DROPOUT_FUNCTIONS:
-        return args[0] if args else kwargs["input"]
-    if target is F.rrelu:
-        kwargs = {**kwargs, "training": False}
-    if target is F.batch_norm:
-        kwargs = dict(kwargs)
-        if len(args) > 5:
-            args = (*args[:5], False, *args[6:])
-        else:
-            kwargs["training"] = False
-    return target(*args, **kwargs)
+def _call_node(node: fx.Node, root: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Evaluate one node (the caller holds :func:`evaluation_mode`); module hooks never
+    fire: lipreg bounds each module's ``forward``."""
+    if node.op == "call_module":
+        return root.get_submodule(node.target).forward(*args, **kwargs)
+    if node.op == "call_method":
+        self_obj, *rest = args
+        return getattr(self_obj, node.target)(*rest, **kwargs)
+    return node.target(*args, **kwargs)
 
 
 def _cuda_devices(device: torch.device) -> list[int]:
     return [device.index or 0] if device.type == "cuda" else []
 
 
-def _per_sample_shape(value: Any, node: fx.Node) -> tuple[int, ...] | None:
-    if isinstance(value, Tensor):
-        if value.ndim == 0 or value.shape[0] != _PROBE_BATCH:
-            raise ValueError(
-                f"node {node.format_node()} produces a tensor of shape {tuple(value.shape)} from "
-                f"a batch of {_PROBE_BATCH} inputs: it mixes samples of the batch (for example "
-                "x.view(-1) or x.sum() over all dimensions). A Lipschitz constant is defined "
-                "for a per-sample function: keep the batch dimension first and separate."
+def _is_shape_query(node: fx.Node) -> bool:
+    """Ops that read a tensor's metadata only (their result is a constant of the input)."""
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS
+    if node.op == "call_function" and node.target is getattr and len(node.args) >= 2:
+        return node.args[1] in _SHAPE_ATTRIBUTES
+    return False
+
+
+def _storage(t: Tensor) -> int | None:
+    if t.numel() == 0 or t.layout != torch.strided:
+        return None
+    return t.untyped_storage().data_ptr()
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, tuple | list):
+        inner = ", ".join(type(v).__name__ for v in value)
+        return f"{type(value).__name__} ({inner})"
+    return type(value).__name__
+
+
+@dataclass
+class _Probe:
+    """What one evaluation of the graph on a probe batch shows."""
+
+    values: dict[fx.Node, Any] = field(default_factory=dict)
+    variable: set[fx.Node] = field(default_factory=set)
+    shapes: dict[fx.Node, tuple[int, ...]] = field(default_factory=dict)
+    first_sample: dict[fx.Node, Tensor] = field(default_factory=dict)
+    refusals: dict[fx.Node, str] = field(default_factory=dict)
+    nonfinite_constants: list[str] = field(default_factory=list)
+    nonfinite_values: list[str] = field(default_factory=list)
+    output: fx.Node | None = None
+
+
+def _input_placeholder(gm: fx.GraphModule) -> fx.Node:
+    """The one input; further parameters of forward() must have defaults."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = [p.target for p in placeholders[1:] if not p.args]
+    if not placeholders or required:
+        names = [p.target for p in placeholders]
+        raise TraceError(
+            f"the model's forward takes {len(placeholders)} inputs {names}; lipreg bounds a "
+            "function of ONE tensor input. Bound a one-input sub-network "
+            "(LipschitzCallback(model_attr=...), or lipreg.autolip(model.encoder, ...)), or "
+            "wrap the model so that the other inputs are fixed, e.g. "
+            "class Wrapped(nn.Module): def forward(self, x): return model(x, y_fixed)."
+        )
+    return placeholders[0]
+
+
+def _inplace_problem(
+    node: fx.Node,
+    mutated: list[Tensor],
+    probe: _Probe,
+    holders_of: dict[int, list[fx.Node]],
+    position: dict[fx.Node, int],
+    model_state: set[int],
+) -> str | None:
+    """Why an in-place update at ``node`` cannot be read as its out-of-place version, if so.
+
+    The graph says that every reader of a value sees it as it was computed. An update of a
+    tensor in place keeps that promise only when no alias of the old value (the tensor
+    itself, or a view of it, computed earlier) is read after the update, and when it does
+    not write input-dependent data into something the analysis treats as a constant.
+    """
+    writes_input = node in probe.variable
+    for t in mutated:
+        storage = _storage(t)
+        if storage is None:
+            continue
+        if writes_input and storage in model_state:
+            return (
+                "writes an input-dependent value in place into the model's own parameters or "
+                "buffers: the function would change from call to call."
             )
-        return tuple(value.shape[1:])
+        holders = holders_of.get(storage, [])
+        constant = [h.name for h in holders if h not in probe.variable]
+        if writes_input and constant:
+            return (
+                f"writes an input-dependent value in place into {constant}, which the graph "
+                "treats as constant. Build the tensor out of place (torch.cat, torch.where)."
+            )
+        late = sorted(
+            {
+                u.name
+                for h in holders
+                for u in h.users
+                if u is not node and position[u] > position[node]
+            }
+        )
+        if late:
+            return (
+                f"updates a tensor in place while {late} still read its old value through an "
+                "alias (e.g. `keep = a; a += g(x); return a + keep`): the graph cannot tell "
+                "the old value from the new. Use the out-of-place op (a = a + g(x))."
+            )
     return None
 
 
-def _is_tensor_like(value: Any) -> bool:
-    if isinstance(value, Tensor):
-        return True
-    return (
-        isinstance(value, tuple | list)
-        and len(value) > 0
-        and all(isinstance(v, Tensor) for v in value)
+def _run_probe(gm: fx.GraphModule, root: nn.Module, input_node: fx.Node, x: Tensor) -> _Probe:
+    """Evaluate the graph node by node on the probe batch ``x`` (caller: eval mode, no_grad)."""
+    nodes = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    model_state = {_storage(t) for t in [*root.parameters(), *root.buffers()]} - {None}
+    probe = _Probe()
+    holders_of: dict[int, list[fx.Node]] = {}
+    for node in nodes:
+        mutated: list[Tensor] = []
+        if node.op == "output":
+            probe.output = _output_node(node, probe.values)
+            continue
+        if node.op == "placeholder":
+            value = x if node is input_node else node.args[0]
+        elif node.op == "get_attr":
+            value = _resolve_attr(gm, root, node.target)
+        else:
+            args = fx.node.map_arg(node.args, lambda n: probe.values[n])
+            kwargs = fx.node.map_arg(node.kwargs, lambda n: probe.values[n])
+            tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if _is_t(t)]
+            versions = [_version(t) for t in tensors]
+            try:
+                value = _call_node(node, root, args, kwargs)
+            except Exception as exc:
+                raise RuntimeError(
+                    f"evaluating {node.format_node()} on an input of shape {tuple(x.shape)} "
+                    f"failed: {type(exc).__name__}: {exc}. Is input_shape right (one sample, "
+                    "no batch dimension)?"
+                ) from exc
+            mutated = [t for t, v in zip(tensors, versions, strict=True) if _version(t) != v]
+        probe.values[node] = value
+        _classify(node, value, input_node, probe)
+        if mutated:
+            problem = _inplace_problem(node, mutated, probe, holders_of, position, model_state)
+            if problem:
+                probe.refusals[node] = problem
+        if _is_t(value) and (storage := _storage(value)) is not None:
+            holders_of.setdefault(storage, []).append(node)
+    return probe
+
+
+def _version(t: Tensor) -> int | None:
+    """A tensor's in-place update counter (inference tensors have none)."""
+    return None if t.is_inference() else t._version
+
+
+def _is_t(value: Any) -> bool:
+    return isinstance(value, Tensor)
+
+
+def _classify(node: fx.Node, value: Any, input_node: fx.Node, probe: _Probe) -> None:
+    """Record whether ``node`` depends on the input, its per-sample shape, the first
+    sample's value (for the batch-mixing check) and non-finite values."""
+    depends = node is input_node or (
+        any(n in probe.variable for n in node.all_input_nodes) and not _is_shape_query(node)
     )
+    finite = not (_is_t(value) and value.is_floating_point()) or bool(torch.isfinite(value).all())
+    if not depends:
+        if not finite:
+            probe.nonfinite_constants.append(str(node.target if node.op == "get_attr" else node))
+        return
+    probe.variable.add(node)
+    if not finite:
+        probe.nonfinite_values.append(node.name)
+    if type(value) is not Tensor:
+        return
+    if value.ndim == 0 or value.shape[0] != _PROBE_BATCH:
+        probe.refusals[node] = (
+            f"produces a tensor of shape {tuple(value.shape)} from a batch of {_PROBE_BATCH} "
+            "inputs: it mixes the samples of the batch (e.g. x.view(-1), x.sum() over all "
+            "dimensions). A Lipschitz constant is defined for a per-sample function: keep the "
+            "batch dimension first and separate."
+        )
+        return
+    probe.shapes[node] = tuple(value.shape[1:])
+    probe.first_sample[node] = value[0].detach().clone()
+
+
+def _output_node(node: fx.Node, values: dict[fx.Node, Any]) -> fx.Node:
+    out = node.args[0]
+    if isinstance(out, fx.Node) and type(values.get(out)) is Tensor:
+        return out
+    kind = _type_name(values.get(out)) if isinstance(out, fx.Node) else _type_name(out)
+    raise TypeError(
+        f"the model's output is a {kind}, not a tensor: lipreg bounds maps from one tensor to "
+        "one tensor. Wrap the model so that forward() returns the tensor to bound, e.g. "
+        "class Logits(nn.Module): def forward(self, x): return model(x)[0]."
+    )
+
+
+def _first_mixing_node(order: list[fx.Node], a: _Probe, b: _Probe) -> fx.Node | None:
+    """The first node whose value for sample 0 changed when only sample 1 of the probe batch
+    changed: it mixes samples (softmax or a mean over dim 0, batch statistics) or is random."""
+    for node in order:
+        u, v = a.first_sample.get(node), b.first_sample.get(node)
+        if u is None or v is None or not (u.is_floating_point() and v.is_floating_point()):
+            continue
+        if u.shape != v.shape:
+            return node
+        scale = float(u.abs().max()) if u.numel() else 0.0
+        if not torch.allclose(u, v, rtol=1e-4, atol=1e-6 * (1.0 + scale), equal_nan=True):
+            return node
+    return None
+
+
+def _consumer_refusal(node: fx.Node, probe: _Probe, target: Any) -> str | None:
+    """Deny by default on value types: a node may consume only plain tensors from the input
+    side, except a getitem taking one piece of a split/chunk/unbind."""
+    if node.op == "call_method":
+        self_value = probe.values.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        if type(self_value) not in (Tensor, nn.Parameter):
+            return (
+                f"calls .{target}() on a {_type_name(self_value)}; lipreg's method rules are "
+                "proven for plain torch.Tensor only."
+            )
+    for parent in node.all_input_nodes:
+        if parent not in probe.variable or type(probe.values[parent]) is Tensor:
+            continue
+        if node.target is operator.getitem and splits_into_pieces(parent, parent.target):
+            continue
+        return (
+            f"its input {parent.name!r} is a {_type_name(probe.values[parent])}, not a tensor: "
+            "lipreg follows plain tensors (and the pieces of split/chunk/unbind) only, and "
+            "cannot bound one element of another op's tuple output."
+        )
+    return None
 
 
 def analyse(
@@ -367,13 +664,20 @@ def analyse(
 ) -> Analysis:
     """Trace ``model`` and attach a Lipschitz spec to every input-dependent node.
 
-    ``traced`` reuses a graph from :func:`trace` (the probe pass and the rules still run, so
+    ``traced`` reuses a graph from :func:`trace` (the probes and the rules still run, so
     that every spec reads the current weights). ``differentiable=True`` keeps parameters
     attached to autograd in every spec (for :class:`lipreg.LipschitzPenalty`).
+
+    Raises:
+        UnsupportedOperationError: listing every node that is refused, with the reason.
+        TraceError: the model cannot be traced, has no forward, or takes several inputs.
+        ValueError: non-finite parameters, buffers, tensor attributes or probe values (the
+            message contains "non-finite").
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     input_shape = check_input_shape(input_shape)
+    model = unwrap_compiled(model)
     if isinstance(model, nn.Sequential) and len(model) == 0:
         raise ValueError("the model is an empty nn.Sequential: there is nothing to bound.")
     check_finite_parameters(model)
@@ -382,106 +686,168 @@ def analyse(
     probe_dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
     gm = traced if traced is not None else trace(model)
     root: nn.Module = getattr(gm, "_lipreg_root", gm)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        raise TypeError(
-            f"the model's forward takes {len(placeholders)} inputs "
-            f"({[p.name for p in placeholders]}); lipreg bounds functions of ONE tensor input."
-        )
-    values: dict[fx.Node, Any] = {}
-    variable: set[fx.Node] = set()
-    shapes: dict[fx.Node, tuple[int, ...]] = {}
-    output_node: fx.Node | None = None
-    x0 = torch.zeros(_PROBE_BATCH, *input_shape, dtype=probe_dtype, device=device)
-
-    def load(a: Any) -> Any:
-        return fx.node.map_arg(a, lambda n: values[n])
-
+    input_node = _input_placeholder(gm)
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(_PROBE_BATCH, *input_shape, generator=generator, device=device)
+    x_changed = x.clone()
+    x_changed[1:] = torch.randn(x[1:].shape, generator=generator, device=device)
     # fork_rng: a safety net, so that no op of the model can consume the global RNG.
-    with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(device)):
-        for node in gm.graph.nodes:
-            if node.op == "placeholder":
-                values[node] = x0
-                variable.add(node)
-                shapes[node] = input_shape
-                continue
-            if node.op == "output":
-                out = node.args[0]
-                if not isinstance(out, fx.Node) or not isinstance(values.get(out), Tensor):
-                    kind = (
-                        type(values.get(out, out)).__name__
-                        if isinstance(out, fx.Node)
-                        else (type(out).__name__)
-                    )
-                    raise TypeError(
-                        f"the model's output is a {kind}, not a tensor: lipreg bounds maps "
-                        "from one tensor to one tensor. Wrap the model so that forward() "
-                        "returns the tensor to bound (e.g. lambda: model(x)[0] in a module)."
-                    )
-                output_node = out
-                continue
-            args, kwargs = load(node.args), load(node.kwargs)
-            try:
-                if node.op == "get_attr":
-                    values[node] = _resolve(root, node.target)
-                    continue
-                if node.op == "call_module":
-                    values[node] = _eval_call_module(root.get_submodule(node.target), args, kwargs)
-                elif node.op == "call_method":
-                    self_obj, *rest = args
-                    values[node] = getattr(self_obj, node.target)(*rest, **kwargs)
-                else:
-                    values[node] = _eval_call_function(node.target, args, kwargs)
-            except Exception as exc:
-                raise RuntimeError(
-                    f"evaluating {node.format_node()} on an input of shape "
-                    f"{(_PROBE_BATCH, *input_shape)} failed: {type(exc).__name__}: {exc}. "
-                    "Is input_shape right (one sample, no batch dimension)?"
-                ) from exc
-            depends = any(n in variable for n in node.all_input_nodes)
-            if depends and _is_tensor_like(values[node]):
-                variable.add(node)
-                shape = _per_sample_shape(values[node], node)
-                if shape is not None:
-                    shapes[node] = shape
-    if output_node is None:
+    with (
+        torch.inference_mode(False),  # probe tensors must count their in-place updates
+        torch.no_grad(),
+        torch.random.fork_rng(devices=_cuda_devices(device)),
+        evaluation_mode(root),
+    ):
+        probe = _run_probe(gm, root, input_node, x.to(probe_dtype))
+        changed = _run_probe(gm, root, input_node, x_changed.to(probe_dtype))
+    if probe.output is None:
         raise TypeError("the traced graph has no output node.")
+    if probe.nonfinite_constants:
+        raise ValueError(
+            f"the model has non-finite (NaN/Inf) tensor attributes or constants "
+            f"{probe.nonfinite_constants}: no Lipschitz bound exists for them. Check how they "
+            "are computed, or reload a valid checkpoint."
+        )
+    if not probe.nonfinite_values:  # non-finite values are reported below
+        _check_graph_reproduces_model(model, gm, probe.values[probe.output], x.to(probe_dtype))
+    analysis = _build_analysis(
+        model, gm, root, input_node, input_shape, probe, dtype, device, differentiable
+    )
+    analysis.refusals.update({n: r for n, r in probe.refusals.items() if n in analysis.contexts})
+    for node, ctx in analysis.contexts.items():
+        reason = _consumer_refusal(node, probe, ctx.target)
+        if reason and node not in analysis.refusals:
+            analysis.refusals[node] = reason
+    mixing = _first_mixing_node(analysis.order, probe, changed)
+    if mixing is not None and mixing not in analysis.refusals and mixing is not input_node:
+        analysis.refusals[mixing] = (
+            "mixes the samples of a batch (its value for one sample changed when only another "
+            "sample of the batch changed), or is random in evaluation mode: e.g. softmax or a "
+            "mean over dim 0, batch statistics, noise. A Lipschitz constant is defined for a "
+            "deterministic per-sample function."
+        )
+    if differentiable:
+        _check_no_parameter_math(gm, probe)
+    analysis.refresh_specs()
+    if probe.nonfinite_values:
+        raise ValueError(
+            f"non-finite (NaN/Inf) intermediate values at nodes {probe.nonfinite_values} on a "
+            "random probe input: the network does not compute a finite function there, so no "
+            "Lipschitz bound is reported. Check the weights and constants used by forward()."
+        )
+    return analysis
 
+
+@contextlib.contextmanager
+def _hooks_disabled(model: nn.Module) -> Iterator[None]:
+    """Run a block without the modules' forward hooks (lipreg bounds ``forward`` only)."""
+    saved = [(m, m._forward_hooks, m._forward_pre_hooks) for m in model.modules()]
+    try:
+        for m, _, _ in saved:
+            m._forward_hooks, m._forward_pre_hooks = (
+                type(m._forward_hooks)(),
+                type(m._forward_pre_hooks)(),
+            )
+        yield
+    finally:
+        for m, hooks, pre_hooks in saved:
+            m._forward_hooks, m._forward_pre_hooks = hooks, pre_hooks
+
+
+def _check_graph_reproduces_model(
+    model: nn.Module, gm: fx.GraphModule, graph_output: Tensor, x: Tensor
+) -> None:
+    """Refuse a graph that does not compute what the model computes.
+
+    torch.fx records ``a += b`` on a traced value as ``a = a + b``: when an alias of ``a`` is
+    read afterwards (``keep = a; a += g(x); return a + keep``), the real model reads the
+    updated tensor and the graph the old one. Python-side state and randomness diverge the
+    same way. One forward of the model itself on the probe batch (evaluation mode, hooks
+    off, compiled code run eagerly) catches all of them.
+    """
+    if not isinstance(getattr(gm, "_lipreg_root", None), type(model)):
+        return  # a one-module graph around a ruled leaf: the graph is the module's call
+    stance = getattr(torch.compiler, "set_stance", None)
+    eager = stance("force_eager") if stance is not None else contextlib.nullcontext()
+    with (
+        torch.inference_mode(False),
+        torch.no_grad(),
+        torch.random.fork_rng(devices=_cuda_devices(x.device)),
+        evaluation_mode(model),
+        _hooks_disabled(model),
+        eager,
+    ):
+        actual = model.forward(x)
+    if type(actual) is not Tensor or actual.shape != graph_output.shape:
+        found = tuple(actual.shape) if isinstance(actual, Tensor) else _type_name(actual)
+        raise TraceError(
+            f"the traced graph of {type(model).__name__} returns shape "
+            f"{tuple(graph_output.shape)} but the model returns {found} on the same input: "
+            "forward() does something torch.fx does not record (control flow on Python state, "
+            "in-place updates of aliases). Rewrite it without them."
+        )
+    scale = float(actual.detach().abs().max()) if actual.numel() else 0.0
+    if not torch.allclose(graph_output, actual, rtol=1e-4, atol=1e-5 * (1.0 + scale)):
+        raise UnsupportedOperationError(
+            f"the traced graph of {type(model).__name__} does not compute what the model "
+            "computes on the same input (largest difference "
+            f"{float((graph_output - actual).abs().max()):.3g}). torch.fx records `a += b` as "
+            "`a = a + b`, so an in-place update read through an alias (`keep = a; "
+            "a += g(x); return a + keep`) is mis-wired; randomness or Python-side state in "
+            "forward() diverge the same way. Use out-of-place ops (a = a + g(x)) and a "
+            "deterministic forward()."
+        )
+
+
+def _check_no_parameter_math(gm: fx.GraphModule, probe: _Probe) -> None:
+    derived = [
+        n.name
+        for n in gm.graph.nodes
+        if n.op.startswith("call")
+        and n not in probe.variable
+        and isinstance(probe.values.get(n), Tensor)
+    ]
+    if derived:
+        raise ValueError(
+            f"nodes {derived} compute tensors from parameters inside forward() (e.g. a "
+            "weight normalisation); a differentiable penalty would see them frozen at "
+            "their first value. Compute them in a module (parametrizations are fine) or "
+            "use the estimators, which re-read them at every call."
+        )
+
+
+def _build_analysis(
+    model: nn.Module,
+    gm: fx.GraphModule,
+    root: nn.Module,
+    input_node: fx.Node,
+    input_shape: tuple[int, ...],
+    probe: _Probe,
+    dtype: torch.dtype,
+    device: torch.device,
+    differentiable: bool = False,
+) -> Analysis:
+    """Contexts (arguments with input markers) for every input-dependent node."""
     contexts: dict[fx.Node, NodeContext] = {}
     inputs: dict[fx.Node, list[fx.Node]] = {}
     order: list[fx.Node] = []
     pieces: set[fx.Node] = set()
-    input_node = placeholders[0]
-    if differentiable:
-        derived = [
-            n.name
-            for n in gm.graph.nodes
-            if n.op.startswith("call") and n not in variable and isinstance(values.get(n), Tensor)
-        ]
-        if derived:
-            raise ValueError(
-                f"nodes {derived} compute tensors from parameters inside forward() (e.g. a "
-                "weight normalisation); a differentiable penalty would see them frozen at "
-                "their first value. Compute them in a module (parametrizations are fine) or "
-                "use the estimators, which re-read them at every call."
-            )
-
     for node in gm.graph.nodes:
-        if node not in variable:
+        if node not in probe.variable:
             continue
         order.append(node)
-        if node.op == "placeholder":
+        if node is input_node:
             continue
         var_inputs: list[fx.Node] = []
 
         def mark(a: Any, _vi: list = var_inputs) -> Any:
             if isinstance(a, fx.Node):
-                if a in variable:
+                if a in probe.variable:
                     _vi.append(a)
                     return _Var(len(_vi) - 1)
                 if a.op == "get_attr":  # re-read at every refresh (see _with_root)
                     return _Attr(a.target)
-                return values[a]
+                return probe.values[a]
             return a
 
         args = fx.node.map_aggregate(node.args, mark)
@@ -494,29 +860,29 @@ def analyse(
             args=tuple(args),
             kwargs=dict(kwargs),
             n_inputs=len(var_inputs),
-            in_shapes=[shapes.get(n, ()) for n in var_inputs],
-            out_shape=shapes.get(node),
+            in_shapes=[probe.shapes.get(n, ()) for n in var_inputs],
+            out_shape=probe.shapes.get(node),
             dtype=dtype,
             device=device,
             differentiable=differentiable,
         )
-        # getitem on a tuple-valued node (split/chunk): a projection of one piece.
+        contexts[node].meta["raw"] = (contexts[node].args, contexts[node].kwargs)
+        # getitem on a split/chunk: a projection onto one piece.
+        parent = var_inputs[0] if var_inputs else None
         if (
-            node.op == "call_function"
-            and node.target is operator.getitem
-            and isinstance(values[var_inputs[0]], tuple | list)
+            node.target is operator.getitem
+            and parent is not None
+            and splits_into_pieces(parent, parent.target)
         ):
             pieces.add(node)
-    for ctx in contexts.values():
-        ctx.meta["raw"] = (ctx.args, ctx.kwargs)
-    analysis = Analysis(
+    return Analysis(
         graph=gm.graph,
         root=root,
         input_node=input_node,
-        output_node=output_node,
+        output_node=probe.output,
         specs={},
         contexts=contexts,
-        shapes=shapes,
+        shapes=probe.shapes,
         order=order,
         inputs=inputs,
         input_shape=input_shape,
@@ -526,8 +892,6 @@ def analyse(
         pieces=pieces,
         model_name=type(model).__name__,
     )
-    analysis.refresh_specs()
-    return analysis
 
 
 def _unique_labels(nodes: list[fx.Node]) -> dict[fx.Node, str]:
@@ -542,22 +906,46 @@ def _unique_labels(nodes: list[fx.Node]) -> dict[fx.Node, str]:
     return labels
 
 
-def _describe_unsupported(node: fx.Node, target: Any, reason: str | None) -> str:
+def _what(node: fx.Node, target: Any) -> str:
     if node.op == "call_module":
-        what = f"module {node.target!r} ({type(target).__name__})"
-        key = type(target).__name__
-    elif node.op == "call_method":
-        what = f"method .{target}()"
-        key = str(target)
-    else:
-        name = getattr(target, "__name__", repr(target))
-        what = f"function {name}"
-        key = name
-    if reason is None:
-        reason = NOT_LIPSCHITZ_HINTS.get(
-            key.replace("1d", "").replace("2d", "").replace("3d", ""), "no rule registered"
+        return f"module {node.target!r} ({type(target).__name__})"
+    if node.op == "call_method":
+        return f"method .{target}()"
+    return f"function {getattr(target, '__name__', repr(target))}"
+
+
+def _describe(node: fx.Node, target: Any, reason: str) -> str:
+    return f"{_what(node, target)} at node {node.name!r}: {reason}"
+
+
+def _describe_missing_rule(node: fx.Node, target: Any) -> tuple[str, bool]:
+    """Why a node has no rule, and whether registering one could make sense."""
+    hint = refusal_hint(target)
+    if hint is not None:
+        return _describe(node, target, hint), False
+    if node.op == "call_module" and (overrides := overriding_methods(target)):
+        return _describe(
+            node,
+            target,
+            f"it overrides {overrides} of a class lipreg has a rule for, so that rule does "
+            "not apply, and torch.fx could not trace into it. Make it traceable or register "
+            "a rule for this class.",
+        ), True
+    return _describe(node, target, "no rule registered"), True
+
+
+def _unsupported_message(model_name: str, unsupported: list[tuple[str, bool]]) -> str:
+    lines = "\n".join(f"  - {text}" for text, _ in unsupported)
+    message = f"lipreg cannot bound {len(unsupported)} node(s) of {model_name}:\n{lines}"
+    if any(ruleable for _, ruleable in unsupported):
+        message += (
+            "\nFor an op that IS globally Lipschitz, add a rule with "
+            "lipreg.register_rule(target, rule), e.g. "
+            "lipreg.register_rule(MyActivation, lipreg.Elementwise(0.0, 1.0)) for an "
+            "activation with slopes in [0, 1], or a function returning lipreg.Affine(...) / "
+            "lipreg.Nonlinear(constant) (see lipreg.functional.rules)."
         )
-    return f"{what} at node {node.name!r} [{node.format_node()}]: {reason}"
+    return message
 
 
 def node_lipschitz(spec: Spec) -> float:
@@ -582,14 +970,15 @@ __all__ += ["Affine", "combine", "node_lipschitz"]
 
 
 def eval_function(model: nn.Module) -> tuple[Any, str]:
-    """A callable computing ``model`` in evaluation mode without touching the model.
+    """A callable computing ``model`` in evaluation mode without changing the model.
 
-    Traced with ``torch.fx`` and evaluated node by node with evaluation semantics (BatchNorm
-    running statistics, dropout off, no hooks fired). When fx cannot trace the model, the
-    fallback calls ``model`` inside a context that switches it to eval mode and restores
-    every submodule's mode afterwards (forward hooks then do run); the returned string says
-    which path was taken.
+    The graph of :func:`trace` is evaluated node by node inside :func:`evaluation_mode`
+    (BatchNorm running statistics, dropout off, training-only branches not taken, no hook
+    fired, flags and buffers restored after every call). When fx cannot trace the model, the
+    fallback calls ``model`` inside :func:`evaluation_mode` (forward hooks then do run); the
+    returned string says which path was taken.
     """
+    model = unwrap_compiled(model)
     coupled = [
         name
         for name, m in model.named_modules()
@@ -601,40 +990,31 @@ def eval_function(model: nn.Module) -> tuple[Any, str]:
             "batch statistics even in eval mode, so the network is not a per-sample function "
             "and has no per-sample Jacobian. Use track_running_stats=True."
         )
+    check_has_forward(model)
     try:
-        tracer = _Tracer()
-        gm = fx.GraphModule(model, tracer.trace(model))
-    except Exception:
-        return _eval_mode_call(model), "eval-mode call (fx could not trace the model)"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the hook warning is for the upper bounds
+            gm = trace(model)
+    except TraceError as exc:
+        return _eval_mode_call(model), f"eval-mode call (fx could not trace the model: {exc})"
+    root: nn.Module = getattr(gm, "_lipreg_root", gm)
     nodes = list(gm.graph.nodes)
-    submodules = {n.target: gm.get_submodule(n.target) for n in nodes if n.op == "call_module"}
-    attrs: dict[str, Any] = {}
-    for n in nodes:
-        if n.op == "get_attr":
-            obj: Any = gm
-            for part in str(n.target).split("."):
-                obj = getattr(obj, part)
-            attrs[n.target] = obj
+    input_node = _input_placeholder(gm)
 
     def run(x: Tensor) -> Any:
         env: dict[fx.Node, Any] = {}
-        for node in nodes:
-            if node.op == "placeholder":
-                env[node] = x
-            elif node.op == "get_attr":
-                env[node] = attrs[node.target]
-            elif node.op == "output":
-                return fx.node.map_arg(node.args[0], lambda n: env[n])
-            else:
-                args = fx.node.map_arg(node.args, lambda n: env[n])
-                kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
-                if node.op == "call_module":
-                    env[node] = _eval_call_module(submodules[node.target], args, kwargs)
-                elif node.op == "call_method":
-                    self_obj, *rest = args
-                    env[node] = getattr(self_obj, node.target)(*rest, **kwargs)
+        with evaluation_mode(root):
+            for node in nodes:
+                if node.op == "placeholder":
+                    env[node] = x if node is input_node else node.args[0]
+                elif node.op == "get_attr":
+                    env[node] = _resolve_attr(gm, root, node.target)
+                elif node.op == "output":
+                    return fx.node.map_arg(node.args[0], lambda n: env[n])
                 else:
-                    env[node] = _eval_call_function(node.target, args, kwargs)
+                    args = fx.node.map_arg(node.args, lambda n: env[n])
+                    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+                    env[node] = _call_node(node, root, args, kwargs)
         raise RuntimeError("graph without output")
 
     return run, "fx"
@@ -642,12 +1022,7 @@ def eval_function(model: nn.Module) -> tuple[Any, str]:
 
 def _eval_mode_call(model: nn.Module) -> Any:
     def run(x: Tensor) -> Any:
-        modes = [(m, m.training) for m in model.modules()]
-        try:
-            model.eval()
+        with evaluation_mode(model):
             return model(x)
-        finally:
-            for m, mode in modes:
-                m.training = mode
 
     return run

@@ -181,7 +181,10 @@ class NodeContext:
             self_obj, *rest = args
             return getattr(self_obj, self.target)(*rest, **kwargs)
         if self.node.op == "call_module":
-            return self.target.forward(*args, **kwargs)
+            from lipreg.functional.graph import evaluation_mode
+
+            with evaluation_mode(self.target, restore_buffers=False):
+                return self.target.forward(*args, **kwargs)
         return self.target(*args, **kwargs)
 
     def generic_affine(self, **flags: Any) -> Affine:
@@ -189,6 +192,14 @@ class NodeContext:
         zero = torch.zeros(1, *self.in_shapes[0], dtype=self.dtype, device=self.device)
         with torch.no_grad():
             offset = self.call_with(zero)
+        if not isinstance(offset, Tensor) or tuple(offset.shape) != (1, *(self.out_shape or ())):
+            found = tuple(offset.shape) if isinstance(offset, Tensor) else type(offset).__name__
+            raise UnsupportedNodeError(
+                f"applied to ONE sample it returns {found}, not (1, *{self.out_shape}): its "
+                "arguments depend on the batch size (e.g. x.size(0) or x.shape[0] passed to "
+                "expand/repeat/index). Write the op so that it keeps the batch dimension "
+                "(e.g. x.expand(-1, ...), x.flatten(1))."
+            )
 
         def linear(x: Tensor) -> Tensor:
             return self.call_with(x) - offset
@@ -250,23 +261,94 @@ def registered_targets() -> dict[str, list[str]]:
     }
 
 
+# Class attributes a subclass may redefine without changing what forward() computes:
+# construction, printing, pickling and checkpoint plumbing (parametrized modules define
+# __getstate__/__deepcopy__ and a ``weight`` property, which the rules read like any weight).
+_HARMLESS_OVERRIDES = frozenset(
+    {
+        "__init__",
+        "__repr__",
+        "__getstate__",
+        "__setstate__",
+        "__deepcopy__",
+        "__reduce__",
+        "__reduce_ex__",
+        "extra_repr",
+        "reset_parameters",
+        "_load_from_state_dict",
+        "_save_to_state_dict",
+        "_get_name",
+    }
+)
+
+
+def _overridden_methods(cls: type, base: type) -> list[str]:
+    """Functions that the classes between ``cls`` and ``base`` (excluded) define and that
+    could change what ``base``'s ``forward`` computes."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if klass is base:
+            break
+        for name, value in vars(klass).items():
+            if name in _HARMLESS_OVERRIDES:
+                continue
+            if callable(value) or isinstance(value, staticmethod | classmethod):
+                names.append(f"{klass.__name__}.{name}")
+    return names
+
+
+def module_rule_class(module: nn.Module) -> type | None:
+    """The registered class whose rule binds to ``module``, or ``None``.
+
+    A rule is proven for the code of the class it was registered for. It binds to a subclass
+    only when the subclass redefines no method (a LoRA-style ``nn.Linear`` whose ``forward``
+    adds ``A @ B``, a weight-standardised conv overriding ``_conv_forward``, a layer scaling
+    ``super().forward(x)``): such a subclass is a different function and is traced through.
+    """
+    for cls in type(module).__mro__:
+        if cls in _MODULE_RULES:
+            return None if _overridden_methods(type(module), cls) else cls
+    return None
+
+
+def overriding_methods(module: nn.Module) -> list[str]:
+    """Methods by which ``module``'s class departs from the nearest class with a rule."""
+    for cls in type(module).__mro__:
+        if cls in _MODULE_RULES:
+            return _overridden_methods(type(module), cls)
+    return []
+
+
 def has_module_rule(module: nn.Module) -> bool:
-    """Whether ``module``'s class (or a base class) has a registered rule."""
-    return any(cls in _MODULE_RULES for cls in type(module).__mro__)
+    """Whether a registered rule binds to ``module`` (see :func:`module_rule_class`)."""
+    return module_rule_class(module) is not None
 
 
 def lookup_rule(node: fx.Node, target: Any) -> RuleFn | None:
+    """The rule of a node, or ``None`` (deny by default).
+
+    Module rules bind by :func:`module_rule_class`; function rules by identity; method rules
+    by name (the analysis checks that ``self`` is a plain tensor). An in-place method
+    ``x.op_()`` takes the rule of ``x.op()``: the analysis refuses in-place updates whose
+    old value is still read afterwards, so the two compute the same function.
+    """
     if node.op == "call_module":
-        for cls in type(target).__mro__:
-            if cls in _MODULE_RULES:
-                return _MODULE_RULES[cls]
-        return None
+        cls = module_rule_class(target)
+        return _MODULE_RULES[cls] if cls is not None else None
     if node.op == "call_method":
-        return _METHOD_RULES.get(target)
+        rule = _METHOD_RULES.get(target)
+        if rule is None and target.endswith("_") and not target.startswith("_"):
+            rule = _METHOD_RULES.get(target[:-1])
+        return rule
     try:
         return _FUNCTION_RULES.get(target)
     except TypeError:  # unhashable target
         return None
+
+
+def splits_into_pieces(node: fx.Node, target: Any) -> bool:
+    """Whether the node returns a tuple of disjoint pieces of its input (split/chunk/...)."""
+    return node.op != "call_module" and lookup_rule(node, target) is _split
 
 
 # --------------------------------------------------------------------------------------------
@@ -762,7 +844,7 @@ for _cls in (
     nn.FeatureAlphaDropout,
 ):
     register_rule(_cls, _identity)
-for _cls in (nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle):
+for _cls in (nn.Flatten, nn.Unflatten):
     register_rule(_cls, _reshape)
 for _cls in (
     nn.AvgPool1d,
@@ -864,6 +946,20 @@ for _d, _f in ((1, F.conv1d), (2, F.conv2d), (3, F.conv3d)):
     register_rule(_f, _conv_function(_d))
 for _f in (torch.matmul, operator.matmul):
     register_rule(_f, _generic_linear)
+
+
+def _dropout_function(ctx: NodeContext) -> Affine:
+    # F.dropout(x, p, training=True, inplace=False): ``training`` defaults to True, so a bare
+    # F.dropout(x) drops entries at random even in evaluation mode: no fixed function.
+    if ctx.arg(2, "training", True) is not False:
+        raise UnsupportedNodeError(
+            "dropout called with training=True (F.dropout's default) is random even in "
+            "evaluation mode, so there is no fixed function to bound. Pass "
+            "training=self.training (or use nn.Dropout)."
+        )
+    return _identity(ctx)
+
+
 for _f in (
     F.dropout,
     F.dropout1d,
@@ -871,9 +967,9 @@ for _f in (
     F.dropout3d,
     F.alpha_dropout,
     F.feature_alpha_dropout,
-    torch.detach,
 ):
-    register_rule(_f, _identity)
+    register_rule(_f, _dropout_function)
+register_rule(torch.detach, _identity)
 for _name in ("contiguous", "detach", "clone", "float", "double", "to", "type_as", "type"):
     register_rule(_name, _identity)
 for _f in (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze):
@@ -886,13 +982,53 @@ def _permutation(ctx: NodeContext) -> Affine:
     _single_input(ctx, "a permutation of axes")
     if ctx.out_shape is None:
         raise UnsupportedNodeError("a permutation must return a tensor.")
+    if math.prod(ctx.in_shapes[0]) != math.prod(ctx.out_shape):
+        raise UnsupportedNodeError(
+            f"a rearrangement from {ctx.in_shapes[0]} to {ctx.out_shape} per sample changes "
+            "the number of entries: it is not a permutation."
+        )
     affine = ctx.generic_affine()
     return Affine(linear=affine.linear, norm=1.0, isometry=True, nonnegative=True)
 
 
-for _f in (torch.permute, torch.transpose, torch.movedim, torch.swapaxes):
-    register_rule(_f, _permutation)
-for _name in ("permute", "transpose", "movedim", "swapaxes"):
+# Every rearrangement of entries is a permutation matrix (norm 1, an isometry), and its
+# linear map applies the op itself, so a merged chain composes the true permutation.
+for _t in (
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+    nn.ChannelShuffle,
+    F.pixel_shuffle,
+    F.pixel_unshuffle,
+    F.channel_shuffle,
+    torch.pixel_shuffle,
+    torch.pixel_unshuffle,
+    torch.channel_shuffle,
+    torch.permute,
+    torch.transpose,
+    torch.movedim,
+    torch.moveaxis,
+    torch.swapaxes,
+    torch.swapdims,
+    torch.roll,
+    torch.flip,
+    torch.fliplr,
+    torch.flipud,
+    torch.rot90,
+):
+    register_rule(_t, _permutation)
+for _name in (
+    "permute",
+    "transpose",
+    "movedim",
+    "moveaxis",
+    "swapaxes",
+    "swapdims",
+    "roll",
+    "flip",
+    "fliplr",
+    "flipud",
+    "rot90",
+):
     register_rule(_name, _permutation)
 for _f in (operator.getitem, torch.narrow, torch.select, torch.index_select, torch.gather):
     register_rule(_f, _generic_nonnegative)
@@ -908,6 +1044,11 @@ def _batch_norm_function(ctx: NodeContext) -> Affine:
     _single_input(ctx, "F.batch_norm")
     rm, rv = ctx.arg(1, "running_mean"), ctx.arg(2, "running_var")
     w, eps = ctx.arg(3, "weight"), ctx.arg(7, "eps", 1e-5)
+    if ctx.arg(5, "training", False) is not False:
+        raise UnsupportedNodeError(
+            "F.batch_norm with training=True normalises with the batch's statistics even in "
+            "evaluation mode: not a per-sample function. Pass training=self.training."
+        )
     if rv is None or isinstance(rv, _Var) or isinstance(w, _Var) or isinstance(rm, _Var):
         raise UnsupportedNodeError("F.batch_norm needs constant running statistics.")
     scale = 1.0 / torch.sqrt(rv.to(ctx.dtype) + eps)
@@ -1071,15 +1212,73 @@ for _name in ("split", "chunk", "unbind", "tensor_split"):
     register_rule(_name, _split)
 
 
+# In-place functional variants compute what their out-of-place versions compute; the analysis
+# refuses them when the overwritten value is read again.
+for _inplace, _outofplace in (
+    (torch.relu_, torch.relu),
+    (F.relu_, F.relu),
+    (F.leaky_relu_, F.leaky_relu),
+    (F.elu_, F.elu),
+    (F.hardtanh_, F.hardtanh),
+):
+    _FUNCTION_RULES[_inplace] = _FUNCTION_RULES[_outofplace]
+
+
+_LOWER_BOUND_ADVICE = (
+    " lipreg.lower_bound(model, input_shape) still gives a certified lower bound, and an "
+    "upper bound exists for a sub-network without this op (model_attr=... in the callback)."
+)
+_NOT_GLOBALLY_LIPSCHITZ = (
+    " It has no global Lipschitz constant, so no rule can exist (registering one would make "
+    "the bound wrong)."
+)
+
+# Ops lipreg refuses on purpose, by class/function name, with the reason. Rules must NOT be
+# suggested for them (see _describe_unsupported in graph.py).
 NOT_LIPSCHITZ_HINTS: dict[str, str] = {
-    "LayerNorm": "LayerNorm divides by a data-dependent standard deviation: it is not "
-    "globally Lipschitz (its constant grows without bound as the input variance shrinks).",
-    "GroupNorm": "GroupNorm divides by a data-dependent standard deviation: not globally "
-    "Lipschitz.",
-    "InstanceNorm": "InstanceNorm divides by a data-dependent standard deviation: not globally "
-    "Lipschitz.",
-    "exp": "exp is not globally Lipschitz.",
+    "LayerNorm": "LayerNorm divides by the input's own standard deviation, so its slope grows "
+    "without bound as that deviation shrinks." + _NOT_GLOBALLY_LIPSCHITZ + _LOWER_BOUND_ADVICE,
+    "RMSNorm": "RMSNorm divides by the input's own root mean square, so its slope grows "
+    "without bound near 0." + _NOT_GLOBALLY_LIPSCHITZ + _LOWER_BOUND_ADVICE,
+    "GroupNorm": "GroupNorm divides by a data-dependent standard deviation."
+    + _NOT_GLOBALLY_LIPSCHITZ
+    + _LOWER_BOUND_ADVICE,
+    "InstanceNorm": "InstanceNorm divides by a data-dependent standard deviation."
+    + _NOT_GLOBALLY_LIPSCHITZ
+    + _LOWER_BOUND_ADVICE,
+    "LocalResponseNorm": "LocalResponseNorm divides by a data-dependent power of the input."
+    + _LOWER_BOUND_ADVICE,
+    "MultiheadAttention": "dot-product attention multiplies input-dependent queries, keys and "
+    "values; its Jacobian grows with the input's norm (Kim et al., 'The Lipschitz constant "
+    "of self-attention', 2021)." + _NOT_GLOBALLY_LIPSCHITZ + _LOWER_BOUND_ADVICE,
+    "scaled_dot_product_attention": "dot-product attention multiplies input-dependent "
+    "queries, keys and values (Kim et al., 2021)." + _NOT_GLOBALLY_LIPSCHITZ + _LOWER_BOUND_ADVICE,
+    "Transformer": "transformer layers contain dot-product attention and LayerNorm, neither "
+    "globally Lipschitz." + _NOT_GLOBALLY_LIPSCHITZ + _LOWER_BOUND_ADVICE,
+    "LSTM": "recurrent layers multiply input-dependent gates step after step; lipreg has no "
+    "certified rule for recurrent cells." + _LOWER_BOUND_ADVICE,
+    "GRU": "recurrent layers multiply input-dependent gates step after step; lipreg has no "
+    "certified rule for recurrent cells." + _LOWER_BOUND_ADVICE,
+    "RNN": "recurrent layers apply the same cell step after step and return a tuple (output, "
+    "hidden); lipreg has no certified rule for recurrent cells." + _LOWER_BOUND_ADVICE,
+    "exp": "exp is not globally Lipschitz (its slope grows without bound).",
     "pow": "powers other than 1 are not globally Lipschitz.",
     "sqrt": "sqrt is not Lipschitz at 0.",
+    "rsqrt": "1/sqrt is not Lipschitz near 0.",
     "log": "log is not Lipschitz near 0.",
+    "reciprocal": "1/x is not Lipschitz near 0.",
 }
+
+
+def refusal_hint(target: Any) -> str | None:
+    """Why lipreg refuses ``target`` on purpose (a class, function or method name), if it
+    does: matched on the class and its bases, or on the function/method name."""
+    if isinstance(target, nn.Module):
+        for cls in type(target).__mro__:
+            for key, hint in NOT_LIPSCHITZ_HINTS.items():
+                if cls.__name__.startswith(key):  # LSTMCell, InstanceNorm2d, TransformerEncoder…
+                    return hint
+        return None
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    name = name.rstrip("_")
+    return NOT_LIPSCHITZ_HINTS.get(name)

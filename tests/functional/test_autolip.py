@@ -778,7 +778,7 @@ def test_batch_mixing_raises():
         def forward(self, x):
             return self.fc(x).view(-1)
 
-    with pytest.raises(ValueError, match="mixes samples"):
+    with pytest.raises(lipreg.UnsupportedOperationError, match="mixes the samples"):
         lipreg.autolip(Mix(), (3,))
 
 

@@ -551,7 +551,8 @@ def test_unsupported_operation_raises_with_a_clear_message(model, shape, words):
     msg = str(info.value)
     for w in words:
         assert w in msg
-    assert "register_rule" in msg
+    # None of these ops is globally Lipschitz: registering a rule would make bounds wrong.
+    assert "register_rule" not in msg
 
 
 class ManyBad(nn.Module):
