@@ -17,11 +17,32 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 D_IN, D_OUT = 6, 3
+
+
+def make_trainer(root: Path, callbacks: list, **kwargs: Any) -> pl.Trainer:
+    """A quiet CPU Trainer (no logger, no progress bar, checkpointing only if asked)."""
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        "default_root_dir": str(root),
+    }
+    options.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **options)
+
+
+def callback_warnings(records: Any) -> list[str]:
+    """Messages of the ``LipschitzCallback: ...`` warnings among recorded warnings."""
+    return [str(w.message) for w in records if str(w.message).startswith("LipschitzCallback")]
 
 
 def make_mlp(

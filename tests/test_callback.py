@@ -8,14 +8,18 @@ Linear + ReLU layers, AutoLip is the product of the layers' spectral norms, comp
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import logging
 import math
 import os
 import random
 import signal
 import subprocess
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,47 +30,44 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
+import lipreg
 from lipreg.callback import LipschitzCallback
-from lipreg.functional import UnsupportedOperationError
 
 try:  # tests/ as a package (tests/__init__.py) or as a plain directory on sys.path
     from tests._lightning_helpers import (
         DictDataset,
         RegressionModule,
+        callback_warnings,
         make_mlp,
+        make_trainer,
         regression_data,
     )
 except ModuleNotFoundError:
     from _lightning_helpers import (
         DictDataset,
         RegressionModule,
+        callback_warnings,
         make_mlp,
+        make_trainer,
         regression_data,
     )
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test starts from the same global RNG state (weights independent of test order)."""
+    torch.manual_seed(0)
+
 
 TESTS_DIR = Path(__file__).resolve().parent
 N_AFFINE = 3  # make_mlp(): three Linear layers
 
 
 # ---------------------------------------------------------------- helpers
-def make_trainer(root: Path, callbacks: list, **kwargs: Any) -> pl.Trainer:
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        "default_root_dir": str(root),
-    }
-    options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
-
-
 def loader(n: int = 40, batch_size: int = 4, *, dict_batches: bool = False, **kw) -> DataLoader:
     data = regression_data(n)
     return DataLoader(DictDataset(data) if dict_batches else data, batch_size=batch_size, **kw)
@@ -94,6 +95,16 @@ def lipschitz_rows(logger: CSVLogger) -> list[dict[str, str]]:
     return [
         r for r in csv_rows(logger) if any(k.startswith("lipschitz/") and v for k, v in r.items())
     ]
+
+
+def fit_recording(
+    trainer: pl.Trainer, module: pl.LightningModule, data: Any, **kwargs: Any
+) -> list[str]:
+    """Fit and return the LipschitzCallback warnings emitted."""
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        trainer.fit(module, data, **kwargs)
+    return callback_warnings(records)
 
 
 def rel(a: float, b: float) -> float:
@@ -362,6 +373,107 @@ def test_checkpoint_resume_continues_warm_with_default_methods(tmp_path):
     assert first.state_key == key_before
 
 
+def test_version_1_state_still_resumes_warm(tmp_path):
+    first = LipschitzCallback(**CONFIG)
+    trainer = make_trainer(tmp_path / "first", [first], max_steps=6)
+    trainer.fit(RegressionModule(lr=0.02), loader())
+    ckpt = tmp_path / "v1.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=True)
+    (key,) = [k for k in saved["callbacks"] if k.startswith("LipschitzCallback")]
+    state = saved["callbacks"][key]
+    assert state["version"] == 2
+    # the version-1 layout: same entries plus the resolved methods
+    saved["callbacks"][key] = {**state, "version": 1, "methods": ["autolip", "seqlip"]}
+    torch.save(saved, ckpt)
+
+    warm = LipschitzCallback(**CONFIG)
+    _resume(str(ckpt), tmp_path / "warm", warm, max_steps=8)
+    assert warm.last_metrics["lipschitz/autolip_iterations"] <= 2 * N_AFFINE
+
+
+class FullyConvolutional(nn.Module):
+    """Convolutions, global average pooling, a linear head: any image size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, 3),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def image_loader(size: int) -> DataLoader:
+    g = torch.Generator().manual_seed(size)
+    x, y = torch.randn(16, 1, size, size, generator=g), torch.randn(16, 3, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=4)
+
+
+def test_resume_on_another_image_size_bounds_the_new_size(tmp_path):
+    """Fit on 8x8 images, resume on 12x12: the inferred input shape is re-derived (not the
+    checkpoint's), the 8x8 warm vectors are dropped with a note, and the certified bound is
+    AutoLip's at 12x12."""
+    options = {"every_n_train_steps": 2, "certify_every_n_train_steps": 2}
+    first = LipschitzCallback(**options)
+    trainer = make_trainer(tmp_path / "first", [first], max_steps=4)
+    trainer.fit(RegressionModule(FullyConvolutional(), lr=0.02), image_loader(8))
+    assert first.input_shape == (1, 8, 8)
+    ckpt = str(tmp_path / "eight.ckpt")
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=True)
+    (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("LipschitzCallback")]
+    assert state["input_shape"] == [1, 8, 8] and state["autolip"]
+
+    resumed = LipschitzCallback(**options)
+    module = RegressionModule(FullyConvolutional(), lr=0.02)
+    trainer = make_trainer(tmp_path / "second", [resumed], max_steps=6)
+    notes = logging.getLogger("lightning.pytorch")  # rank_zero_info's logger (no propagation)
+    with _capture(notes) as records:
+        messages = fit_recording(trainer, module, image_loader(12), ckpt_path=ckpt)
+    assert messages == []
+    assert any("input shape (1, 8, 8)" in r and "dropped (cold start)" in r for r in records)
+    assert trainer.global_step == 6
+    assert resumed.input_shape == (1, 12, 12)
+    assert resumed.state_dict()["input_shape"] == [1, 12, 12]
+
+    logged = resumed.last_metrics["lipschitz/autolip_certified"]
+    at_12 = lipreg.autolip(module, (1, 12, 12)).value
+    at_8 = lipreg.autolip(module, (1, 8, 8)).value
+    assert rel(at_8, at_12) > 1e-3  # the check below can tell the two sizes apart
+    assert rel(logged, at_12) < 1e-6
+    assert float(trainer.callback_metrics["lipschitz/autolip_certified"]) == pytest.approx(
+        logged, rel=1e-12
+    )
+
+
+@contextlib.contextmanager
+def _capture(logger: logging.Logger) -> Iterator[list[str]]:
+    """Collect the messages of ``logger`` (and its children) at INFO and above."""
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Collect(logging.INFO)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(level or logging.INFO, logging.INFO))
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 # ---------------------------------------------------------------- 4. bf16
 def test_bf16_mixed_matches_float32_truth(tmp_path):
     callback = LipschitzCallback(every_n_train_steps=3, certify_every_n_train_steps=3)
@@ -442,24 +554,68 @@ def test_ddp_spawn_two_cpu_ranks_agree(tmp_path):
     assert float(rows[-1]["lipschitz/autolip"]) == pytest.approx(m0["lipschitz/autolip"], rel=1e-12)
 
 
-# ---------------------------------------------------------------- 6. bad input
+# ---------------------------------------------------------------- 6. options and failures
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "error", "match"),
     [
-        {"methods": ["autolip", "sqlip"]},
-        {"methods": "upper_bound"},
-        {"methods": []},
-        {"every_n_train_steps": 0},
-        {"every_n_train_steps": -3},
-        {"every_n_train_steps": None, "every_n_epochs": 0},
-        {"every_n_train_steps": None, "every_n_epochs": None},
-        {"on_nonfinite": "ignore"},
-        {"seqlip_method": "fast"},
+        ({"methods": ["autolip", "sqlip"]}, ValueError, r"methods must be .*'sqlip'"),
+        ({"methods": "upper_bound"}, ValueError, "methods must be"),
+        ({"methods": []}, ValueError, "methods must be"),
+        ({"methods": ["autolip", 3]}, TypeError, "methods must be"),
+        ({"methods": 3}, TypeError, r"methods must be .*got 3 \(int\)"),
+        ({"every_n_train_steps": 0}, ValueError, "every_n_train_steps must be an int >= 1"),
+        ({"every_n_train_steps": -3}, ValueError, "every_n_train_steps must be"),
+        ({"every_n_train_steps": 2.0}, TypeError, r"every_n_train_steps .*got 2.0 \(float\)"),
+        ({"every_n_train_steps": True}, TypeError, "every_n_train_steps must be"),
+        ({"every_n_train_steps": None, "every_n_epochs": 0}, ValueError, "every_n_epochs"),
+        ({"every_n_train_steps": None, "every_n_epochs": None}, ValueError, "both None"),
+        ({"every_n_epochs": "1"}, TypeError, "every_n_epochs must be"),
+        ({"on_nonfinite": "ignore"}, ValueError, r"on_nonfinite must be one of \['warn'"),
+        ({"on_nonfinite": None}, TypeError, "on_nonfinite must be"),
+        ({"seqlip_method": "fast"}, ValueError, r"seqlip_method .*'fast'"),
+        ({"seqlip_top_k": 0}, ValueError, r"seqlip_top_k must be an int >= 1 or None, got 0"),
+        ({"seqlip_top_k": "x"}, TypeError, "seqlip_top_k must be .*'x' \\(str\\)"),
+        ({"seed": "x"}, TypeError, r"seed must be an int >= 0, got 'x'"),
+        ({"seed": -1}, ValueError, "seed must be an int >= 0"),
+        ({"seed": 1.5}, TypeError, "seed must be"),
+        ({"tol": -1}, ValueError, r"tol must be a positive finite number .*got -1"),
+        ({"tol": 0.0}, ValueError, "tol must be"),
+        ({"tol": math.nan}, ValueError, "tol must be"),
+        ({"tol": "1e-4"}, TypeError, "tol must be"),
+        ({"max_iter": 0}, ValueError, "max_iter must be an int >= 1"),
+        ({"max_iter": 10.0}, TypeError, "max_iter must be"),
+        ({"lower_bound_points": 1.5}, TypeError, r"lower_bound_points .*got 1.5 \(float\)"),
+        ({"lower_bound_points": -1}, ValueError, "lower_bound_points must be an int >= 0"),
+        ({"certify_dense_limit": -3}, ValueError, r"certify_dense_limit .*got -3"),
+        ({"certify_dense_limit": None}, TypeError, "certify_dense_limit must be"),
+        ({"certify_every_n_train_steps": -1}, ValueError, "certify_every_n_train_steps"),
+        ({"seqlip_every_n_train_steps": "5"}, TypeError, "seqlip_every_n_train_steps"),
+        ({"log_layers": "yes"}, TypeError, r"log_layers must be True or False, got 'yes'"),
+        ({"log_layers": 1}, TypeError, "log_layers must be"),
+        ({"model_attr": 3}, TypeError, r"model_attr must be .*got 3 \(int\)"),
+        ({"model_attr": ""}, ValueError, "model_attr must be"),
+        ({"model_attr": "net.0"}, ValueError, "model_attr must be"),
+        ({"input_shape": (0, 28)}, ValueError, r"input_shape must be .*\(0, 28\)"),
+        ({"input_shape": ()}, ValueError, "input_shape must be"),
+        ({"input_shape": (1.0, 28)}, ValueError, "input_shape must be"),
+        ({"input_shape": "28"}, TypeError, "input_shape must be"),
+        ({"input_shape": torch.zeros(3)}, TypeError, "input_shape must be"),
     ],
 )
-def test_bad_arguments_raise_at_construction(kwargs):
-    with pytest.raises(ValueError):
+def test_bad_arguments_raise_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match) as info:
         LipschitzCallback(**kwargs)
+    assert str(info.value).startswith("LipschitzCallback: ")
+
+
+def test_good_arguments_are_accepted():
+    callback = LipschitzCallback(
+        "lower_bound", 5, 2, input_shape=torch.Size([1, 8, 8]), model_attr="model.encoder"
+    )
+    assert callback.methods == ["lower_bound"]
+    assert callback.input_shape == (1, 8, 8)
+    assert LipschitzCallback(input_shape=6).input_shape == (6,)
+    assert LipschitzCallback(methods=("autolip", "autolip")).methods == ["autolip"]
 
 
 class Square(nn.Module):
@@ -472,6 +628,18 @@ class Square(nn.Module):
         return y * y
 
 
+class Normed(nn.Module):
+    """A LayerNorm: refused by AutoLip (not globally Lipschitz), differentiable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+        self.norm = nn.LayerNorm(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.fc(x))
+
+
 class Residual(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -482,21 +650,140 @@ class Residual(nn.Module):
         return self.out(x + torch.relu(self.fc(x)))
 
 
+class PerSampleLoop(nn.Module):
+    """Iterates over the batch in Python: torch.fx cannot trace it; autograd can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.net(sample) for sample in x])
+
+
 @pytest.mark.parametrize(
-    ("net", "methods", "error"),
+    ("net", "cause"),
     [
-        (Square, None, UnsupportedOperationError),
-        (Residual, ["seqlip"], ValueError),
+        (Square, "product of two input-dependent tensors"),
+        (Normed, "LayerNorm"),
     ],
-    ids=["x*x", "seqlip-on-residual"],
+    ids=["x*x", "layernorm"],
 )
-def test_unsupported_model_fails_at_setup(tmp_path, net, methods, error):
-    callback = LipschitzCallback(methods=methods, every_n_train_steps=1, input_shape=(6,))
-    module = RegressionModule(net(), fail_if_trained=True)  # a training step would raise
+@pytest.mark.parametrize("input_shape", [None, (6,)], ids=["inferred", "given"])
+def test_refused_model_warns_once_and_keeps_the_lower_bound(tmp_path, net, cause, input_shape):
+    callback = LipschitzCallback(
+        methods=["autolip", "seqlip", "lower_bound"],
+        every_n_train_steps=2,
+        input_shape=input_shape,
+        lower_bound_points=4,
+    )
+    module = RegressionModule(net())
+    trainer = make_trainer(tmp_path, [callback], max_steps=4)
+    messages = fit_recording(trainer, module, loader())
+    assert trainer.global_step == 4
+    (message,) = messages
+    assert "AutoLip cannot bound RegressionModule at input shape (6,): " in message
+    assert "UnsupportedOperationError" in message and cause in message
+    assert (
+        "Switched off ['autolip', 'seqlip']" in message and "['lower_bound'] still run" in message
+    )
+    assert callback.last_metrics["lipschitz/lower_bound"] > 0
+    assert not any(k.startswith("lipschitz/autolip") for k in trainer.callback_metrics)
+    assert math.isfinite(float(trainer.callback_metrics["lipschitz/lower_bound"]))
+
+
+def test_refused_model_at_zero_config_falls_back_to_the_lower_bound(tmp_path):
+    callback = LipschitzCallback(every_n_train_steps=2, lower_bound_points=4)
+    trainer = make_trainer(tmp_path, [callback], max_steps=4)
+    (message,) = fit_recording(trainer, RegressionModule(Normed()), loader())
+    assert "LayerNorm" in message and "Falling back to lipschitz/lower_bound" in message
+    assert callback.methods == ["lower_bound"]
+    assert float(trainer.callback_metrics["lipschitz/lower_bound"]) > 0
+
+
+def test_only_autolip_refused_switches_the_callback_off(tmp_path):
+    callback = LipschitzCallback(methods=["autolip"], every_n_train_steps=2)
+    trainer = make_trainer(tmp_path, [callback], max_steps=4)
+    messages = fit_recording(trainer, RegressionModule(Square()), loader())
+    assert len(messages) == 2  # the cause, then that nothing is left
+    assert "product of two input-dependent tensors" in messages[0]
+    assert "methods=['lower_bound'] works for any differentiable network" in messages[0]
+    assert "The callback is off for this fit; training continues." in messages[1]
+    assert trainer.global_step == 4
+    assert callback.last_metrics == {}
+
+
+def test_lower_bound_alone_never_traces(tmp_path, monkeypatch):
+    """methods=["lower_bound"] works on a network fx cannot trace, without AutoLip."""
+
+    def no_autolip(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("AutoLip was prepared although only the lower bound was asked")
+
+    monkeypatch.setattr("lipreg.callback.AutoLip", no_autolip)
+    callback = LipschitzCallback(methods="lower_bound", every_n_train_steps=2, lower_bound_points=4)
+    trainer = make_trainer(tmp_path, [callback], max_steps=4)
+    module = RegressionModule(PerSampleLoop())
+    assert fit_recording(trainer, module, loader()) == []
+    lb = callback.last_metrics["lipschitz/lower_bound"]
+    assert 0 < lb <= norm_product(module.net.net) * (1 + 1e-9)
+
+
+def test_a_failing_method_is_reported_once_and_the_others_go_on(tmp_path, monkeypatch):
+    calls = []
+
+    def broken_seqlip(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        raise RuntimeError("simulated SeqLip bug")
+
+    monkeypatch.setattr("lipreg.callback.seqlip", broken_seqlip)
+    callback = LipschitzCallback(
+        methods=["autolip", "seqlip", "lower_bound"],
+        every_n_train_steps=2,
+        seqlip_every_n_train_steps=2,
+        lower_bound_points=4,
+    )
+    logger = CSVLogger(tmp_path, name="csv")
+    module = RegressionModule()
+    trainer = make_trainer(tmp_path, [callback], max_steps=6, logger=logger)
+    (message,) = fit_recording(trainer, module, loader())
+    assert "computing lipschitz/seqlip failed at step 2: RuntimeError: simulated SeqLip bug" in (
+        message
+    )
+    assert "switched off for the rest of this fit" in message
+    assert len(calls) == 1  # switched off after the failure
+    rows = lipschitz_rows(logger)
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    assert all(r["lipschitz/autolip"] and r["lipschitz/lower_bound"] for r in rows)
+    assert all(not r.get("lipschitz/seqlip") for r in rows)
+    assert rel(callback.last_metrics["lipschitz/autolip"], norm_product(module.net)) < 1e-3
+
+
+def test_explicit_seqlip_on_a_residual_network_is_switched_off(tmp_path):
+    callback = LipschitzCallback(methods=["autolip", "seqlip"], every_n_train_steps=2)
     trainer = make_trainer(tmp_path, [callback], max_steps=2)
-    with pytest.raises(error):
-        trainer.fit(module, loader())
-    assert trainer.global_step == 0
+    (message,) = fit_recording(trainer, RegressionModule(Residual()), loader())
+    assert "asks for SeqLip" in message and "applies to sequential networks" in message
+    assert "lipschitz/autolip" in callback.last_metrics
+    assert "lipschitz/seqlip" not in callback.last_metrics
+
+
+def test_missing_model_attr_switches_the_callback_off(tmp_path):
+    callback = LipschitzCallback(every_n_train_steps=1, model_attr="encoder")
+    trainer = make_trainer(tmp_path, [callback], max_steps=2)
+    (message,) = fit_recording(trainer, RegressionModule(), loader())
+    assert "model_attr='encoder': expected an nn.Module attribute of RegressionModule" in message
+    assert "net (Sequential" in message and "model_attr='net'" in message
+    assert trainer.global_step == 2 and callback.last_metrics == {}
+
+
+def test_wrong_input_shape_is_reported_not_raised(tmp_path):
+    callback = LipschitzCallback(every_n_train_steps=1, input_shape=(5,))
+    trainer = make_trainer(tmp_path, [callback], max_steps=2)
+    (message,) = fit_recording(trainer, RegressionModule(), loader())
+    assert "input_shape=(5,) does not fit RegressionModule" in message
+    assert "batch[0]: float32 (4, 6), batch[1]: float32 (4, 3)" in message
+    assert "The callback is off for this fit; training continues." in message
+    assert trainer.global_step == 2 and callback.last_metrics == {}
 
 
 def test_residual_network_default_methods_drop_seqlip(tmp_path):
