@@ -56,6 +56,7 @@ class Generated:
     train_mode: bool
     seed: int
     shapes: list[Shape] = field(default_factory=list)
+    block_names: list[tuple[str, ...]] = field(default_factory=list)
 
     def describe(self) -> str:
         mode = "train" if self.train_mode else "eval"
@@ -1167,15 +1168,17 @@ def _initial_shape(rng: random.Random, rank: int) -> Shape:
     return (2, rng.choice([3, 4]), 4, rng.choice([3, 4]))
 
 
-def _out_shape(module: nn.Module, shape: Shape) -> Shape | None:
-    """Per-sample output shape of ``module`` on a batch of 2 (eval mode), or None if it fails
-    or the output is not a reasonable tensor."""
-    flags = [(m, m.training) for m in module.modules()]
+def _out_shape(prefix: list[nn.Module], module: nn.Module, input_shape: Shape) -> Shape | None:
+    """Per-sample output shape of the network ``prefix + [module]`` (eval mode, batches of 2
+    and 1), or None if it fails or the output is not a reasonable tensor."""
+    net = GeneratedNet([*prefix, module])
+    flags = [(m, m.training) for m in net.modules()]
     try:
         for m, _ in flags:
             m.training = False
         with torch.no_grad():
-            y = module(torch.randn(2, *shape))
+            y = net(torch.randn(2, *input_shape))
+            y1 = net(torch.randn(1, *input_shape))
     except Exception:
         return None
     finally:
@@ -1184,12 +1187,16 @@ def _out_shape(module: nn.Module, shape: Shape) -> Shape | None:
     if not isinstance(y, Tensor) or y.dim() < 2 or y.shape[0] != 2:
         return None
     out = tuple(y.shape[1:])
+    if not isinstance(y1, Tensor) or tuple(y1.shape) != (1, *out):
+        return None
     if math.prod(out) == 0 or math.prod(out) > MAX_NUMEL or not torch.isfinite(y).all():
         return None
     return out
 
 
-def _try_family(fam: Family, rng: random.Random, shape: Shape) -> tuple[Block, Shape] | None:
+def _try_family(
+    fam: Family, rng: random.Random, prefix: list[nn.Module], shape: Shape, input_shape: Shape
+) -> tuple[Block, Shape] | None:
     if len(shape) not in fam.ranks:
         return None
     for _ in range(6):
@@ -1199,7 +1206,7 @@ def _try_family(fam: Family, rng: random.Random, shape: Shape) -> tuple[Block, S
             return None
         except (ValueError, RuntimeError):
             continue
-        out = _out_shape(module, shape)
+        out = _out_shape(prefix, module, input_shape)
         if out is not None:
             return Block(module, fam.name, tuple(names)), out
     return None
@@ -1216,7 +1223,7 @@ def generate(seed: int, *, n_blocks: tuple[int, int] = (2, 5)) -> Generated:
         torch.manual_seed(seed)
         for _ in range(50):
             shape = _initial_shape(rng, rng.choice(first.ranks))
-            got = _try_family(first, rng, shape)
+            got = _try_family(first, rng, [], shape, shape)
             if got is not None:
                 break
         else:
@@ -1231,7 +1238,7 @@ def generate(seed: int, *, n_blocks: tuple[int, int] = (2, 5)) -> Generated:
             fam = rng.choices(FAMILIES, weights=_WEIGHTS)[0]
             if fam.name.startswith(("refuse/", "tuple/", "training")) and rng.random() < 0.7:
                 continue  # keep most models certifiable
-            got = _try_family(fam, rng, shape)
+            got = _try_family(fam, rng, [b.module for b in blocks], shape, input_shape)
             if got is None:
                 continue
             blocks.append(got[0])
@@ -1244,7 +1251,7 @@ def generate(seed: int, *, n_blocks: tuple[int, int] = (2, 5)) -> Generated:
                 ("Linear",),
             )
             blocks.append(head)
-            shapes.append(_out_shape(head.module, shape) or ())
+            shapes.append(_out_shape([b.module for b in blocks], head.module, input_shape) or ())
         model = GeneratedNet([b.module for b in blocks])
     train_mode = rng.random() < 0.5 or any(b.family == "training-branch" for b in blocks)
     model.train(train_mode)
@@ -1257,4 +1264,5 @@ def generate(seed: int, *, n_blocks: tuple[int, int] = (2, 5)) -> Generated:
         train_mode=train_mode,
         seed=seed,
         shapes=shapes,
+        block_names=[b.names for b in blocks],
     )

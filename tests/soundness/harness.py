@@ -40,6 +40,7 @@ class Outcome:
     lower: float | None = None
     jacobian_norm: float | None = None
     reasons: list[str] = field(default_factory=list)
+    block_names: list[tuple[str, ...]] = field(default_factory=list)
     message: str = ""
     seconds: float = 0.0
 
@@ -68,13 +69,40 @@ def refusal_reasons(message: str) -> list[str]:
     return [re.sub(r"\s+", " ", ln)[:140] for ln in lines]
 
 
+_BLOCK = re.compile(r"blocks[._](\d+)")
+
+
+def _culprit(reason: str, families: Sequence[str], names: Sequence[Sequence[str]]) -> str:
+    """The family a refusal reason is about: the block with the longest of its op names in
+    the reason, else the block it names (``blocks.3`` → ``families[3]``)."""
+    low = reason.lower()
+    best, best_len = "", 0
+    for fam, words in zip(families, names, strict=False):
+        for w in words:
+            if w.lower() in low and len(w) > best_len:
+                best, best_len = fam, len(w)
+    if best:
+        return best
+    found = _BLOCK.search(reason)
+    if found and int(found.group(1)) < len(families):
+        return families[int(found.group(1))]
+    return "(whole model)" if len(families) > 1 else families[0]
+
+
 def _record(outcome: Outcome) -> None:
     STATS.cases += 1
     STATS.seconds += outcome.seconds
     for fam in set(outcome.families):
         STATS.per_family[fam][outcome.status] += 1
+    culprits = set()
     for reason in outcome.reasons:
-        STATS.reasons[reason] += 1
+        fam = _culprit(reason, outcome.families, outcome.block_names)
+        culprits.add(fam)
+        generic = _BLOCK.sub("blocks.*", reason)
+        generic = re.sub(r"'blocks\.\*[\w.]*'", "'blocks.*'", generic)
+        STATS.reasons[f"[{fam}] {generic[:110]}"] += 1
+    for fam in culprits:
+        STATS.per_family[fam]["caused refusal"] += 1
     if not outcome.ok:
         STATS.failures.append(f"{outcome.label}: {outcome.status}: {outcome.message[:300]}")
 
@@ -86,6 +114,7 @@ def check_soundness(
     label: str,
     families: Sequence[str],
     names: Sequence[str],
+    block_names: Sequence[Sequence[str]] | None = None,
     seed: int = 0,
     oracle_kwargs: dict | None = None,
     autolip_kwargs: dict | None = None,
@@ -95,6 +124,7 @@ def check_soundness(
     """Bound ``model`` with lipreg and judge the result (see the module docstring)."""
     start = time.perf_counter()
     outcome = Outcome(label=label, families=list(families), status="certified")
+    outcome.block_names = [tuple(b) for b in (block_names or [names] * len(families))]
     before = model_fingerprint(model)
     rng_before = torch.random.get_rng_state()
     try:
@@ -158,16 +188,22 @@ def summary_lines() -> list[str]:
         return []
     out = [
         f"soundness harness: {STATS.cases} cases in {STATS.seconds:.1f} s (bounding + oracle time)",
-        f"{'family':34s} {'models':>6s} {'certified':>9s} {'refused':>7s} {'failed':>6s}",
+        "models: cases containing the family; refused: those refused (by any block); "
+        "caused: refusals naming this family's block",
+        f"{'family':34s} {'models':>6s} {'certified':>9s} {'refused':>7s} {'caused':>6s} "
+        f"{'failed':>6s}",
     ]
     for fam in sorted(STATS.per_family):
         c = STATS.per_family[fam]
-        total = sum(c.values())
+        total = sum(n for k, n in c.items() if k != "caused refusal")
         failed = total - c["certified"] - c["refused"]
-        out.append(f"{fam:34s} {total:6d} {c['certified']:9d} {c['refused']:7d} {failed:6d}")
+        out.append(
+            f"{fam:34s} {total:6d} {c['certified']:9d} {c['refused']:7d} "
+            f"{c['caused refusal']:6d} {failed:6d}"
+        )
     if STATS.reasons:
         out.append("refusal reasons (count):")
-        out += [f"  {n:4d}  {r}" for r, n in STATS.reasons.most_common(40)]
+        out += [f"  {n:4d}  {r}" for r, n in STATS.reasons.most_common(60)]
     if STATS.failures:
         out.append(f"failures ({len(STATS.failures)}):")
         out += [f"  {f}" for f in STATS.failures]

@@ -135,7 +135,8 @@ class _Function:
         self.model = model
         self.shape = tuple(input_shape)
         self.dtype = dtype
-        self.vectorize = True
+        self.mode = "autograd-vectorized"
+        self.batch_ok = True
 
     def __call__(self, x: Tensor) -> Tensor:
         y = self.model(x.reshape(1, *self.shape))
@@ -148,13 +149,47 @@ class _Function:
             return self(x)
 
     def jacobian(self, x: Tensor) -> Tensor:
-        with torch.enable_grad():
-            if self.vectorize:
-                try:
+        """Dense Jacobian by autograd; by central differences for models autograd cannot
+        differentiate (an in-place update of a tensor saved for backward). Either way only
+        the search uses it: the final value is certified by a difference quotient."""
+        if self.mode == "autograd-vectorized":
+            try:
+                with torch.enable_grad():
                     return torch.autograd.functional.jacobian(self, x, vectorize=True)
-                except Exception:  # vmap over the backward is not supported by every op
-                    self.vectorize = False
-            return torch.autograd.functional.jacobian(self, x)
+            except Exception:  # vmap over the backward is not supported by every op
+                self.mode = "autograd"
+        if self.mode == "autograd":
+            try:
+                with torch.enable_grad():
+                    return torch.autograd.functional.jacobian(self, x)
+            except RuntimeError:
+                self.mode = "finite-differences"
+        return self._fd_jacobian(x)
+
+    def _fd_jacobian(self, x: Tensor) -> Tensor:
+        n = x.numel()
+        h = 1e-6 * max(1.0, float(x.abs().max()))
+        eye = torch.eye(n, dtype=x.dtype)
+        points = torch.cat([x + h * eye, x - h * eye])
+        with torch.no_grad():
+            out = self.batched(points)
+        if out is None:  # the model couples the samples of a batch: one point at a time
+            with torch.no_grad():
+                out = torch.stack([self(p) for p in points])
+        return ((out[:n] - out[n:]) / (2 * h)).T
+
+    def batched(self, points: Tensor) -> Tensor | None:
+        """``f`` on each row of ``points`` in one batched call, or None if the batched result
+        differs from the per-sample one (checked on the first and last rows)."""
+        if not self.batch_ok:
+            return None
+        out = self.model(points.reshape(-1, *self.shape)).reshape(points.shape[0], -1)
+        for i in (0, -1):
+            ref = self(points[i])
+            if not torch.allclose(out[i], ref, rtol=1e-9, atol=1e-12):
+                self.batch_ok = False
+                return None
+        return out
 
     def top_triplet(self, x: Tensor) -> tuple[float, Tensor, Tensor]:
         jac = self.jacobian(x).detach()
@@ -165,6 +200,8 @@ class _Function:
 
     def sigma_gradient(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor | None:
         """Gradient of ``x ↦ uᵀ J(x) v`` (= ∇σ_max where the top singular value is simple)."""
+        if self.mode == "finite-differences":
+            return None
         try:
             with torch.enable_grad():
                 xr = x.detach().clone().requires_grad_(True)

@@ -39,6 +39,7 @@ def test_random_architecture(seed: int, record_property: pytest.RecordProperty) 
         label=g.describe(),
         families=g.families,
         names=g.names,
+        block_names=g.block_names,
         seed=seed,
         check_lower_bound=seed % LOWER_BOUND_EVERY == 0,
     )
