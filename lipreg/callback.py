@@ -558,22 +558,27 @@ class LipschitzCallback(Callback):
         return metrics
 
     def _run(self, name: str, task: Callable[[], dict[str, float]]) -> dict[str, float]:
-        """Run one method; if it fails with warm-start vectors, retry once cold."""
-        warm = self._seqlip_state if name == "seqlip" else self._autolip_state
-        if self._estimator is not None and name != "seqlip":
-            warm = self._estimator.state
+        """Run one method; if it fails while warm-started, retry it once from a cold start
+        (warm vectors that no longer fit the network must not switch a method off)."""
+        if name == "seqlip":
+            warm = bool(self._seqlip_state)
+        elif name.startswith("autolip") and self._estimator is not None:
+            warm = bool(self._estimator.state)
+        else:
+            warm = False
         try:
             return task()
         except Exception as exc:
-            if not warm or name == "lower_bound" or "non-finite" in str(exc):
+            if not warm or "non-finite" in str(exc):
                 raise
             rank_zero_info(
-                f"{_PREFIX}{name} failed with the warm-start vectors ({_describe(exc)}); "
+                f"{_PREFIX}{name} failed with the warm-start vectors ({_describe(exc, 300)}); "
                 "they were dropped and it is retried from a cold start."
             )
-            if self._estimator is not None:
+            if name == "seqlip":
+                self._seqlip_state = {}
+            elif self._estimator is not None:
                 self._estimator.state = {}
-            self._autolip_state, self._seqlip_state = {}, {}
             return task()
 
     def _autolip_estimate(self) -> dict[str, float]:

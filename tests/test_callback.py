@@ -392,6 +392,30 @@ def test_version_1_state_still_resumes_warm(tmp_path):
     assert warm.last_metrics["lipschitz/autolip_iterations"] <= 2 * N_AFFINE
 
 
+def test_warm_vectors_that_do_not_fit_are_dropped_not_fatal(tmp_path):
+    """Vectors of the wrong size under the right input shape (e.g. a changed layer width):
+    the estimate restarts cold, with a note and no warning."""
+    first = LipschitzCallback(**CONFIG)
+    trainer = make_trainer(tmp_path / "first", [first], max_steps=6)
+    trainer.fit(RegressionModule(lr=0.02), loader())
+    ckpt = tmp_path / "bad.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=True)
+    (key,) = [k for k in saved["callbacks"] if k.startswith("LipschitzCallback")]
+    state = saved["callbacks"][key]
+    state["autolip"] = {k: torch.ones(v.numel() + 1) for k, v in state["autolip"].items()}
+    torch.save(saved, ckpt)
+
+    resumed = LipschitzCallback(**CONFIG)
+    module = RegressionModule(lr=0.02)
+    trainer = make_trainer(tmp_path / "second", [resumed], max_steps=8)
+    with _capture(logging.getLogger("lightning.pytorch")) as notes:
+        assert fit_recording(trainer, module, loader(), ckpt_path=str(ckpt)) == []
+    assert any("autolip failed with the warm-start vectors" in n for n in notes)
+    cold = lipreg.autolip(module.net, (6,), certify=False)  # a cold start, same seed
+    assert rel(resumed.last_metrics["lipschitz/autolip"], cold.value) < 1e-6
+
+
 class FullyConvolutional(nn.Module):
     """Convolutions, global average pooling, a linear head: any image size."""
 
