@@ -255,8 +255,7 @@ class Analysis:
             for node, ctx in self.contexts.items():
                 self._materialise(ctx)
                 if node in self.refusals:
-                    reason = _rule_refusal(node, ctx) or self.refusals[node]
-                    unsupported.append((_describe(node, ctx.target, reason), False))
+                    unsupported.append((_describe(node, ctx.target, self.refusals[node]), False))
                     continue
                 if node in self.pieces:
                     specs[node] = Nonlinear(1.0, "one piece of a split")
@@ -477,20 +476,24 @@ def _input_placeholder(gm: fx.GraphModule) -> fx.Node:
     return placeholders[0]
 
 
-def _inplace_problem(
+def _functionalise_inplace(
     node: fx.Node,
+    value: Any,
     mutated: list[Tensor],
     probe: _Probe,
     holders_of: dict[int, list[fx.Node]],
     position: dict[fx.Node, int],
     model_state: set[int],
 ) -> str | None:
-    """Why an in-place update at ``node`` cannot be read as its out-of-place version, if so.
+    """Rewire an in-place update at ``node`` into its out-of-place reading, or say why not.
 
-    The graph says that every reader of a value sees it as it was computed. An update of a
-    tensor in place keeps that promise only when no alias of the old value (the tensor
-    itself, or a view of it, computed earlier) is read after the update, and when it does
-    not write input-dependent data into something the analysis treats as a constant.
+    The graph says that every reader of a value sees it as it was computed. After
+    ``y.mul_(4)`` the model's later readers of ``y`` see the updated tensor, so their
+    argument is rewired from ``y``'s node to the update's node (which returns that very
+    tensor): the graph then states what the model computes. This is refused when a *view*
+    of the old tensor is read afterwards (it cannot be rewired to the update's result), when
+    the op does not return the tensor it updated, or when input-dependent data is written into
+    a tensor the analysis treats as constant (model parameters and buffers included).
     """
     writes_input = node in probe.variable
     for t in mutated:
@@ -509,19 +512,18 @@ def _inplace_problem(
                 f"writes an input-dependent value in place into {constant}, which the graph "
                 "treats as constant. Build the tensor out of place (torch.cat, torch.where)."
             )
-        late = sorted(
-            {
-                u.name
-                for h in holders
-                for u in h.users
-                if u is not node and position[u] > position[node]
-            }
-        )
-        if late:
-            return (
-                f"updates a tensor in place while {late} still read its old value through an "
-                "alias (e.g. `keep = a; a += g(x); return a + keep`): the graph cannot tell "
-                "the old value from the new. Use the out-of-place op (a = a + g(x))."
+        for holder in holders:
+            late = [u for u in holder.users if u is not node and position[u] > position[node]]
+            if not late:
+                continue
+            if probe.values[holder] is not t or value is not t:
+                return (
+                    f"updates a tensor in place while {sorted(u.name for u in late)} still "
+                    f"read it through a view ({holder.name!r}) that cannot be rewired to the "
+                    "update's result. Use the out-of-place op (a = a + g(x))."
+                )
+            holder.replace_all_uses_with(
+                node, delete_user_cb=lambda u, _n=node: u is not _n and position[u] > position[_n]
             )
     return None
 
@@ -559,7 +561,9 @@ def _run_probe(gm: fx.GraphModule, root: nn.Module, input_node: fx.Node, x: Tens
         probe.values[node] = value
         _classify(node, value, input_node, probe)
         if mutated:
-            problem = _inplace_problem(node, mutated, probe, holders_of, position, model_state)
+            problem = _functionalise_inplace(
+                node, value, mutated, probe, holders_of, position, model_state
+            )
             if problem:
                 probe.refusals[node] = problem
         if _is_t(value) and (storage := _storage(value)) is not None:
@@ -718,14 +722,7 @@ def analyse(
         reason = _consumer_refusal(node, probe, ctx.target)
         if reason and node not in analysis.refusals:
             analysis.refusals[node] = reason
-    mixing = _first_mixing_node(analysis.order, probe, changed)
-    if mixing is not None and mixing not in analysis.refusals and mixing is not input_node:
-        analysis.refusals[mixing] = (
-            "mixes the samples of a batch (its value for one sample changed when only another "
-            "sample of the batch changed), or is random in evaluation mode: e.g. softmax or a "
-            "mean over dim 0, batch statistics, noise. A Lipschitz constant is defined for a "
-            "deterministic per-sample function."
-        )
+    _refuse_first_mixing_node(analysis, probe, changed)
     if differentiable:
         _check_no_parameter_math(gm, probe)
     analysis.refresh_specs()
@@ -797,6 +794,26 @@ def _check_graph_reproduces_model(
             "forward() diverge the same way. Use out-of-place ops (a = a + g(x)) and a "
             "deterministic forward()."
         )
+
+
+def _refuse_first_mixing_node(analysis: Analysis, probe: _Probe, changed: _Probe) -> None:
+    """Refuse the first node whose sample-0 value moved when only sample 1 moved, unless it
+    is already refused or its own rule gives a more specific reason (BatchNorm without
+    running statistics)."""
+    node = _first_mixing_node(analysis.order, probe, changed)
+    if node is None or node not in analysis.contexts or node in analysis.refusals:
+        return
+    ctx = analysis.contexts[node]
+    analysis._materialise(ctx)
+    with evaluation_mode(analysis.root, restore_buffers=False):
+        if _rule_refusal(node, ctx):
+            return
+    analysis.refusals[node] = (
+        "mixes the samples of a batch (its value for one sample changed when only another "
+        "sample of the batch changed), or is random in evaluation mode: e.g. softmax or a "
+        "mean over dim 0, batch statistics, noise. A Lipschitz constant is defined for a "
+        "deterministic per-sample function."
+    )
 
 
 def _check_no_parameter_math(gm: fx.GraphModule, probe: _Probe) -> None:
