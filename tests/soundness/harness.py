@@ -156,15 +156,20 @@ def check_soundness(
                     f"{oracle.lower:.6g} (‖J‖ = {oracle.jacobian_norm:.6g})"
                 )
             elif check_lower_bound:
-                lb = lipreg.lower_bound(
-                    model, tuple(input_shape), **(lower_bound_kwargs or _CHEAP_LOWER_BOUND)
-                )
-                if lb.kind != "lower" or not lb.value <= outcome.upper * (1 + REL_TOL):
-                    outcome.status = "unsound"
-                    outcome.message = (
-                        f"lipreg.lower_bound {lb.value:.6g} (kind {lb.kind}) > certified upper "
-                        f"bound {outcome.upper:.6g}"
+                try:
+                    lb = lipreg.lower_bound(
+                        model, tuple(input_shape), **(lower_bound_kwargs or _CHEAP_LOWER_BOUND)
                     )
+                except (lipreg.UnsupportedOperationError, lipreg.TraceError, ValueError) as exc:
+                    outcome.reasons.append(f"lower_bound: {refusal_reasons(str(exc))[0]}")
+                except Exception as exc:
+                    outcome.status = "error"
+                    outcome.message = (
+                        f"lipreg.lower_bound raised {type(exc).__name__}: {exc} (autolip "
+                        f"certified {outcome.upper:.6g}, oracle {oracle.lower:.6g})"
+                    )
+                else:
+                    _check_lower(outcome, lb)
             if mutated and outcome.ok:
                 outcome.status = "mutated"
                 outcome.message = f"autolip changed {mutated}"
@@ -177,6 +182,16 @@ def check_soundness(
         outcome.seconds = time.perf_counter() - start
         _record(outcome)
     return outcome
+
+
+def _check_lower(outcome: Outcome, lb: lipreg.LipschitzResult) -> None:
+    assert outcome.upper is not None
+    if lb.kind != "lower" or not lb.value <= outcome.upper * (1 + REL_TOL):
+        outcome.status = "unsound"
+        outcome.message = (
+            f"lipreg.lower_bound {lb.value:.6g} (kind {lb.kind}) > certified upper "
+            f"bound {outcome.upper:.6g}"
+        )
 
 
 _CHEAP_LOWER_BOUND = {"n_random": 32, "n_anneal_steps": 5, "n_chains": 2, "batch_size": 32}
