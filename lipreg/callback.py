@@ -260,19 +260,34 @@ class LipschitzCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the warm-start vectors (versions 1 and 2); the input shape and the
-        default methods are re-derived by the resumed fit."""
-        version = state_dict.get("version", 0)
-        if version > _STATE_VERSION:
-            raise ValueError(
-                f"this LipschitzCallback state has version {version}, newer than this lipreg "
-                f"({_STATE_VERSION}); upgrade lipreg to resume from it."
-            )
-        shape = state_dict.get("input_shape")
-        self._warm_shape = tuple(int(s) for s in shape) if shape else None
-        self._autolip_state = dict(state_dict.get("autolip", {}))
-        self._seqlip_state = dict(state_dict.get("seqlip", {}))
-        self._last_step = int(state_dict.get("last_step", -1))
+        default methods are re-derived by the resumed fit. A state this version cannot read
+        (newer, or damaged) is ignored with a warning: the resumed fit starts cold."""
         self._estimator = None
+        version = state_dict.get("version", 0) if isinstance(state_dict, dict) else None
+        problem = None
+        if not isinstance(version, int) or version > _STATE_VERSION:
+            problem = f"has version {version!r}; this lipreg reads versions 1 to {_STATE_VERSION}"
+        else:
+            try:
+                shape = state_dict.get("input_shape")
+                warm_shape = tuple(int(s) for s in shape) if shape else None
+                autolip_state = {str(k): v for k, v in dict(state_dict.get("autolip", {})).items()}
+                seqlip_state = {str(k): v for k, v in dict(state_dict.get("seqlip", {})).items()}
+                if not all(isinstance(v, Tensor) for v in (autolip_state | seqlip_state).values()):
+                    raise TypeError("warm-start entries that are not tensors")
+                last_step = int(state_dict.get("last_step", -1))
+            except Exception as exc:
+                problem = f"cannot be read ({_describe(exc, 300)})"
+        if problem is not None:
+            rank_zero_warn(
+                f"{_PREFIX}the checkpoint's LipschitzCallback state {problem}. Its warm-start "
+                "vectors are ignored (the estimates start cold); training resumes normally. "
+                "Upgrade lipreg to use them if the checkpoint comes from a newer version."
+            )
+            return
+        self._warm_shape = warm_shape
+        self._autolip_state, self._seqlip_state = autolip_state, seqlip_state
+        self._last_step = last_step
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Checkpoint state (if any) is already loaded; everything else is derived anew.
@@ -461,12 +476,15 @@ class LipschitzCallback(Callback):
                 dropped = [m for m in requested if m in ("autolip", "seqlip")]
                 self._disabled.update(dropped)
                 rest = [m for m in requested if m not in dropped]
-                then = f"{rest} still run" if rest else "nothing else was requested"
+                message = (
+                    f"AutoLip cannot bound {name} at input shape {self.input_shape}: {reason}\n"
+                    "methods=['lower_bound'] works for any differentiable network."
+                )
+                if not rest:  # one warning: the cause, and that the callback is off
+                    raise _SwitchOff(message) from exc
                 self._report(
                     "autolip_refused",
-                    f"AutoLip cannot bound {name} at input shape {self.input_shape}: {reason}\n"
-                    f"Switched off {dropped} for this fit ({then}); methods=['lower_bound'] "
-                    "works for any differentiable network.",
+                    f"{message} Switched off {dropped} for this fit; {rest} still run.",
                 )
             return
         if requested is None or "seqlip" in requested:
