@@ -453,7 +453,7 @@ class _Probe:
     values: dict[fx.Node, Any] = field(default_factory=dict)
     variable: set[fx.Node] = field(default_factory=set)
     shapes: dict[fx.Node, tuple[int, ...]] = field(default_factory=dict)
-    first_sample: dict[fx.Node, Tensor] = field(default_factory=dict)
+    samples: dict[fx.Node, Tensor] = field(default_factory=dict)
     refusals: dict[fx.Node, str] = field(default_factory=dict)
     nonfinite_constants: list[str] = field(default_factory=list)
     nonfinite_values: list[str] = field(default_factory=list)
@@ -605,7 +605,7 @@ def _classify(node: fx.Node, value: Any, input_node: fx.Node, probe: _Probe) -> 
         )
         return
     probe.shapes[node] = tuple(value.shape[1:])
-    probe.first_sample[node] = value[0].detach().clone()
+    probe.samples[node] = value.detach().clone()  # later in-place updates must not show
 
 
 def _output_node(node: fx.Node, values: dict[fx.Node, Any]) -> fx.Node:
@@ -620,13 +620,15 @@ def _output_node(node: fx.Node, values: dict[fx.Node, Any]) -> fx.Node:
     )
 
 
-def _first_mixing_node(order: list[fx.Node], a: _Probe, b: _Probe) -> fx.Node | None:
-    """The first node whose value for sample 0 changed when only sample 1 of the probe batch
-    changed: it mixes samples (softmax or a mean over dim 0, batch statistics) or is random."""
+def _first_mixing_node(order: list[fx.Node], a: _Probe, b: _Probe, kept: int) -> fx.Node | None:
+    """The first node whose value for sample ``kept`` differs between two probe batches that
+    share only that sample: it mixes samples (softmax or a mean over dim 0, a cumulative sum,
+    a flip of the batch, batch statistics) or is random."""
     for node in order:
-        u, v = a.first_sample.get(node), b.first_sample.get(node)
+        u, v = a.samples.get(node), b.samples.get(node)
         if u is None or v is None or not (u.is_floating_point() and v.is_floating_point()):
             continue
+        u, v = u[kept], v[kept]
         if u.shape != v.shape:
             return node
         scale = float(u.abs().max()) if u.numel() else 0.0
@@ -693,8 +695,12 @@ def analyse(
     input_node = _input_placeholder(gm)
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(_PROBE_BATCH, *input_shape, generator=generator, device=device)
-    x_changed = x.clone()
-    x_changed[1:] = torch.randn(x[1:].shape, generator=generator, device=device)
+    # Two more batches, each sharing one sample with x: a per-sample function gives that
+    # sample the same value at every node (a cumulative sum over the batch hides from one
+    # of the two, a flip of the batch from neither).
+    other = torch.randn(x.shape, generator=generator, device=device)
+    x_new_second = torch.stack([x[0], other[1]])
+    x_new_first = torch.stack([other[0], x[1]])
     # fork_rng: a safety net, so that no op of the model can consume the global RNG.
     with (
         torch.inference_mode(False),  # probe tensors must count their in-place updates
@@ -703,7 +709,8 @@ def analyse(
         evaluation_mode(root),
     ):
         probe = _run_probe(gm, root, input_node, x.to(probe_dtype))
-        changed = _run_probe(gm, root, input_node, x_changed.to(probe_dtype))
+        same_first = _run_probe(gm, root, input_node, x_new_second.to(probe_dtype))
+        same_second = _run_probe(gm, root, input_node, x_new_first.to(probe_dtype))
     if probe.output is None:
         raise TypeError("the traced graph has no output node.")
     if probe.nonfinite_constants:
@@ -722,7 +729,7 @@ def analyse(
         reason = _consumer_refusal(node, probe, ctx.target)
         if reason and node not in analysis.refusals:
             analysis.refusals[node] = reason
-    _refuse_first_mixing_node(analysis, probe, changed)
+    _refuse_first_mixing_node(analysis, probe, [(same_first, 0), (same_second, 1)])
     if differentiable:
         _check_no_parameter_math(gm, probe)
     analysis.refresh_specs()
@@ -796,11 +803,15 @@ def _check_graph_reproduces_model(
         )
 
 
-def _refuse_first_mixing_node(analysis: Analysis, probe: _Probe, changed: _Probe) -> None:
-    """Refuse the first node whose sample-0 value moved when only sample 1 moved, unless it
-    is already refused or its own rule gives a more specific reason (BatchNorm without
-    running statistics)."""
-    node = _first_mixing_node(analysis.order, probe, changed)
+def _refuse_first_mixing_node(
+    analysis: Analysis, probe: _Probe, others: list[tuple[_Probe, int]]
+) -> None:
+    """Refuse the first node whose value for a sample moved when only another sample of the
+    batch moved, unless it is already refused or its own rule gives a more specific reason
+    (BatchNorm without running statistics)."""
+    found = [_first_mixing_node(analysis.order, probe, other, kept) for other, kept in others]
+    found = [n for n in found if n is not None]
+    node = min(found, key=analysis.order.index) if found else None
     if node is None or node not in analysis.contexts or node in analysis.refusals:
         return
     ctx = analysis.contexts[node]
