@@ -58,7 +58,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lipreg.functional.autolip import AutoLip, autolip
-from lipreg.functional.graph import check_finite_parameters
+from lipreg.functional.graph import (
+    check_finite_parameters,
+    evaluation_mode,
+    has_forward,
+    unwrap_compiled,
+)
 from lipreg.functional.lower_bound import lower_bound
 from lipreg.functional.seqlip import NotSequentialError, seqlip
 
@@ -396,14 +401,14 @@ class LipschitzCallback(Callback):
         """The module to bound, compiled wrappers removed; raises :class:`_SwitchOff`."""
         if self._network_cache is not None:
             return self._network_cache
-        root = _unwrap_compiled(pl_module)
+        root = unwrap_compiled(pl_module)
         owner_name = type(root).__name__
         if self.model_attr is None:
             net, what = root, f"{owner_name} (the LightningModule)"
         else:
             net = root
             for part in self.model_attr.split("."):
-                net = getattr(_unwrap_compiled(net), part, None)
+                net = getattr(unwrap_compiled(net), part, None)
                 if net is None:
                     break
             if not isinstance(net, nn.Module):
@@ -412,9 +417,9 @@ class LipschitzCallback(Callback):
                     f"model_attr={self.model_attr!r}: expected an nn.Module attribute of "
                     f"{owner_name}, found {found}. {_subnetworks_hint(root)}"
                 )
-            net = _unwrap_compiled(net)
+            net = unwrap_compiled(net)
             what = f"{owner_name}.{self.model_attr} ({type(net).__name__})"
-        if not _has_forward(net):
+        if not has_forward(net):
             raise _SwitchOff(
                 f"{what} has no forward(), so there is no single network to bound. "
                 f"{_subnetworks_hint(net)}"
@@ -427,9 +432,8 @@ class LipschitzCallback(Callback):
                 "input. Set model_attr= to a one-input sub-network, or wrap the network in a "
                 f"one-input nn.Module (fixing the other inputs). {_subnetworks_hint(root)}"
             )
-        view = _without_compiled(net)
-        self._network_cache = view
-        return view
+        self._network_cache = net  # compiled submodules are traced through their eager code
+        return net
 
     def _drop_stale_warm_vectors(self) -> None:
         warm = self._autolip_state or self._seqlip_state
@@ -783,48 +787,6 @@ def _check_model_attr(model_attr: Any) -> None:
 
 
 # ---------------------------------------------------------------------- networks
-def _compiled_type() -> type | None:
-    try:
-        from torch._dynamo.eval_frame import OptimizedModule
-    except Exception:  # torch without dynamo
-        return None
-    return OptimizedModule
-
-
-def _unwrap_compiled(module: Any) -> Any:
-    """The original module of a ``torch.compile``d one (repeatedly); others unchanged."""
-    compiled = _compiled_type()
-    while compiled is not None and isinstance(module, compiled):
-        module = module._orig_mod
-    return module
-
-
-def _without_compiled(module: nn.Module) -> nn.Module:
-    """``module`` itself, or, if compiled submodules sit inside it, a shallow view of it in
-    which they are replaced by their original modules.
-
-    The view shares every parameter, buffer and untouched submodule with ``module`` (so it
-    always sees the live weights); only the containers on the way to a compiled submodule are
-    shallow copies. ``module`` itself is never modified: training keeps its compiled code.
-    """
-    compiled = _compiled_type()
-    module = _unwrap_compiled(module)
-    if compiled is None or not any(isinstance(m, compiled) for m in module.modules()):
-        return module
-    view = type(module).__new__(type(module))
-    view.__dict__.update(module.__dict__)
-    view.__dict__["_modules"] = {
-        name: _without_compiled(child) if child is not None else None
-        for name, child in module._modules.items()
-    }
-    return view
-
-
-def _has_forward(module: nn.Module) -> bool:
-    forward = getattr(type(module), "forward", None)
-    return forward is not None and forward not in (nn.Module.forward, LightningModule.forward)
-
-
 def _required_inputs(module: nn.Module) -> int | None:
     """Number of inputs ``forward`` requires (``None``: cannot tell, e.g. ``*args``)."""
     try:
@@ -857,7 +819,7 @@ def _signature_text(module: nn.Module) -> str:
 
 def _subnetworks_hint(module: nn.Module) -> str:
     subs = [
-        (name, _unwrap_compiled(child))
+        (name, unwrap_compiled(child))
         for name, child in module.named_children()
         if any(True for _ in child.parameters())
     ]
@@ -937,18 +899,6 @@ def _describe_candidates(candidates: list[tuple[tuple[Any, ...], Tensor]]) -> st
     )
 
 
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Eval mode for the block; every module's ``training`` flag restored afterwards."""
-    modes = [(m, m.training) for m in module.modules()]
-    try:
-        module.eval()
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
 def _try_forward(network: nn.Module, x: Tensor) -> str | None:
     """Call ``network`` on one sample of ``x`` (eval mode, no grad, modes and global RNG
     restored); ``None`` if it returns a tensor, else what went wrong."""
@@ -958,7 +908,7 @@ def _try_forward(network: nn.Module, x: Tensor) -> str | None:
     cuda = [device.index or 0] if device.type == "cuda" else []
     sample = x[:1].detach().to(dtype=dtype, device=device)
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda), _eval_mode(network):
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda), evaluation_mode(network):
             out = network(sample)
     except Exception as exc:
         return f"forward raised {_describe(exc, limit=300)}"

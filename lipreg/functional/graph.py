@@ -55,6 +55,8 @@ __all__ = [
     "check_input_shape",
     "eval_function",
     "evaluation_mode",
+    "has_forward",
+    "sub_networks",
     "trace",
     "unwrap_compiled",
 ]
@@ -119,7 +121,7 @@ def unwrap_compiled(module: nn.Module) -> nn.Module:
     return module
 
 
-def _has_forward(model: nn.Module) -> bool:
+def has_forward(model: nn.Module) -> bool:
     """Whether some class of ``model`` below the framework base classes defines forward()."""
     for cls in type(model).__mro__:
         if "forward" in vars(cls):
@@ -135,14 +137,14 @@ def sub_networks(model: nn.Module) -> list[str]:
     return [
         name
         for name, child in model.named_children()
-        if any(True for _ in child.parameters()) and _has_forward(unwrap_compiled(child))
+        if any(True for _ in child.parameters()) and has_forward(unwrap_compiled(child))
     ]
 
 
-def check_has_forward(model: nn.Module) -> None:
+def checkhas_forward(model: nn.Module) -> None:
     """Raise :class:`TraceError` with the sub-networks to choose from when ``model`` has no
     ``forward`` of its own (an autoencoder or a GAN written as a LightningModule)."""
-    if _has_forward(model):
+    if has_forward(model):
         return
     subs = sub_networks(model)
     pick = subs[0] if subs else "net"
@@ -329,7 +331,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     """
     model = unwrap_compiled(model)
     _warn_about_hooks(model)
-    check_has_forward(model)
+    checkhas_forward(model)
     if has_module_rule(model):
         return _with_root(_sequential_graph(nn.Sequential(model)), nn.Sequential(model))
     before = set(vars(model))
@@ -929,8 +931,9 @@ def _unique_labels(nodes: list[fx.Node]) -> dict[fx.Node, str]:
             calls.setdefault(str(n.target), []).append(n)
     labels: dict[fx.Node, str] = {}
     for target, ns in calls.items():
+        name = target.replace("._orig_mod", "").replace("_orig_mod.", "")  # torch.compile
         for k, n in enumerate(ns, start=1):
-            labels[n] = target if len(ns) == 1 else f"{target}#{k}"
+            labels[n] = name if len(ns) == 1 else f"{name}#{k}"
     return labels
 
 
@@ -1018,7 +1021,7 @@ def eval_function(model: nn.Module) -> tuple[Any, str]:
             "batch statistics even in eval mode, so the network is not a per-sample function "
             "and has no per-sample Jacobian. Use track_running_stats=True."
         )
-    check_has_forward(model)
+    checkhas_forward(model)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the hook warning is for the upper bounds
