@@ -36,14 +36,31 @@ from typing import Literal
 import torch
 from torch import Tensor, fx, nn
 
-from lipreg.functional.certify import dense_norm_bound, matrix_norm_bound, schur_bound
+from lipreg.functional.certify import (
+    DEFAULT_MEMORY_LIMIT_BYTES,
+    current_budget,
+    default_memory_limit,
+    dense_bytes,
+    dense_norm_bound,
+    matrix_norm_bound,
+    matrix_norm_certificate,
+    memory_budget,
+    schur_bound,
+)
 from lipreg.functional.graph import Analysis, analyse, combine, node_lipschitz
 from lipreg.functional.linear_map import LinearMap, compose
 from lipreg.functional.power_iteration import check_iteration_options, operator_norm
 from lipreg.functional.results import LayerBound, LipschitzResult
 from lipreg.functional.rules import Affine, Combine, Elementwise, Nonlinear
 
-__all__ = ["AffineChain", "AutoLip", "autolip", "chain_linear_map", "find_affine_chains"]
+__all__ = [
+    "AffineChain",
+    "AutoLip",
+    "autolip",
+    "chain_linear_map",
+    "check_finite_result",
+    "find_affine_chains",
+]
 
 
 @dataclass
@@ -149,8 +166,26 @@ class _ChainBounder:
             return node
         return next(n for n in self.analysis64.order if n.name == node.name)
 
+    def _weight_is_exact(self) -> bool:
+        """Weights of ``self.analysis`` equal the model's (no float64 tensor was rounded)."""
+        if self.analysis.dtype == torch.float64:
+            return True
+        return not any(
+            t.dtype == torch.float64 for t in (*self.model.parameters(), *self.model.buffers())
+        )
+
     def bound(self, chain: AffineChain) -> LayerBound:
         specs = [self.analysis.specs[n] for n in chain.nodes]
+        if (
+            self.certify
+            and len(specs) == 1
+            and specs[0].weight is not None
+            and not specs[0].isometry
+            and self._weight_is_exact()
+        ):
+            # One dense layer: its weight converts exactly to float64 chunk by chunk, so no
+            # float64 copy of the whole network (analysis64) is needed.
+            return self._weight_bound(chain, specs[0].weight, 1.0)
         if self.certify:  # closed forms and weights at the model's own precision (float64)
             specs = [self.analysis64.specs[self._node64(n)] for n in chain.nodes]
         scale = math.prod(s.norm for s in specs if s.isometry)  # type: ignore[misc]
@@ -164,16 +199,14 @@ class _ChainBounder:
             value = scale * core[0][1].norm * pad
             return LayerBound(chain.name, "affine", value, True, value, value, "closed-form")
         if len(core) == 1 and core[0][1].weight is not None and self.certify:
-            upper, v = matrix_norm_bound(core[0][1].weight)
-            value = scale * upper
-            self.new_state[chain.name] = v.to(self.analysis.dtype)
-            return LayerBound(chain.name, "affine", value, True, value, value, "dense")
+            return self._weight_bound(chain, core[0][1].weight, scale)
 
         op = chain_linear_map(self.analysis, chain)
         upper, how, v_exact = None, "", None
         if self.certify and self._dense_ok(op):
             chain64 = AffineChain([self._node64(n) for n in chain.nodes], chain.source, chain.name)
-            upper, v_exact = dense_norm_bound(chain_linear_map(self.analysis64, chain64))
+            op64 = chain_linear_map(self.analysis64, chain64)
+            upper, v_exact = dense_norm_bound(op64, batch_size=self._dense_batch(op64))
             how = "dense"
         if upper is not None:
             self.new_state[chain.name] = v_exact.to(self.analysis.dtype)
@@ -203,9 +236,34 @@ class _ChainBounder:
             chain.name, "affine", upper, True, res.sigma, upper, how, res.n_iter, extra
         )
 
+    def _weight_bound(self, chain: AffineChain, weight: Tensor, scale: float) -> LayerBound:
+        cert = matrix_norm_certificate(weight, name=chain.name)
+        value = scale * cert.bound
+        self.new_state[chain.name] = cert.v.to(self.analysis.dtype)
+        method = cert.method if cert.method == "dense" else f"{cert.method} (memory budget)"
+        extra = {"blocks": cert.blocks} if cert.method == "row-blocks" else {}
+        return LayerBound(
+            chain.name, "affine", value, True, scale * cert.estimate, value, method, 0, extra
+        )
+
     def _dense_ok(self, op: LinearMap) -> bool:
+        """The map may be materialised: small enough a side, and the dense matrix (twice,
+        while it is assembled), its Gram certificate and the basis batches fit the budget."""
         small = min(op.in_features, op.out_features)
-        return small <= self.dense_limit and op.in_features * op.out_features <= 64 * 2**20
+        if small > self.dense_limit:
+            return False
+        return self._dense_bytes(op) <= current_budget().limit_bytes
+
+    def _dense_batch(self, op: LinearMap) -> int:
+        """Basis vectors per pass of ``to_dense``: autograd keeps about three activations of
+        the map's size per vector; a quarter of the budget goes to them."""
+        per_vector = 8 * 3 * (op.in_features + op.out_features)
+        return int(min(256, max(1, current_budget().limit_bytes // 4 // per_vector)))
+
+    def _dense_bytes(self, op: LinearMap) -> int:
+        n, m = op.in_features, op.out_features
+        activations = self._dense_batch(op) * 8 * 3 * (n + m)
+        return 16 * n * m + dense_bytes(min(n, m)) + activations
 
     def _product_bound(
         self, core: list[tuple[fx.Node, Affine]], scale: float
@@ -228,7 +286,7 @@ class _ChainBounder:
                     total *= schur_bound(op64)
                     methods.append("schur")
                 elif self._dense_ok(op64):
-                    total *= dense_norm_bound(op64)[0]
+                    total *= dense_norm_bound(op64, batch_size=self._dense_batch(op64))[0]
                     methods.append("dense")
                 else:
                     return None, (
@@ -252,6 +310,7 @@ def autolip(
     seed: int = 0,
     dense_limit: int = 2048,
     traced: fx.GraphModule | None = None,
+    memory_limit_bytes: float | None = None,
 ) -> LipschitzResult:
     """AutoLip upper bound of ``model`` (in evaluation mode) for the l2 norm.
 
@@ -271,6 +330,15 @@ def autolip(
             exactly.
         traced: a graph from :func:`lipreg.functional.graph.trace` to skip re-tracing (the
             :class:`AutoLip` estimator does this).
+        memory_limit_bytes: extra memory each certificate may allocate (default
+            ``min(1 GiB, max(256 MiB, 4 × the bytes of the model's parameters and
+            buffers))``). Maps whose exact certificate needs more get a looser certified bound
+            (row blocks, Frobenius/Schur, im2col for convolutions), said in ``notes``, in the
+            layer's ``method`` and by a warning; the result stays certified.
+
+    Raises:
+        ValueError: a non-finite (NaN/Inf) value anywhere in the result (message mentions
+            "non-finite"): never reported as a bound.
 
     Returns:
         :class:`~lipreg.functional.results.LipschitzResult` with ``method="autolip"``.
@@ -286,6 +354,71 @@ def autolip(
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}.")
     check_iteration_options(tol, max_iter, method)
+    if memory_limit_bytes is not None:
+        limit = memory_limit_bytes
+    elif isinstance(model, nn.Module):
+        limit = default_memory_limit(model)
+    else:  # analyse() raises the TypeError
+        limit = DEFAULT_MEMORY_LIMIT_BYTES
+    with memory_budget(limit) as budget:
+        result = _autolip(
+            model,
+            input_shape,
+            certify=certify,
+            tol=tol,
+            max_iter=max_iter,
+            method=method,
+            dtype=dtype,
+            state=state,
+            seed=seed,
+            dense_limit=dense_limit,
+            traced=traced,
+        )
+    if budget.events:
+        msg = "memory budget: " + " | ".join(budget.events)
+        warnings.warn(msg, stacklevel=2)
+        result.notes.append(msg)
+    check_finite_result(result)
+    result.time_s = time.perf_counter() - start
+    return result
+
+
+def check_finite_result(result: LipschitzResult) -> None:
+    """Raise ``ValueError`` ("non-finite") if the value, the estimate or any layer's number
+    is NaN or infinite: such a number is never reported as a bound."""
+    bad = [
+        f"{lb.name} ({field}={number})"
+        for lb in result.layers
+        for field, number in (("value", lb.value), ("estimate", lb.estimate), ("upper", lb.upper))
+        if number is not None and not math.isfinite(number)
+    ]
+    for field, number in (("value", result.value), ("estimate", result.estimate)):
+        if number is not None and not math.isfinite(number):
+            bad.append(f"total {field}={number}")
+    if bad:
+        raise ValueError(
+            f"{result.method} produced non-finite (NaN/Inf) values: {bad}. The network "
+            "computes with a non-finite number (a weight, buffer, plain tensor attribute or a "
+            "registered rule's constant) or "
+            "overflows; no Lipschitz bound is reported."
+        )
+
+
+def _autolip(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    certify: bool,
+    tol: float,
+    max_iter: int,
+    method: Literal["lanczos", "power"],
+    dtype: torch.dtype,
+    state: dict[str, Tensor] | None,
+    seed: int,
+    dense_limit: int,
+    traced: fx.GraphModule | None,
+) -> LipschitzResult:
+    start = time.perf_counter()
     analysis = analyse(model, input_shape, dtype=dtype, traced=traced)
     generator = torch.Generator(device=analysis.device).manual_seed(seed)
     bounder = _ChainBounder(

@@ -130,6 +130,8 @@ from itertools import product
 
 import torch
 
+from lipreg.functional.certify import current_budget, matrix_norm_certificate
+
 __all__ = ["conv_operator_norm_bound"]
 
 _UNIT_ROUNDOFF = 2.0**-53
@@ -223,7 +225,8 @@ def conv_operator_norm_bound(
     out_pad_t = _int_tuple(output_padding, dims, "output_padding", minimum=0)
     transposed = bool(transposed)
     pads = _resolve_padding(padding, dims, kernel, dilation_t, stride_t, transposed)
-    w64 = weight.detach().to(device="cpu", dtype=torch.float64)
+    # A private copy (never a view of the model's weight): it is modified in place below.
+    w64 = weight.detach().to(device="cpu", dtype=torch.float64, copy=True)
     if not bool(torch.isfinite(w64).all()):
         raise ValueError("weight contains NaN or infinite entries; no finite bound exists.")
 
@@ -284,19 +287,40 @@ def conv_operator_norm_bound(
     for axis, dead in enumerate(dead_taps):
         # Taps that only ever meet padding zeros do not contribute: dropping them is exact.
         if dead:
-            w64 = w64.index_fill(axis + 2, torch.tensor(dead), 0.0)
+            w64.index_fill_(axis + 2, torch.tensor(dead), 0.0)
     peak = float(w64.abs().max())
     if peak == 0.0:
         return 0.0
     # Exact power-of-two normalisation keeps squares away from overflow and underflow.
     exponent = math.frexp(peak)[1]
     half = -exponent // 2  # two steps: 2**-exponent alone may overflow for subnormal weights
-    w64 = w64 * 2.0**half * 2.0 ** (-exponent - half)
+    w64.mul_(2.0**half).mul_(2.0 ** (-exponent - half))
     w_groups = w64.reshape(groups, w64.shape[0] // groups, *w64.shape[1:])
-    best = math.sqrt(window_copies) * _window_norm(w_groups)
+    budget = current_budget()
+    limit = budget.limit_bytes
+    if _window_bytes(w_groups) <= limit:
+        best = math.sqrt(window_copies) * _window_norm(w_groups)
+    else:  # the im2col matrices' own budgeted certificate (row blocks, Frobenius, Schur)
+        mats = w_groups.reshape(w_groups.shape[0], w_groups.shape[1], -1)
+        best = math.sqrt(window_copies) * max(
+            matrix_norm_certificate(m, memory_limit_bytes=limit, name="conv weight").bound
+            for m in mats
+        )
+    skipped = 0
     for combo in product(*axis_candidates):
         factor = math.sqrt(math.prod(p.mult for p in combo))
-        best = min(best, factor * _torus_norm(w_groups, dilation_t, combo))
+        torus = _torus_norm(w_groups, dilation_t, combo, limit)
+        if torus is None:
+            skipped += 1
+        else:
+            best = min(best, factor * torus)
+    if skipped:
+        budget.record(
+            f"conv weight {tuple(weight.shape)} on input {tuple(input_spatial)}: {skipped} FFT "
+            f"(torus) certificate(s) need more than the memory budget of {limit / 2**20:.0f} "
+            "MiB; used the im2col bound sqrt(c)·‖W_mat‖ instead (looser). Raise "
+            "memory_limit_bytes for the FFT certificate."
+        )
     try:
         return math.ldexp(best * (1.0 + _REL_MARGIN), exponent)
     except OverflowError:  # beyond float64: infinity is still a valid upper bound
@@ -494,14 +518,27 @@ def _axis_plans(
 # ----------------------------------------------------------------------------- spectrum
 
 
+def _window_bytes(w_groups: torch.Tensor) -> int:
+    """Peak bytes of :func:`_window_norm`: the Gram matrices, eigvalsh's copies, squares."""
+    n_groups, rows = w_groups.shape[:2]
+    cols = w_groups[0, 0].numel()
+    small = min(rows, cols)
+    return 8 * (4 * n_groups * small * small + w_groups.numel())
+
+
 def _torus_norm(
-    w_groups: torch.Tensor, dilation: tuple[int, ...], plans: tuple[_AxisPlan, ...]
-) -> float:
+    w_groups: torch.Tensor,
+    dilation: tuple[int, ...],
+    plans: tuple[_AxisPlan, ...],
+    limit_bytes: int | None = None,
+) -> float | None:
     """Upper bound on the norm of the (polyphase) torus convolution described by ``plans``.
 
     ``w_groups`` has shape ``(G, C_out/G, C_in/G, *kernel)`` in float64. Returns
     ``max_f sigma_max(K'(f))`` over the half spectrum plus the rounding margins of the module
-    docstring (the relative ``1e-10`` is applied by the caller).
+    docstring (the relative ``1e-10`` is applied by the caller), or ``None`` when its working
+    memory (polyphase kernels, autocorrelations, one frequency chunk) would exceed
+    ``limit_bytes``.
     """
     n_groups, c_out, c_in = w_groups.shape[:3]
     kernel = tuple(w_groups.shape[3:])
@@ -528,6 +565,27 @@ def _torus_norm(
             qi = qi * len(q_values[axis]) + q_index[axis][t]
             ri = ri * sigmas[axis] + r_index[axis][t]
         dest.append(qi * n_phases + ri)
+    rows, cols = c_out, c_in * n_phases
+    small, inner = min(rows, cols), max(rows, cols)
+    freq_shape = [*tori[:-1], tori[-1] // 2 + 1]  # half spectrum (real kernel)
+    n_freq = math.prod(freq_shape)
+    # Rough multiply-add counts of the two ways of forming the Gram matrices.
+    n_shifts = math.prod(2 * len(v) - 1 for v in q_values)
+    cost_direct = n_freq * n_q * rows * cols * 2 + n_freq * small * small * inner * 4
+    cost_autocorr = n_q * n_q * small * small * inner + n_freq * n_shifts * small * small * 2
+    autocorr = small > 1 and cost_autocorr < cost_direct
+    chunk_bytes = _CHUNK_BYTES if limit_bytes is None else min(_CHUNK_BYTES, limit_bytes // 4)
+    if limit_bytes is not None:
+        poly = n_q * n_phases * n_groups * c_out * c_in
+        need = 8 * (3 * poly + w_groups.numel())
+        if autocorr:
+            need += 8 * n_groups * small * (n_shifts * small + 2 * n_q * inner)
+            per_freq = n_groups * small * small * 48 + n_shifts * 32
+        else:
+            per_freq = n_groups * (rows * cols * 48 + small * small * 32) + n_q * 32
+        need += max(chunk_bytes, per_freq)
+        if need > limit_bytes:
+            return None
     dest_t = torch.tensor(dest, dtype=torch.long)
     taps_first = w_groups.reshape(n_groups, c_out, c_in, n_taps).permute(3, 0, 1, 2)
 
@@ -544,18 +602,10 @@ def _torus_norm(
     s_frob *= 1 + 1e-6
     q_grid = torch.tensor(list(product(*q_values)), dtype=torch.long).reshape(n_q, len(tori))
 
-    rows, cols = c_out, c_in * n_phases
-    small, inner = min(rows, cols), max(rows, cols)
-    freq_shape = [*tori[:-1], tori[-1] // 2 + 1]  # half spectrum (real kernel)
-    n_freq = math.prod(freq_shape)
-    # Rough multiply-add counts of the two ways of forming the Gram matrices.
-    n_shifts = math.prod(2 * len(v) - 1 for v in q_values)
-    cost_direct = n_freq * n_q * rows * cols * 2 + n_freq * small * small * inner * 4
-    cost_autocorr = n_q * n_q * small * small * inner + n_freq * n_shifts * small * small * 2
-    if small > 1 and cost_autocorr < cost_direct:
-        top = _top_eig_autocorr(w_poly, q_grid, tori, freq_shape)
+    if autocorr:
+        top = _top_eig_autocorr(w_poly, q_grid, tori, freq_shape, chunk_bytes)
     else:
-        top = _top_eig_direct(w_poly, q_grid, tori, freq_shape)
+        top = _top_eig_direct(w_poly, q_grid, tori, freq_shape, chunk_bytes)
     # Weyl: rounding of the polyphase sums (folded taps) and, on the direct route, of the DFT
     # moves each singular value by at most eps * ||S||_F.
     sigma_margin = (2 * n_q + n_taps + 110) * _UNIT_ROUNDOFF * s_frob
@@ -614,7 +664,11 @@ def _angles(
 
 
 def _top_eig_direct(
-    w_poly: torch.Tensor, q_grid: torch.Tensor, tori: list[int], freq_shape: list[int]
+    w_poly: torch.Tensor,
+    q_grid: torch.Tensor,
+    tori: list[int],
+    freq_shape: list[int],
+    chunk_bytes: int = _CHUNK_BYTES,
 ) -> float:
     """``max_f lambda_max`` of the smaller Gram matrix of ``K'(f) = sum_q exp(i theta) W'_q``.
 
@@ -625,7 +679,7 @@ def _top_eig_direct(
     w_flat = w_poly.reshape(n_q, -1)
     n_freq = math.prod(freq_shape)
     per_freq = n_groups * (rows * cols * 48 + small * small * 32) + n_q * 32
-    step = max(1, _CHUNK_BYTES // per_freq)
+    step = max(1, chunk_bytes // per_freq)
     best = 0.0
     for start in range(0, n_freq, step):
         angle = _angles(start, min(start + step, n_freq), freq_shape, tori, q_grid)
@@ -642,7 +696,11 @@ def _top_eig_direct(
 
 
 def _top_eig_autocorr(
-    w_poly: torch.Tensor, q_grid: torch.Tensor, tori: list[int], freq_shape: list[int]
+    w_poly: torch.Tensor,
+    q_grid: torch.Tensor,
+    tori: list[int],
+    freq_shape: list[int],
+    chunk_bytes: int = _CHUNK_BYTES,
 ) -> float:
     """``max_f lambda_max`` of the smaller Gram matrix via the kernel autocorrelation.
 
@@ -669,7 +727,7 @@ def _top_eig_autocorr(
     n_freq = math.prod(freq_shape)
     per_freq = n_groups * small * small * 48 + shifts.shape[0] * 32
     best = 0.0
-    step = max(1, _CHUNK_BYTES // per_freq)
+    step = max(1, chunk_bytes // per_freq)
     for start in range(0, n_freq, step):
         stop = min(start + step, n_freq)
         angle = _angles(start, stop, freq_shape, tori, shifts)

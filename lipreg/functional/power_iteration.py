@@ -143,6 +143,18 @@ def operator_norm(
         return _lanczos(op, q, tol, max_iter, gap0 if v0 is not None else None)
 
 
+def _gram(op: LinearMap, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``op.gram_matvec(v)``, raising ``ValueError`` ("non-finite") on NaN/Inf results."""
+    g, a = op.gram_matvec(v)
+    if not (bool(torch.isfinite(g).all()) and bool(torch.isfinite(a).all())):
+        raise ValueError(
+            f"{op.name}: the product AᵀA v is non-finite (NaN/Inf) in {op.dtype}: the map holds "
+            "a non-finite number or its norm overflows (squares beyond the dtype's range); no "
+            "norm is reported. Check the weights, or compute in float64 (dtype=torch.float64)."
+        )
+    return g, a
+
+
 def _temple_error(theta: float, gap: float, residual: float) -> float:
     """Estimated relative error of ``σ̂ = sqrt(θ)``, from the Kato–Temple inequality.
 
@@ -162,7 +174,7 @@ def _power(op: LinearMap, v: Tensor, tol: float, max_iter: int) -> OperatorNormR
     rel = math.inf
     converged = False
     n_iter = 0
-    gv, av = op.gram_matvec(v[None])
+    gv, av = _gram(op, v[None])
     for n_iter in range(1, max_iter + 1):
         gv, av = gv[0], av[0]
         sigma = float(av.norm())
@@ -178,7 +190,7 @@ def _power(op: LinearMap, v: Tensor, tol: float, max_iter: int) -> OperatorNormR
         if n_iter == max_iter:
             break
         v = gv / gnorm
-        gv, av = op.gram_matvec(v[None])
+        gv, av = _gram(op, v[None])
     sigma = float(av.norm())
     residual = float((gv - sigma**2 * v).norm()) / max(sigma**2, 1e-300)
     u = av / sigma if sigma > 0 else av
@@ -199,7 +211,7 @@ def _lanczos(
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
         basis.append(q)
-        w, aq = op.gram_matvec(q[None])
+        w, aq = _gram(op, q[None])
         w, aq = w[0], aq[0]
         images.append(aq)
         alphas.append(float(torch.dot(q, w)))
@@ -305,7 +317,7 @@ def top_singular_triplets(
     with torch.no_grad():
         X = torch.linalg.qr(X.T).Q.T
         for it in range(1, max_iter + 1):
-            BX, AX = op.gram_matvec(X)
+            BX, AX = _gram(op, X)
             # Rayleigh–Ritz on span(X): the SVD of A X^T gives the Ritz triplets.
             Wl, S, Wr_t = torch.linalg.svd(AX.T, full_matrices=False)  # AX.T: (m, b)
             top = S[:k]

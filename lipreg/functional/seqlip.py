@@ -43,6 +43,7 @@ from lipreg.functional.autolip import (
     AffineChain,
     _ChainBounder,
     chain_linear_map,
+    check_finite_result,
     find_affine_chains,
 )
 from lipreg.functional.certify import RELATIVE_MARGIN
@@ -158,10 +159,14 @@ def _svd_of_chain(
     specs = [analysis.specs[n] for n in chain.nodes]
     op = chain_linear_map(analysis, chain)
     small = min(op.in_features, op.out_features)
-    if len(specs) == 1 and specs[0].weight is not None:
-        return _truncate(_dense_svd(specs[0].weight.detach().to(torch.float64)), top_k)
+    by_name = {n.name: n for n in analysis64.order}
+    if len(specs) == 1 and specs[0].weight is not None and small <= dense_limit:
+        # The float64 analysis holds the model's own weights (a float64 model analysed in
+        # float32 would be rounded: its "exact" SVD would bound another network).
+        w64 = analysis64.specs[by_name[chain.nodes[0].name]].weight
+        assert w64 is not None
+        return _truncate(_dense_svd(w64.detach().to(torch.float64)), top_k)
     if small <= dense_limit and op.in_features * op.out_features <= 64 * 2**20:
-        by_name = {n.name: n for n in analysis64.order}
         chain64 = AffineChain([by_name[n.name] for n in chain.nodes], chain.source, chain.name)
         dense = chain_linear_map(analysis64, chain64).to_dense()
         return _truncate(_dense_svd(dense), top_k)
@@ -185,6 +190,25 @@ def _dense_svd(W: Tensor) -> _SVD:
     faster on this hardware and accurate for the top singular triplets that greedy SeqLip
     relies on (small singular values lose relative accuracy; greedy is an estimate anyway).
     """
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError(
+            "a SeqLip layer matrix has non-finite (NaN/Inf) entries: no bound is reported. "
+            "Check the weights."
+        )
+    peak = float(W.abs().max()) if W.numel() else 0.0
+    if peak == 0:
+        return _dense_svd_scaled(W)
+    # An exact power-of-two scaling 2^-e keeps the Gram matrix and the SVD in range (two
+    # steps: 2^-e alone may overflow for subnormal peaks); S·2^e beyond float64 becomes inf,
+    # which the final check rejects as non-finite.
+    exponent = math.frexp(peak)[1]
+    half = -exponent // 2
+    svd = _dense_svd_scaled(W * 2.0**half * 2.0 ** (-exponent - half))
+    S = svd.S * 2.0 ** (exponent // 2) * 2.0 ** (exponent - exponent // 2)
+    return _SVD(U=svd.U, S=S, V=svd.V, exact=svd.exact)
+
+
+def _dense_svd_scaled(W: Tensor) -> _SVD:
     if min(W.shape) <= 1024:
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         return _SVD(U=U, S=S, V=Vh.T, exact=True)
@@ -198,6 +222,29 @@ def _dense_svd(W: Tensor) -> _SVD:
     if flip:
         return _SVD(U=vecs, S=S, V=(W.T @ vecs) / S, exact=True)
     return _SVD(U=(W @ vecs) / S, S=S, V=vecs, exact=True)
+
+
+def _pow2_normalise(M: Tensor) -> tuple[Tensor, int]:
+    """``(M·2^-e, e)`` with the largest entry of the result in ``[0.5, 1)`` (exact scaling);
+    raises ``ValueError`` ("non-finite") on NaN/Inf entries."""
+    if not bool(torch.isfinite(M).all()):
+        raise ValueError(
+            "a SeqLip pair matrix has non-finite (NaN/Inf) entries: the layer norms overflow "
+            "float64; no bound is reported. Check the weights."
+        )
+    peak = float(M.abs().max()) if M.numel() else 0.0
+    if peak == 0:
+        return M, 0
+    e = math.frexp(peak)[1]
+    half = -e // 2
+    return M * 2.0**half * 2.0 ** (-e - half), e
+
+
+def _ldexp(value: float, e: int) -> float:
+    try:
+        return math.ldexp(value, e)
+    except OverflowError:
+        return math.inf
 
 
 def _truncate(svd: _SVD, top_k: int | None) -> _SVD:
@@ -242,6 +289,11 @@ def pair_norm_exact(
         sigma = torch.where(mask, hi_t, lo_t)  # (p, n), float64 (no float32 rounding)
         M = (A[None] * sigma[:, None, :]) @ B  # (p, r1, r2)
         G = M @ M.transpose(1, 2) if left else M.transpose(1, 2) @ M
+        if not bool(torch.isfinite(G).all()):
+            raise ValueError(
+                "a SeqLip pair's Gram matrices are non-finite (NaN/Inf): the layer norms "
+                "overflow float64; no bound is reported. Check the weights."
+            )
         top = torch.linalg.eigvalsh(G)[:, -1]
         i = int(torch.argmax(top))
         if float(top[i]) > best:
@@ -417,6 +469,10 @@ def seqlip(
     Returns:
         :class:`~lipreg.functional.results.LipschitzResult`, ``method`` ``"seqlip-exact"`` or
         ``"seqlip-greedy"``, ``certified`` only for exact SeqLip with full SVDs.
+
+    Raises:
+        ValueError: a non-finite (NaN/Inf) total or layer value (message mentions
+            "non-finite"): never reported, certified or not.
     """
     start = time.perf_counter()
     if method not in ("greedy", "exact"):
@@ -500,13 +556,15 @@ def seqlip(
         K = len(svds)
         tilde = [s.S if i in (0, K - 1) else s.S.sqrt() for i, s in enumerate(svds)]
         for i in range(K - 1):
-            A = tilde[i + 1][:, None] * svds[i + 1].V.T  # (r_{i+1}, n_i)
-            Bm = svds[i].U * tilde[i][None, :]  # (n_i, r_i)
+            # Exact power-of-two scalings 2^-a, 2^-b keep the pair's products in range; the
+            # value is scaled back by 2^(a+b) (inf beyond float64, rejected as non-finite).
+            A, a_exp = _pow2_normalise(tilde[i + 1][:, None] * svds[i + 1].V.T)  # (r_{i+1}, n_i)
+            Bm, b_exp = _pow2_normalise(svds[i].U * tilde[i][None, :])  # (n_i, r_i)
             lo, hi, act = item.boxes[i]
             name = f"{item.maps[i].name} | {act} | {item.maps[i + 1].name}"
             if method == "exact":
                 value, _ = pair_norm_exact(A, Bm, lo, hi)
-                value *= 1 + RELATIVE_MARGIN
+                value = _ldexp(value, a_exp + b_exp) * (1 + RELATIVE_MARGIN)
                 ok = svds[i].exact and svds[i + 1].exact
                 layers.append(
                     LayerBound(
@@ -518,6 +576,7 @@ def seqlip(
                 value, _ = pair_norm_greedy(
                     A, Bm, lo, hi, n_restarts=n_restarts, generator=generator
                 )
+                value = _ldexp(value, a_exp + b_exp)
                 layers.append(LayerBound(name, "seqlip-pair", value, False, value, None, "greedy"))
                 certified = False
     total = math.prod(lb.value for lb in layers)
@@ -531,7 +590,7 @@ def seqlip(
         msg = "exact SeqLip used truncated SVDs or uncertified norms: reported as an estimate."
         warnings.warn(msg, stacklevel=2)
         notes.append(msg)
-    return LipschitzResult(
+    result = LipschitzResult(
         value=total,
         kind=kind,
         method=f"seqlip-{method}",
@@ -541,3 +600,5 @@ def seqlip(
         time_s=time.perf_counter() - start,
         notes=notes,
     )
+    check_finite_result(result)  # a NaN/Inf is never reported, certified or not
+    return result

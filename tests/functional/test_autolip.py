@@ -825,3 +825,93 @@ def test_float64_model_with_float32_iterations_stays_sound():
     r = lipreg.autolip(m, (4,))
     assert r.certified
     assert r.value >= norm2(m[0].weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite values are never reported (issue 7): ValueError mentioning "non-finite"
+# ---------------------------------------------------------------------------------------------
+
+
+class NaNScale(nn.Module):
+    """A NaN in a plain tensor attribute (neither parameter nor buffer) used by forward."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.scale = torch.tensor(value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)) * self.scale)
+
+
+class NaNRuleAct(nn.Module):
+    """An activation whose registered rule claims a NaN Lipschitz constant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x)
+
+
+lipreg.register_rule(NaNRuleAct, lambda ctx: lipreg.Nonlinear(float("nan")))
+
+
+def nan_rule_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), NaNRuleAct(), nn.Linear(4, 2))
+
+
+def overflow_net() -> nn.Module:
+    """Finite float64 weights whose AutoLip product (~1e400) overflows float64."""
+    m = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3)).double()
+    with torch.no_grad():
+        m[0].weight.fill_(1e200)
+        m[2].weight.fill_(1e200)
+    return m
+
+
+ESTIMATORS = {
+    "autolip": lambda m, s: lipreg.autolip(m, s),
+    "autolip-uncertified": lambda m, s: lipreg.autolip(m, s, certify=False),
+    "seqlip-exact": lambda m, s: lipreg.seqlip(m, s, method="exact"),
+    "seqlip-greedy": lambda m, s: lipreg.seqlip(m, s),
+}
+NONFINITE_NETS = {
+    "nan-attribute": (lambda: NaNScale(math.nan), (4,)),
+    "inf-attribute": (lambda: NaNScale(math.inf), (4,)),
+    "nan-rule": (nan_rule_net, (3,)),
+    "overflow": (overflow_net, (3,)),
+}
+
+
+@pytest.mark.parametrize("estimate", ESTIMATORS.values(), ids=ESTIMATORS.keys())
+@pytest.mark.parametrize("make,shape", NONFINITE_NETS.values(), ids=NONFINITE_NETS.keys())
+def test_non_finite_values_raise_never_a_bound(make, shape, estimate):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="non-finite"):
+            estimate(make(), shape)
+
+
+def test_check_finite_result_inspects_total_and_layers():
+    from lipreg.functional.autolip import check_finite_result
+    from lipreg.functional.results import LayerBound, LipschitzResult
+
+    ok = LayerBound("fc", "affine", 2.0, True, 2.0, 2.0, "dense")
+    check_finite_result(LipschitzResult(2.0, "upper", "autolip", layers=[ok]))
+    bad_layer = LayerBound("fc", "affine", 2.0, True, math.nan, 2.0, "dense")
+    for result in (
+        LipschitzResult(math.nan, "upper", "autolip", layers=[ok]),
+        LipschitzResult(math.inf, "estimate", "autolip", layers=[ok]),
+        LipschitzResult(2.0, "upper", "autolip", layers=[ok], estimate=math.inf),
+        LipschitzResult(2.0, "upper", "autolip", layers=[bad_layer]),
+    ):
+        with pytest.raises(ValueError, match="non-finite"):
+            check_finite_result(result)
+
+
+def test_large_finite_weights_stay_certified():
+    """Power-of-two scaling: 1e150 weights give a finite certified 1e150-scale bound."""
+    m = nn.Sequential(nn.Linear(3, 3, bias=False)).double()
+    with torch.no_grad():
+        m[0].weight.copy_(torch.randn(3, 3, generator=gen(5), dtype=F64) * 1e150)
+    r = lipreg.autolip(m, (3,))
+    exact = norm2(m[0].weight / 1e150) * 1e150
+    assert r.certified and exact * (1 - 1e-14) <= r.value <= exact * (1 + 1e-7)
