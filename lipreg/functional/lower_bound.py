@@ -150,7 +150,8 @@ def jacobian_norms(
 
     Runs power iteration on ``J_iᵀ J_i`` for every sample ``i`` at once (``fn`` must treat
     samples independently), with ``J v`` by forward-mode AD, or by the double-vjp trick where
-    forward mode is not implemented (``nn.LSTM``, fused attention). Returns ``(sigma, v)``
+    forward mode is not implemented (``nn.LSTM``, fused attention); a model whose in-place ops
+    break reverse mode is re-run functionalized. Returns ``(sigma, v)``
     with ``sigma[i] = ‖J_i v_i‖ ≤ ‖J_i‖_2`` (exact autograd values at ``x``: a guide for
     :func:`lower_bound`'s search, not a certified bound at non-differentiable points).
     """
@@ -162,13 +163,27 @@ def jacobian_norms(
         v = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     else:
         v = v0.detach().clone()
-    dims = tuple(range(1, x.ndim))
 
     def normalise(t: Tensor) -> Tensor:
         n = t.reshape(batch, -1).norm(dim=1).clamp_min(1e-300)
         return t / n.reshape(batch, *([1] * (t.ndim - 1)))
 
     v = normalise(v)
+    try:
+        return _power_iteration(fn, x, v, n_iter, tol, normalise)
+    except RuntimeError as exc:
+        if "inplace operation" not in str(exc):
+            raise
+    # In-place ops (``relu_(y)`` on a tensor autograd saved) break reverse mode: functionalize
+    # replaces every mutation by its out-of-place equivalent, with the same values.
+    return _power_iteration(torch.func.functionalize(fn), x, v, n_iter, tol, normalise)
+
+
+def _power_iteration(
+    fn: Any, x: Tensor, v: Tensor, n_iter: int, tol: float, normalise: Callable[[Tensor], Tensor]
+) -> tuple[Tensor, Tensor]:
+    batch = x.shape[0]
+    dims = tuple(range(1, x.ndim))
     with torch.enable_grad():
         _, vjp_fn = torch.func.vjp(fn, x)
     jvp = _Jvp(fn, x)

@@ -694,3 +694,28 @@ def test_models_without_forward_ad(make, shape) -> None:
     assert res.value <= quotient64(model, x, z) * (1 + 1e-12)
     assert res.value <= segment_sup(model, x, z) * (1 + 1e-3)
     assert res.value >= 0.97 * float(local_norms(copy.deepcopy(model).double(), x[None])[0])
+
+
+class ReluInplace(nn.Module):
+    """In-place ReLUs on a tensor autograd saved: reverse mode fails without functionalize."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 6, dtype=F64), nn.Linear(6, 3, dtype=F64)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc1(x)
+        torch.nn.functional.relu(y, inplace=True)
+        return self.fc2(self.act(y)) + y.sum(dim=1, keepdim=True)
+
+
+def test_in_place_relu_model() -> None:
+    model = init_(ReluInplace(), 95)
+    # f = (W2 + 1 1ᵀ) relu(W1 x + b1) + b2: one hidden layer, L by brute force over patterns
+    W1 = model.fc1.weight.detach()
+    assert int(torch.linalg.matrix_rank(W1)) == 6
+    exact = brute_k2(W1, model.fc2.weight.detach() + 1.0)
+    res = lipreg.lower_bound(model, (6,), **FAST)
+    assert 0.9 * exact <= res.value <= exact * (1 + 1e-9)
+    assert res.value <= quotient64(model, res.state["argmax"], res.state["witness"]) * (1 + 1e-12)
