@@ -42,7 +42,6 @@ weights, same seeded start vectors) and rank 0's are broadcast, so all ranks see
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import math
@@ -672,16 +671,15 @@ class LipschitzCallback(Callback):
     def _lower_bound(self, network: nn.Module) -> dict[str, float]:
         assert self.input_shape is not None
         start = time.perf_counter()
-        with _differentiable_attention():
-            lb = lower_bound(
-                network,
-                self.input_shape,
-                inputs=self._last_batch,
-                n_random=self.lower_bound_points,
-                n_anneal_steps=10,
-                n_chains=4,
-                seed=self.seed,
-            )
+        lb = lower_bound(
+            network,
+            self.input_shape,
+            inputs=self._last_batch,
+            n_random=self.lower_bound_points,
+            n_anneal_steps=10,
+            n_chains=4,
+            seed=self.seed,
+        )
         return {
             "lipschitz/lower_bound": lb.value,
             "lipschitz/lower_bound_time_s": time.perf_counter() - start,
@@ -834,17 +832,6 @@ def _subnetworks_hint(module: nn.Module) -> str:
         f"Its sub-networks: {described}. Pick one with "
         f"LipschitzCallback(model_attr={subs[0][0]!r})."
     )
-
-
-def _differentiable_attention() -> contextlib.AbstractContextManager[Any]:
-    """Scaled-dot-product attention through its math kernel (the same function, built from
-    differentiable ops): the fused CPU kernels support neither forward-mode AD nor double
-    backward, which the Jacobian search of the lower bound needs."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # older torch: nothing to select
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _device_type(module: nn.Module) -> str:

@@ -50,6 +50,7 @@ __all__ = [
     "Analysis",
     "TraceError",
     "UnsupportedOperationError",
+    "all_finite",
     "analyse",
     "check_finite_parameters",
     "check_input_shape",
@@ -173,6 +174,19 @@ def check_input_shape(input_shape: Any) -> tuple[int, ...]:
     return tuple(int(s) for s in input_shape)
 
 
+_FINITE_CHUNK = 2**22  # elements per isfinite() call: a 4 MiB mask, whatever the tensor
+
+
+def all_finite(t: Tensor) -> Tensor:
+    """``torch.isfinite(t).all()`` as a 0-dim bool tensor, checked chunk by chunk so that a
+    large weight never needs a full-size mask (no host sync)."""
+    with torch.no_grad():
+        flat = t.detach().reshape(-1)
+        if flat.numel() <= _FINITE_CHUNK:
+            return torch.isfinite(flat).all()
+        return torch.stack([torch.isfinite(c).all() for c in flat.split(_FINITE_CHUNK)]).all()
+
+
 def check_finite_parameters(model: nn.Module) -> None:
     """Raise if any floating parameter or buffer holds NaN or Inf."""
     named = [
@@ -183,7 +197,7 @@ def check_finite_parameters(model: nn.Module) -> None:
     if not named:
         return
     with torch.no_grad():  # one device sync for all tensors (this runs at every estimate)
-        finite = torch.stack([torch.isfinite(t).all().to(named[0][1].device) for _, t in named])
+        finite = torch.stack([all_finite(t).to(named[0][1].device) for _, t in named])
     if bool(finite.all()):
         return
     bad = [name for (name, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
@@ -588,7 +602,7 @@ def _classify(node: fx.Node, value: Any, input_node: fx.Node, probe: _Probe) -> 
     depends = node is input_node or (
         any(n in probe.variable for n in node.all_input_nodes) and not _is_shape_query(node)
     )
-    finite = not (_is_t(value) and value.is_floating_point()) or bool(torch.isfinite(value).all())
+    finite = not (_is_t(value) and value.is_floating_point()) or bool(all_finite(value))
     if not depends:
         if not finite:
             probe.nonfinite_constants.append(str(node.target if node.op == "get_attr" else node))
