@@ -725,8 +725,14 @@ def analyse(
         evaluation_mode(root),
     ):
         probe = _run_probe(gm, root, input_node, x.to(probe_dtype))
-        same_first = _run_probe(gm, root, input_node, x_new_second.to(probe_dtype))
-        same_second = _run_probe(gm, root, input_node, x_new_first.to(probe_dtype))
+        # Whether ops mix samples is a property of the graph, not of the weights: checked
+        # once per graph and input shape (the callback's cached trace skips it afterwards).
+        verified: set = gm.__dict__.setdefault("_lipreg_per_sample", set())
+        others = []
+        if input_shape not in verified:
+            same_first = _run_probe(gm, root, input_node, x_new_second.to(probe_dtype))
+            same_second = _run_probe(gm, root, input_node, x_new_first.to(probe_dtype))
+            others = [(same_first, 0), (same_second, 1)]
     if probe.output is None:
         raise TypeError("the traced graph has no output node.")
     if probe.nonfinite_constants:
@@ -745,10 +751,11 @@ def analyse(
         reason = _consumer_refusal(node, probe, ctx.target)
         if reason and node not in analysis.refusals:
             analysis.refusals[node] = reason
-    _refuse_first_mixing_node(analysis, probe, [(same_first, 0), (same_second, 1)])
+    _refuse_first_mixing_node(analysis, probe, others)
     if differentiable:
         _check_no_parameter_math(gm, probe)
     analysis.refresh_specs()
+    verified.add(input_shape)  # reached only when nothing was refused
     if probe.nonfinite_values:
         raise ValueError(
             f"non-finite (NaN/Inf) intermediate values at nodes {probe.nonfinite_values} on a "
