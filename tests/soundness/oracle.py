@@ -137,6 +137,7 @@ class _Function:
         self.dtype = dtype
         self.mode = "autograd-vectorized"
         self.batch_ok = True
+        self.power_iterations = 0  # > 0: power iteration instead of dense Jacobians
 
     def __call__(self, x: Tensor) -> Tensor:
         y = self.model(x.reshape(1, *self.shape))
@@ -192,11 +193,32 @@ class _Function:
         return out
 
     def top_triplet(self, x: Tensor) -> tuple[float, Tensor, Tensor]:
+        if self.power_iterations:
+            return self.power_triplet(x, self.power_iterations)
         jac = self.jacobian(x).detach()
         if not bool(torch.isfinite(jac).all()):
             return math.nan, torch.zeros(jac.shape[0], dtype=jac.dtype), x * 0
         u, s, vh = torch.linalg.svd(jac, full_matrices=False)
         return float(s[0]), u[:, 0], vh[0]
+
+    def power_triplet(self, x: Tensor, iterations: int) -> tuple[float, Tensor, Tensor]:
+        """Power iteration on ``JᵀJ`` (Jacobian-vector and vector-Jacobian products) for
+        networks too large for a dense Jacobian: ``‖J v‖`` for the final unit ``v``."""
+        gen = torch.Generator().manual_seed(1)
+        v = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        v = v / v.norm()
+        with torch.enable_grad():
+            y, vjp = torch.func.vjp(self, x)
+            jv = y
+            for _ in range(iterations):
+                _, jv = torch.func.jvp(self, (x,), (v,))
+                (w,) = vjp(jv)
+                if not bool(torch.isfinite(w).all()) or float(w.norm()) == 0.0:
+                    break
+                v = w / w.norm()
+            _, jv = torch.func.jvp(self, (x,), (v,))
+        sigma = float(jv.norm())
+        return sigma, (jv / max(sigma, 1e-300)).detach(), v.detach()
 
     def sigma_gradient(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor | None:
         """Gradient of ``x ↦ uᵀ J(x) v`` (= ∇σ_max where the top singular value is simple)."""
@@ -262,12 +284,15 @@ def oracle_lower_bound(
     n_ascent: int = 6,
     seed: int = 0,
     inputs: Tensor | None = None,
+    power_iterations: int = 0,
 ) -> OracleResult:
     """A certified lower bound on ``L(model)`` (evaluation mode), independent of lipreg.
 
     ``n_random`` Gaussian points per scale in ``scales`` (plus ``inputs``), then ``n_ascent``
     ascent steps from the ``n_starts`` best points; the best point is certified by a float64
     difference quotient. ``model`` is not modified (a float64 deep copy is evaluated).
+    ``power_iterations > 0``: ``‖J(x)‖`` by that many power-iteration steps (JVP/VJP) instead
+    of the dense Jacobian, for large networks with many outputs.
     """
     shape = tuple(int(s) for s in input_shape)
     n = math.prod(shape)
@@ -282,6 +307,7 @@ def oracle_lower_bound(
     gen = torch.Generator().manual_seed(seed)
     with eval_mode(clone):
         fn = _Function(clone, shape, dtype)
+        fn.power_iterations = power_iterations
         candidates: list[Tensor] = []
         if inputs is not None:
             candidates += [t.reshape(-1).to(dtype) for t in inputs]
