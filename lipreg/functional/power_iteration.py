@@ -15,8 +15,12 @@ from below. It is an *estimate* of the norm, not an upper bound; see
 
 Lanczos (with full re-orthogonalisation) reaches a relative tolerance of 1e-4 in far fewer
 Gram products than the power method when the top singular values are clustered, which is the
-common case for randomly initialised layers. Both accept a warm-start vector ``v0`` (the
-``v`` of a previous call) and return the new one.
+common case for randomly initialised layers. It stops on a residual bound that involves no
+spectral gap, so it does not "converge" on ``σ_2`` because the gap to ``σ_3`` looks wide.
+Like any Krylov method it can still be misled by a start vector (nearly) orthogonal to the
+top singular vector, which a random start makes unlikely (the residual exposes a component
+of ``|c|`` on a top vector ``δ`` away once ``|c| δ`` exceeds about ``2 tol σ̂²``). Both
+accept a warm-start vector ``v0`` (the ``v`` of a previous call) and return the new one.
 
 :func:`top_singular_triplets` computes the top-``k`` singular triplets by block subspace
 iteration with Rayleigh–Ritz extraction (one batched forward+backward per iteration for the
@@ -51,13 +55,16 @@ class OperatorNormResult:
         v: unit right vector, flat ``(in_features,)``; pass it back as ``v0`` to warm-start.
         u: unit left vector ``A v / ‖A v‖``, flat ``(out_features,)``.
         n_iter: number of products with ``AᵀA`` (each one forward + one backward pass).
-        converged: whether the relative change of ``σ̂`` fell below ``tol``.
+        converged: Lanczos: whether the gap-free residual estimate of ``(σ_max − σ̂)/σ̂``
+            fell to ``tol`` (or the Krylov space filled the whole input space); power: whether
+            the relative change of ``σ̂`` fell below ``tol``.
         rel_change: relative change of ``σ̂`` over the last iteration.
         residual: ``‖AᵀA v − σ̂² v‖ / σ̂²`` of the returned vector (0 for an exact singular
             vector). It measures how far ``v`` is from a singular vector; it is *not* a bound
             on ``σ_max − σ̂``.
-        gap: Lanczos's estimate of the relative gap ``(σ_1² − σ_2²)/σ_1²``; pass it back as
-            ``gap0`` with ``v0`` so that a warm start can stop after one product.
+        gap: Lanczos's Ritz estimate of the relative gap ``(σ_1² − σ_2²)/σ_1²`` (it can
+            overestimate the true gap: the second Ritz value is below ``σ_2²``). Informative
+            only; no stopping decision uses it.
     """
 
     sigma: float
@@ -116,12 +123,16 @@ def operator_norm(
     Args:
         op: the linear map.
         v0: optional warm-start right vector (any shape with ``in_features`` entries).
-        gap0: relative spectral gap returned by the call that produced ``v0`` (``gap``);
-            lets Lanczos judge a warm start after a single product.
-        tol: relative tolerance on ``σ̂``. Lanczos (default) stops when the Kato–Temple
-            estimate of the remaining error, ``r²/(2 g θ²)`` with residual ``r`` and relative
-            gap ``g`` (:func:`_temple_error`), is ``≤ tol``; measured errors then sit well
-            below ``tol``. The power method stops when ``σ̂`` changes by ``≤ tol`` in one
+        gap0: accepted for compatibility with callers (and saved states) that pass back the
+            ``gap`` of the previous call; not used. A warm start is judged like a cold one,
+            by its residual: a gap measured before a weight update cannot rule out a cluster
+            of top singular values that the update has split.
+        tol: relative tolerance on ``σ̂``. Lanczos (default) stops when the gap-free residual
+            estimate ``r/(2θ)`` of the remaining error (:func:`_error_estimate`; ``θ = σ̂²``
+            is the top Ritz value and ``r = ‖AᵀA x − θ x‖``) is ``≤ tol``, or when the
+            Krylov space spans all ``in_features`` directions (the Ritz values are then the
+            exact ones). A tolerance below 4 units of roundoff of ``op.dtype`` acts as 4
+            units of roundoff. The power method stops when ``σ̂`` changes by ``≤ tol`` in one
             iteration (the paper's rule), which can stop far from the norm when the top
             singular values are clustered.
         max_iter: cap on the number of ``AᵀA`` products.
@@ -140,7 +151,7 @@ def operator_norm(
     with torch.no_grad():
         if method == "power":
             return _power(op, q, tol, max_iter)
-        return _lanczos(op, q, tol, max_iter, gap0 if v0 is not None else None)
+        return _lanczos(op, q, tol, max_iter)
 
 
 def _gram(op: LinearMap, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -155,18 +166,26 @@ def _gram(op: LinearMap, v: Tensor) -> tuple[Tensor, Tensor]:
     return g, a
 
 
-def _temple_error(theta: float, gap: float, residual: float) -> float:
-    """Estimated relative error of ``σ̂ = sqrt(θ)``, from the Kato–Temple inequality.
+def _error_estimate(theta: float, residual: float) -> float:
+    """Gap-free estimate of the relative error ``(σ_1 − σ̂)/σ̂`` of ``σ̂ = sqrt(θ)``.
 
-    For a unit Ritz vector with residual ``r = ‖AᵀA x − θ x‖`` and the next eigenvalue
-    ``λ_2 < θ``, ``λ_max ≤ θ + r² / (θ − λ_2)``. With the relative gap ``g = (θ − λ_2)/θ``
-    estimated from the second Ritz value this gives ``(λ_max − θ)/θ ≲ r² / (g θ²)``, halved
-    for ``σ = sqrt(λ)``. A cluster (``g ≈ 0``) keeps the estimate large until the residual
-    itself is tiny; without a gap estimate (first cold iteration) it is infinite.
+    ``θ`` is the top Ritz value and ``residual`` is ``r = ‖AᵀA x − θ x‖`` for its unit Ritz
+    vector ``x``. For a top eigenpair ``(λ_1, v_1)`` of ``AᵀA``,
+    ``v_1ᵀ(AᵀA x − θ x) = (λ_1 − θ) v_1ᵀx``, so ``(λ_1 − θ) |v_1ᵀx| ≤ r``: as soon as ``x`` has
+    a non-negligible component on a top singular vector, ``λ_1 − θ ≲ r`` and the error is
+    ``≲ r/(2θ)``, whatever the rest of the spectrum.
+
+    No spectral gap enters. A Kato–Temple estimate ``r²/(2θ(θ − λ_2))`` is sharper but needs
+    the true ``λ_2``, and the second Ritz value only bounds it from *below*: while the top
+    Ritz vector still mixes several close singular vectors, or sits on ``σ_2`` because
+    ``σ_1`` is not yet in the Krylov space, the gap it measures is fictitious and the estimate
+    accepts a value up to ``σ_1 − σ_2`` too low. A gap carried over from an earlier call is no
+    better: a cluster narrower than that call's residual is invisible to it, and a later
+    weight update splits it.
     """
-    if theta <= 0 or not gap > 0:
+    if theta <= 0:
         return math.inf
-    return residual * residual / (2.0 * theta * theta * gap)
+    return residual / (2.0 * theta)
 
 
 def _power(op: LinearMap, v: Tensor, tol: float, max_iter: int) -> OperatorNormResult:
@@ -197,11 +216,12 @@ def _power(op: LinearMap, v: Tensor, tol: float, max_iter: int) -> OperatorNormR
     return OperatorNormResult(sigma, v, u, n_iter, converged, rel, residual)
 
 
-def _lanczos(
-    op: LinearMap, q: Tensor, tol: float, max_iter: int, gap0: float | None
-) -> OperatorNormResult:
+def _lanczos(op: LinearMap, q: Tensor, tol: float, max_iter: int) -> OperatorNormResult:
     n = op.in_features
     max_iter = min(max_iter, n)  # the Krylov space cannot grow beyond n
+    # Below a few units of roundoff the residual is rounding noise: a finer tolerance is met
+    # at working precision.
+    tol = max(tol, 4.0 * torch.finfo(op.dtype).eps)
     basis: list[Tensor] = []
     images: list[Tensor] = []  # A q_j, so that A x for the Ritz vector x needs no extra pass
     alphas: list[float] = []
@@ -230,14 +250,14 @@ def _lanczos(
         theta_vec = evecs[:, -1]
         sigma = math.sqrt(theta)
         rel = abs(sigma - prev) / max(sigma, 1e-300)
-        # Gap to the rest of the spectrum: from the second Ritz value, or on the first
-        # iteration of a warm start from the previous call's gap.
-        if len(alphas) > 1:
+        if len(alphas) > 1:  # reported only: never used to stop (see _error_estimate)
             gap = max(theta - float(evals[-2]), 0.0) / max(theta, 1e-300)
-        elif gap0 is not None:
-            gap = gap0
-        error = _temple_error(theta, gap, beta * abs(float(theta_vec[-1])))
-        if sigma == 0.0 or beta <= 1e-12 * max(abs(a) for a in alphas) or error <= tol:
+        # Residual of the top Ritz pair from the Lanczos relation: ‖B x − θ x‖ = β_j |s_j|.
+        # An invariant subspace (β ≈ 0) makes it ≈ 0: the Ritz values are then eigenvalues.
+        error = _error_estimate(theta, beta * abs(float(theta_vec[-1])))
+        # After n products the basis spans the whole space: T is AᵀA in that basis and its
+        # top eigenvalue is σ_max² up to rounding, whatever the residual.
+        if sigma == 0.0 or error <= tol or n_iter == n:
             converged = True
             break
         prev = sigma
@@ -251,7 +271,6 @@ def _lanczos(
     ax = (s @ torch.stack(images)) / xnorm
     x = x / xnorm
     sigma = float(ax.norm())
-    # Residual of the Ritz pair from the Lanczos relation: ‖B x − θ x‖ = β_j |s_j|.
     residual = (beta * abs(float(theta_vec[-1]))) / max(sigma**2, 1e-300)
     u = ax / sigma if sigma > 0 else ax
     return OperatorNormResult(sigma, x, u, n_iter, converged, rel, residual, gap)
