@@ -142,7 +142,7 @@ def sub_networks(model: nn.Module) -> list[str]:
     ]
 
 
-def checkhas_forward(model: nn.Module) -> None:
+def check_has_forward(model: nn.Module) -> None:
     """Raise :class:`TraceError` with the sub-networks to choose from when ``model`` has no
     ``forward`` of its own (an autoencoder or a GAN written as a LightningModule)."""
     if has_forward(model):
@@ -266,12 +266,12 @@ class Analysis:
         every step so that its closures see the current weights, with autograd.
         """
         specs: dict[fx.Node, Spec] = {}
-        unsupported: list[tuple[str, bool]] = []  # (description, a rule could be added)
+        unsupported: list[_Refusal] = []
         with evaluation_mode(self.root, restore_buffers=False):
             for node, ctx in self.contexts.items():
                 self._materialise(ctx)
                 if node in self.refusals:
-                    unsupported.append((_describe(node, ctx.target, self.refusals[node]), False))
+                    unsupported.append(_Refusal(node, ctx.target, self.refusals[node], False))
                     continue
                 if node in self.pieces:
                     specs[node] = Nonlinear(1.0, "one piece of a split")
@@ -283,7 +283,7 @@ class Analysis:
                 try:
                     specs[node] = rule(ctx)
                 except UnsupportedNodeError as exc:
-                    unsupported.append((_describe(node, ctx.target, str(exc)), False))
+                    unsupported.append(_Refusal(node, ctx.target, str(exc), False))
         if unsupported:
             raise UnsupportedOperationError(_unsupported_message(self.model_name, unsupported))
         self.specs = specs
@@ -345,7 +345,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     """
     model = unwrap_compiled(model)
     _warn_about_hooks(model)
-    checkhas_forward(model)
+    check_has_forward(model)
     if has_module_rule(model):
         return _with_root(_sequential_graph(nn.Sequential(model)), nn.Sequential(model))
     before = set(vars(model))
@@ -966,30 +966,56 @@ def _what(node: fx.Node, target: Any) -> str:
     return f"function {getattr(target, '__name__', repr(target))}"
 
 
-def _describe(node: fx.Node, target: Any, reason: str) -> str:
-    return f"{_what(node, target)} at node {node.name!r}: {reason}"
+@dataclass(frozen=True)
+class _Refusal:
+    """One refused node: what it is, why, and whether a user rule could make sense."""
+
+    node: fx.Node
+    target: Any
+    reason: str
+    ruleable: bool
+
+    @property
+    def kind(self) -> tuple[str, str]:
+        """Nodes of the same op refused for the same reason are reported together."""
+        name = type(self.target).__name__ if self.node.op == "call_module" else str(self.target)
+        return (f"{self.node.op}:{name}", self.reason)
 
 
-def _describe_missing_rule(node: fx.Node, target: Any) -> tuple[str, bool]:
+def _describe_missing_rule(node: fx.Node, target: Any) -> _Refusal:
     """Why a node has no rule, and whether registering one could make sense."""
     hint = refusal_hint(target)
     if hint is not None:
-        return _describe(node, target, hint), False
+        return _Refusal(node, target, hint, False)
     if node.op == "call_module" and (overrides := overriding_methods(target)):
-        return _describe(
+        return _Refusal(
             node,
             target,
             f"it overrides {overrides} of a class lipreg has a rule for, so that rule does "
             "not apply, and torch.fx could not trace into it. Make it traceable or register "
             "a rule for this class.",
-        ), True
-    return _describe(node, target, "no rule registered"), True
+            True,
+        )
+    return _Refusal(node, target, "no rule registered", True)
 
 
-def _unsupported_message(model_name: str, unsupported: list[tuple[str, bool]]) -> str:
-    lines = "\n".join(f"  - {text}" for text, _ in unsupported)
-    message = f"lipreg cannot bound {len(unsupported)} node(s) of {model_name}:\n{lines}"
-    if any(ruleable for _, ruleable in unsupported):
+def _unsupported_message(model_name: str, unsupported: list[_Refusal]) -> str:
+    groups: dict[tuple[str, str], list[_Refusal]] = {}
+    for refusal in unsupported:
+        groups.setdefault(refusal.kind, []).append(refusal)
+    lines = []
+    for (_, reason), members in groups.items():
+        first = members[0]
+        where = f"{_what(first.node, first.target)} at node {first.node.name!r}"
+        if len(members) > 1:
+            others = [m.node.name for m in members[1:]]
+            shown = ", ".join(repr(n) for n in others[:5]) + (", ..." if len(others) > 5 else "")
+            where += f" (and {len(others)} more of the same kind: {shown})"
+        lines.append(f"  - {where}: {reason}")
+    message = f"lipreg cannot bound {len(unsupported)} node(s) of {model_name}:\n" + "\n".join(
+        lines
+    )
+    if any(r.ruleable for r in unsupported):
         message += (
             "\nFor an op that IS globally Lipschitz, add a rule with "
             "lipreg.register_rule(target, rule), e.g. "
@@ -1042,7 +1068,7 @@ def eval_function(model: nn.Module) -> tuple[Any, str]:
             "batch statistics even in eval mode, so the network is not a per-sample function "
             "and has no per-sample Jacobian. Use track_running_stats=True."
         )
-    checkhas_forward(model)
+    check_has_forward(model)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the hook warning is for the upper bounds

@@ -1270,6 +1270,22 @@ NOT_LIPSCHITZ_HINTS: dict[str, str] = {
 }
 
 
+# Functional spellings of the same ops (torchvision's LayerNorm2d calls F.layer_norm, Swin its
+# own window attention).
+for _alias, _key in (
+    ("layer_norm", "LayerNorm"),
+    ("rms_norm", "RMSNorm"),
+    ("group_norm", "GroupNorm"),
+    ("instance_norm", "InstanceNorm"),
+    ("local_response_norm", "LocalResponseNorm"),
+    ("multi_head_attention_forward", "MultiheadAttention"),
+    ("shifted_window_attention", "scaled_dot_product_attention"),
+    ("lstm", "LSTM"),
+    ("gru", "GRU"),
+):
+    NOT_LIPSCHITZ_HINTS[_alias] = NOT_LIPSCHITZ_HINTS[_key]
+
+
 def refusal_hint(target: Any) -> str | None:
     """Why lipreg refuses ``target`` on purpose (a class, function or method name), if it
     does: matched on the class and its bases, or on the function/method name."""
