@@ -21,7 +21,13 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
-from tests.soundness.zoo import ZOO, ZooRow, run_zoo_model  # noqa: E402
+from tests.soundness.zoo import (  # noqa: E402
+    AUTOLIP_OPTIONS,
+    ZOO,
+    ZooRow,
+    autolip_options,
+    run_zoo_model,
+)
 
 OUT = Path(__file__).with_name("zoo_table.md")
 
@@ -42,9 +48,11 @@ def table(rows: list[ZooRow], total: float) -> str:
         f"{platform.machine()}, {torch.get_num_threads()} thread(s).",
         "",
         "Random weights (`weights=None`), `num_classes=10`, evaluation mode. *Certified*: "
-        "`lipreg.autolip(model, input)` (default options, `certify=True`); *lower*: the "
+        f"`lipreg.autolip(model, input, **options)` with options `{AUTOLIP_OPTIONS}`, plus "
+        "`memory_limit_bytes=16e6` for the models marked *budget* (VGG, ResNeXt-101, "
+        "RegNetX-16/32GF, WideResNet-101); *lower*: the "
         "independent certified lower bound of `tests/soundness/oracle.py` (float64 Jacobian "
-        "at two random points, certified by a difference quotient). A certified value below "
+        "at random points, certified by a difference quotient). A certified value below "
         "the lower bound would be a soundness bug. Time: build + bound + oracle, seconds.",
         "",
         f"**{len(rows)} models: {n_cert} certified, {n_ref} refused by name, "
@@ -57,8 +65,9 @@ def table(rows: list[ZooRow], total: float) -> str:
     for r in rows:
         shape = "×".join(map(str, r.input_shape))
         reason = r.reason.replace("|", "\\|")
+        budget = " (budget)" if "memory_limit_bytes" in autolip_options(r.name) else ""
         lines.append(
-            f"| {r.name} | {shape} | {r.params / 1e6:.1f} | {r.status} | {_fmt(r.upper)} "
+            f"| {r.name} | {shape} | {r.params / 1e6:.1f} | {r.status}{budget} | {_fmt(r.upper)} "
             f"| {_fmt(r.lower)} | {reason} | {r.seconds:.1f} |"
         )
     return "\n".join(lines) + "\n"

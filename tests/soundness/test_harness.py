@@ -18,7 +18,7 @@ from torch import nn
 
 import lipreg
 from tests.soundness.generator import FAMILIES, generate
-from tests.soundness.harness import REL_TOL, check_soundness
+from tests.soundness.harness import REL_TOL, Outcome, check_soundness
 from tests.soundness.issue7 import CASES
 from tests.soundness.oracle import fingerprint_diff, model_fingerprint, oracle_lower_bound
 
@@ -26,7 +26,7 @@ N_RANDOM = 292  # 4 appearances of each family as the first block, plus random o
 LOWER_BOUND_EVERY = 10  # lipreg.lower_bound is checked on every 10th random model
 
 
-def _fail(outcome) -> str:  # type: ignore[no-untyped-def]
+def _fail(outcome: Outcome) -> str:
     return f"{outcome.label}: {outcome.status}: {outcome.message}"
 
 

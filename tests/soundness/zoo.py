@@ -4,7 +4,7 @@ Each model is built with random weights (``weights=None``: nothing is downloaded
 ``num_classes=10``, in evaluation mode, at a small input (3×32×32; larger only where the
 architecture needs it, 16×16 for the deep ResNet-like families). ``lipreg.autolip`` either
 
-* returns a certified bound (``certify=True``; see ``AUTOLIP_OPTIONS``), checked against
+* returns a certified bound (``certify=True``; see ``autolip_options``), checked against
   the independent oracle's certified lower bound (dense float64 Jacobian of the 10 outputs
   at random points — cheap with 10 outputs — certified by a float64 difference quotient), or
 * refuses with an ``UnsupportedOperationError``/``TraceError`` naming the op.
@@ -25,7 +25,7 @@ from torch import nn
 import lipreg
 from tests.soundness.oracle import oracle_lower_bound
 
-__all__ = ["ZOO", "ZooRow", "input_shape", "run_zoo_model"]
+__all__ = ["ZOO", "ZooRow", "autolip_options", "input_shape", "run_zoo_model"]
 
 ZOO: list[str] = sorted(torchvision.models.list_models(module=torchvision.models))
 
@@ -40,8 +40,18 @@ _SIZES = {
 _SMALL = ("resnet", "resnext", "wide_resnet", "regnet_x", "mnasnet", "mobilenet_v2", "shufflenet")
 # AutoLip options: certify=True (the default) with dense_limit=64: maps with a side above 64
 # get the FFT / Schur / product certificates instead of a dense materialisation — still
-# certified upper bounds, looser, and 2–10× faster on these networks.
+# certified upper bounds, looser, and 2–10× faster on these networks. The heaviest models
+# also get a 16 MB memory budget per certificate (VGG's 25088×4096 classifier: a 36 s Gram
+# matrix otherwise), which exercises the budget fallbacks.
 AUTOLIP_OPTIONS: dict = {"certify": True, "dense_limit": 64}
+_HEAVY = ("vgg", "resnext101", "regnet_x_16gf", "regnet_x_32gf", "wide_resnet101")
+HEAVY_OPTIONS: dict = {**AUTOLIP_OPTIONS, "memory_limit_bytes": 16e6}
+
+
+def autolip_options(name: str) -> dict:
+    return HEAVY_OPTIONS if name.startswith(_HEAVY) else AUTOLIP_OPTIONS
+
+
 # Constructor options that shrink the fixed input size of ViTs (their patch grid).
 _KWARGS: dict[str, dict] = {
     "vit_b_16": {"image_size": 32},
@@ -83,11 +93,14 @@ def _short_reasons(message: str, limit: int = 3) -> str:
     if not items:
         return re.sub(r"\s+", " ", message.split(". ")[0])[:160]
     out = []
-    for item in items:
+    for raw in items:
+        more = re.search(r" \(and (\d+) more of the same kind: [^)]*\)", raw)
+        item = raw.replace(more.group(0), "") if more else raw
+        count = f" ×{int(more.group(1)) + 1}" if more else ""
         found = re.match(r"(module '[^']*' \((\w+)\)|function (\w+)|method \.?(\w+)\(?\)?)", item)
         what = next((g for g in (found.groups()[1:] if found else ()) if g), item[:40])
         why = item.split(": ", 1)[1] if ": " in item else ""
-        phrase = f"{what}: {why.split('. ')[0].split('; ')[0]}"[:110]
+        phrase = f"{what}{count}: {why.split('. ')[0].split('; ')[0]}"[:110]
         if phrase not in out:
             out.append(phrase)
     more = f" (+{len(out) - limit} more)" if len(out) > limit else ""
@@ -112,7 +125,7 @@ def run_zoo_model(name: str) -> ZooRow:
     try:
         t0 = time.perf_counter()
         try:
-            result = lipreg.autolip(model, shape, **AUTOLIP_OPTIONS)
+            result = lipreg.autolip(model, shape, **autolip_options(name))
         except (lipreg.UnsupportedOperationError, lipreg.TraceError) as exc:
             row.status, row.reason = "refused", _short_reasons(str(exc))
             if not re.search(r"node|module|function|method|trace", str(exc), re.IGNORECASE):
