@@ -67,7 +67,8 @@ def check_autolip(
     if not certify:
         return
     certified = lipreg.autolip(net, input_shape)
-    assert certified.certified and value <= certified.value * (1 + 1e-9)
+    # The estimate is computed in float32: converged, it may exceed the norm by rounding.
+    assert certified.certified and value <= certified.value * (1 + 1e-5)
     if all(isinstance(m, nn.Linear | nn.ReLU | nn.LeakyReLU) for m in net.children()):
         assert rel(certified.value, norm_product(net)) < 1e-6
 
