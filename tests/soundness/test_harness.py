@@ -50,6 +50,24 @@ def test_random_architecture(seed: int, record_property: pytest.RecordProperty) 
     assert outcome.ok, _fail(outcome)
 
 
+@pytest.mark.parametrize("seed", range(0, N_RANDOM, 4))
+def test_fallback_certificates(seed: int) -> None:
+    """The certificates used when the exact ones do not fit the memory budget (row blocks,
+    Frobenius/Schur for dense maps, the im2col bound for convolutions) and the per-op product
+    (``dense_limit=0``: no merged chain is materialised) hold against the oracle too."""
+    g = generate(seed)
+    outcome = check_soundness(
+        g.model,
+        g.input_shape,
+        label=f"{g.describe()} [memory_limit_bytes=4096, dense_limit=0]",
+        families=g.families,
+        names=g.names,
+        seed=seed,
+        autolip_kwargs={"memory_limit_bytes": 4096, "dense_limit": 0},
+    )
+    assert outcome.ok, _fail(outcome)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_issue7_pattern(name: str, record_property: pytest.RecordProperty) -> None:
     case = CASES[name]()
