@@ -563,7 +563,7 @@ def _run_probe(gm: fx.GraphModule, root: nn.Module, input_node: fx.Node, x: Tens
         else:
             args = fx.node.map_arg(node.args, lambda n: probe.values[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: probe.values[n])
-            tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if _is_t(t)]
+            tensors = _tensors_in((args, kwargs))
             versions = [_version(t) for t in tensors]
             try:
                 value = _call_node(node, root, args, kwargs)
@@ -585,6 +585,13 @@ def _run_probe(gm: fx.GraphModule, root: nn.Module, input_node: fx.Node, x: Tens
         if _is_t(value) and (storage := _storage(value)) is not None:
             holders_of.setdefault(storage, []).append(node)
     return probe
+
+
+def _tensors_in(values: Any) -> list[Tensor]:
+    """The tensors inside nested tuples, lists and dicts of arguments."""
+    found: list[Tensor] = []
+    fx.node.map_aggregate(values, lambda a: found.append(a) if _is_t(a) else None)
+    return found
 
 
 def _version(t: Tensor) -> int | None:
