@@ -1,7 +1,7 @@
 """Tests of ``lipreg.models``: the paper's architectures and the benchmark-network loaders.
 
 Ground truths used here are independent of the code under test: layer shapes from
-``paper.md`` section 3.3, numbers published in ``shared/benchmark-nets/README.md`` and the
+``paper.md`` section 3.3, numbers published in ``benchmarks/nets/README.md`` and the
 per-seed values of the GLipSDP authors' own summary file, the raw ``.mat`` arrays read with
 scipy, exact operator norms of dense matrices, and the accuracy of the trained digits networks
 on scikit-learn's digits.
@@ -228,7 +228,8 @@ def summary(bench_dir: Path) -> dict:
 
 def test_default_benchmark_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("LIPREG_BENCHMARK_NETS", raising=False)
-    assert default_benchmark_dir() == REPO_ROOT.parent / "shared" / "benchmark-nets"
+    assert default_benchmark_dir() == REPO_ROOT / "benchmarks" / "nets"
+    assert (REPO_ROOT / "benchmarks" / "nets" / "lipsdp_random_2-10-30-20-2.mat").is_file()
     monkeypatch.setenv("LIPREG_BENCHMARK_NETS", str(tmp_path))
     assert default_benchmark_dir() == tmp_path
     with pytest.raises(FileNotFoundError):

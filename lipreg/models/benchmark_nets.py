@@ -1,7 +1,7 @@
 """Loaders of public benchmark networks whose Lipschitz bounds other projects have published.
 
 The networks are MATLAB ``.mat`` files kept outside the repository, in the folder described
-by ``shared/benchmark-nets/README.md`` (see :func:`default_benchmark_dir`). Each loader returns a
+by ``benchmarks/nets/README.md`` (see :func:`default_benchmark_dir`). Each loader returns a
 :class:`LoadedNet`: a plain ``nn.Sequential`` (``Linear`` / ``Conv2d`` / ``ReLU`` /
 ``Flatten``, float64 by default) and a metadata dict holding, among others, the published
 numbers of :data:`PUBLISHED`.
@@ -114,7 +114,7 @@ GLIPSDP_METHOD_NAMES: dict[str, str] = {
     "Lip_LiPopt": "lipopt",
 }
 
-#: Published numbers, copied from ``shared/benchmark-nets/README.md``. All are global
+#: Published numbers, copied from ``benchmarks/nets/README.md``. All are global
 #: l2 -> l2 Lipschitz values. GLipSDP values are means over the 10 seeds and refer to logit
 #: :data:`GLIPSDP_OUTPUT_INDEX` (zero-based 7) and, for the CNNs, to flatten order
 #: :data:`GLIPSDP_FLATTEN_ORDER`.
@@ -202,13 +202,14 @@ def default_benchmark_dir() -> Path:
     """Return the folder holding the benchmark networks.
 
     The environment variable ``LIPREG_BENCHMARK_NETS`` wins if set; otherwise the folder is
-    ``shared/benchmark-nets`` beside the repository (``<repo>/../shared/benchmark-nets``). The
-    folder is not required to exist.
+    ``benchmarks/nets`` of the repository, where the public networks (1.4 MB of .mat files and
+    their README) are committed so that a fresh clone runs every test. The folder is not
+    required to exist (an installed, non-editable lipreg has no repository).
     """
     env = os.environ.get(BENCHMARK_DIR_ENV)
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parents[2].parent / "shared" / "benchmark-nets"
+    return Path(__file__).resolve().parents[2] / "benchmarks" / "nets"
 
 
 def _resolve_dir(directory: str | os.PathLike[str] | None) -> Path:
