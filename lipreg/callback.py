@@ -447,7 +447,7 @@ class LipschitzCallback(Callback):
     def _prepare_autolip(self, network: nn.Module, requested: list[str] | None) -> None:
         """Trace once for AutoLip (and test SeqLip); on refusal fall back (see class doc)."""
         from lipreg.functional.graph import analyse
-        from lipreg.functional.seqlip import _segment
+        from lipreg.functional.seqlip import segment_chains
 
         assert self.input_shape is not None
         name = type(network).__name__
@@ -462,7 +462,7 @@ class LipschitzCallback(Callback):
                 state=self._autolip_state,
             )
             # raises for unsupported ops; reuses the estimator's trace
-            analysis = analyse(network, self.input_shape, traced=self._estimator._traced)
+            analysis = analyse(network, self.input_shape, traced=self._estimator.traced)
         except Exception as exc:
             self._estimator = None
             reason = _describe(exc)
@@ -492,7 +492,7 @@ class LipschitzCallback(Callback):
             return
         if requested is None or "seqlip" in requested:
             try:
-                _segment(analysis)
+                segment_chains(analysis)
                 sequential = True
             except NotSequentialError as exc:
                 sequential = False
@@ -631,7 +631,7 @@ class LipschitzCallback(Callback):
                 tol=self.tol,
                 max_iter=self.max_iter,
                 seed=self.seed,
-                traced=self._estimator._traced,
+                traced=self._estimator.traced,
             )
         if not cert.certified:  # say so rather than log an estimate under a "certified" key
             self._disabled.add("autolip_certified")

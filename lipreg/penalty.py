@@ -192,11 +192,11 @@ class LipschitzPenalty(nn.Module):
 
     # ---------------------------------------------------------------- SeqLip
     def _init_seqlip(self, dense_limit: int) -> None:
-        from lipreg.functional.seqlip import _segment, _SeqChain
+        from lipreg.functional.seqlip import SeqChain, segment_chains
 
-        items, _ = _segment(self._analysis)  # raises NotSequentialError for branching graphs
+        items, _ = segment_chains(self._analysis)  # raises NotSequentialError for branching graphs
         for item in items:
-            if isinstance(item, _SeqChain) and len(item.maps) > 1:
+            if isinstance(item, SeqChain) and len(item.maps) > 1:
                 for m in item.maps:
                     op = chain_linear_map(self._analysis, m)
                     if min(op.in_features, op.out_features) > dense_limit:
@@ -209,12 +209,12 @@ class LipschitzPenalty(nn.Module):
 
     def seqlip_factors(self) -> dict[str, Tensor]:
         """Differentiable SeqLip factors: pair norms, single-map norms and constants."""
-        from lipreg.functional.seqlip import _SeqChain, pair_norm_greedy
+        from lipreg.functional.seqlip import SeqChain, pair_norm_greedy
 
         sigmas = self.layer_norms()  # single-map chains, with their warm power iteration
         factors: dict[str, Tensor] = {}
         for item in self._seq_items:
-            if not isinstance(item, _SeqChain):
+            if not isinstance(item, SeqChain):
                 factors[item.name] = torch.as_tensor(item.value, dtype=self._analysis.dtype)
                 continue
             if len(item.maps) == 1:

@@ -56,6 +56,7 @@ from lipreg.functional.rules import Affine, Combine, Elementwise, Nonlinear
 __all__ = [
     "AffineChain",
     "AutoLip",
+    "ChainBounder",
     "autolip",
     "chain_linear_map",
     "check_finite_result",
@@ -121,7 +122,7 @@ def chain_linear_map(analysis: Analysis, chain: AffineChain) -> LinearMap:
     return compose([_node_map(analysis, n) for n in chain.nodes], name=chain.name)
 
 
-class _ChainBounder:
+class ChainBounder:
     """Computes the norm of each affine chain: estimate, certified bound, or both."""
 
     def __init__(
@@ -137,6 +138,7 @@ class _ChainBounder:
         generator: torch.Generator,
         dense_limit: int,
         traced: fx.GraphModule | None = None,
+        analysis64: Analysis | None = None,
     ) -> None:
         self.analysis = analysis
         self.traced = traced
@@ -148,7 +150,7 @@ class _ChainBounder:
         self.state = state
         self.generator = generator
         self.dense_limit = dense_limit
-        self._analysis64: Analysis | None = None
+        self._analysis64 = analysis64  # the float64 analysis, built on first use if not given
         self.new_state: dict[str, Tensor] = {}
 
     @property
@@ -421,7 +423,7 @@ def _autolip(
     start = time.perf_counter()
     analysis = analyse(model, input_shape, dtype=dtype, traced=traced)
     generator = torch.Generator(device=analysis.device).manual_seed(seed)
-    bounder = _ChainBounder(
+    bounder = ChainBounder(
         analysis,
         model,
         certify=certify,
@@ -518,13 +520,13 @@ class AutoLip:
         self.input_shape = check_input_shape(input_shape)
         self.options = options
         self.state: dict[str, Tensor] = dict(options.pop("state", None) or {})
-        self._traced = trace(model)
+        self.traced = trace(model)  # the graph, reused by every call
 
     def __call__(self, **overrides) -> LipschitzResult:
         """Estimate with the current weights; ``overrides`` replace constructor options
         (``state={}`` forces a cold start)."""
         state = overrides.pop("state", self.state)
         options = {**self.options, **overrides}
-        result = autolip(self.model, self.input_shape, state=state, traced=self._traced, **options)
+        result = autolip(self.model, self.input_shape, state=state, traced=self.traced, **options)
         self.state = result.state
         return result

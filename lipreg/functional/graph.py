@@ -34,11 +34,11 @@ from lipreg.functional.rules import (
     Affine,
     Combine,
     Elementwise,
+    InputArg,
     NodeContext,
     Nonlinear,
     Spec,
     UnsupportedNodeError,
-    _Var,
     has_module_rule,
     lookup_rule,
     overriding_methods,
@@ -902,7 +902,7 @@ def _build_analysis(
             if isinstance(a, fx.Node):
                 if a in probe.variable:
                     _vi.append(a)
-                    return _Var(len(_vi) - 1)
+                    return InputArg(len(_vi) - 1)
                 if a.op == "get_attr":  # re-read at every refresh (see _with_root)
                     return _Attr(a.target)
                 return probe.values[a]

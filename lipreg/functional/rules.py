@@ -39,6 +39,7 @@ __all__ = [
     "Affine",
     "Combine",
     "Elementwise",
+    "InputArg",
     "NodeContext",
     "Nonlinear",
     "UnsupportedNodeError",
@@ -109,7 +110,7 @@ class Combine:
 Spec = Affine | Elementwise | Nonlinear | Combine
 
 
-class _Var:
+class InputArg:
     """Marks the position of an input-dependent argument in a node's arguments."""
 
     __slots__ = ("index",)
@@ -128,7 +129,7 @@ class NodeContext:
     Attributes:
         node: the ``torch.fx`` node.
         target: the module (for ``call_module``), the function, or the method name.
-        args, kwargs: the node's arguments; input-dependent ones are ``_Var`` markers, the
+        args, kwargs: the node's arguments; input-dependent ones are ``InputArg`` markers, the
             others are their concrete values (floating tensors cast to ``dtype``).
         n_inputs: number of input-dependent arguments (counting repetitions).
         in_shapes: per-sample shapes of the input-dependent arguments.
@@ -167,13 +168,13 @@ class NodeContext:
         return self.kwargs.get(name, default)
 
     def var_positions(self) -> list[int]:
-        return [i for i, a in enumerate(self.args) if isinstance(a, _Var)]
+        return [i for i, a in enumerate(self.args) if isinstance(a, InputArg)]
 
     def call_with(self, *xs: Tensor) -> Tensor:
         """Call the node's target with the input-dependent arguments replaced by ``xs``."""
 
         def sub(a: Any) -> Any:
-            return xs[a.index] if isinstance(a, _Var) else a
+            return xs[a.index] if isinstance(a, InputArg) else a
 
         args = fx.node.map_aggregate(self.args, sub)
         kwargs = fx.node.map_aggregate(self.kwargs, sub)
@@ -900,7 +901,7 @@ for _f in (
 def _linear_function(ctx: NodeContext) -> Affine:
     _single_input(ctx, "F.linear")
     w = ctx.arg(1, "weight")
-    if not isinstance(ctx.args[0], _Var) or isinstance(w, _Var):
+    if not isinstance(ctx.args[0], InputArg) or isinstance(w, InputArg):
         raise UnsupportedNodeError("F.linear with an input-dependent weight is a product.")
     if len(ctx.in_shapes[0]) == 1:
         return Affine(linear=lambda x: F.linear(x, w), weight=w)
@@ -921,7 +922,7 @@ def _conv_function(d: int) -> RuleFn:
 
         _single_input(ctx, conv.__name__)
         w = ctx.arg(1, "weight")
-        if not isinstance(ctx.args[0], _Var) or isinstance(w, _Var):
+        if not isinstance(ctx.args[0], InputArg) or isinstance(w, InputArg):
             raise UnsupportedNodeError(f"{conv.__name__} with an input-dependent weight.")
         _check_rank(ctx, conv.__name__, d)
         stride, padding = ctx.arg(3, "stride", 1), ctx.arg(4, "padding", 0)
@@ -1049,7 +1050,12 @@ def _batch_norm_function(ctx: NodeContext) -> Affine:
             "F.batch_norm with training=True normalises with the batch's statistics even in "
             "evaluation mode: not a per-sample function. Pass training=self.training."
         )
-    if rv is None or isinstance(rv, _Var) or isinstance(w, _Var) or isinstance(rm, _Var):
+    if (
+        rv is None
+        or isinstance(rv, InputArg)
+        or isinstance(w, InputArg)
+        or isinstance(rm, InputArg)
+    ):
         raise UnsupportedNodeError("F.batch_norm needs constant running statistics.")
     scale = 1.0 / torch.sqrt(rv.to(ctx.dtype) + eps)
     if w is not None:
@@ -1077,18 +1083,18 @@ def _scalar_norm(c: Any) -> float | None:
 def _add_like(sign: float) -> RuleFn:
     def rule(ctx: NodeContext) -> Spec:
         alpha = ctx.kwargs.get("alpha", 1)
-        if isinstance(alpha, _Var):
+        if isinstance(alpha, InputArg):
             raise UnsupportedNodeError("alpha must not depend on the input.")
         weights = []
         for i, a in enumerate(ctx.args[:2]):
-            if isinstance(a, _Var):
+            if isinstance(a, InputArg):
                 coef = 1.0 if i == 0 else abs(float(alpha))
                 weights.append(coef * _broadcast_factor(ctx, a.index))
         if ctx.n_inputs >= 2:
             return Combine("sum", tuple(weights))
         # One input-dependent side: x ± b, or b − x.
-        negate = sign < 0 and isinstance(ctx.args[1], _Var)
-        coef = float(alpha) if isinstance(ctx.args[1], _Var) else 1.0
+        negate = sign < 0 and isinstance(ctx.args[1], InputArg)
+        coef = float(alpha) if isinstance(ctx.args[1], InputArg) else 1.0
         coef = -coef if negate else coef
         in_shape, out_shape = ctx.in_shapes[0], ctx.out_shape
         if tuple(in_shape) != tuple(out_shape):  # broadcasting duplicates entries
@@ -1125,7 +1131,7 @@ def _rsub(ctx: NodeContext) -> Spec:
         weights = tuple(
             (alpha if i == 0 else 1.0) * _broadcast_factor(ctx, a.index)
             for i, a in enumerate(ctx.args[:2])
-            if isinstance(a, _Var)
+            if isinstance(a, InputArg)
         )
         return Combine("sum", weights)
     return ctx.generic_affine()
@@ -1151,7 +1157,7 @@ def _mul(ctx: NodeContext) -> Affine:
             "product of two input-dependent tensors: its Lipschitz constant is unbounded on "
             "R^n (AutoLip's max over Z is +inf). Only products with constants are supported."
         )
-    const = ctx.args[1] if isinstance(ctx.args[0], _Var) else ctx.args[0]
+    const = ctx.args[1] if isinstance(ctx.args[0], InputArg) else ctx.args[0]
     c = _scalar_norm(const)
     if c is not None:
         k = float(const) if not isinstance(const, Tensor) else float(const.detach())
@@ -1165,7 +1171,7 @@ def _mul(ctx: NodeContext) -> Affine:
 
 
 def _div(ctx: NodeContext) -> Affine:
-    if not isinstance(ctx.args[0], _Var) or ctx.n_inputs >= 2:
+    if not isinstance(ctx.args[0], InputArg) or ctx.n_inputs >= 2:
         raise UnsupportedNodeError(
             "division by an input-dependent tensor is not Lipschitz on R^n; only x / constant "
             "is supported."

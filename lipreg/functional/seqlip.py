@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from lipreg.functional.autolip import (
     AffineChain,
-    _ChainBounder,
+    ChainBounder,
     chain_linear_map,
     check_finite_result,
     find_affine_chains,
@@ -52,7 +52,14 @@ from lipreg.functional.power_iteration import top_singular_triplets
 from lipreg.functional.results import LayerBound, LipschitzResult
 from lipreg.functional.rules import Affine, Combine, Elementwise, Nonlinear
 
-__all__ = ["NotSequentialError", "pair_norm_exact", "pair_norm_greedy", "seqlip"]
+__all__ = [
+    "NotSequentialError",
+    "SeqChain",
+    "pair_norm_exact",
+    "pair_norm_greedy",
+    "segment_chains",
+    "seqlip",
+]
 
 
 class NotSequentialError(ValueError):
@@ -60,7 +67,7 @@ class NotSequentialError(ValueError):
 
 
 @dataclass
-class _SeqChain:
+class SeqChain:
     """Affine chains ``maps[0..K-1]`` separated by activation slope boxes ``boxes[0..K-2]``."""
 
     maps: list[AffineChain] = field(default_factory=list)
@@ -72,7 +79,7 @@ def _compose_box(a: tuple[float, float], b: tuple[float, float]) -> tuple[float,
     return min(prods), max(prods)
 
 
-def _segment(analysis: Analysis) -> tuple[list[_SeqChain | LayerBound], list[str]]:
+def segment_chains(analysis: Analysis) -> tuple[list[SeqChain | LayerBound], list[str]]:
     """Split a sequential graph into SeqLip chains and breaker factors, in order."""
     chains = find_affine_chains(analysis)
     problems = [
@@ -91,9 +98,9 @@ def _segment(analysis: Analysis) -> tuple[list[_SeqChain | LayerBound], list[str
             f"{sorted(set(problems))} branch or merge (residual additions, concatenations, "
             "shared inputs). Use lipreg.autolip for such graphs."
         )
-    items: list[_SeqChain | LayerBound] = []
+    items: list[SeqChain | LayerBound] = []
     notes: list[str] = []
-    current: _SeqChain | None = None
+    current: SeqChain | None = None
     pending: tuple[float, float, str] | None = None
 
     def close() -> None:
@@ -116,7 +123,7 @@ def _segment(analysis: Analysis) -> tuple[list[_SeqChain | LayerBound], list[str
                 pending = None
             else:
                 close()
-                current = _SeqChain(maps=[chains[node]])
+                current = SeqChain(maps=[chains[node]])
         elif isinstance(spec, Elementwise):
             box = (spec.slope_min, spec.slope_max, analysis.label(node))
             if current is None:
@@ -485,8 +492,8 @@ def seqlip(
     )
     generator = torch.Generator(device=analysis.device).manual_seed(seed)
     state = dict(state or {})
-    items, notes = _segment(analysis)
-    bounder = _ChainBounder(
+    items, notes = segment_chains(analysis)
+    bounder = ChainBounder(
         analysis,
         model,
         certify=method == "exact",
@@ -496,8 +503,8 @@ def seqlip(
         state=state,
         generator=generator,
         dense_limit=dense_limit,
+        analysis64=analysis64,
     )
-    bounder._analysis64 = analysis64
     layers: list[LayerBound] = []
     new_state: dict[str, Tensor] = {}
     certified = True
@@ -505,7 +512,7 @@ def seqlip(
     # Pre-compute the exact pair widths so that "exact" refuses before any heavy work.
     if method == "exact":
         for item in items:
-            if isinstance(item, _SeqChain):
+            if isinstance(item, SeqChain):
                 for m in item.maps[:-1]:
                     width = math.prod(analysis.shapes[m.nodes[-1]])
                     if width > exact_width_limit:
