@@ -66,9 +66,11 @@ from lipreg.functional.graph import (
 from lipreg.functional.lower_bound import lower_bound
 from lipreg.functional.seqlip import NotSequentialError, seqlip
 
-__all__ = ["LipschitzCallback"]
+__all__ = ["SCHEDULED", "LipschitzCallback"]
 
 _METHODS = ("autolip", "seqlip", "lower_bound")
+#: What :meth:`LipschitzCallback.should_compute` schedules, one name per computation.
+SCHEDULED = ("autolip", "autolip_certified", "seqlip", "lower_bound")
 # Version 2: the checkpoint no longer fixes input_shape / methods of the resumed fit (they are
 # re-derived); "input_shape" now records the shape the warm vectors belong to. Version 1
 # states load (their "methods" entry is ignored).
@@ -320,25 +322,33 @@ class LipschitzCallback(Callback):
         batch_idx: int,
     ) -> None:
         step = trainer.global_step
-        if self.should_compute(step, trainer.current_epoch) and step != self._last_step:
-            self._compute_and_log(trainer, pl_module, step, epoch_end=False)
+        if step == self._last_step:
+            return
+        due = {m for m in SCHEDULED if self.should_compute(m, step, trainer.current_epoch)}
+        if due:
+            self._compute_and_log(trainer, pl_module, step, due)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         n = self.every_n_epochs
         if n and (trainer.current_epoch + 1) % n == 0 and trainer.global_step != self._last_step:
-            self._compute_and_log(trainer, pl_module, trainer.global_step, epoch_end=True)
+            self._compute_and_log(trainer, pl_module, trainer.global_step, set(SCHEDULED))
 
-    def should_compute(self, step: int, epoch: int) -> bool:
-        """Whether to estimate after optimizer step ``step``; override for other schedules."""
-        cadences = (
-            self.every_n_train_steps,
-            self.certify_every_n_train_steps,
-            self.seqlip_every_n_train_steps,
-        )
-        return step > 0 and any(n and step % n == 0 for n in cadences)
+    def should_compute(self, method: str, step: int, epoch: int) -> bool:
+        """Whether ``method`` runs after optimizer step ``step`` of epoch ``epoch``.
 
-    def _due(self, cadence: int | None, step: int, epoch_end: bool) -> bool:
-        return epoch_end or (bool(cadence) and step % cadence == 0)
+        The one schedule gate: ``method`` is one of :data:`SCHEDULED` (``"autolip"``,
+        ``"autolip_certified"``, ``"seqlip"``, ``"lower_bound"``). The default follows the
+        step cadences of the constructor; override it for any other schedule (the callback
+        computes exactly what it returns ``True`` for). Epoch ends selected by
+        ``every_n_epochs`` compute every method.
+        """
+        cadence = {
+            "autolip": self.every_n_train_steps,
+            "autolip_certified": self.certify_every_n_train_steps,
+            "seqlip": self.seqlip_every_n_train_steps,
+            "lower_bound": self.every_n_train_steps,
+        }[method]
+        return step > 0 and bool(cadence) and step % cadence == 0
 
     def _active(self) -> list[str]:
         return [m for m in (self.methods or ()) if m not in self._disabled]
@@ -510,13 +520,13 @@ class LipschitzCallback(Callback):
 
     # ------------------------------------------------------------------ the work
     def _compute_and_log(
-        self, trainer: Trainer, pl_module: LightningModule, step: int, epoch_end: bool
+        self, trainer: Trainer, pl_module: LightningModule, step: int, due: set[str]
     ) -> None:
         metrics: dict[str, float] = {}
         if self._prepared and not self._off and self._network_cache is not None:
             network = self._network_cache
             with torch.autocast(device_type=_device_type(network), enabled=False):
-                metrics = self._compute(network, step, epoch_end)
+                metrics = self._compute(network, step, due)
         # Same numbers on every rank (collective: every rank reaches this line at this step,
         # even with the callback off, so that a rank-dependent failure cannot hang DDP).
         metrics = trainer.strategy.broadcast(metrics, src=0)
@@ -529,18 +539,17 @@ class LipschitzCallback(Callback):
         for key, value in metrics.items():
             trainer.callback_metrics[key] = torch.tensor(value, dtype=torch.float64)
 
-    def _compute(self, network: nn.Module, step: int, epoch_end: bool) -> dict[str, float]:
+    def _compute(self, network: nn.Module, step: int, due: set[str]) -> dict[str, float]:
         active = self._active()
         tasks: list[tuple[str, Callable[[], dict[str, float]]]] = []
         if "autolip" in active and self._estimator is not None:
-            if self._due(self.every_n_train_steps, step, epoch_end):
+            if "autolip" in due:
                 tasks.append(("autolip", self._autolip_estimate))
-            cert_due = self._due(self.certify_every_n_train_steps, step, epoch_end)
-            if cert_due and "autolip_certified" not in self._disabled:
+            if "autolip_certified" in due and "autolip_certified" not in self._disabled:
                 tasks.append(("autolip_certified", lambda: self._autolip_certified(network)))
-        if "seqlip" in active and self._due(self.seqlip_every_n_train_steps, step, epoch_end):
+        if "seqlip" in active and "seqlip" in due:
             tasks.append(("seqlip", lambda: self._seqlip(network)))
-        if "lower_bound" in active and self._due(self.every_n_train_steps, step, epoch_end):
+        if "lower_bound" in active and "lower_bound" in due:
             tasks.append(("lower_bound", lambda: self._lower_bound(network)))
         if not tasks:
             return {}

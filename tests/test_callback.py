@@ -136,6 +136,27 @@ def assert_plain(obj: Any, where: str = "state") -> None:
 
 
 # ---------------------------------------------------------------- 1. cadence, keys, values
+class AtStepSeven(LipschitzCallback):
+    """A user schedule: AutoLip and its certificate at step 7 only."""
+
+    def should_compute(self, method: str, step: int, epoch: int) -> bool:
+        return step == 7 and method in ("autolip", "autolip_certified")
+
+
+def test_an_overridden_schedule_is_the_only_gate(tmp_path):
+    """should_compute is the one gate: a step that no default cadence selects (7 with
+    every_n_train_steps=5) computes exactly the methods the override returns True for."""
+    callback = AtStepSeven(every_n_train_steps=5, methods=["autolip", "seqlip"])
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = make_trainer(tmp_path, [callback], max_steps=10, logger=logger, log_every_n_steps=50)
+    trainer.fit(RegressionModule(), loader())
+    rows = lipschitz_rows(logger)
+    assert [int(r["step"]) for r in rows] == [7]
+    keys = {k for k, v in rows[0].items() if v and k.startswith("lipschitz/")}
+    assert {"lipschitz/autolip", "lipschitz/autolip_certified"} <= keys
+    assert not any(k.startswith("lipschitz/seqlip") for k in keys)
+
+
 def test_cadence_keys_and_direct_logging(tmp_path):
     """Rows exactly at steps 3, 6, 9 of a 10-step run although log_every_n_steps=50."""
     callback = LipschitzCallback(every_n_train_steps=3, seqlip_every_n_train_steps=3)
