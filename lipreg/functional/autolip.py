@@ -47,7 +47,7 @@ from lipreg.functional.certify import (
     memory_budget,
     schur_bound,
 )
-from lipreg.functional.graph import Analysis, analyse, combine, node_lipschitz
+from lipreg.functional.graph import Analysis, analyse, combine, node_lipschitz, trace
 from lipreg.functional.linear_map import LinearMap, compose
 from lipreg.functional.power_iteration import check_iteration_options, operator_norm
 from lipreg.functional.results import LayerBound, LipschitzResult
@@ -421,6 +421,8 @@ def _autolip(
     traced: fx.GraphModule | None,
 ) -> LipschitzResult:
     start = time.perf_counter()
+    if traced is None:  # trace once: the float64 analysis of the certificates reuses it
+        traced = trace(model)
     analysis = analyse(model, input_shape, dtype=dtype, traced=traced)
     generator = torch.Generator(device=analysis.device).manual_seed(seed)
     bounder = ChainBounder(

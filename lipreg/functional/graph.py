@@ -343,6 +343,8 @@ def trace(model: nn.Module) -> fx.GraphModule:
     A model that is itself a leaf with a rule (a bare ``nn.Conv2d``, say) is traced as a
     one-module graph so that its rule, and its certificate, apply.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     model = unwrap_compiled(model)
     _warn_about_hooks(model)
     check_has_forward(model)

@@ -47,7 +47,7 @@ from lipreg.functional.autolip import (
     find_affine_chains,
 )
 from lipreg.functional.certify import RELATIVE_MARGIN
-from lipreg.functional.graph import Analysis, analyse
+from lipreg.functional.graph import Analysis, analyse, trace
 from lipreg.functional.power_iteration import top_singular_triplets
 from lipreg.functional.results import LayerBound, LipschitzResult
 from lipreg.functional.rules import Affine, Combine, Elementwise, Nonlinear
@@ -486,9 +486,12 @@ def seqlip(
         raise ValueError(f"method must be 'greedy' or 'exact', got {method!r}.")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}.")
-    analysis = analyse(model, input_shape, dtype=dtype)
+    traced = trace(model)  # once, for both precisions
+    analysis = analyse(model, input_shape, dtype=dtype, traced=traced)
     analysis64 = (
-        analysis if dtype == torch.float64 else analyse(model, input_shape, dtype=torch.float64)
+        analysis
+        if dtype == torch.float64
+        else analyse(model, input_shape, dtype=torch.float64, traced=traced)
     )
     generator = torch.Generator(device=analysis.device).manual_seed(seed)
     state = dict(state or {})

@@ -915,3 +915,22 @@ def test_large_finite_weights_stay_certified():
     r = lipreg.autolip(m, (3,))
     exact = norm2(m[0].weight / 1e150) * 1e150
     assert r.certified and exact * (1 - 1e-14) <= r.value <= exact * (1 + 1e-7)
+
+
+def test_one_certified_call_traces_once(monkeypatch):
+    """The float32 estimate and the float64 certificates share one torch.fx trace."""
+    calls = []
+    original = torch.fx.Tracer.trace
+
+    def counting(self, root, *args, **kwargs):
+        calls.append(type(root).__name__)
+        return original(self, root, *args, **kwargs)
+
+    monkeypatch.setattr(torch.fx.Tracer, "trace", counting)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
+    result = lipreg.autolip(net, (1, 4, 4), dense_limit=0)  # per-op certificates: float64 specs
+    assert result.certified
+    assert len(calls) == 1, calls
+    calls.clear()
+    lipreg.seqlip(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), (3,), method="exact")
+    assert len(calls) == 1, calls
