@@ -137,11 +137,8 @@ class ChainBounder:
         state: dict[str, Tensor],
         generator: torch.Generator,
         dense_limit: int,
-        traced: fx.GraphModule | None = None,
-        analysis64: Analysis | None = None,
     ) -> None:
         self.analysis = analysis
-        self.traced = traced
         self.model = model
         self.certify = certify
         self.tol = tol
@@ -150,23 +147,15 @@ class ChainBounder:
         self.state = state
         self.generator = generator
         self.dense_limit = dense_limit
-        self._analysis64 = analysis64  # the float64 analysis, built on first use if not given
+        self._analysis64: Analysis | None = None  # float64 specs, computed on first use
         self.new_state: dict[str, Tensor] = {}
 
     @property
     def analysis64(self) -> Analysis:
-        if self.analysis.dtype == torch.float64:
-            return self.analysis
+        """The same analysis (same nodes) with float64 specs, for the certificates."""
         if self._analysis64 is None:
-            self._analysis64 = analyse(
-                self.model, self.analysis.input_shape, dtype=torch.float64, traced=self.traced
-            )
+            self._analysis64 = self.analysis.at_dtype(torch.float64)
         return self._analysis64
-
-    def _node64(self, node: fx.Node) -> fx.Node:
-        if self.analysis64 is self.analysis:
-            return node
-        return next(n for n in self.analysis64.order if n.name == node.name)
 
     def _weight_is_exact(self) -> bool:
         """Weights of ``self.analysis`` equal the model's (no float64 tensor was rounded)."""
@@ -189,7 +178,7 @@ class ChainBounder:
             # float64 copy of the whole network (analysis64) is needed.
             return self._weight_bound(chain, specs[0].weight, 1.0)
         if self.certify:  # closed forms and weights at the model's own precision (float64)
-            specs = [self.analysis64.specs[self._node64(n)] for n in chain.nodes]
+            specs = [self.analysis64.specs[n] for n in chain.nodes]
         scale = math.prod(s.norm for s in specs if s.isometry)  # type: ignore[misc]
         core = [(n, s) for n, s in zip(chain.nodes, specs, strict=True) if not s.isometry]
         # Closed forms evaluated in float64 are exact up to a few ulps: pad by 4 ulps.
@@ -206,8 +195,7 @@ class ChainBounder:
         op = chain_linear_map(self.analysis, chain)
         upper, how, v_exact = None, "", None
         if self.certify and self._dense_ok(op):
-            chain64 = AffineChain([self._node64(n) for n in chain.nodes], chain.source, chain.name)
-            op64 = chain_linear_map(self.analysis64, chain64)
+            op64 = chain_linear_map(self.analysis64, chain)
             upper, v_exact = dense_norm_bound(op64, batch_size=self._dense_batch(op64))
             how = "dense"
         if upper is not None:
@@ -283,7 +271,7 @@ class ChainBounder:
                 total *= spec.certify()
                 methods.append("fft")
             else:
-                op64 = _node_map(self.analysis64, self._node64(node))
+                op64 = _node_map(self.analysis64, node)
                 if spec.nonnegative:
                     total *= schur_bound(op64)
                     methods.append("schur")
@@ -435,7 +423,6 @@ def _autolip(
         state=dict(state or {}),
         generator=generator,
         dense_limit=dense_limit,
-        traced=traced,
     )
     chains = find_affine_chains(analysis)
     value: dict[fx.Node, float] = {analysis.input_node: 1.0}

@@ -20,6 +20,7 @@ changing one sample of the probe batch and watching the other).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import operator
 import warnings
@@ -287,6 +288,22 @@ class Analysis:
         if unsupported:
             raise UnsupportedOperationError(_unsupported_message(self.model_name, unsupported))
         self.specs = specs
+
+    def at_dtype(self, dtype: torch.dtype) -> Analysis:
+        """The same analysis with every spec computed at ``dtype``: same graph, same nodes
+        (so chains found on one apply to the other), no new trace and no new probe.
+
+        The certificates use this for their float64 specs: the structure (refusals, batch
+        mixing, in-place checks) is a property of the graph and is established once."""
+        if dtype == self.dtype:
+            return self
+        contexts = {
+            node: dataclasses.replace(ctx, dtype=dtype, meta=dict(ctx.meta))
+            for node, ctx in self.contexts.items()
+        }
+        other = dataclasses.replace(self, contexts=contexts, specs={}, dtype=dtype)
+        other.refresh_specs()
+        return other
 
     def users(self, node: fx.Node) -> list[fx.Node]:
         """Input-dependent users of ``node`` (the output node excluded)."""

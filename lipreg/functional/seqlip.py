@@ -47,7 +47,7 @@ from lipreg.functional.autolip import (
     find_affine_chains,
 )
 from lipreg.functional.certify import RELATIVE_MARGIN
-from lipreg.functional.graph import Analysis, analyse, trace
+from lipreg.functional.graph import Analysis, analyse
 from lipreg.functional.power_iteration import top_singular_triplets
 from lipreg.functional.results import LayerBound, LipschitzResult
 from lipreg.functional.rules import Affine, Combine, Elementwise, Nonlinear
@@ -166,16 +166,14 @@ def _svd_of_chain(
     specs = [analysis.specs[n] for n in chain.nodes]
     op = chain_linear_map(analysis, chain)
     small = min(op.in_features, op.out_features)
-    by_name = {n.name: n for n in analysis64.order}
     if len(specs) == 1 and specs[0].weight is not None and small <= dense_limit:
         # The float64 analysis holds the model's own weights (a float64 model analysed in
         # float32 would be rounded: its "exact" SVD would bound another network).
-        w64 = analysis64.specs[by_name[chain.nodes[0].name]].weight
+        w64 = analysis64.specs[chain.nodes[0]].weight
         assert w64 is not None
         return _truncate(_dense_svd(w64.detach().to(torch.float64)), top_k)
     if small <= dense_limit and op.in_features * op.out_features <= 64 * 2**20:
-        chain64 = AffineChain([by_name[n.name] for n in chain.nodes], chain.source, chain.name)
-        dense = chain_linear_map(analysis64, chain64).to_dense()
+        dense = chain_linear_map(analysis64, chain).to_dense()
         return _truncate(_dense_svd(dense), top_k)
     k = top_k or 200
     res = top_singular_triplets(op, k, V0=V0, tol=tol, max_iter=max_iter, generator=generator)
@@ -486,13 +484,7 @@ def seqlip(
         raise ValueError(f"method must be 'greedy' or 'exact', got {method!r}.")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}.")
-    traced = trace(model)  # once, for both precisions
-    analysis = analyse(model, input_shape, dtype=dtype, traced=traced)
-    analysis64 = (
-        analysis
-        if dtype == torch.float64
-        else analyse(model, input_shape, dtype=torch.float64, traced=traced)
-    )
+    analysis = analyse(model, input_shape, dtype=dtype)
     generator = torch.Generator(device=analysis.device).manual_seed(seed)
     state = dict(state or {})
     items, notes = segment_chains(analysis)
@@ -506,8 +498,8 @@ def seqlip(
         state=state,
         generator=generator,
         dense_limit=dense_limit,
-        analysis64=analysis64,
     )
+    analysis64 = bounder.analysis64  # same nodes, float64 specs: no second probe
     layers: list[LayerBound] = []
     new_state: dict[str, Tensor] = {}
     certified = True
