@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ if str(ROOT) not in sys.path:  # `python experiments/train.py` from anywhere
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
-import lipreg  # noqa: E402
+from experiments.bounds import final_bounds  # noqa: E402
 from experiments.lit_module import LitModel  # noqa: E402
 
 
@@ -80,39 +79,6 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, LitModel, pl.Trainer
     callbacks = instantiate_group(cfg.get("callbacks"))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     return datamodule, model, trainer
-
-
-def final_bounds(
-    net: torch.nn.Module,
-    input_shape: tuple[int, ...],
-    methods: list[str],
-    inputs: torch.Tensor | None = None,
-) -> dict[str, Any]:
-    """Certified AutoLip, SeqLip (exact if widths allow, else greedy) and a lower bound."""
-    out: dict[str, Any] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if "autolip" in methods:
-            r = lipreg.autolip(net, input_shape)
-            out["autolip"] = {
-                "value": r.value,
-                "certified": r.certified,
-                "estimate": r.estimate,
-                "layers": {lb.name: lb.value for lb in r.layers},
-            }
-        if "seqlip" in methods:
-            try:
-                try:
-                    r = lipreg.seqlip(net, input_shape, method="exact")
-                except ValueError:  # widths beyond the enumeration limit
-                    r = lipreg.seqlip(net, input_shape, method="greedy", max_iter=30)
-                out["seqlip"] = {"value": r.value, "certified": r.certified, "method": r.method}
-            except lipreg.NotSequentialError as exc:
-                out["seqlip"] = {"skipped": str(exc)}
-        if "lower_bound" in methods:
-            r = lipreg.lower_bound(net, input_shape, inputs=inputs, n_random=128, n_anneal_steps=30)
-            out["lower_bound"] = {"value": r.value, "kind": r.kind}
-    return out
 
 
 def write_atomically(path: Path, text: str) -> None:
