@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
+from lipreg.functional.evaluation import call_target, evaluation_mode
 from lipreg.functional.rules import (
     Affine,
     Combine,
@@ -85,34 +86,6 @@ _PROBE_BATCH = 2
 # Ops that read only a tensor's metadata: their results do not depend on the input's values.
 _SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "get_device"})
 _SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
-
-
-@contextlib.contextmanager
-def evaluation_mode(model: nn.Module, *, restore_buffers: bool = True) -> Iterator[None]:
-    """Run a block with every submodule of ``model`` in evaluation mode, then restore it.
-
-    The ``training`` flags are set directly (``Module.eval`` may be overridden by user code)
-    and restored exactly, each module to its own value. With ``restore_buffers``, every
-    buffer the block writes to (a running statistic, a ``spectral_norm`` vector, a counter)
-    is put back bit for bit: lipreg never modifies the model it bounds.
-    """
-    modules = list(model.modules())
-    flags = [m.training for m in modules]
-    saved: list[tuple[Tensor, int, Tensor]] = []
-    if restore_buffers:
-        with torch.no_grad():
-            saved = [(b, b._version, b.detach().clone()) for b in model.buffers()]
-    try:
-        for m in modules:
-            m.training = False
-        yield
-    finally:
-        for m, flag in zip(modules, flags, strict=True):
-            m.training = flag
-        with torch.no_grad():
-            for buffer, version, copy in saved:
-                if buffer._version != version:
-                    buffer.copy_(copy)
 
 
 def unwrap_compiled(module: nn.Module) -> nn.Module:
@@ -447,12 +420,8 @@ def _sequential_graph(model: nn.Sequential) -> fx.GraphModule:
 def _call_node(node: fx.Node, root: nn.Module, args: tuple, kwargs: dict) -> Any:
     """Evaluate one node (the caller holds :func:`evaluation_mode`); module hooks never
     fire: lipreg bounds each module's ``forward``."""
-    if node.op == "call_module":
-        return root.get_submodule(node.target).forward(*args, **kwargs)
-    if node.op == "call_method":
-        self_obj, *rest = args
-        return getattr(self_obj, node.target)(*rest, **kwargs)
-    return node.target(*args, **kwargs)
+    target = root.get_submodule(node.target) if node.op == "call_module" else node.target
+    return call_target(node.op, target, args, kwargs)
 
 
 def _cuda_devices(device: torch.device) -> list[int]:

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from lipreg.functional.evaluation import call_target, evaluation_mode
+
 __all__ = [
     "Affine",
     "Combine",
@@ -178,15 +180,10 @@ class NodeContext:
 
         args = fx.node.map_aggregate(self.args, sub)
         kwargs = fx.node.map_aggregate(self.kwargs, sub)
-        if self.node.op == "call_method":
-            self_obj, *rest = args
-            return getattr(self_obj, self.target)(*rest, **kwargs)
         if self.node.op == "call_module":
-            from lipreg.functional.graph import evaluation_mode
-
             with evaluation_mode(self.target, restore_buffers=False):
-                return self.target.forward(*args, **kwargs)
-        return self.target(*args, **kwargs)
+                return call_target(self.node.op, self.target, args, kwargs)
+        return call_target(self.node.op, self.target, args, kwargs)
 
     def generic_affine(self, **flags: Any) -> Affine:
         """Affine spec whose linear part is ``f(x) − f(0)`` evaluated by calling the node."""
