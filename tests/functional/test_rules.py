@@ -8,6 +8,7 @@ Jacobian norms (which are lower bounds of the true constant).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -65,10 +66,10 @@ def autolip(model, shape, **kw):
 
 
 @pytest.fixture
-def rule_registry(monkeypatch):
+def rule_registry():
     """Isolate register_rule calls: the registry is restored after the test."""
-    for name in ("_MODULE_RULES", "_FUNCTION_RULES", "_METHOD_RULES"):
-        monkeypatch.setattr(rules_module, name, dict(getattr(rules_module, name)))
+    with rules_module.restored_registries():
+        yield
 
 
 class Lambda(nn.Module):
@@ -687,6 +688,141 @@ def test_register_rule_on_a_custom_module_class(rule_registry):
     m = nn.Sequential(nn.Linear(3, 4), Swish2(), nn.Linear(4, 2)).double()
     r = autolip(m, (3,))
     assert r.value > 0
+
+
+# --------------------------------------------------------------------------------------------
+# The activation table: one entry gives the module, function and method rules
+# --------------------------------------------------------------------------------------------
+
+ERF_SLOPE = 2 / math.sqrt(math.pi)  # erf'(x) = 2/sqrt(pi) exp(-x^2), largest at 0
+
+
+def erf_via_ndtr(x):
+    # erf(x) = 2 Phi(sqrt(2) x) - 1, written with ndtr (which has no rule), so that the only
+    # way to bound the modules below is their own (module-class) rule, not tracing through.
+    return 2 * torch.special.ndtr(x * math.sqrt(2)) - 1
+
+
+class ErfModule(nn.Module):
+    def forward(self, x):
+        return erf_via_ndtr(x)
+
+
+class ScaledErfModule(nn.Module):
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        return self.scale * erf_via_ndtr(x)
+
+
+def scaled_erf(x, scale=1.0):
+    return scale * torch.erf(x)
+
+
+torch.fx.wrap("scaled_erf")
+
+
+class ErfFunction(nn.Module):
+    def forward(self, x):
+        return torch.erf(x)
+
+
+class ErfMethod(nn.Module):
+    def forward(self, x):
+        return x.erf()
+
+
+class ScaledErfPositional(nn.Module):
+    def forward(self, x):
+        return scaled_erf(x, -3.0)
+
+
+class ScaledErfKeyword(nn.Module):
+    def forward(self, x):
+        return scaled_erf(x, scale=0.5)
+
+
+NEW_ENTRIES = (
+    rules_module.Activation(
+        "erf",
+        (0.0, ERF_SLOPE * (1 + 1e-12)),
+        modules=(ErfModule,),
+        functions=(torch.erf, torch.special.erf),
+        methods=("erf",),
+    ),
+    rules_module.Activation(
+        "scaled_erf",
+        lambda scale: (min(0.0, scale * ERF_SLOPE), max(0.0, scale * ERF_SLOPE)),
+        modules=(ScaledErfModule,),
+        functions=(scaled_erf,),
+        params=(rules_module.Param("scale", 1, 1.0),),
+    ),
+)
+
+
+def brute_force_slope(fn, lo=-20.0, hi=20.0, n=400001) -> float:
+    """Largest secant slope |f(b) - f(a)| / |b - a| over a fine grid: a lower bound of the
+    Lipschitz constant computed from values only (no derivative, no rule)."""
+    x = torch.linspace(lo, hi, n, dtype=F64)
+    with torch.no_grad():
+        y = fn(x)
+    return float(((y[1:] - y[:-1]).abs() / (x[1:] - x[:-1])).max())
+
+
+@contextlib.contextmanager
+def erf_in_table():
+    """The activation table plus the two entries above, registered like the built-in ones;
+    the registries are restored afterwards."""
+    with rules_module.restored_registries():
+        rules_module.register_activations((*rules_module.ACTIVATIONS, *NEW_ENTRIES))
+        yield
+
+
+@pytest.fixture
+def table_with_erf():
+    with erf_in_table():
+        yield
+
+
+ERF_FORMS = [
+    (ErfModule(), torch.erf),
+    (ErfFunction(), torch.erf),
+    (ErfMethod(), torch.erf),
+    (ScaledErfModule(2.5), lambda x: 2.5 * torch.erf(x)),
+    (ScaledErfPositional(), lambda x: -3.0 * torch.erf(x)),
+    (ScaledErfKeyword(), lambda x: 0.5 * torch.erf(x)),
+]
+ERF_IDS = ["module", "function", "method", "module-param", "function-pos", "function-kw"]
+
+
+@pytest.mark.parametrize("net,fn", ERF_FORMS, ids=ERF_IDS)
+def test_erf_form_without_rule_is_refused(net, fn):
+    # the ground state for the test below: without the table entries every form is refused
+    with pytest.raises(lipreg.UnsupportedOperationError):
+        autolip(net, (5,))
+
+
+@pytest.mark.parametrize("net,fn", ERF_FORMS, ids=ERF_IDS)
+def test_erf_table_entry_gives_every_form_a_sound_rule(table_with_erf, net, fn):
+    r = autolip(net, (5,))
+    assert r.certified
+    [layer] = r.layers
+    assert layer.kind == "activation"
+    truth = brute_force_slope(fn)
+    assert r.value >= truth
+    assert r.value == pytest.approx(truth, rel=1e-6)
+
+
+def test_erf_table_entries_are_removed_afterwards():
+    with erf_in_table():
+        assert "erf" in lipreg.registered_targets()["methods"]
+        assert "ErfModule" in lipreg.registered_targets()["modules"]
+    assert "erf" not in lipreg.registered_targets()["methods"]
+    assert "ErfModule" not in lipreg.registered_targets()["modules"]
+    with pytest.raises(lipreg.UnsupportedOperationError):
+        autolip(ErfMethod(), (5,))
 
 
 # --------------------------------------------------------------------------------------------
