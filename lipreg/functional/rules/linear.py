@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,14 +76,39 @@ def _check_rank(ctx: NodeContext, what: str, d: int) -> None:
         )
 
 
-def _conv_module(ctx: NodeContext) -> Affine:
+def _conv_layer(ctx: NodeContext) -> tuple[nn.Module, int, Tensor, tuple[int, ...]]:
+    """A conv module's node: the module, its dimension ``d``, its weight at the compute dtype
+    and the ``d`` spatial sizes of one input sample (checked)."""
     single_input(ctx, type(ctx.target).__name__)
     m = ctx.target
     d = len(m.kernel_size)
     _check_rank(ctx, type(m).__name__, d)
-    w = ctx.param(m.weight)
+    return m, d, ctx.param(m.weight), tuple(ctx.in_shapes[0][-d:])
+
+
+def _module_certificate(
+    m: nn.Module, in_spatial: tuple[int, ...], **geometry: Any
+) -> Callable[[], float]:
+    """The certified operator-norm bound of conv module ``m`` on inputs of ``in_spatial``
+    (computed from the module's own weight, at its own precision)."""
+
+    def certify() -> float:
+        return _conv_bound()(
+            m.weight.detach(),
+            in_spatial,
+            stride=m.stride,
+            padding=m.padding,
+            dilation=m.dilation,
+            groups=m.groups,
+            **geometry,
+        )
+
+    return certify
+
+
+def _conv_module(ctx: NodeContext) -> Affine:
+    m, d, w, in_spatial = _conv_layer(ctx)
     conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
-    in_spatial = tuple(ctx.in_shapes[0][-d:])
     if m.padding_mode != "zeros":
         pad = m._reversed_padding_repeated_twice
         mode = m.padding_mode
@@ -95,28 +121,13 @@ def _conv_module(ctx: NodeContext) -> Affine:
         def linear(x: Tensor) -> Tensor:
             return conv(x, w, None, m.stride, m.padding, m.dilation, m.groups)
 
-    def certify() -> float:
-        return _conv_bound()(
-            m.weight.detach(),
-            in_spatial,
-            stride=m.stride,
-            padding=m.padding,
-            dilation=m.dilation,
-            groups=m.groups,
-            padding_mode=m.padding_mode,
-        )
-
+    certify = _module_certificate(m, in_spatial, padding_mode=m.padding_mode)
     return Affine(linear=linear, certify=certify)
 
 
 def _conv_transpose_module(ctx: NodeContext) -> Affine:
-    single_input(ctx, type(ctx.target).__name__)
-    m = ctx.target
-    d = len(m.kernel_size)
-    _check_rank(ctx, type(m).__name__, d)
-    w = ctx.param(m.weight)
+    m, d, w, in_spatial = _conv_layer(ctx)
     convt = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[d - 1]
-    in_spatial = tuple(ctx.in_shapes[0][-d:])
     out_spatial = tuple(ctx.out_shape[-d:])
     # The output padding actually used (it may come from an output_size argument).
     out_pad = tuple(
@@ -133,18 +144,7 @@ def _conv_transpose_module(ctx: NodeContext) -> Affine:
     def linear(x: Tensor) -> Tensor:
         return convt(x, w, None, m.stride, m.padding, out_pad, m.groups, m.dilation)
 
-    def certify() -> float:
-        return _conv_bound()(
-            m.weight.detach(),
-            in_spatial,
-            stride=m.stride,
-            padding=m.padding,
-            dilation=m.dilation,
-            groups=m.groups,
-            transposed=True,
-            output_padding=out_pad,
-        )
-
+    certify = _module_certificate(m, in_spatial, transposed=True, output_padding=out_pad)
     return Affine(linear=linear, certify=certify)
 
 
