@@ -15,6 +15,14 @@ iterations per call in training mode only, then cloned, so that the gradient is
 ``∂σ̂/∂A = u vᵀ`` (the gradient of the top singular value). After a cold start at construction
 (Lanczos to ``tol``) one iteration per step keeps them converged.
 
+**State.** One buffer per chain, named after the chain (:func:`buffer_name`:
+``v_`` + the chain name with every character outside ``[0-9A-Za-z_]`` replaced by ``_``,
+e.g. ``v_layer2_0_downsample_0_1`` for ``layer2.0.downsample[0+1]``), plus a versioned extra
+state (``{"version": 2, "chains": [...], "buffers": [...]}``). Loading a state dict saved for
+another architecture raises ``ValueError`` naming the expected and the found chains; a version-1
+state dict (buffers ``v_0``, ``v_1``… by position, no extra state) loads when it holds one
+vector per chain of the right size.
+
 Forms (``form=``): ``"log"`` — ``Σ_c log σ̂_c`` (sum of log layer norms, scale-free);
 ``"linear"`` — ``L̂``; ``"hinge"`` — ``max(0, L̂ − target)`` (penalise only above a target).
 
@@ -26,20 +34,49 @@ Forms (``form=``): ``"log"`` — ``Σ_c log σ̂_c`` (sum of log layer norms, sc
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from lipreg.functional.autolip import chain_linear_map, find_affine_chains
-from lipreg.functional.graph import analyse, check_input_shape, node_lipschitz, trace
+from lipreg.functional.chains import (
+    SeqChain,
+    chain_linear_map,
+    find_affine_chains,
+    segment_chains,
+)
+from lipreg.functional.compose import output_value, propagate
+from lipreg.functional.graph import analyse, check_input_shape, trace
 from lipreg.functional.power_iteration import operator_norm
-from lipreg.functional.rules import Affine, Combine, Elementwise, Nonlinear
+from lipreg.functional.seqlip_pairs import pair_matrices, pair_name, pair_norm_greedy
 
-__all__ = ["LipschitzPenalty"]
+__all__ = ["STATE_VERSION", "LipschitzPenalty", "buffer_name"]
 
 _FORMS = ("log", "linear", "hinge")
+STATE_VERSION = 2
+"""Version of the penalty's extra state: 2 = buffers named by chain; 1 (no extra state) =
+buffers ``v_0, v_1, …`` by position."""
+
+
+def buffer_name(chain_name: str) -> str:
+    """``v_`` + ``chain_name`` with every character outside ``[0-9A-Za-z_]`` replaced by ``_``
+    (a buffer name may not contain ``.``), runs of them collapsed."""
+    return "v_" + re.sub(r"[^0-9A-Za-z_]+", "_", chain_name).strip("_")
+
+
+def _buffer_names(chain_names: list[str]) -> list[str]:
+    """:func:`buffer_name` of each chain, made unique by ``_2``, ``_3``… in chain order."""
+    names: list[str] = []
+    for chain in chain_names:
+        base = name = buffer_name(chain)
+        k = 1
+        while name in names:
+            k += 1
+            name = f"{base}_{k}"
+        names.append(name)
+    return names
 
 
 class LipschitzPenalty(nn.Module):
@@ -103,13 +140,15 @@ class LipschitzPenalty(nn.Module):
         self._analysis = self._analyse()
         self._chains = find_affine_chains(self._analysis)
         self.chain_names = [c.name for c in self._chains.values()]
+        self.buffer_names = _buffer_names(self.chain_names)
         generator = torch.Generator(device=self._analysis.device).manual_seed(seed)
         with torch.no_grad():
-            for i, chain in enumerate(self._chains.values()):
+            for name, chain in zip(self.buffer_names, self._chains.values(), strict=True):
                 res = operator_norm(
                     chain_linear_map(self._analysis, chain), tol=tol, generator=generator
                 )
-                self.register_buffer(f"v_{i}", res.v.detach().clone())
+                self.register_buffer(name, res.v.detach().clone())
+        self.register_load_state_dict_pre_hook(_check_and_upgrade_state)
         self._seq_items: list = []
         if method == "seqlip":
             self._init_seqlip(dense_limit)
@@ -137,17 +176,17 @@ class LipschitzPenalty(nn.Module):
         if (a.dtype, a.device) != self._placement():
             self._analysis = self._analyse()
             self._chains = find_affine_chains(self._analysis)
+            # the same graph: the same chains, so the buffers keep their meaning
+            assert [c.name for c in self._chains.values()] == self.chain_names
 
     def layer_norms(self) -> dict[str, Tensor]:
         """Differentiable ``σ̂_c`` of every merged affine map (refreshing ``v`` in training)."""
         self._follow_model()
         self._analysis.refresh_specs()  # closures over the current parameters, with autograd
         sigmas: dict[str, Tensor] = {}
-        for i, (name, chain) in enumerate(
-            zip(self.chain_names, self._chains.values(), strict=True)
-        ):
+        for name, chain in zip(self.buffer_names, self._chains.values(), strict=True):
             op = chain_linear_map(self._analysis, chain)
-            v = getattr(self, f"v_{i}")
+            v = getattr(self, name)
             if self.training and self.n_power_iterations > 0:
                 with torch.no_grad():
                     for _ in range(self.n_power_iterations):
@@ -160,7 +199,7 @@ class LipschitzPenalty(nn.Module):
             v_used = v.clone().to(op.dtype)
             av = op.apply(v_used.reshape(1, *op.in_shape)).reshape(-1)
             u = (av / av.norm().clamp_min(1e-12)).detach()
-            sigmas[name] = torch.dot(u, av)
+            sigmas[chain.name] = torch.dot(u, av)
         return sigmas
 
     def lipschitz_estimate(self, sigmas: dict[str, Tensor] | None = None) -> Tensor:
@@ -168,32 +207,45 @@ class LipschitzPenalty(nn.Module):
         sigmas = self.layer_norms() if sigmas is None else sigmas
         a = self._analysis
         one = torch.ones((), dtype=a.dtype, device=a.device)
-        values: dict = {a.input_node: one}
-        by_end = {
-            chain.nodes[-1]: (name, chain)
-            for name, chain in zip(self.chain_names, self._chains.values(), strict=True)
+        values = propagate(a, self._chains, lambda chain: sigmas[chain.name], one)
+        value = output_value(a, values)
+        return 0 * one if value is None else value
+
+    # ---------------------------------------------------------------- state
+    def get_extra_state(self) -> dict[str, Any]:
+        """``{"version", "chains", "buffers"}``: what the buffers belong to."""
+        return {
+            "version": STATE_VERSION,
+            "chains": list(self.chain_names),
+            "buffers": list(self.buffer_names),
         }
-        for node in a.order[1:]:
-            spec, parents = a.specs[node], a.inputs[node]
-            if isinstance(spec, Affine):
-                if node in by_end:
-                    name, chain = by_end[node]
-                    values[node] = sigmas[name] * values[chain.source]
-            elif isinstance(spec, Elementwise | Nonlinear):
-                values[node] = node_lipschitz(spec) * values[parents[0]]
-            elif isinstance(spec, Combine):
-                parts = [values[p] for p in parents]
-                if spec.mode == "sum":
-                    weights = spec.weights or (1.0,) * len(parts)
-                    values[node] = sum(abs(w) * p for w, p in zip(weights, parts, strict=True))
-                else:
-                    values[node] = torch.sqrt(sum(p * p for p in parts))
-        return values.get(a.output_node, 0 * one)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Check that a loaded state belongs to this network (see :func:`check_extra_state`)."""
+        self.check_extra_state(state)
+
+    def check_extra_state(self, state: Any) -> None:
+        """Raise ``ValueError`` unless ``state`` is a version-2 extra state for the same chains."""
+        if not isinstance(state, dict) or "version" not in state:
+            raise ValueError(
+                f"LipschitzPenalty: the saved extra state is {state!r}, expected a dict with a "
+                "'version' (a state dict saved by this class)."
+            )
+        if state["version"] != STATE_VERSION:
+            raise ValueError(
+                f"LipschitzPenalty: the state dict has format version {state['version']}, this "
+                f"lipreg reads version {STATE_VERSION}; save it again with this version."
+            )
+        if list(state.get("chains", [])) != self.chain_names:
+            raise ValueError(
+                "LipschitzPenalty: the state dict was saved for another network: it holds "
+                f"vectors for the chains {list(state.get('chains', []))}, this penalty's network "
+                f"has the chains {self.chain_names}. Load it into a penalty of the same "
+                "architecture (and input shape), or build a new penalty (cold start)."
+            )
 
     # ---------------------------------------------------------------- SeqLip
     def _init_seqlip(self, dense_limit: int) -> None:
-        from lipreg.functional.seqlip import SeqChain, segment_chains
-
         items, _ = segment_chains(self._analysis)  # raises NotSequentialError for branching graphs
         for item in items:
             if isinstance(item, SeqChain) and len(item.maps) > 1:
@@ -209,8 +261,6 @@ class LipschitzPenalty(nn.Module):
 
     def seqlip_factors(self) -> dict[str, Tensor]:
         """Differentiable SeqLip factors: pair norms, single-map norms and constants."""
-        from lipreg.functional.seqlip import SeqChain, pair_norm_greedy
-
         sigmas = self.layer_norms()  # single-map chains, with their warm power iteration
         factors: dict[str, Tensor] = {}
         for item in self._seq_items:
@@ -222,20 +272,13 @@ class LipschitzPenalty(nn.Module):
                 continue
             mats = [chain_linear_map(self._analysis, m) for m in item.maps]
             svds = [torch.linalg.svd(_dense(op), full_matrices=False) for op in mats]
-            K = len(svds)
-            tilde = [
-                S if k in (0, K - 1) else S.clamp_min(0).sqrt() for k, (_, S, _) in enumerate(svds)
-            ]
-            for k in range(K - 1):
-                A = tilde[k + 1][:, None] * svds[k + 1][2]  # Σ̃ Vᵀ  (r, n)
-                B = svds[k][0] * tilde[k][None, :]  # U Σ̃  (n, r)
+            for k, (A, B) in enumerate(pair_matrices(svds)):
                 lo, hi, act = item.boxes[k]
                 with torch.no_grad():  # the pattern is a maximiser, found without gradient
                     _, pattern = pair_norm_greedy(A.detach(), B.detach(), lo, hi, n_restarts=0)
                 pair = (A * pattern.to(A.dtype)) @ B
-                factors[f"{item.maps[k].name} | {act} | {item.maps[k + 1].name}"] = (
-                    torch.linalg.matrix_norm(pair, ord=2)
-                )
+                name = pair_name(item.maps[k].name, act, item.maps[k + 1].name)
+                factors[name] = torch.linalg.matrix_norm(pair, ord=2)
         return factors
 
     def forward(self) -> Tensor:
@@ -268,3 +311,45 @@ def _dense(op) -> Tensor:
     map applied to the identity."""
     eye = torch.eye(op.in_features, dtype=op.dtype, device=op.device)
     return op.apply(eye.reshape(-1, *op.in_shape)).reshape(op.in_features, -1).T
+
+
+def _check_and_upgrade_state(
+    module: LipschitzPenalty,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Load-state-dict pre-hook: refuse another network's state with a clear message before
+    any tensor is copied, and rename a version-1 state (``v_0, v_1…`` by position, no extra
+    state) to the chains' buffers when it holds one vector of the right size per chain."""
+    extra_key = prefix + "_extra_state"
+    if extra_key in state_dict:
+        module.check_extra_state(state_dict[extra_key])
+        return
+    positional = []
+    while f"{prefix}v_{len(positional)}" in state_dict:
+        positional.append(f"{prefix}v_{len(positional)}")
+    if not positional:
+        return  # nothing of ours: torch reports the missing keys (strict) or keeps the buffers
+    if len(positional) != len(module.chain_names):
+        raise ValueError(
+            f"LipschitzPenalty: the state dict holds {len(positional)} positional vectors "
+            f"(v_0..v_{len(positional) - 1}, format version 1), this penalty's network has "
+            f"{len(module.chain_names)} chains {module.chain_names}: it was saved for another "
+            "network. Build a new penalty (cold start) instead of loading it."
+        )
+    vectors = [state_dict.pop(key) for key in positional]
+    for chain, name, v in zip(module.chain_names, module.buffer_names, vectors, strict=True):
+        expected = getattr(module, name).numel()
+        if v.numel() != expected:
+            raise ValueError(
+                f"LipschitzPenalty: the version-1 state dict's vector for chain {chain!r} has "
+                f"{v.numel()} entries, this network's chain has {expected}: it was saved for "
+                "another network. Build a new penalty (cold start) instead of loading it."
+            )
+        state_dict[prefix + name] = v
+    state_dict[extra_key] = module.get_extra_state()

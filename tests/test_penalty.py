@@ -105,18 +105,26 @@ def converge(penalty: LipschitzPenalty, calls: int = 300) -> torch.Tensor:
 
 # ---------------------------------------------------------------- 7. state and buffers
 @pytest.mark.parametrize(
-    ("make", "shape", "in_features"),
-    [(mlp, (5,), [5, 7, 6]), (cnn, CNN_INPUT, [2 * 8 * 8, 3 * 4 * 4])],
+    ("make", "shape", "in_features", "chains", "buffers"),
+    [
+        (mlp, (5,), [5, 7, 6], ["0", "2", "4"], ["v_0", "v_2", "v_4"]),
+        (cnn, CNN_INPUT, [2 * 8 * 8, 3 * 4 * 4], ["0+1", "3+4"], ["v_0_1", "v_3_4"]),
+    ],
     ids=["mlp", "cnn"],
 )
-def test_state_dict_has_one_vector_per_merged_affine_map(make, shape, in_features):
+def test_state_dict_has_one_vector_per_merged_affine_map(make, shape, in_features, chains, buffers):
     net = make()
     penalty = LipschitzPenalty(net, shape)
-    k = len(in_features)  # MLP: 3 Linear; CNN: conv+BN merged, flatten+Linear merged
-    assert list(penalty.state_dict()) == [f"v_{i}" for i in range(k)]
-    assert len(penalty.chain_names) == k
-    for i, n in enumerate(in_features):
-        v = penalty.state_dict()[f"v_{i}"]
+    # MLP: 3 Linear; CNN: conv+BN merged, flatten+Linear merged; buffers named by chain
+    assert penalty.chain_names == chains
+    assert list(penalty.state_dict()) == [*buffers, "_extra_state"]
+    assert penalty.state_dict()["_extra_state"] == {
+        "version": 2,
+        "chains": chains,
+        "buffers": buffers,
+    }
+    for name, n in zip(buffers, in_features, strict=True):
+        v = penalty.state_dict()[name]
         assert v.numel() == n
         assert v.norm().item() == pytest.approx(1.0, rel=1e-5)
     # The model is referenced, not registered.
@@ -133,9 +141,10 @@ def test_owner_state_dict_holds_weights_once_and_the_vectors():
         f"net.{k}" for k in net.state_dict()
     )
     assert sorted(k for k in keys if k.startswith("penalty.")) == [
+        "penalty._extra_state",
         "penalty.v_0",
-        "penalty.v_1",
         "penalty.v_2",
+        "penalty.v_4",
     ]
     assert len(list(owner.parameters())) == len(list(net.parameters()))
 
@@ -155,8 +164,8 @@ def test_buffers_follow_to_and_round_trip_through_load_state_dict():
     )
     other.to(F64)
     other.load_state_dict(penalty.state_dict())
-    for name, v in penalty.state_dict().items():
-        assert torch.equal(other.state_dict()[name], v), name
+    for name, v in penalty.named_buffers():
+        assert torch.equal(other.get_buffer(name), v), name
     penalty.eval()
     other.eval()
     assert torch.equal(penalty(), other())
@@ -186,12 +195,12 @@ def test_training_mode_refreshes_buffers_eval_mode_does_not():
     net = mlp()
     penalty = LipschitzPenalty(net, (5,), weight=1.0, form="linear")
     penalty.eval()
-    before = {k: v.clone() for k, v in penalty.state_dict().items()}
+    before = {k: v.clone() for k, v in penalty.named_buffers()}
     value_before = penalty()
 
     _perturb_(net, seed=3)
     out1, out2 = penalty(), penalty()
-    for k, v in penalty.state_dict().items():  # eval: vectors untouched
+    for k, v in penalty.named_buffers():  # eval: vectors untouched
         assert torch.equal(v, before[k]), k
     assert torch.equal(out1, out2)  # repeated eval calls give the same output
     assert not torch.equal(out1, value_before)  # ... which reads the current weights
@@ -199,21 +208,22 @@ def test_training_mode_refreshes_buffers_eval_mode_does_not():
     truth = _top_right_vectors(net)
     penalty.train()
     penalty()
-    after = penalty.state_dict()
-    for i, v_true in enumerate(truth):  # train: vectors move towards the new top vectors
-        old, new = before[f"v_{i}"].to(F64), after[f"v_{i}"].to(F64)
-        assert not torch.equal(after[f"v_{i}"], before[f"v_{i}"]), i
-        assert abs(new @ v_true) > abs(old @ v_true), i
+    after = dict(penalty.named_buffers())
+    for name, v_true in zip(penalty.buffer_names, truth, strict=True):
+        # train: vectors move towards the new top vectors
+        old, new = before[name].to(F64), after[name].to(F64)
+        assert not torch.equal(after[name], before[name]), name
+        assert abs(new @ v_true) > abs(old @ v_true), name
 
 
 def test_zero_power_iterations_never_update_buffers():
     net = mlp()
     penalty = LipschitzPenalty(net, (5,), n_power_iterations=0)
-    before = {k: v.clone() for k, v in penalty.state_dict().items()}
+    before = {k: v.clone() for k, v in penalty.named_buffers()}
     _perturb_(net, seed=4)
     penalty.train()
     penalty()
-    for k, v in penalty.state_dict().items():
+    for k, v in penalty.named_buffers():
         assert torch.equal(v, before[k]), k
 
 
@@ -240,7 +250,7 @@ def test_gradcheck_wrt_weights(make, shape, form):
     names = [n for n, _ in owner.named_parameters()]
     assert names and all(n.startswith("model.") for n in names)
     params = tuple(p.detach().clone().requires_grad_() for _, p in owner.named_parameters())
-    buffers = {k: v.clone() for k, v in penalty.state_dict().items()}
+    buffers = {k: v.clone() for k, v in penalty.named_buffers()}
 
     def f(*ps: torch.Tensor) -> torch.Tensor:
         return torch.func.functional_call(owner, dict(zip(names, ps, strict=True)), ())
@@ -251,7 +261,7 @@ def test_gradcheck_wrt_weights(make, shape, form):
     weight_grads = [g for n, g in zip(names, grads, strict=True) if n.endswith("weight")]
     assert all(g is not None and g.abs().sum() > 0 for g in weight_grads[:1])
     assert torch.autograd.gradcheck(f, params, eps=1e-6, atol=1e-6, rtol=1e-4)
-    for k, v in penalty.state_dict().items():  # eval mode: the vectors stayed fixed
+    for k, v in penalty.named_buffers():  # eval mode: the vectors stayed fixed
         assert torch.equal(v, buffers[k]), k
 
 
@@ -450,3 +460,97 @@ def test_penalty_follows_model_converted_to_float64():
     penalty.double()
     assert all(b.dtype == F64 for b in penalty.buffers())
     assert penalty().dtype == F64
+
+
+# ---------------------------------------------------------------- 11. composition and state
+class ResidualBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus a downsampling shortcut, ReLU, then a concatenation of a
+    Linear head and a scaled copy: Combine "sum" and Combine "l2" in one graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.conv2, self.bn2 = nn.Conv2d(3, 3, 3, padding=1, stride=2), nn.BatchNorm2d(3)
+        self.down = nn.Sequential(nn.Conv2d(2, 3, 1, stride=2), nn.BatchNorm2d(3))
+        self.head = nn.Linear(3 * 3 * 3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)) + self.down(x))
+        return torch.cat([self.head(y.flatten(1)), 0.5 * y.flatten(1)], 1)
+
+
+def residual_block() -> ResidualBlock:
+    net = init_(ResidualBlock().double(), seed=11)
+    g = gen(12)
+    for bn in (net.bn1, net.bn2, net.down[1]):
+        bn.running_mean.copy_(torch.randn(3, generator=g, dtype=F64))
+        bn.running_var.copy_(torch.rand(3, generator=g, dtype=F64) + 0.5)
+    return net.eval()
+
+
+def test_lipschitz_estimate_is_the_autolip_composition_on_a_branching_net():
+    """Same per-chain sigmas: the tensor walk equals the float walk of ``lipreg.autolip``'s
+    composition routine and the hand-written formula of this graph."""
+    from lipreg.functional.chains import find_affine_chains
+    from lipreg.functional.compose import propagate
+    from lipreg.functional.graph import analyse
+
+    net = residual_block()
+    penalty = LipschitzPenalty(net, (2, 6, 6), weight=1.0, form="linear").eval()
+    names = penalty.chain_names
+    # module chains by module path; the flatten nodes' labels belong to the graph analysis
+    assert names[:3] == ["conv1+bn1", "conv2+bn2", "down[0+1]"] and len(names) == 5
+    head, scaled = names[3], names[4]
+    assert head.endswith("+head") and scaled.endswith("+mul"), names
+    sigmas = penalty.layer_norms()
+    value = penalty.lipschitz_estimate(sigmas)
+    assert value.dtype == F64 and value.requires_grad
+
+    s = {k: float(v.detach()) for k, v in sigmas.items()}
+    analysis = analyse(net, (2, 6, 6), dtype=F64)
+    chains = find_affine_chains(analysis)
+    floats = propagate(analysis, chains, lambda chain: s[chain.name], 1.0)
+    assert value.item() == pytest.approx(floats[analysis.output_node], rel=1e-14)
+    y = s["conv2+bn2"] * s["conv1+bn1"] + s["down[0+1]"]  # ReLUs: slope 1
+    truth = math.sqrt((s[head] * y) ** 2 + (s[scaled] * y) ** 2)
+    assert value.item() == pytest.approx(truth, rel=1e-14)
+    assert s[scaled] == pytest.approx(0.5, rel=1e-14)
+    # converged sigmas give the certified AutoLip value of the same walk
+    converge(penalty.train(), calls=60)
+    certified = lipreg.autolip(net, (2, 6, 6))
+    assert penalty.eval().lipschitz_estimate().item() == pytest.approx(certified.value, rel=1e-6)
+    assert {lb.name for lb in certified.layers if lb.kind == "affine"} == set(names)
+
+
+def test_loading_another_architectures_state_raises_naming_the_chains():
+    penalty = LipschitzPenalty(mlp(), (5,))
+    other = LipschitzPenalty(cnn(), CNN_INPUT)
+    with pytest.raises(ValueError, match=r"another network") as info:
+        other.load_state_dict(penalty.state_dict())
+    message = str(info.value)
+    assert "['0', '2', '4']" in message and "['0+1', '3+4']" in message
+    newer = {**penalty.state_dict(), "_extra_state": {"version": 3, "chains": ["0", "2", "4"]}}
+    with pytest.raises(ValueError, match="version 3"):
+        LipschitzPenalty(mlp(), (5,)).load_state_dict(newer)
+
+
+def test_version_1_state_dict_with_positional_vectors_still_loads():
+    net = mlp()
+    penalty = LipschitzPenalty(net, (5,), seed=1)
+    old = {f"v_{i}": v.clone() for i, v in enumerate(penalty.buffers())}  # format version 1
+    owner_old = {f"penalty.{k}": v for k, v in old.items()}
+    fresh = LipschitzPenalty(net, (5,), seed=7)
+    fresh.load_state_dict(old)
+    for name, v in penalty.named_buffers():
+        assert torch.equal(fresh.get_buffer(name), v), name
+    owner = RegressionModule(net, penalty=LipschitzPenalty(net, (5,), seed=7))
+    owner.load_state_dict({**{f"net.{k}": v for k, v in net.state_dict().items()}, **owner_old})
+    for name, v in penalty.named_buffers():
+        assert torch.equal(owner.penalty.get_buffer(name), v), name
+
+    with pytest.raises(ValueError, match=r"2 positional vectors.*3 chains"):
+        fresh.load_state_dict({"v_0": old["v_0"], "v_1": old["v_1"]})
+    wrong_size = {**old, "v_1": torch.ones(3)}
+    with pytest.raises(ValueError, match=r"chain '2' has 3 entries.*has 7"):
+        fresh.load_state_dict(wrong_size)

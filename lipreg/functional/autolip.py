@@ -30,7 +30,6 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -38,20 +37,16 @@ from torch import Tensor, fx, nn
 
 from lipreg.functional.certify import (
     DEFAULT_MEMORY_LIMIT_BYTES,
-    current_budget,
     default_memory_limit,
-    dense_bytes,
-    dense_norm_bound,
-    matrix_norm_bound,
-    matrix_norm_certificate,
     memory_budget,
-    schur_bound,
 )
-from lipreg.functional.graph import Analysis, analyse, combine, node_lipschitz, trace
-from lipreg.functional.linear_map import LinearMap, compose
-from lipreg.functional.power_iteration import check_iteration_options, operator_norm
+from lipreg.functional.chains import AffineChain, chain_linear_map, find_affine_chains
+from lipreg.functional.compose import output_value, propagate
+from lipreg.functional.graph import Analysis, analyse, trace
+from lipreg.functional.ladder import ChainBounder
+from lipreg.functional.power_iteration import check_iteration_options
 from lipreg.functional.results import LayerBound, LipschitzResult
-from lipreg.functional.rules import Affine, Combine, Elementwise, Nonlinear
+from lipreg.functional.rules import Affine, Elementwise, Nonlinear
 
 __all__ = [
     "AffineChain",
@@ -62,229 +57,6 @@ __all__ = [
     "check_finite_result",
     "find_affine_chains",
 ]
-
-
-@dataclass
-class AffineChain:
-    """Consecutive affine nodes ``nodes`` applied to the output of ``source``."""
-
-    nodes: list[fx.Node]
-    source: fx.Node
-    name: str
-
-
-def find_affine_chains(analysis: Analysis) -> dict[fx.Node, AffineChain]:
-    """Maximal chains of affine nodes, keyed by their last node.
-
-    A node extends its input's chain when that input is affine and has no other user (and is
-    not the network's output): its intermediate value is then never needed on its own.
-    """
-    chain_of: dict[fx.Node, AffineChain] = {}
-    ends: dict[fx.Node, AffineChain] = {}
-    for node in analysis.order[1:]:
-        if not isinstance(analysis.specs[node], Affine):
-            continue
-        (parent,) = analysis.inputs[node]
-        extend = (
-            isinstance(analysis.specs.get(parent), Affine)
-            and analysis.users(parent) == [node]
-            and not analysis.is_output(parent)
-        )
-        if extend:
-            chain = chain_of[parent]
-            ends.pop(parent, None)
-            chain.nodes.append(node)
-        else:
-            chain = AffineChain(nodes=[node], source=parent, name="")
-        chain_of[node] = chain
-        ends[node] = chain
-    for chain in ends.values():
-        chain.name = " -> ".join(analysis.label(n) for n in chain.nodes)
-    return ends
-
-
-def _node_map(analysis: Analysis, node: fx.Node) -> LinearMap:
-    spec = analysis.specs[node]
-    assert isinstance(spec, Affine)
-    (parent,) = analysis.inputs[node]
-    return LinearMap(
-        apply=spec.linear,
-        in_shape=analysis.shapes[parent],
-        out_shape=analysis.shapes[node],
-        dtype=analysis.dtype,
-        device=analysis.device,
-        name=analysis.label(node),
-    )
-
-
-def chain_linear_map(analysis: Analysis, chain: AffineChain) -> LinearMap:
-    """The bias-free linear part of a chain as one :class:`LinearMap`."""
-    return compose([_node_map(analysis, n) for n in chain.nodes], name=chain.name)
-
-
-class ChainBounder:
-    """Computes the norm of each affine chain: estimate, certified bound, or both."""
-
-    def __init__(
-        self,
-        analysis: Analysis,
-        model: nn.Module,
-        *,
-        certify: bool,
-        tol: float,
-        max_iter: int,
-        method: str,
-        state: dict[str, Tensor],
-        generator: torch.Generator,
-        dense_limit: int,
-    ) -> None:
-        self.analysis = analysis
-        self.model = model
-        self.certify = certify
-        self.tol = tol
-        self.max_iter = max_iter
-        self.method = method
-        self.state = state
-        self.generator = generator
-        self.dense_limit = dense_limit
-        self._analysis64: Analysis | None = None  # float64 specs, computed on first use
-        self.new_state: dict[str, Tensor] = {}
-
-    @property
-    def analysis64(self) -> Analysis:
-        """The same analysis (same nodes) with float64 specs, for the certificates."""
-        if self._analysis64 is None:
-            self._analysis64 = self.analysis.at_dtype(torch.float64)
-        return self._analysis64
-
-    def _weight_is_exact(self) -> bool:
-        """Weights of ``self.analysis`` equal the model's (no float64 tensor was rounded)."""
-        if self.analysis.dtype == torch.float64:
-            return True
-        return not any(
-            t.dtype == torch.float64 for t in (*self.model.parameters(), *self.model.buffers())
-        )
-
-    def bound(self, chain: AffineChain) -> LayerBound:
-        specs = [self.analysis.specs[n] for n in chain.nodes]
-        if (
-            self.certify
-            and len(specs) == 1
-            and specs[0].weight is not None
-            and not specs[0].isometry
-            and self._weight_is_exact()
-        ):
-            # One dense layer: its weight converts exactly to float64 chunk by chunk, so no
-            # float64 copy of the whole network (analysis64) is needed.
-            return self._weight_bound(chain, specs[0].weight, 1.0)
-        if self.certify:  # closed forms and weights at the model's own precision (float64)
-            specs = [self.analysis64.specs[n] for n in chain.nodes]
-        scale = math.prod(s.norm for s in specs if s.isometry)  # type: ignore[misc]
-        core = [(n, s) for n, s in zip(chain.nodes, specs, strict=True) if not s.isometry]
-        # Closed forms evaluated in float64 are exact up to a few ulps: pad by 4 ulps.
-        pad = 1 + 4 * torch.finfo(torch.float64).eps if self.certify else 1.0
-        if not core:
-            value = scale * pad
-            return LayerBound(chain.name, "affine", value, True, scale, value, "closed-form")
-        if len(core) == 1 and core[0][1].norm is not None:
-            value = scale * core[0][1].norm * pad
-            return LayerBound(chain.name, "affine", value, True, value, value, "closed-form")
-        if len(core) == 1 and core[0][1].weight is not None and self.certify:
-            return self._weight_bound(chain, core[0][1].weight, scale)
-
-        op = chain_linear_map(self.analysis, chain)
-        upper, how, v_exact = None, "", None
-        if self.certify and self._dense_ok(op):
-            op64 = chain_linear_map(self.analysis64, chain)
-            upper, v_exact = dense_norm_bound(op64, batch_size=self._dense_batch(op64))
-            how = "dense"
-        if upper is not None:
-            self.new_state[chain.name] = v_exact.to(self.analysis.dtype)
-            return LayerBound(chain.name, "affine", upper, True, upper, upper, how)
-
-        gap0 = self.state.get(f"{chain.name}#gap")
-        res = operator_norm(
-            op,
-            v0=self.state.get(chain.name),
-            gap0=float(gap0) if gap0 is not None else None,
-            tol=self.tol,
-            max_iter=self.max_iter,
-            method=self.method,  # type: ignore[arg-type]
-            generator=self.generator,
-        )
-        self.new_state[chain.name] = res.v
-        if math.isfinite(res.gap):
-            self.new_state[f"{chain.name}#gap"] = torch.tensor(res.gap, dtype=torch.float64)
-        extra = {"converged": res.converged, "residual": res.residual}
-        upper, how = self._product_bound(core, scale) if self.certify else (None, "")
-        if upper is None:  # an estimate: the iterative value, labelled as such
-            method = f"{self.method} ({how})" if self.certify else self.method
-            return LayerBound(
-                chain.name, "affine", res.sigma, False, res.sigma, None, method, res.n_iter, extra
-            )
-        return LayerBound(
-            chain.name, "affine", upper, True, res.sigma, upper, how, res.n_iter, extra
-        )
-
-    def _weight_bound(self, chain: AffineChain, weight: Tensor, scale: float) -> LayerBound:
-        cert = matrix_norm_certificate(weight, name=chain.name)
-        value = scale * cert.bound
-        self.new_state[chain.name] = cert.v.to(self.analysis.dtype)
-        method = cert.method if cert.method == "dense" else f"{cert.method} (memory budget)"
-        extra = {"blocks": cert.blocks} if cert.method == "row-blocks" else {}
-        return LayerBound(
-            chain.name, "affine", value, True, scale * cert.estimate, value, method, 0, extra
-        )
-
-    def _dense_ok(self, op: LinearMap) -> bool:
-        """The map may be materialised: small enough a side, and the dense matrix (twice,
-        while it is assembled), its Gram certificate and the basis batches fit the budget."""
-        small = min(op.in_features, op.out_features)
-        if small > self.dense_limit:
-            return False
-        return self._dense_bytes(op) <= current_budget().limit_bytes
-
-    def _dense_batch(self, op: LinearMap) -> int:
-        """Basis vectors per pass of ``to_dense``: autograd keeps about three activations of
-        the map's size per vector; a quarter of the budget goes to them."""
-        per_vector = 8 * 3 * (op.in_features + op.out_features)
-        return int(min(256, max(1, current_budget().limit_bytes // 4 // per_vector)))
-
-    def _dense_bytes(self, op: LinearMap) -> int:
-        n, m = op.in_features, op.out_features
-        activations = self._dense_batch(op) * 8 * 3 * (n + m)
-        return 16 * n * m + dense_bytes(min(n, m)) + activations
-
-    def _product_bound(
-        self, core: list[tuple[fx.Node, Affine]], scale: float
-    ) -> tuple[float | None, str]:
-        """Certified bound of a chain as the product of its ops' certified bounds."""
-        total, methods = scale, []
-        for node, spec in core:
-            if spec.norm is not None:
-                total *= spec.norm
-                methods.append("closed-form")
-            elif spec.weight is not None:
-                total *= matrix_norm_bound(spec.weight)[0]
-                methods.append("dense")
-            elif spec.certify is not None:
-                total *= spec.certify()
-                methods.append("fft")
-            else:
-                op64 = _node_map(self.analysis64, node)
-                if spec.nonnegative:
-                    total *= schur_bound(op64)
-                    methods.append("schur")
-                elif self._dense_ok(op64):
-                    total *= dense_norm_bound(op64, batch_size=self._dense_batch(op64))[0]
-                    methods.append("dense")
-                else:
-                    return None, (
-                        f"no certificate for {self.analysis.label(node)}: too large to "
-                        f"materialise ({op64.in_features}x{op64.out_features}) and no "
-                        "structured bound; raise dense_limit or register a rule with certify="
-                    )
-        return total, " x ".join(methods) if len(methods) > 1 else methods[0]
 
 
 def autolip(
@@ -425,53 +197,16 @@ def _autolip(
         dense_limit=dense_limit,
     )
     chains = find_affine_chains(analysis)
-    value: dict[fx.Node, float] = {analysis.input_node: 1.0}
-    estimate: dict[fx.Node, float] = {analysis.input_node: 1.0}
-    layers: list[LayerBound] = []
-    all_certified = True
-    for node in analysis.order[1:]:
-        spec = analysis.specs[node]
-        parents = analysis.inputs[node]
-        if isinstance(spec, Affine):
-            chain = chains.get(node)
-            if chain is None:  # interior of a chain: folded into its end
-                continue
-            lb = bounder.bound(chain)
-            layers.append(lb)
-            all_certified &= lb.certified
-            est = lb.estimate if lb.estimate is not None else lb.value
-            value[node] = lb.value * value[chain.source]
-            estimate[node] = est * estimate[chain.source]
-        elif isinstance(spec, Elementwise | Nonlinear):
-            lip = node_lipschitz(spec)
-            kind = "activation" if isinstance(spec, Elementwise) else "nonlinear"
-            layers.append(LayerBound(analysis.label(node), kind, lip, True, lip, lip, "rule"))
-            value[node] = lip * value[parents[0]]
-            estimate[node] = lip * estimate[parents[0]]
-        elif isinstance(spec, Combine):
-            value[node] = combine(spec, [value[p] for p in parents])
-            estimate[node] = combine(spec, [estimate[p] for p in parents])
-    out = analysis.output_node
+    layers, by_chain = _factors(analysis, chains, bounder)
+    value = propagate(analysis, chains, lambda c: by_chain[c.name].value, 1.0)
+    estimate = propagate(analysis, chains, lambda c: _estimate_of(by_chain[c.name]), 1.0)
     notes: list[str] = []
-    if out in value:
-        total, total_est = value[out], estimate[out]
-    else:
+    total, total_est = output_value(analysis, value), output_value(analysis, estimate)
+    if total is None or total_est is None:
         total, total_est = 0.0, 0.0
         notes.append("the output does not depend on the input: the function is constant.")
-    if certify and not all_certified:
-        missing = [lb.name for lb in layers if not lb.certified]
-        msg = (
-            f"AutoLip could not certify {missing}; the result mixes certified bounds with "
-            "power-iteration estimates and is reported as an estimate (certified=False)."
-        )
-        warnings.warn(msg, stacklevel=2)
-        notes.append(msg)
-    kind = "upper" if certify and all_certified else "estimate"
-    if not certify:
-        notes.append(
-            "certify=False: layer norms are Lanczos/power-iteration values, which approach "
-            "each norm from below; the product is an estimate, not a guaranteed bound."
-        )
+    kind = "upper" if certify and all(lb.certified for lb in layers) else "estimate"
+    notes += _certification_notes(certify, layers)
     return LipschitzResult(
         value=total,
         kind=kind,
@@ -484,6 +219,60 @@ def _autolip(
         time_s=time.perf_counter() - start,
         notes=notes,
     )
+
+
+def _estimate_of(lb: LayerBound) -> float:
+    return lb.estimate if lb.estimate is not None else lb.value
+
+
+def _factors(
+    analysis: Analysis, chains: dict[fx.Node, AffineChain], bounder: ChainBounder
+) -> tuple[list[LayerBound], dict[str, LayerBound]]:
+    """Every factor in graph order (chains through the certificate ladder, activations and
+    nonlinear nodes by their rule's constant), and the chains' factors by chain name."""
+    layers: list[LayerBound] = []
+    by_chain: dict[str, LayerBound] = {}
+    for node in analysis.order[1:]:
+        spec = analysis.specs[node]
+        if isinstance(spec, Affine) and node in chains:
+            lb = bounder.bound(chains[node])
+            by_chain[chains[node].name] = lb
+        elif isinstance(spec, Elementwise | Nonlinear):
+            lip = spec.lipschitz
+            kind = "activation" if isinstance(spec, Elementwise) else "nonlinear"
+            lb = LayerBound(
+                name=analysis.label(node),
+                kind=kind,
+                value=lip,
+                certified=True,
+                estimate=lip,
+                upper=lip,
+                method="rule",
+            )
+        else:
+            continue
+        layers.append(lb)
+    return layers, by_chain
+
+
+def _certification_notes(certify: bool, layers: list[LayerBound]) -> list[str]:
+    """What the caller must know about the guarantee (and the warning when a certified run
+    had to fall back to estimates)."""
+    notes: list[str] = []
+    missing = [lb.name for lb in layers if not lb.certified]
+    if certify and missing:
+        msg = (
+            f"AutoLip could not certify {missing}; the result mixes certified bounds with "
+            "power-iteration estimates and is reported as an estimate (certified=False)."
+        )
+        warnings.warn(msg, stacklevel=3)  # at the autolip() call
+        notes.append(msg)
+    if not certify:
+        notes.append(
+            "certify=False: layer norms are Lanczos/power-iteration values, which approach "
+            "each norm from below; the product is an estimate, not a guaranteed bound."
+        )
+    return notes
 
 
 class AutoLip:

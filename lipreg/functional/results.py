@@ -12,12 +12,15 @@ __all__ = ["LayerBound", "LipschitzResult"]
 Kind = Literal["upper", "estimate", "lower"]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LayerBound:
     """One factor of a bound: a merged affine chain, an activation, a pooling, a SeqLip pair.
 
+    Keyword-only: ``LayerBound(name=..., kind=..., value=..., certified=..., ...)``.
+
     Attributes:
-        name: the nodes it covers, e.g. ``"features.0"`` or ``"conv1 -> bn1"``.
+        name: the nodes it covers, e.g. ``"features.0"`` or ``"layer1.0[conv1+bn1]"`` (an
+            affine chain's name, see :mod:`lipreg.functional.chains`).
         kind: ``"affine"``, ``"activation"``, ``"nonlinear"``, ``"seqlip-pair"``, ...
         value: the factor used in the network's number.
         certified: ``value`` is a guaranteed upper bound on this factor.
@@ -27,6 +30,7 @@ class LayerBound:
         method: how ``value`` was obtained (``"lanczos"``, ``"dense"``, ``"fft"``,
             ``"schur"``, ``"closed-form"``, ``"exact"``, ``"greedy"`` ...).
         n_iter: Gram-operator products (forward+backward passes) spent on it.
+        extra: method-specific details (``converged``, ``residual``, ``blocks`` ...).
     """
 
     name: str
@@ -40,9 +44,9 @@ class LayerBound:
     extra: dict = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LipschitzResult:
-    """The outcome of an estimator; ``float(result)`` is ``result.value``.
+    """The outcome of an estimator; ``float(result)`` is ``result.value``. Keyword-only.
 
     Attributes:
         value: the number (see ``kind``).

@@ -894,17 +894,31 @@ def test_check_finite_result_inspects_total_and_layers():
     from lipreg.functional.autolip import check_finite_result
     from lipreg.functional.results import LayerBound, LipschitzResult
 
-    ok = LayerBound("fc", "affine", 2.0, True, 2.0, 2.0, "dense")
-    check_finite_result(LipschitzResult(2.0, "upper", "autolip", layers=[ok]))
-    bad_layer = LayerBound("fc", "affine", 2.0, True, math.nan, 2.0, "dense")
-    for result in (
-        LipschitzResult(math.nan, "upper", "autolip", layers=[ok]),
-        LipschitzResult(math.inf, "estimate", "autolip", layers=[ok]),
-        LipschitzResult(2.0, "upper", "autolip", layers=[ok], estimate=math.inf),
-        LipschitzResult(2.0, "upper", "autolip", layers=[bad_layer]),
+    def layer(estimate: float) -> LayerBound:
+        return LayerBound(
+            name="fc",
+            kind="affine",
+            value=2.0,
+            certified=True,
+            estimate=estimate,
+            upper=2.0,
+            method="dense",
+        )
+
+    def result(value: float, kind: str, layers: list, **kw) -> LipschitzResult:
+        return LipschitzResult(value=value, kind=kind, method="autolip", layers=layers, **kw)
+
+    ok = layer(2.0)
+    check_finite_result(result(2.0, "upper", [ok]))
+    bad_layer = layer(math.nan)
+    for bad in (
+        result(math.nan, "upper", [ok]),
+        result(math.inf, "estimate", [ok]),
+        result(2.0, "upper", [ok], estimate=math.inf),
+        result(2.0, "upper", [bad_layer]),
     ):
         with pytest.raises(ValueError, match="non-finite"):
-            check_finite_result(result)
+            check_finite_result(bad)
 
 
 def test_large_finite_weights_stay_certified():

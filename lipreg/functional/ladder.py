@@ -1,0 +1,403 @@
+"""The certificate ladder: how the norm of one affine chain is bounded.
+
+An affine chain ``A = A_m ⋯ A_1`` (:mod:`lipreg.functional.chains`) gets its factor from the
+first entry of :data:`LADDER` that answers. Each entry is a function
+``(ChainContext) -> LayerBound | None``: ``None`` means "not applicable, try the next one". The
+entries, in order:
+
+1. :func:`lone_weight_at_model_precision` — one dense layer whose weight is exact at the
+   analysis precision: the chunked float64 matrix certificate of the weight.
+2. :func:`closed_form` — every op is an isometry times a scalar, or all but one are and that
+   one has a closed-form norm: the product of the closed forms.
+3. :func:`lone_weight` — isometries around one dense weight: scalars × the weight certificate.
+4. :func:`dense_chain` — the whole chain is small enough to materialise: its float64 matrix
+   and the dense certificate (tighter than any product).
+5. :func:`product_of_op_certificates` — ``‖A‖ ≤ Π_i ‖A_i‖`` with each ``‖A_i‖`` certified by
+   the first entry of :data:`OP_LADDER` that answers (closed form, dense weight, the rule's
+   own ``certify`` (FFT for convolutions), Schur test for non-negative maps, materialised
+   op).
+6. :func:`estimate` — the Lanczos/power-iteration value, **not** certified (``certified=False``,
+   and AutoLip then reports an estimate).
+
+Entries 1 and 3–5 run only with ``certify=True``; 2 and 6 also without.
+
+**Contract of an entry.** It returns a :class:`LayerBound` whose ``value`` is the chain's
+factor, with ``certified=True`` only if ``value ≥ ‖A‖_2`` is guaranteed (float64 evaluation
+with explicit rounding margins, :mod:`lipreg.functional.certify`); ``estimate`` an iterative
+(lower) value when one was computed; and it may store a warm-start vector in
+``ctx.bounder.new_state[chain.name]``. To add a certificate, write such a function and insert
+it in :data:`LADDER` (or an op-level one in :data:`OP_LADDER`) before the entries it should
+pre-empt.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import cached_property
+
+import torch
+from torch import Tensor, fx, nn
+
+from lipreg.functional.certify import (
+    current_budget,
+    dense_bytes,
+    dense_norm_bound,
+    matrix_norm_bound,
+    matrix_norm_certificate,
+    schur_bound,
+)
+from lipreg.functional.chains import AffineChain, chain_linear_map, node_linear_map
+from lipreg.functional.graph import Analysis
+from lipreg.functional.linear_map import LinearMap
+from lipreg.functional.power_iteration import OperatorNormResult, operator_norm
+from lipreg.functional.results import LayerBound
+from lipreg.functional.rules import Affine
+
+__all__ = [
+    "LADDER",
+    "OP_LADDER",
+    "ChainBounder",
+    "ChainContext",
+    "closed_form",
+    "dense_chain",
+    "estimate",
+    "lone_weight",
+    "lone_weight_at_model_precision",
+    "product_of_op_certificates",
+]
+
+# Closed forms evaluated in float64 are exact up to a few ulps: they are padded by 4 ulps.
+CLOSED_FORM_PAD = 1 + 4 * torch.finfo(torch.float64).eps
+
+
+class ChainContext:
+    """What a ladder entry sees about one chain; the derived quantities are computed once."""
+
+    def __init__(self, bounder: ChainBounder, chain: AffineChain) -> None:
+        self.bounder = bounder
+        self.chain = chain
+        self.refusal = ""  # why the product certificate failed (for the estimate's label)
+        self._iterative: OperatorNormResult | None = None
+
+    @cached_property
+    def specs(self) -> list[Affine]:
+        """The chain's specs at the analysis precision."""
+        return [self.bounder.analysis.specs[n] for n in self.chain.nodes]  # type: ignore[misc]
+
+    @cached_property
+    def bound_specs(self) -> list[Affine]:
+        """The specs the factor is computed from: float64 (the model's own weights, closed
+        forms in float64) when certifying, else those of the analysis."""
+        if not self.bounder.certify:
+            return self.specs
+        return [self.bounder.analysis64.specs[n] for n in self.chain.nodes]  # type: ignore[misc]
+
+    @cached_property
+    def scale(self) -> float:
+        """Product of the norms of the isometries (scalar multiples of isometries)."""
+        return math.prod(s.norm for s in self.bound_specs if s.isometry)  # type: ignore[misc]
+
+    @cached_property
+    def core(self) -> list[tuple[fx.Node, Affine]]:
+        """The ops that are not isometries, with their nodes."""
+        pairs = zip(self.chain.nodes, self.bound_specs, strict=True)
+        return [(n, s) for n, s in pairs if not s.isometry]
+
+    @cached_property
+    def op(self) -> LinearMap:
+        """The chain's linear map at the analysis precision (iterations, size checks)."""
+        return chain_linear_map(self.bounder.analysis, self.chain)
+
+    def iterative(self) -> OperatorNormResult:
+        """Lanczos/power iteration on the chain (warm-started from ``state``), run once; its
+        vector (and spectral gap) go to ``new_state``."""
+        if self._iterative is None:
+            b, name = self.bounder, self.chain.name
+            gap0 = b.state.get(f"{name}#gap")
+            res = operator_norm(
+                self.op,
+                v0=b.state.get(name),
+                gap0=float(gap0) if gap0 is not None else None,
+                tol=b.tol,
+                max_iter=b.max_iter,
+                method=b.method,  # type: ignore[arg-type]
+                generator=b.generator,
+            )
+            b.new_state[name] = res.v
+            if math.isfinite(res.gap):
+                b.new_state[f"{name}#gap"] = torch.tensor(res.gap, dtype=torch.float64)
+            self._iterative = res
+        return self._iterative
+
+
+def _affine(ctx: ChainContext, value: float, **fields) -> LayerBound:
+    return LayerBound(name=ctx.chain.name, kind="affine", value=value, **fields)
+
+
+def _weight_bound(ctx: ChainContext, weight: Tensor, scale: float) -> LayerBound:
+    """``scale × certified ‖W‖`` (:func:`~lipreg.functional.certify.matrix_norm_certificate`,
+    within the memory budget: dense Gram eigenvalue, else row blocks / Frobenius / Schur)."""
+    cert = matrix_norm_certificate(weight, name=ctx.chain.name)
+    value = scale * cert.bound
+    ctx.bounder.new_state[ctx.chain.name] = cert.v.to(ctx.bounder.analysis.dtype)
+    method = cert.method if cert.method == "dense" else f"{cert.method} (memory budget)"
+    extra = {"blocks": cert.blocks} if cert.method == "row-blocks" else {}
+    return _affine(
+        ctx,
+        value,
+        certified=True,
+        estimate=scale * cert.estimate,
+        upper=value,
+        method=method,
+        extra=extra,
+    )
+
+
+# ---------------------------------------------------------------- the chain ladder
+def lone_weight_at_model_precision(ctx: ChainContext) -> LayerBound | None:
+    """One dense layer ``W`` (not an isometry) whose weight at the analysis precision equals
+    the model's: ``‖W‖ ≤ sqrt(λ̂_max(WᵀW) + rounding terms)·(1 + 1e-9)``, computed chunk by
+    chunk in float64 (exact conversion), so no float64 copy of the network is made.
+    Certified."""
+    b = ctx.bounder
+    if not b.certify or len(ctx.specs) != 1:
+        return None
+    spec = ctx.specs[0]
+    if spec.weight is None or spec.isometry or not b.weight_is_exact():
+        return None
+    return _weight_bound(ctx, spec.weight, 1.0)
+
+
+def closed_form(ctx: ChainContext) -> LayerBound | None:
+    """Isometries only (``‖A‖ = Π c_i``), or isometries and one op with a closed-form norm
+    (``‖A‖ = Π c_i · ‖A_j‖``). Evaluated in float64 when certifying and padded by 4 ulps:
+    certified (exact up to rounding)."""
+    pad = CLOSED_FORM_PAD if ctx.bounder.certify else 1.0
+    if not ctx.core:
+        value = ctx.scale * pad
+        return _affine(
+            ctx, value, certified=True, estimate=ctx.scale, upper=value, method="closed-form"
+        )
+    if len(ctx.core) == 1 and ctx.core[0][1].norm is not None:
+        value = ctx.scale * ctx.core[0][1].norm * pad
+        return _affine(
+            ctx, value, certified=True, estimate=value, upper=value, method="closed-form"
+        )
+    return None
+
+
+def lone_weight(ctx: ChainContext) -> LayerBound | None:
+    """Isometries and one dense weight ``W`` (float64, the model's own values):
+    ``‖A‖ = Π c_i · ‖W‖`` with ``‖W‖`` certified as in
+    :func:`lone_weight_at_model_precision`. Certified."""
+    if not ctx.bounder.certify or len(ctx.core) != 1 or ctx.core[0][1].weight is None:
+        return None
+    return _weight_bound(ctx, ctx.core[0][1].weight, ctx.scale)
+
+
+def dense_chain(ctx: ChainContext) -> LayerBound | None:
+    """The chain materialised as a float64 matrix (when its smaller side is at most
+    ``dense_limit`` and the matrix, its Gram certificate and the basis batches fit the memory
+    budget), then the dense certificate: the tightest certified value. Certified."""
+    b = ctx.bounder
+    if not b.certify or not b.dense_ok(ctx.op):
+        return None
+    op64 = chain_linear_map(b.analysis64, ctx.chain)
+    upper, v_exact = dense_norm_bound(op64, batch_size=b.dense_batch(op64))
+    b.new_state[ctx.chain.name] = v_exact.to(b.analysis.dtype)
+    return _affine(ctx, upper, certified=True, estimate=upper, upper=upper, method="dense")
+
+
+def product_of_op_certificates(ctx: ChainContext) -> LayerBound | None:
+    """``‖A_m ⋯ A_1‖ ≤ Π_i ‖A_i‖`` (submultiplicativity), each ``‖A_i‖`` certified by the
+    first :data:`OP_LADDER` entry that answers; isometries contribute their scalar. Also runs
+    the iterative estimate (reported as ``estimate``). ``None`` (with the reason kept for
+    :func:`estimate`) when an op has no certificate. Certified."""
+    b = ctx.bounder
+    if not b.certify:
+        return None
+    res = ctx.iterative()
+    total, methods = ctx.scale, []
+    for node, spec in ctx.core:
+        answer = next((a for e in OP_LADDER if (a := e(ctx, node, spec)) is not None), None)
+        if answer is None:
+            op64 = node_linear_map(b.analysis64, node)
+            ctx.refusal = (
+                f"no certificate for {b.analysis.label(node)}: too large to "
+                f"materialise ({op64.in_features}x{op64.out_features}) and no "
+                "structured bound; raise dense_limit or register a rule with certify="
+            )
+            return None
+        total *= answer[0]
+        methods.append(answer[1])
+    how = " x ".join(methods) if len(methods) > 1 else methods[0]
+    extra = {"converged": res.converged, "residual": res.residual}
+    return _affine(
+        ctx,
+        total,
+        certified=True,
+        estimate=res.sigma,
+        upper=total,
+        method=how,
+        n_iter=res.n_iter,
+        extra=extra,
+    )
+
+
+def estimate(ctx: ChainContext) -> LayerBound:
+    """The Lanczos/power-iteration value of the whole chain: it approaches ``‖A‖`` from
+    below, so it is an **estimate** (``certified=False``, ``upper=None``); with
+    ``certify=True`` the method names why no certificate applied. Always answers."""
+    b, res = ctx.bounder, ctx.iterative()
+    method = f"{b.method} ({ctx.refusal})" if b.certify else b.method
+    extra = {"converged": res.converged, "residual": res.residual}
+    return _affine(
+        ctx,
+        res.sigma,
+        certified=False,
+        estimate=res.sigma,
+        upper=None,
+        method=method,
+        n_iter=res.n_iter,
+        extra=extra,
+    )
+
+
+LadderEntry = Callable[[ChainContext], LayerBound | None]
+LADDER: list[LadderEntry] = [
+    lone_weight_at_model_precision,
+    closed_form,
+    lone_weight,
+    dense_chain,
+    product_of_op_certificates,
+    estimate,
+]
+"""The chain certificates, tried in order (module docstring); the last always answers."""
+
+
+# ---------------------------------------------------------------- the op ladder
+def op_closed_form(ctx: ChainContext, node: fx.Node, spec: Affine) -> tuple[float, str] | None:
+    """The rule's exact closed-form norm (``Affine.norm``, float64)."""
+    return None if spec.norm is None else (spec.norm, "closed-form")
+
+
+def op_dense_weight(ctx: ChainContext, node: fx.Node, spec: Affine) -> tuple[float, str] | None:
+    """A dense weight's certified norm (:func:`~lipreg.functional.certify.matrix_norm_bound`)."""
+    return None if spec.weight is None else (matrix_norm_bound(spec.weight)[0], "dense")
+
+
+def op_rule_certificate(ctx: ChainContext, node: fx.Node, spec: Affine) -> tuple[float, str] | None:
+    """The rule's own certified bound (``Affine.certify``: the FFT/polyphase bound of a
+    convolution, :mod:`lipreg.functional.conv_bounds`)."""
+    return None if spec.certify is None else (spec.certify(), "fft")
+
+
+def op_schur(ctx: ChainContext, node: fx.Node, spec: Affine) -> tuple[float, str] | None:
+    """Non-negative matrix (pooling, padding, indexing): ``‖A‖ ≤ sqrt(‖A‖_1 ‖A‖_∞)``."""
+    if not spec.nonnegative:
+        return None
+    return schur_bound(node_linear_map(ctx.bounder.analysis64, node)), "schur"
+
+
+def op_dense(ctx: ChainContext, node: fx.Node, spec: Affine) -> tuple[float, str] | None:
+    """The op materialised in float64 (if it fits, as :func:`dense_chain`), then the dense
+    certificate."""
+    b = ctx.bounder
+    op64 = node_linear_map(b.analysis64, node)
+    if not b.dense_ok(op64):
+        return None
+    return dense_norm_bound(op64, batch_size=b.dense_batch(op64))[0], "dense"
+
+
+OpEntry = Callable[[ChainContext, fx.Node, Affine], tuple[float, str] | None]
+OP_LADDER: list[OpEntry] = [
+    op_closed_form,
+    op_dense_weight,
+    op_rule_certificate,
+    op_schur,
+    op_dense,
+]
+"""Certificates of ONE op inside :func:`product_of_op_certificates`: ``(bound, method)``."""
+
+
+class ChainBounder:
+    """Computes the factor of each affine chain by the first :data:`LADDER` entry that answers.
+
+    ``bound(chain)`` returns a :class:`LayerBound`; warm-start vectors computed on the way are
+    collected in ``new_state`` (keyed by chain name). ``certify=False`` skips the certified
+    entries (closed forms still apply); ``ladder=`` replaces :data:`LADDER`.
+    """
+
+    def __init__(
+        self,
+        analysis: Analysis,
+        model: nn.Module,
+        *,
+        certify: bool,
+        tol: float,
+        max_iter: int,
+        method: str,
+        state: dict[str, Tensor],
+        generator: torch.Generator,
+        dense_limit: int,
+        ladder: Sequence[LadderEntry] | None = None,
+    ) -> None:
+        self.analysis = analysis
+        self.model = model
+        self.certify = certify
+        self.tol = tol
+        self.max_iter = max_iter
+        self.method = method
+        self.state = state
+        self.generator = generator
+        self.dense_limit = dense_limit
+        self.ladder = list(LADDER if ladder is None else ladder)
+        self._analysis64: Analysis | None = None  # float64 specs, computed on first use
+        self.new_state: dict[str, Tensor] = {}
+
+    @property
+    def analysis64(self) -> Analysis:
+        """The same analysis (same nodes) with float64 specs, for the certificates."""
+        if self._analysis64 is None:
+            self._analysis64 = self.analysis.at_dtype(torch.float64)
+        return self._analysis64
+
+    def bound(self, chain: AffineChain) -> LayerBound:
+        """The chain's factor from the first ladder entry that answers."""
+        ctx = ChainContext(self, chain)
+        for entry in self.ladder:
+            answer = entry(ctx)
+            if answer is not None:
+                return answer
+        raise RuntimeError(
+            f"no entry of the certificate ladder answered for {chain.name!r}; a ladder must "
+            "end with an entry that always answers (lipreg.functional.ladder.estimate)."
+        )
+
+    def weight_is_exact(self) -> bool:
+        """Weights of ``self.analysis`` equal the model's (no float64 tensor was rounded)."""
+        if self.analysis.dtype == torch.float64:
+            return True
+        return not any(
+            t.dtype == torch.float64 for t in (*self.model.parameters(), *self.model.buffers())
+        )
+
+    def dense_ok(self, op: LinearMap) -> bool:
+        """The map may be materialised: small enough a side, and the dense matrix (twice,
+        while it is assembled), its Gram certificate and the basis batches fit the budget."""
+        if min(op.in_features, op.out_features) > self.dense_limit:
+            return False
+        return self.dense_bytes(op) <= current_budget().limit_bytes
+
+    def dense_batch(self, op: LinearMap) -> int:
+        """Basis vectors per pass of ``to_dense``: autograd keeps about three activations of
+        the map's size per vector; a quarter of the budget goes to them."""
+        per_vector = 8 * 3 * (op.in_features + op.out_features)
+        return int(min(256, max(1, current_budget().limit_bytes // 4 // per_vector)))
+
+    def dense_bytes(self, op: LinearMap) -> int:
+        """Peak bytes of materialising ``op`` and certifying its matrix."""
+        n, m = op.in_features, op.out_features
+        activations = self.dense_batch(op) * 8 * 3 * (n + m)
+        return 16 * n * m + dense_bytes(min(n, m)) + activations

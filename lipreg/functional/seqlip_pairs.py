@@ -1,0 +1,313 @@
+"""SeqLip pair algebra and pair solvers, shared by :func:`lipreg.seqlip` and the penalty.
+
+For a SeqLip chain ``M_K ∘ ρ_{K-1} ∘ … ∘ ρ_1 ∘ M_1`` with SVDs ``M_i = U_i Σ_i V_iᵀ``, the
+pair ``i`` (between ``M_i`` and ``M_{i+1}``, around the activation ``ρ_i`` whose slopes lie in
+``[lo, hi]``) has the factor
+
+.. math::
+
+    \\max_{\\sigma \\in \\{lo, hi\\}^{n_i}} \\big\\lVert A_i \\operatorname{diag}(\\sigma) B_i
+    \\big\\rVert_2 , \\qquad A_i = \\tilde\\Sigma_{i+1} V_{i+1}^\\top ,
+    \\quad B_i = U_i \\tilde\\Sigma_i ,
+
+with ``Σ̃_i = Σ_i`` for ``i ∈ {1, K}`` and ``Σ_i^{1/2}`` otherwise (:func:`pair_matrices`).
+:func:`pair_norm_exact` enumerates the ``2^n`` vertices (the maximum of this convex function
+of ``σ`` over the box is at a vertex: an exact value); :func:`pair_norm_greedy` is a monotone
+local search whose value is attained by a feasible pattern (a lower value, an estimate).
+
+:func:`dense_svd` is the float64 SVD both use (exact power-of-two scaling, LAPACK up to 1024 on
+the smaller side, the Gram eigen-decomposition beyond).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ChainSVD",
+    "dense_svd",
+    "ldexp_or_inf",
+    "pair_matrices",
+    "pair_name",
+    "pair_norm_exact",
+    "pair_norm_greedy",
+    "pow2_normalise",
+    "truncate",
+]
+
+
+@dataclass
+class ChainSVD:
+    """A thin SVD ``U diag(S) Vᵀ`` of one map (float64)."""
+
+    U: Tensor  # (out, r)
+    S: Tensor  # (r,)
+    V: Tensor  # (in, r)
+    exact: bool  # full SVD of the materialised map
+    n_iter: int = 0
+
+    def factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(U, S, Vᵀ)``, the input of :func:`pair_matrices`."""
+        return self.U, self.S, self.V.T
+
+
+def dense_svd(W: Tensor) -> ChainSVD:
+    """Full thin SVD of an explicit float64 matrix.
+
+    LAPACK's SVD (backward stable: ``U S Vᵀ = W + E`` with ``‖E‖ ≈ ε‖W‖``) for matrices up to
+    1024 on the smaller side, which covers every case where exact SeqLip is feasible. Larger
+    matrices go through the eigen-decomposition of the smaller Gram matrix, several times
+    faster on this hardware and accurate for the top singular triplets that greedy SeqLip
+    relies on (small singular values lose relative accuracy; greedy is an estimate anyway).
+    """
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError(
+            "a SeqLip layer matrix has non-finite (NaN/Inf) entries: no bound is reported. "
+            "Check the weights."
+        )
+    peak = float(W.abs().max()) if W.numel() else 0.0
+    if peak == 0:
+        return _dense_svd_scaled(W)
+    # An exact power-of-two scaling 2^-e keeps the Gram matrix and the SVD in range (two
+    # steps: 2^-e alone may overflow for subnormal peaks); S·2^e beyond float64 becomes inf,
+    # which the final check rejects as non-finite.
+    exponent = math.frexp(peak)[1]
+    half = -exponent // 2
+    svd = _dense_svd_scaled(W * 2.0**half * 2.0 ** (-exponent - half))
+    S = svd.S * 2.0 ** (exponent // 2) * 2.0 ** (exponent - exponent // 2)
+    return ChainSVD(U=svd.U, S=S, V=svd.V, exact=svd.exact)
+
+
+def _dense_svd_scaled(W: Tensor) -> ChainSVD:
+    if min(W.shape) <= 1024:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        return ChainSVD(U=U, S=S, V=Vh.T, exact=True)
+    flip = W.shape[1] > W.shape[0]
+    G = W @ W.T if flip else W.T @ W
+    evals, vecs = torch.linalg.eigh(G)
+    S = evals.flip(0).clamp_min(0).sqrt()
+    vecs = vecs.flip(1)
+    keep = S > 0
+    S, vecs = S[keep], vecs[:, keep]
+    if flip:
+        return ChainSVD(U=vecs, S=S, V=(W.T @ vecs) / S, exact=True)
+    return ChainSVD(U=(W @ vecs) / S, S=S, V=vecs, exact=True)
+
+
+def pow2_normalise(M: Tensor) -> tuple[Tensor, int]:
+    """``(M·2^-e, e)`` with the largest entry of the result in ``[0.5, 1)`` (exact scaling);
+    raises ``ValueError`` ("non-finite") on NaN/Inf entries."""
+    if not bool(torch.isfinite(M).all()):
+        raise ValueError(
+            "a SeqLip pair matrix has non-finite (NaN/Inf) entries: the layer norms overflow "
+            "float64; no bound is reported. Check the weights."
+        )
+    peak = float(M.abs().max()) if M.numel() else 0.0
+    if peak == 0:
+        return M, 0
+    e = math.frexp(peak)[1]
+    half = -e // 2
+    return M * 2.0**half * 2.0 ** (-e - half), e
+
+
+def ldexp_or_inf(value: float, e: int) -> float:
+    """``value · 2^e``, ``inf`` beyond float64 (an overflowing bound stays an upper bound, and
+    the non-finite check then refuses it)."""
+    try:
+        return math.ldexp(value, e)
+    except OverflowError:
+        return math.inf
+
+
+def truncate(svd: ChainSVD, top_k: int | None) -> ChainSVD:
+    """The top-``k`` singular triplets (``exact=False`` if any is dropped)."""
+    if top_k is None or top_k >= svd.S.numel():
+        return svd
+    return ChainSVD(svd.U[:, :top_k], svd.S[:top_k], svd.V[:, :top_k], exact=False)
+
+
+def _f64(value: float, like: Tensor) -> Tensor:
+    """A float64 scalar tensor: ``torch.where`` on Python floats would round to float32."""
+    return torch.tensor(value, dtype=torch.float64, device=like.device)
+
+
+def pair_matrices(
+    svds: Sequence[tuple[Tensor, Tensor, Tensor]],
+) -> list[tuple[Tensor, Tensor]]:
+    """The pair matrices ``(A_i, B_i) = (Σ̃_{i+1} V_{i+1}ᵀ, U_i Σ̃_i)`` of a chain of maps
+    given as ``(U, S, Vᵀ)`` (module docstring); differentiable, any dtype."""
+    K = len(svds)
+    tilde = [S if i in (0, K - 1) else S.clamp_min(0).sqrt() for i, (_, S, _) in enumerate(svds)]
+    return [
+        (tilde[i + 1][:, None] * svds[i + 1][2], svds[i][0] * tilde[i][None, :])
+        for i in range(K - 1)
+    ]
+
+
+def pair_name(before: str, activation: str, after: str) -> str:
+    """The name of a SeqLip pair factor: ``"<map> | <activation> | <map>"``."""
+    return f"{before} | {activation} | {after}"
+
+
+def pair_norm_exact(
+    A: Tensor, B: Tensor, lo: float, hi: float, *, chunk: int = 8192
+) -> tuple[float, Tensor]:
+    """``max_{σ ∈ {lo, hi}^n} ‖A diag(σ) B‖_2`` by enumeration of all ``2^n`` patterns.
+
+    ``A`` is ``(r1, n)``, ``B`` is ``(n, r2)``. The norm of each pattern is the root of the top
+    eigenvalue of the smaller Gram matrix, in float64 and in batches of ``chunk`` patterns.
+    """
+    A, B = A.to(torch.float64), B.to(torch.float64)
+    n = A.shape[1]
+    hi_t, lo_t = _f64(hi, A), _f64(lo, A)
+    bits = 2 ** torch.arange(n, device=A.device)
+    best, best_sigma = -1.0, None
+    left = A.shape[0] <= B.shape[1]
+    for start in range(0, 2**n, chunk):
+        idx = torch.arange(start, min(2**n, start + chunk), device=A.device)
+        mask = (idx[:, None] & bits) > 0
+        sigma = torch.where(mask, hi_t, lo_t)  # (p, n), float64 (no float32 rounding)
+        M = (A[None] * sigma[:, None, :]) @ B  # (p, r1, r2)
+        G = M @ M.transpose(1, 2) if left else M.transpose(1, 2) @ M
+        if not bool(torch.isfinite(G).all()):
+            raise ValueError(
+                "a SeqLip pair's Gram matrices are non-finite (NaN/Inf): the layer norms "
+                "overflow float64; no bound is reported. Check the weights."
+            )
+        top = torch.linalg.eigvalsh(G)[:, -1]
+        i = int(torch.argmax(top))
+        if float(top[i]) > best:
+            best, best_sigma = float(top[i]), sigma[i].clone()
+    return math.sqrt(max(best, 0.0)), best_sigma
+
+
+def _top_pair(
+    M: Tensor, v0: Tensor | None = None, tol: float = 1e-10, max_iter: int = 500
+) -> tuple[float, Tensor, Tensor]:
+    """Top singular pair of a small dense matrix by warm-started power iteration.
+
+    Inside the greedy search only comparisons need it, and consecutive matrices differ by a
+    few rank-one terms, so a warm start converges in a few steps (an SVD each time dominated
+    the run time). ``s = ‖M v‖ ≤ ‖M‖``.
+    """
+    v = M.sum(0) if v0 is None else v0
+    if float(v.norm()) == 0:
+        v = torch.ones(M.shape[1], dtype=M.dtype, device=M.device)
+    v = v / v.norm()
+    s_prev = 0.0
+    for _ in range(max_iter):
+        u = M @ v
+        s = float(u.norm())
+        if s == 0:
+            return 0.0, u, v
+        u = u / s
+        v = M.T @ u
+        v = v / v.norm()
+        if abs(s - s_prev) <= tol * s:
+            break
+        s_prev = s
+    u = M @ v
+    s = float(u.norm())
+    return s, u / max(s, 1e-300), v
+
+
+def pair_norm_greedy(
+    A: Tensor,
+    B: Tensor,
+    lo: float,
+    hi: float,
+    *,
+    n_restarts: int = 2,
+    max_sweeps: int = 50,
+    refine_candidates: int = 64,
+    generator: torch.Generator | None = None,
+) -> tuple[float, Tensor]:
+    """Greedy SeqLip for one pair: a local maximum of ``σ ↦ ‖A diag(σ) B‖`` on ``{lo, hi}^n``.
+
+    Each sweep (i) sets ``σ_j = hi`` where ``(Aᵀu)_j (Bv)_j > 0`` and ``lo`` elsewhere, which
+    maximises ``uᵀ A diag(σ) B v`` for the current top singular pair ``(u, v)`` and so never
+    decreases the norm; (ii) recomputes ``(u, v)``; and when (i) is stationary, (iii) tries
+    single flips among the ``refine_candidates`` most promising coordinates, evaluating each
+    as a rank-one update ``M + δ a_j b_jᵀ`` with a few batched power steps (no SVD per
+    candidate). Starts from ``σ = hi`` (the paper's all-ones) and ``n_restarts`` random
+    patterns; returns the best value and pattern. The value is ``‖A diag(σ) B‖`` for a
+    feasible ``σ``: a lower bound on the exact pair maximum, **not** an upper bound.
+    """
+    A, B = A.to(torch.float64), B.to(torch.float64)
+    n = A.shape[1]
+    starts = [torch.full((n,), hi, dtype=torch.float64, device=A.device)]
+    for _ in range(n_restarts):
+        coin = torch.rand(n, generator=generator, device=A.device) < 0.5
+        starts.append(torch.where(coin, _f64(hi, A), _f64(lo, A)))
+    best, best_sigma = -1.0, starts[0]
+    for sigma in starts:
+        value, sigma = _greedy_from(A, B, lo, hi, sigma, max_sweeps, refine_candidates)
+        if value > best:
+            best, best_sigma = value, sigma
+    return best, best_sigma
+
+
+def _greedy_from(
+    A: Tensor, B: Tensor, lo: float, hi: float, sigma: Tensor, max_sweeps: int, n_cand: int
+) -> tuple[float, Tensor]:
+    M = (A * sigma) @ B
+    s, u, v = _top_pair(M)
+    for _ in range(max_sweeps):
+        gain = (A.T @ u) * (B @ v)  # d/dσ_j of uᵀ A diag(σ) B v
+        proposal = torch.where(gain > 0, _f64(hi, A), _f64(lo, A))
+        changed = proposal != sigma
+        if bool(changed.any()):
+            step = proposal[changed] - sigma[changed]
+            M_new = M + (A[:, changed] * step) @ B[changed]  # update only the flipped terms
+            s_new, u_new, v_new = _top_pair(M_new, v)
+            if s_new > s * (1 + 1e-12):
+                sigma, M, s, u, v = proposal, M_new, s_new, u_new, v_new
+                continue
+        # Stationary for the linearisation: try single flips by rank-one updates.
+        j = _best_single_flip(A, B, lo, hi, sigma, M, s, v, gain, n_cand)
+        if j is None:
+            break
+        step = (lo if sigma[j] == hi else hi) - float(sigma[j])
+        sigma = sigma.clone()
+        sigma[j] += step
+        M = M + step * torch.outer(A[:, j], B[j])
+        s, u, v = _top_pair(M, v)
+    # Exact value of the final (feasible) pattern.
+    return float(torch.linalg.matrix_norm(M, 2)), sigma
+
+
+def _best_single_flip(
+    A: Tensor,
+    B: Tensor,
+    lo: float,
+    hi: float,
+    sigma: Tensor,
+    M: Tensor,
+    s: float,
+    v: Tensor,
+    gain: Tensor,
+    n_cand: int,
+    n_power: int = 8,
+) -> int | None:
+    """Index of the single flip that most increases ``‖M‖`` (if any), by rank-one updates."""
+    if n_cand <= 0 or lo == hi:
+        return None
+    delta = torch.where(sigma == hi, _f64(lo - hi, A), _f64(hi - lo, A))  # σ_j change if flipped
+    cand = torch.argsort(delta * gain, descending=True)[:n_cand]
+    a, b, d = A[:, cand].T, B[cand], delta[cand]  # (c, r1), (c, r2), (c,)
+    # Batched power iteration on each M_j = M + d_j a_j b_jᵀ, started from the current v.
+    x = v.expand(len(cand), -1).clone()
+    for _ in range(n_power):
+        y = x @ M.T + (d * (b * x).sum(1))[:, None] * a  # M_j x
+        x = y @ M + (d * (a * y).sum(1))[:, None] * b  # M_jᵀ y
+        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    values = (x @ M.T + (d * (b * x).sum(1))[:, None] * a).norm(dim=1)
+    j = int(torch.argmax(values))
+    if float(values[j]) <= s * (1 + 1e-10):
+        return None
+    return int(cand[j])
