@@ -2,53 +2,35 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
-from omegaconf import open_dict
+from omegaconf import DictConfig
 
 import lipreg
 from experiments.lit_module import LitModel
-from experiments.train import build, train
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+from experiments.run import build, train
+from tests.hydra_helpers import CONF, clear_hydra, compose_config, group_options
 
 
-def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-def make_cfg(tmp_path: Path, overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                f"hydra.run.dir={tmp_path}",
-                f"paths.results_dir={tmp_path}/results",
-                *overrides,
-            ],
-            return_hydra_config=True,
-        )
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
-    return cfg
+def make_cfg(tmp_path: Path, overrides: list[str]) -> DictConfig:
+    return compose_config(overrides, tmp_path)
 
 
 @pytest.fixture(autouse=True)
 def _no_wandb_network(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")  # no network, no W&B I/O in these tests
     yield
-    GlobalHydra.instance().clear()
+    clear_hydra()
 
 
 @pytest.mark.parametrize("model", group_options("model"))
@@ -156,8 +138,6 @@ def test_a_short_real_run_writes_certified_bounds(tmp_path):
         ],
     )
     metrics = train(cfg)
-    import json
-
     report = json.loads((tmp_path / "bounds.json").read_text())
     bounds = report["bounds"]
     assert bounds["autolip"]["certified"] is True
@@ -165,6 +145,36 @@ def test_a_short_real_run_writes_certified_bounds(tmp_path):
     assert (tmp_path / "bounds.md").read_text().startswith("# train")
     assert "test/acc" in metrics
     assert "lipschitz/autolip_certified" in metrics
+    # the final bounds of bounds.json reach the CSV log, as metrics at the last step
+    (metrics_csv,) = (tmp_path / "csv").glob("version_*/metrics.csv")
+    with open(metrics_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    (final,) = [r for r in rows if r.get("final/autolip")]
+    assert int(final["step"]) == max(int(r["step"]) for r in rows)
+    for method in ("autolip", "seqlip", "lower_bound"):
+        assert float(final[f"final/{method}"]) == pytest.approx(bounds[method]["value"], rel=1e-12)
+    assert float(final["final/autolip_certified"]) == 1.0
+    assert float(final["final/lower_bound_certified"]) == 1.0
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("form", ["script", "module"])
+def test_entry_point_runs_from_any_directory(tmp_path, form):
+    """``python experiments/train.py`` and ``python -m experiments.train`` (installed package)
+    compose conf/ from a foreign working directory; ckpt_path is a key of the config."""
+    script = str(CONF.parent / "experiments" / "train.py")
+    entry = [script] if form == "script" else ["-m", "experiments.train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    out = subprocess.run(
+        [sys.executable, *entry, "ckpt_path=/some/last.ckpt", "--cfg", "job"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ckpt_path: /some/last.ckpt" in out.stdout
 
 
 def test_devices_beyond_the_machine_are_refused_before_training(tmp_path):
@@ -197,7 +207,7 @@ def test_missing_alexnet_weights_file_is_reported(tmp_path):
 
 
 def test_slurm_launcher_and_ddp_configs_compose(tmp_path):
-    GlobalHydra.instance().clear()
+    clear_hydra()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose(
             config_name="train",
