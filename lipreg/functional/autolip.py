@@ -13,15 +13,18 @@ unused module is not counted.
 
 Consecutive affine nodes with nothing else between them (conv → BN, linear → linear,
 conv → flatten → linear) are merged into one linear map whose norm is computed as a whole:
-tighter than the product of their norms, and still sound.
+tighter than the product of their norms, and still sound (:mod:`lipreg.functional.chains`,
+which also defines the chains' names). The walk itself is
+:func:`lipreg.functional.compose.propagate`, shared with the differentiable penalty.
 
 **Guarantee.** With ``certify=True`` (default) every merged map's norm is replaced by a
-certified upper bound (closed form, dense float64 eigen-decomposition, FFT bound for
-convolutions, Schur test for non-negative maps, or a product of those), and the result's
-``kind`` is ``"upper"``: a guaranteed upper bound on the Lipschitz constant of the network in
-evaluation mode. The Lanczos/power-iteration values, which approach each norm from below, are
-reported as ``result.estimate``. With ``certify=False`` only those are computed and the result
-is an *estimate* (``certified`` is ``False``).
+certified upper bound, from the first entry of the certificate ladder
+(:mod:`lipreg.functional.ladder`: closed form, dense weight, materialised chain, product of
+per-op certificates — closed form, dense, FFT for convolutions, Schur test for non-negative
+maps) that applies, and the result's ``kind`` is ``"upper"``: a guaranteed upper bound on the
+Lipschitz constant of the network in evaluation mode. The Lanczos/power-iteration values, which
+approach each norm from below, are reported as ``result.estimate``. With ``certify=False`` only
+those are computed and the result is an *estimate* (``certified`` is ``False``).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from lipreg.functional.graph import Analysis, analyse, trace
 from lipreg.functional.ladder import ChainBounder
 from lipreg.functional.power_iteration import check_iteration_options
 from lipreg.functional.results import LayerBound, LipschitzResult
-from lipreg.functional.rules import Affine, Elementwise, Nonlinear
+from lipreg.functional.specs import Affine, Elementwise, Nonlinear
 
 __all__ = [
     "AffineChain",

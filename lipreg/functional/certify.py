@@ -44,6 +44,9 @@ certificate that falls back to a looser method because of the budget records the
 
 The float64 evaluation bounds the exact-arithmetic network; the rounding of the float32
 network itself is not modelled.
+
+Which of these certifies a given affine chain of a network is decided by the certificate
+ladder, :mod:`lipreg.functional.ladder` (an ordered list of documented entries).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from torch import fx
 from lipreg.functional.graph import Analysis
 from lipreg.functional.linear_map import LinearMap, compose
 from lipreg.functional.results import LayerBound
-from lipreg.functional.rules import Affine, Combine, Elementwise, Nonlinear
+from lipreg.functional.specs import Affine, Combine, Elementwise, Nonlinear
 
 __all__ = [
     "AffineChain",

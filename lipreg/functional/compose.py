@@ -33,7 +33,7 @@ from torch import Tensor, fx
 
 from lipreg.functional.chains import AffineChain
 from lipreg.functional.graph import Analysis
-from lipreg.functional.rules import Affine, Combine, Elementwise, Nonlinear, Spec
+from lipreg.functional.specs import Affine, Combine, Elementwise, Nonlinear, Spec
 
 __all__ = ["combine", "node_lipschitz", "output_value", "propagate"]
 

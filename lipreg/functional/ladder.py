@@ -52,7 +52,7 @@ from lipreg.functional.graph import Analysis
 from lipreg.functional.linear_map import LinearMap
 from lipreg.functional.power_iteration import OperatorNormResult, operator_norm
 from lipreg.functional.results import LayerBound
-from lipreg.functional.rules import Affine
+from lipreg.functional.specs import Affine
 
 __all__ = [
     "LADDER",

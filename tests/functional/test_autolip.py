@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -948,3 +949,29 @@ def test_one_certified_call_traces_once(monkeypatch):
     calls.clear()
     lipreg.seqlip(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), (3,), method="exact")
     assert len(calls) == 1, calls
+
+
+def test_chain_names_are_the_common_module_path_and_the_members():
+    from lipreg.functional.chains import chain_name
+
+    assert chain_name(["features.0"]) == "features.0"
+    assert (
+        chain_name(["model.layer2.0.downsample.0", "model.layer2.0.downsample.1"])
+        == "model.layer2.0.downsample[0+1]"
+    )
+    assert chain_name(["conv1", "bn1"]) == "conv1+bn1"
+    assert chain_name(["a.b", "a"]) == "a.b+a"  # every member keeps a part after the prefix
+    assert chain_name(["l.0.c", "l.0.b", "l.1.c"]) == "l[0.c+0.b+1.c]"
+
+    net = torch.nn.Sequential(
+        OrderedDict(
+            stem=torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)),
+            act=torch.nn.ReLU(),
+            head=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 3)),
+        )
+    ).eval()
+    r = lipreg.autolip(net, (1, 6, 6))
+    assert [lb.name for lb in r.layers] == ["stem[0+1]", "act", "head[0+1]"]
+    assert {k for k in r.state if "#" not in k} == {"stem[0+1]", "head[0+1]"}
+    s = lipreg.seqlip(net, (1, 6, 6))
+    assert s.layers[0].name == "stem[0+1] | act | head[0+1]"

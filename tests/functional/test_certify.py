@@ -108,3 +108,86 @@ def test_schur_bound_rejects_a_map_with_negative_entries():
     op = LinearMap(lambda x: -x, (3,), (3,), F64, torch.device("cpu"), "neg")
     with pytest.raises(ValueError, match="non-negative"):
         schur_bound(op)
+
+
+# ---------------------------------------------------------------- the certificate ladder
+def _ladder_bounds(
+    net: torch.nn.Module, shape: tuple[int, ...], ladder=None, dense_limit: int = 2048
+) -> list:
+    """Every chain's LayerBound from a ChainBounder (float64 analysis) with ``ladder``."""
+    from lipreg.functional.chains import find_affine_chains
+    from lipreg.functional.graph import analyse
+    from lipreg.functional.ladder import ChainBounder
+
+    analysis = analyse(net, shape, dtype=F64)
+    bounder = ChainBounder(
+        analysis,
+        net,
+        certify=True,
+        tol=1e-8,
+        max_iter=500,
+        method="lanczos",
+        state={},
+        generator=torch.Generator().manual_seed(0),
+        dense_limit=dense_limit,
+        ladder=ladder,
+    )
+    return [bounder.bound(c) for c in find_affine_chains(analysis).values()]
+
+
+def _dense_jacobian_norm(net: torch.nn.Module, shape: tuple[int, ...]) -> float:
+    """Exact norm of the bias-free linear map (the Jacobian of an affine net), float64."""
+    x = torch.zeros(1, *shape, dtype=F64)
+    J = torch.autograd.functional.jacobian(lambda z: net(z), x).reshape(-1, x.numel())
+    return exact_norm(J)
+
+
+def _conv_bn(seed: int) -> torch.nn.Sequential:
+    g = torch.Generator().manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.BatchNorm2d(3), torch.nn.AvgPool2d(2)
+    ).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=F64))
+        net[1].running_var.copy_(torch.rand(3, generator=g, dtype=F64) + 0.3)
+    return net.eval()
+
+
+def test_each_ladder_entry_answers_where_documented_and_is_sound():
+    net = _conv_bn(0)
+    exact = _dense_jacobian_norm(net, (2, 6, 6))
+    (dense,) = _ladder_bounds(net, (2, 6, 6))  # small: the whole chain materialised
+    assert dense.method == "dense" and dense.certified
+    assert exact <= dense.value <= exact * (1 + 1e-7)
+    (product,) = _ladder_bounds(net, (2, 6, 6), dense_limit=0)  # too large: a product
+    assert product.method == "fft x closed-form x schur" and product.certified
+    assert exact <= product.value and product.estimate == pytest.approx(exact, rel=1e-6)
+
+    linear = torch.nn.Linear(5, 4).double()
+    (lone,) = _ladder_bounds(linear, (5,))  # one dense weight: its chunked certificate
+    truth = exact_norm(linear.weight.detach())
+    assert lone.method == "dense" and truth <= lone.value <= truth * (1 + 1e-7)
+
+    bn = _conv_bn(1)[1]
+    (closed,) = _ladder_bounds(bn, (3, 4, 4))
+    scale = float((bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)).abs().max())
+    assert closed.method == "closed-form"
+    assert scale <= closed.value <= scale * (1 + 1e-15)
+
+
+def test_a_new_ladder_entry_is_tried_first_and_a_ladder_must_end_with_an_answer():
+    from lipreg.functional.ladder import LADDER, estimate
+    from lipreg.functional.results import LayerBound
+
+    def everything_is_two(ctx) -> LayerBound:
+        return LayerBound(name=ctx.chain.name, kind="affine", value=2.0, certified=True)
+
+    net = _conv_bn(2)
+    (answer,) = _ladder_bounds(net, (2, 6, 6), ladder=[everything_is_two, *LADDER])
+    assert answer.value == 2.0
+    (fallback,) = _ladder_bounds(net, (2, 6, 6), ladder=[estimate])  # no certificate at all
+    assert not fallback.certified and fallback.upper is None
+    assert fallback.value == pytest.approx(_dense_jacobian_norm(net, (2, 6, 6)), rel=1e-6)
+    with pytest.raises(RuntimeError, match="no entry of the certificate ladder"):
+        _ladder_bounds(net, (2, 6, 6), ladder=[])
