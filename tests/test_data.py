@@ -1,4 +1,4 @@
-"""Tests for experiments/data.py: the real loading code on tiny files written here.
+"""Tests for experiments/data/: the real loading code on tiny files written here.
 
 No network and no dependency on /usr/share: IDX files, CIFAR-10 pickles and PNG folders are
 written to tmp_path; downloads are simulated failing by monkeypatching urllib / torchvision.
@@ -20,6 +20,7 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from sklearn.gaussian_process.kernels import RBF
 
 from experiments import data as D
 
@@ -96,8 +97,8 @@ class NoMD5CIFAR10(torchvision.datasets.CIFAR10):
 
 
 class SyntheticCIFARModule(D.TorchvisionDataModule):
-    def _dataset_class(self) -> type:
-        return NoMD5CIFAR10 if self.name == "cifar10" else super()._dataset_class()
+    def dataset_class(self) -> type:
+        return NoMD5CIFAR10 if self.name == "cifar10" else super().dataset_class()
 
 
 def write_png_tree(root: Path, split: str, spec: dict[str, int], mode: str = "RGB") -> None:
@@ -122,21 +123,21 @@ def first_batch(loader: torch.utils.data.DataLoader) -> tuple[torch.Tensor, torc
 
 def test_preprocess_range_resize_and_channels():
     x = torch.tensor([[[[0, 255], [255, 0]]]], dtype=torch.uint8)  # (1, 1, 2, 2)
-    y = D.preprocess_images(x, pixel_max=255, image_size=(2, 2), channels=1)
+    y = D.ImageTransform(image_size=(2, 2), channels=1, pixel_max=255)(x)
     assert y.dtype == torch.float32
     assert torch.equal(y, torch.tensor([[[[-1.0, 1.0], [1.0, -1.0]]]]))
-    big = D.preprocess_images(x, pixel_max=255, image_size=(9, 7), channels=3)
+    big = D.ImageTransform(image_size=(9, 7), channels=3, pixel_max=255)(x)
     assert big.shape == (1, 3, 9, 7)
     assert torch.equal(big[:, 0], big[:, 1]) and torch.equal(big[:, 0], big[:, 2])
     assert big.min() >= -1 and big.max() <= 1
     rgb = torch.zeros(2, 3, 40, 40, dtype=torch.uint8)
     rgb[:, 1] = 102
     rgb[:, 2] = 255
-    grey = D.preprocess_images(rgb, pixel_max=255, image_size=(8, 8), channels=1)  # shrinks
+    grey = D.ImageTransform(image_size=(8, 8), channels=1, pixel_max=255)(rgb)  # shrinks
     assert grey.shape == (2, 1, 8, 8)
     torch.testing.assert_close(grey, torch.full_like(grey, expected_pixel(357 / 3)))
     with pytest.raises(ValueError, match="channels"):
-        D.preprocess_images(x, pixel_max=255, image_size=2, channels=2)
+        D.ImageTransform(image_size=2, channels=2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ def test_digits_real_data_and_splits():
     assert sum(sizes) == 1797 and sizes == [1258, 180, 359]
     assert dm.num_classes == 10 and dm.input_shape == (1, 28, 28) and dm.task == "classification"
     assert "1,797" in dm.description and "digits" in dm.description
-    idx = [set(ds.indices.tolist()) for ds in (dm.train_dataset, dm.val_dataset, dm.test_dataset)]
+    idx = [set(ds.indices) for ds in (dm.train_dataset, dm.val_dataset, dm.test_dataset)]
     assert not (idx[0] & idx[1]) and not (idx[0] & idx[2]) and not (idx[1] & idx[2])
     labels = torch.cat([y for _, y in dm.train_dataloader()])
     assert labels.dtype == torch.int64 and set(labels.tolist()) == set(range(10))
@@ -161,13 +162,13 @@ def test_digits_real_data_and_splits():
 
     same = D.DigitsDataModule(seed=3)
     same.setup()
-    assert torch.equal(same.test_dataset.indices, dm.test_dataset.indices)
+    assert same.test_dataset.indices == dm.test_dataset.indices
     assert torch.equal(
         first_batch(same.train_dataloader())[1], first_batch(dm.train_dataloader())[1]
     )
     other = D.DigitsDataModule(seed=4)
     other.setup()
-    assert not torch.equal(other.test_dataset.indices, dm.test_dataset.indices)
+    assert other.test_dataset.indices != dm.test_dataset.indices
 
 
 def test_digits_alexnet_size_is_lazy_and_limit():
@@ -176,8 +177,8 @@ def test_digits_alexnet_size_is_lazy_and_limit():
     assert dm.input_shape == (3, 224, 224)
     assert len(dm.train_dataset) + len(dm.val_dataset) + len(dm.test_dataset) == 50
     # storage stays native uint8 (1,797 x 1 x 8 x 8 = 115 kB), not 1 GB of float32
-    assert dm.train_dataset.images.dtype == torch.uint8
-    assert dm.train_dataset.images.shape == (1797, 1, 8, 8)
+    assert dm.train_dataset.dataset.images.dtype == torch.uint8
+    assert dm.train_dataset.dataset.images.shape == (1797, 1, 8, 8)
     x, _ = first_batch(dm.train_dataloader())
     assert x.shape == (4, 3, 224, 224) and x.dtype == torch.float32
     assert torch.equal(x[:, 0], x[:, 2]) and x.min() >= -1 and x.max() <= 1
@@ -202,19 +203,40 @@ def test_bad_arguments():
 # --------------------------------------------------------------------------------------------
 
 
-def test_read_idx_gzip_plain_and_corrupt(tmp_path):
-    arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+def test_idx_files_gzip_plain_and_corrupt(tmp_path):
+    """torchvision reads the IDX files, gzipped (staged in a temporary folder) or plain."""
+    loaded = []
     for compress in (True, False):
-        path = write_idx(tmp_path / f"a{compress}", arr, compress)
-        np.testing.assert_array_equal(D.read_idx(path), arr)
-    bad = tmp_path / "bad"
-    bad.write_bytes(struct.pack(">I", 0x0D03) + b"\0" * 16)  # float32 IDX
-    with pytest.raises(ValueError, match="unsigned-byte"):
-        D.read_idx(bad)
-    short = tmp_path / "short"
-    short.write_bytes(struct.pack(">II", 0x0801, 10) + b"\0" * 3)
+        folder = tmp_path / f"gz{compress}"
+        write_mnist_dir(folder, n_train=6, n_test=3, compress_train=compress)
+        files = D.find_fashion_mnist_files(folder)
+        assert files["train_images"].name.endswith(".gz") == compress
+        (xtr, ytr), (xte, yte) = D.load_fashion_mnist(files)
+        np.testing.assert_array_equal(xtr[:, 0].numpy(), mnist_like(6)[0])
+        np.testing.assert_array_equal(ytr.numpy(), mnist_like(6)[1])
+        np.testing.assert_array_equal(xte[:, 0].numpy(), mnist_like(3, offset=1000)[0])
+        assert xtr.dtype == torch.uint8 and ytr.dtype == torch.int64 and xtr.shape == (6, 1, 28, 28)
+        assert sorted(p.name for p in folder.iterdir()) == sorted(f.name for f in files.values())
+        loaded.append((xtr, yte))
+    assert torch.equal(loaded[0][0], loaded[1][0]) and torch.equal(loaded[0][1], loaded[1][1])
+
+    folder = tmp_path / "gzTrue"
+    images = folder / "train-images-idx3-ubyte.gz"
+    images.write_bytes(gzip.compress(struct.pack(">IIII", 0x0D03, 1, 2, 2) + b"\0" * 16))
+    with pytest.raises(ValueError, match="unsigned-byte") as err:  # a float32 IDX file
+        D.load_fashion_mnist(D.find_fashion_mnist_files(folder))
+    assert str(images) in str(err.value)
+    write_mnist_dir(folder, n_train=6, n_test=3, compress_train=True)
+    labels = folder / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(struct.pack(">II", 0x0801, 10) + b"\0" * 3)
     with pytest.raises(ValueError, match="truncated"):
-        D.read_idx(short)
+        D.load_fashion_mnist(D.find_fashion_mnist_files(folder))
+    write_idx(labels, np.zeros(4, dtype=np.uint8), False)  # 4 labels for 3 images
+    with pytest.raises(ValueError, match="expected images"):
+        D.load_fashion_mnist(D.find_fashion_mnist_files(folder))
+    write_idx(labels, np.full(3, 10, dtype=np.uint8), False)
+    with pytest.raises(ValueError, match=r"labels must be 0\.\.9"):
+        D.load_fashion_mnist(D.find_fashion_mnist_files(folder))
 
 
 def test_fashion_mnist_local(tmp_path):
@@ -483,7 +505,20 @@ def test_gp_sampler_matches_kernel_in_distribution():
     gen = torch.Generator().manual_seed(0)
     draws = torch.stack([D.sample_gp(pts, generator=gen) for _ in range(4000)])
     cov = torch.cov(draws.T)
-    torch.testing.assert_close(cov, D.rbf_kernel(pts.double(), pts.double()), atol=0.06, rtol=0)
+    # ground truth: scikit-learn's RBF kernel, exp(-|a - b|^2 / 2)
+    expect = torch.from_numpy(RBF(length_scale=1.0)(pts.double().numpy()))
+    torch.testing.assert_close(cov, expect, atol=0.06, rtol=0)
+
+
+def test_rbf_kernel_is_sklearns():
+    """The sampler's kernel is scikit-learn's ``variance * RBF(length_scale)``."""
+    gen = torch.Generator().manual_seed(0)
+    a = 3 * torch.randn(40, 2, dtype=torch.float64, generator=gen)
+    b = 3 * torch.randn(30, 2, dtype=torch.float64, generator=gen)
+    for length, variance in [(1.0, 1.0), (0.5, 2.0)]:
+        expect = variance * RBF(length_scale=length)(a.numpy(), b.numpy())
+        got = D.rbf_kernel(a, b, length_scale=length, variance=variance)
+        np.testing.assert_allclose(got.numpy(), expect, rtol=0, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------
@@ -529,3 +564,49 @@ def test_lightning_trainer_runs_with_digits(tmp_path):
     )
     trainer.fit(_TinyClassifier(), datamodule=D.DigitsDataModule(batch_size=32))
     assert "val_loss" in trainer.callback_metrics
+
+
+# --------------------------------------------------------------------------------------------
+# 7. shared pieces: seeded splits, the transform
+# --------------------------------------------------------------------------------------------
+
+
+def test_split_and_limit_are_the_seeded_permutation():
+    """Pieces are consecutive runs of ``randperm(n)`` from the generator seeded with
+    ``seed * 1_000_003 + salt`` (the samples the committed results were trained on)."""
+    indices = list(range(100, 150))
+    rest, val, test = D.split_indices(indices, [0.1, 0.2], seed=7, salt=2)
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(7 * 1_000_003 + 2))
+    expect = [indices[i] for i in perm.tolist()]
+    assert val == expect[:5] and test == expect[5:15] and rest == expect[15:]
+    assert D.split_indices(indices, [0.1, 0.2], seed=7, salt=2) == [rest, val, test]
+    assert D.split_indices(indices, [0.1, 0.2], seed=8, salt=2)[1] != val
+    rest, tiny, none = D.split_indices(indices, [0.001, 0.0], seed=0, salt=2)
+    assert (len(rest), len(tiny), len(none)) == (49, 1, 0)  # a non-zero fraction gets >= 1
+    with pytest.raises(ValueError, match="cannot split"):
+        D.split_indices([1, 2], [0.5, 0.5], seed=0, salt=2)
+
+    kept = D.limit_indices(30, 8, seed=3, salt=1)
+    perm = torch.randperm(30, generator=torch.Generator().manual_seed(3 * 1_000_003 + 1))
+    assert kept == sorted(perm[:8].tolist())
+    assert D.limit_indices(30, None, seed=3, salt=1) == list(range(30))
+    assert D.limit_indices(30, 40, seed=3, salt=1) == list(range(30))
+
+
+def test_transform_is_picklable_and_checks_shapes():
+    t = D.ImageTransform(image_size=5, channels=3)
+    assert t.image_size == (5, 5)
+    clone = pickle.loads(pickle.dumps(t))
+    x = torch.randint(0, 256, (1, 7, 7), dtype=torch.uint8)
+    assert torch.equal(clone(x), t(x)) and t(x).shape == (3, 5, 5)
+    with pytest.raises(ValueError, match="1 or 3"):
+        t(torch.zeros(2, 4, 4))
+    with pytest.raises(ValueError, match="images but"):
+        D.ImageTensorDataset(torch.zeros(3, 1, 2, 2), torch.zeros(2), t)
+
+
+def test_gp_without_validation_split():
+    dm = D.GPRegressionDataModule(n_train=20, n_test=5, val_fraction=0.0, seed=1)
+    dm.setup()
+    assert (len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)) == (20, 0, 5)
+    assert torch.equal(dm.train_dataset.tensors[0], dm.x[:20])  # sorted: the sampled order
