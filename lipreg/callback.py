@@ -1,9 +1,9 @@
 """Lightning callback that monitors the Lipschitz constant while a network trains.
 
-Add ``LipschitzCallback()`` to a ``Trainer`` and every ``every_n_train_steps`` optimizer steps
-it logs, through every logger of the Trainer (W&B, TensorBoard, CSV) with
-``trainer.global_step`` as x-axis, and into ``trainer.callback_metrics`` (so that
-``ModelCheckpoint`` / ``EarlyStopping`` can monitor them):
+Add ``LipschitzCallback()`` to a ``Trainer`` and every ``every_n_train_steps`` optimizer steps,
+and once more at the end of the fit, it logs through every logger of the Trainer (W&B,
+TensorBoard, CSV) and into ``trainer.callback_metrics`` (so that ``ModelCheckpoint`` /
+``EarlyStopping`` can monitor them):
 
 =================================== ==========================================================
 key                                 meaning
@@ -12,17 +12,25 @@ key                                 meaning
                                     tolerance ``tol`` per layer). An **estimate**: the norms
                                     approach from below.
 ``lipschitz/autolip_certified``     AutoLip with certified layer norms: a **guaranteed upper
-                                    bound**; every ``certify_every_n_train_steps`` steps.
+                                    bound**; every ``certify_every_n_train_steps`` steps and
+                                    at the end of every fit.
 ``lipschitz/seqlip``                greedy SeqLip (an estimate) or exact SeqLip (certified),
                                     sequential networks only.
 ``lipschitz/seqlip_over_autolip``   ratio of the two.
 ``lipschitz/lower_bound``           certified lower bound (largest Jacobian norm found on the
                                     current batch and around it).
-``lipschitz/layer/<name>``          per-layer norm estimates (``log_layers=True``; merged
-                                    maps are named ``a+b``).
+``lipschitz/layer/<name>``          per-layer norm estimates (``log_layers=True``); ``<name>``
+                                    is the chain's ``LayerBound.name`` unchanged (its module
+                                    path, e.g. ``features.0`` or ``layer2.0.downsample[0+1]``),
+                                    the same string as in tables built from ``LayerBound``.
 ``lipschitz/<method>_iterations``,  cost of each estimate.
 ``lipschitz/<method>_time_s``
 =================================== ==========================================================
+
+**Steps.** The values of optimizer step ``k`` are logged under Lightning's own step index
+for that step (``k - 1`` with one optimizer; :func:`lightning_step`), so ``train/loss`` and
+the Lipschitz values of one step share their x; in ``metrics.csv`` they are two rows with the
+same ``step``. :attr:`LipschitzCallback.last_step` is the global step of the last computation.
 
 **It never breaks a fit.** Every option is validated (types included) when the callback is
 constructed. Everything that can go wrong later — finding the network or its input, tracing,
@@ -42,13 +50,10 @@ weights, same seeded start vectors) and rank 0's are broadcast, so all ranks see
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import math
-import re
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -56,32 +61,35 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lipreg.functional.autolip import AutoLip, autolip
-from lipreg.functional.graph import (
-    check_finite_parameters,
-    evaluation_mode,
-    has_forward,
-    unwrap_compiled,
+from lipreg.callback_inputs import (
+    SwitchOff,
+    at_path,
+    batch_tensors,
+    check_given_input,
+    describe,
+    describe_candidates,
+    device_type,
+    find_network,
+    infer_input,
 )
+from lipreg.callback_options import (
+    PREFIX,
+    check_bool,
+    check_choice,
+    check_input_shape,
+    check_int,
+    check_methods,
+    check_model_attr,
+    check_number,
+)
+from lipreg.callback_records import Computed, Method, layer_key, lightning_step, metric_values
+from lipreg.callback_state import WarmState, read_state
+from lipreg.functional.autolip import AutoLip, autolip
+from lipreg.functional.graph import check_finite_parameters
 from lipreg.functional.lower_bound import lower_bound
 from lipreg.functional.seqlip import NotSequentialError, seqlip
 
-__all__ = ["SCHEDULED", "LipschitzCallback"]
-
-_METHODS = ("autolip", "seqlip", "lower_bound")
-#: What :meth:`LipschitzCallback.should_compute` schedules, one name per computation.
-SCHEDULED = ("autolip", "autolip_certified", "seqlip", "lower_bound")
-# Version 2: the checkpoint no longer fixes input_shape / methods of the resumed fit (they are
-# re-derived); "input_shape" now records the shape the warm vectors belong to. Version 1
-# states load (their "methods" entry is ignored).
-_STATE_VERSION = 2
-_PREFIX = "LipschitzCallback: "
-_ATTR_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-_MAX_MESSAGE = 1500  # long core messages (one line per unsupported node) are cut here
-
-
-class _SwitchOff(Exception):
-    """Internal: the callback cannot run for this fit; ``str(self)`` says why and what to do."""
+__all__ = ["SCHEDULED", "LipschitzCallback", "layer_key", "lightning_step"]
 
 
 class LipschitzCallback(Callback):
@@ -100,13 +108,11 @@ class LipschitzCallback(Callback):
     the network in a one-input module).
 
     **Which input.** Unless ``input_shape`` is given, it is inferred at the first training
-    batch of every fit by checking candidates against a real forward: every floating-point
-    tensor of the batch with a per-sample shape (dicts in any key order, tuples, lists,
-    dataclasses, nested) is tried in order; the network is called on one sample of it, in
-    eval mode under ``torch.no_grad()`` (every module's ``training`` flag and the global RNG
-    are restored), and the first candidate whose forward succeeds and returns a tensor is the
-    input. Labels (integer tensors, ``(B,)`` vectors, targets of the wrong width) are thereby
-    rejected. The lower bound searches from the same tensor of every batch.
+    batch of every fit (:func:`lipreg.callback_inputs.infer_input`): the first floating-point
+    tensor of the batch (dicts in any key order, tuples, lists, dataclasses, nested) with a
+    per-sample shape on one sample of which the network's forward returns a tensor. Labels
+    (integer tensors, ``(B,)`` vectors, targets of the wrong width) are thereby rejected. The
+    lower bound searches from the same tensor of every batch.
 
     **Which methods.** ``methods=None``: AutoLip, plus SeqLip when the network is sequential.
     When AutoLip refuses the network (a LayerNorm, attention, an LSTM, ``x * x``...: the core
@@ -131,8 +137,8 @@ class LipschitzCallback(Callback):
             network to bound; ``None`` bounds the LightningModule's own ``forward``.
         tol, max_iter: Lanczos tolerance (``> 0``) and iteration cap (``>= 1``) per layer.
         certify_every_n_train_steps: cadence of ``lipschitz/autolip_certified`` (default 10
-            times ``every_n_train_steps``; ``0`` disables it; epoch-end estimates always
-            certify). Certificates cost more than warm estimates.
+            times ``every_n_train_steps``; ``0`` disables it; epoch-end estimates and the
+            fit end always certify). Certificates cost more than warm estimates.
         seqlip_every_n_train_steps: cadence of SeqLip (default 10 times
             ``every_n_train_steps``): a greedy search over activation patterns costs far more
             than a warm AutoLip estimate.
@@ -142,7 +148,10 @@ class LipschitzCallback(Callback):
         certify_dense_limit: maps whose smaller side is at most this are certified exactly by
             materialising them (tighter than the FFT/product certificates on small feature
             maps, costlier on large ones); ``0`` uses only structured certificates.
-        log_layers: log per-layer norms.
+        log_layers: log per-layer norms (keys :func:`layer_key`).
+        compute_at_fit_end: at the end of every fit, compute every method not yet computed
+            at the final step (default ``True``): every fit, however short, ends with a
+            certified bound. Independent of :meth:`should_compute`.
         on_nonfinite: ``"warn"`` (log NaN, warn once, keep training) or ``"raise"``
             (``FloatingPointError``) when the weights or a bound are not finite.
         seed: seed (an int ``>= 0``) of the private generators.
@@ -169,39 +178,38 @@ class LipschitzCallback(Callback):
         lower_bound_points: int = 32,
         certify_dense_limit: int = 2048,
         log_layers: bool = True,
+        compute_at_fit_end: bool = True,
         on_nonfinite: str = "warn",
         seed: int = 0,
     ) -> None:
         super().__init__()
-        methods = _check_methods(methods)
-        _check_int("every_n_train_steps", every_n_train_steps, minimum=1, allow_none=True)
-        _check_int("every_n_epochs", every_n_epochs, minimum=1, allow_none=True)
+        methods = check_methods(methods)
+        check_int("every_n_train_steps", every_n_train_steps, minimum=1, allow_none=True)
+        check_int("every_n_epochs", every_n_epochs, minimum=1, allow_none=True)
         if every_n_train_steps is None and every_n_epochs is None:
             raise ValueError(
-                f"{_PREFIX}every_n_train_steps and every_n_epochs are both None: the callback "
+                f"{PREFIX}every_n_train_steps and every_n_epochs are both None: the callback "
                 "would never compute. Set every_n_train_steps (e.g. 50) and/or every_n_epochs."
             )
-        shape = _check_input_shape(input_shape)
-        _check_model_attr(model_attr)
-        _check_number("tol", tol)
-        _check_int("max_iter", max_iter, minimum=1)
-        _check_int("certify_every_n_train_steps", certify_every_n_train_steps, 0, True)
-        _check_int("seqlip_every_n_train_steps", seqlip_every_n_train_steps, 0, True)
-        _check_choice("seqlip_method", seqlip_method, ("greedy", "exact"))
-        _check_int("seqlip_top_k", seqlip_top_k, minimum=1, allow_none=True)
-        _check_int("lower_bound_points", lower_bound_points, minimum=0)
-        _check_int("certify_dense_limit", certify_dense_limit, minimum=0)
-        if not isinstance(log_layers, bool):
-            raise TypeError(
-                f"{_PREFIX}log_layers must be True or False, got {log_layers!r} "
-                f"({type(log_layers).__name__})."
-            )
-        _check_choice("on_nonfinite", on_nonfinite, ("warn", "raise"))
-        _check_int("seed", seed, minimum=0)
+        shape = check_input_shape(input_shape)
+        check_model_attr(model_attr)
+        check_number("tol", tol)
+        check_int("max_iter", max_iter, minimum=1)
+        check_int("certify_every_n_train_steps", certify_every_n_train_steps, 0, True)
+        check_int("seqlip_every_n_train_steps", seqlip_every_n_train_steps, 0, True)
+        check_choice("seqlip_method", seqlip_method, ("greedy", "exact"))
+        check_int("seqlip_top_k", seqlip_top_k, minimum=1, allow_none=True)
+        check_int("lower_bound_points", lower_bound_points, minimum=0)
+        check_int("certify_dense_limit", certify_dense_limit, minimum=0)
+        check_bool("log_layers", log_layers)
+        check_bool("compute_at_fit_end", compute_at_fit_end)
+        check_choice("on_nonfinite", on_nonfinite, ("warn", "raise"))
+        check_int("seed", seed, minimum=0)
+        default_cadence = 10 * every_n_train_steps if every_n_train_steps else 0
         if certify_every_n_train_steps is None:
-            certify_every_n_train_steps = 10 * every_n_train_steps if every_n_train_steps else 0
+            certify_every_n_train_steps = default_cadence
         if seqlip_every_n_train_steps is None:
-            seqlip_every_n_train_steps = 10 * every_n_train_steps if every_n_train_steps else 0
+            seqlip_every_n_train_steps = default_cadence
 
         self._methods_requested: list[str] | None = methods
         self._input_shape_requested: tuple[int, ...] | None = shape
@@ -218,6 +226,7 @@ class LipschitzCallback(Callback):
         self.lower_bound_points = lower_bound_points
         self.certify_dense_limit = certify_dense_limit
         self.log_layers = log_layers
+        self.compute_at_fit_end = compute_at_fit_end
         self.on_nonfinite = on_nonfinite
         self.seed = seed
         # warm-start vectors, and the input shape they belong to
@@ -225,7 +234,9 @@ class LipschitzCallback(Callback):
         self._seqlip_state: dict[str, Tensor] = {}
         self._warm_shape: tuple[int, ...] | None = None
         self._last_step = -1
+        self._done_at_last_step: set[str] = set()  # methods computed at self._last_step
         self.last_metrics: dict[str, float] = {}
+        self._last_metrics_step = -1
         self._reset_fit_state()
 
     def _reset_fit_state(self) -> None:
@@ -240,6 +251,11 @@ class LipschitzCallback(Callback):
         self._reported: set[str] = set()  # causes already warned about
         self._input_path: tuple[Any, ...] | None = None
         self._last_batch: Tensor | None = None
+
+    @property
+    def last_step(self) -> int:
+        """Global step (optimizer steps done) of the last computation; ``-1`` before any."""
+        return self._last_step
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
@@ -256,44 +272,26 @@ class LipschitzCallback(Callback):
             self._autolip_state = self._estimator.state
             self._warm_shape = self.input_shape
         shape = self._warm_shape if self._warm_shape is not None else self.input_shape
-        return {
-            "version": _STATE_VERSION,
-            "input_shape": list(shape) if shape is not None else None,
-            "autolip": {k: v.detach().cpu() for k, v in self._autolip_state.items()},
-            "seqlip": {k: v.detach().cpu() for k, v in self._seqlip_state.items()},
-            "last_step": self._last_step,
-        }
+        warm = WarmState(self._autolip_state, self._seqlip_state, shape, self._last_step)
+        return warm.as_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the warm-start vectors (versions 1 and 2); the input shape and the
         default methods are re-derived by the resumed fit. A state this version cannot read
         (newer, or damaged) is ignored with a warning: the resumed fit starts cold."""
         self._estimator = None
-        version = state_dict.get("version", 0) if isinstance(state_dict, dict) else None
-        problem = None
-        if not isinstance(version, int) or version > _STATE_VERSION:
-            problem = f"has version {version!r}; this lipreg reads versions 1 to {_STATE_VERSION}"
-        else:
-            try:
-                shape = state_dict.get("input_shape")
-                warm_shape = tuple(int(s) for s in shape) if shape else None
-                autolip_state = {str(k): v for k, v in dict(state_dict.get("autolip", {})).items()}
-                seqlip_state = {str(k): v for k, v in dict(state_dict.get("seqlip", {})).items()}
-                if not all(isinstance(v, Tensor) for v in (autolip_state | seqlip_state).values()):
-                    raise TypeError("warm-start entries that are not tensors")
-                last_step = int(state_dict.get("last_step", -1))
-            except Exception as exc:
-                problem = f"cannot be read ({_describe(exc, 300)})"
-        if problem is not None:
+        try:
+            warm = read_state(state_dict)
+        except ValueError as exc:
             rank_zero_warn(
-                f"{_PREFIX}the checkpoint's LipschitzCallback state {problem}. Its warm-start "
+                f"{PREFIX}the checkpoint's LipschitzCallback state {exc}. Its warm-start "
                 "vectors are ignored (the estimates start cold); training resumes normally. "
                 "Upgrade lipreg to use them if the checkpoint comes from a newer version."
             )
             return
-        self._warm_shape = warm_shape
-        self._autolip_state, self._seqlip_state = autolip_state, seqlip_state
-        self._last_step = last_step
+        self._warm_shape = warm.input_shape
+        self._autolip_state, self._seqlip_state = warm.autolip, warm.seqlip
+        self._last_step = warm.last_step
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Checkpoint state (if any) is already loaded; everything else is derived anew.
@@ -309,7 +307,7 @@ class LipschitzCallback(Callback):
             self._prepare_safely(pl_module, batch)
         if self._off or "lower_bound" not in self._active():
             return
-        x = _at_path(batch, self._input_path) if self._input_path is not None else None
+        x = at_path(batch, self._input_path) if self._input_path is not None else None
         ok = isinstance(x, Tensor) and tuple(x.shape[1:]) == self.input_shape
         self._last_batch = x.detach() if ok else None  # type: ignore[union-attr]
 
@@ -326,32 +324,47 @@ class LipschitzCallback(Callback):
             return
         due = {m for m in SCHEDULED if self.should_compute(m, step, trainer.current_epoch)}
         if due:
-            self._compute_and_log(trainer, pl_module, step, due)
+            self._compute_and_log(trainer, step, due, in_batch=True)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         n = self.every_n_epochs
         if n and (trainer.current_epoch + 1) % n == 0 and trainer.global_step != self._last_step:
-            self._compute_and_log(trainer, pl_module, trainer.global_step, set(SCHEDULED))
+            self._compute_and_log(trainer, trainer.global_step, set(SCHEDULED), in_batch=False)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``compute_at_fit_end``: every method not yet computed at the final step, so that
+        every fit ends with a certified bound whatever its length and cadences."""
+        if not self.compute_at_fit_end:
+            return
+        step = trainer.global_step
+        due = set(SCHEDULED) - (self._done_at_last_step if step == self._last_step else set())
+        if due:
+            self._compute_and_log(trainer, step, due, in_batch=False)
 
     def should_compute(self, method: str, step: int, epoch: int) -> bool:
         """Whether ``method`` runs after optimizer step ``step`` of epoch ``epoch``.
 
-        The one schedule gate: ``method`` is one of :data:`SCHEDULED` (``"autolip"``,
-        ``"autolip_certified"``, ``"seqlip"``, ``"lower_bound"``). The default follows the
-        step cadences of the constructor; override it for any other schedule (the callback
-        computes exactly what it returns ``True`` for). Epoch ends selected by
-        ``every_n_epochs`` compute every method.
+        The one gate of the step schedule: ``method`` is one of :data:`SCHEDULED`
+        (``"autolip"``, ``"autolip_certified"``, ``"seqlip"``, ``"lower_bound"``). The
+        default follows the step cadences of the constructor; override it for any other
+        schedule (after optimizer steps the callback computes exactly what it returns
+        ``True`` for). Two documented additions run besides it: epoch ends selected by
+        ``every_n_epochs`` compute every method, and ``compute_at_fit_end`` computes, at the
+        end of the fit, every method not yet computed at the final step.
         """
-        cadence = {
-            "autolip": self.every_n_train_steps,
-            "autolip_certified": self.certify_every_n_train_steps,
-            "seqlip": self.seqlip_every_n_train_steps,
-            "lower_bound": self.every_n_train_steps,
-        }[method]
+        cadence = getattr(self, _METHOD_TABLE[method].cadence)
         return step > 0 and bool(cadence) and step % cadence == 0
 
     def _active(self) -> list[str]:
         return [m for m in (self.methods or ()) if m not in self._disabled]
+
+    def _runnable(self, method: Method) -> bool:
+        """``method`` belongs to an active entry of ``methods`` and was not switched off."""
+        return (
+            method.requires in self._active()
+            and method.name not in self._disabled
+            and (method.requires != "autolip" or self._estimator is not None)
+        )
 
     # ------------------------------------------------------------------ reporting
     def _report(self, cause: str, message: str) -> None:
@@ -359,7 +372,7 @@ class LipschitzCallback(Callback):
         if cause in self._reported:
             return
         self._reported.add(cause)
-        rank_zero_warn(_PREFIX + message)
+        rank_zero_warn(PREFIX + message)
 
     def _switch_off(self, message: str) -> None:
         self._off = True
@@ -370,24 +383,25 @@ class LipschitzCallback(Callback):
         """Find the network, its input and the methods; never raises."""
         self._prepared = True
         try:
-            with torch.autocast(device_type=_device_type(pl_module), enabled=False):
+            with torch.autocast(device_type=device_type(pl_module), enabled=False):
                 self._prepare(pl_module, batch)
-        except _SwitchOff as exc:
+        except SwitchOff as exc:
             self._switch_off(str(exc))
         except Exception as exc:
             self._switch_off(
-                f"preparing the bounds failed unexpectedly: {_describe(exc)}. Please report "
+                f"preparing the bounds failed unexpectedly: {describe(exc)}. Please report "
                 "this to lipreg with the model; meanwhile pass input_shape=/model_attr= "
                 "explicitly or remove the callback."
             )
 
     def _prepare(self, pl_module: LightningModule, batch: Any) -> None:
-        network = self._network(pl_module)
-        candidates = list(_tensors(batch))
+        network = find_network(pl_module, self.model_attr)
+        self._network_cache = network
+        candidates = list(batch_tensors(batch))
         if self._input_shape_requested is None:
-            self._input_path, self.input_shape = _infer_input(network, candidates)
+            self._input_path, self.input_shape = infer_input(network, candidates)
         else:
-            _check_given_input(network, self._input_shape_requested, candidates)
+            check_given_input(network, self._input_shape_requested, candidates)
             self._input_path = next(
                 (p for p, t in candidates if tuple(t.shape[1:]) == self.input_shape), None
             )
@@ -399,56 +413,18 @@ class LipschitzCallback(Callback):
             self._report(
                 "lower_bound_inputs",
                 f"no tensor of the training batch has per-sample shape {self.input_shape} "
-                f"(found {_describe_candidates(candidates)}); lipschitz/lower_bound searches "
+                f"(found {describe_candidates(candidates)}); lipschitz/lower_bound searches "
                 "from random points only. Pass the input_shape of the network's real input to "
                 "search from the data too.",
             )
         if not self._active():
-            raise _SwitchOff("no method is left to compute (see the warning above).")
-
-    def _network(self, pl_module: LightningModule) -> nn.Module:
-        """The module to bound, compiled wrappers removed; raises :class:`_SwitchOff`."""
-        if self._network_cache is not None:
-            return self._network_cache
-        root = unwrap_compiled(pl_module)
-        owner_name = type(root).__name__
-        if self.model_attr is None:
-            net, what = root, f"{owner_name} (the LightningModule)"
-        else:
-            net = root
-            for part in self.model_attr.split("."):
-                net = getattr(unwrap_compiled(net), part, None)
-                if net is None:
-                    break
-            if not isinstance(net, nn.Module):
-                found = "nothing" if net is None else f"a {type(net).__name__}"
-                raise _SwitchOff(
-                    f"model_attr={self.model_attr!r}: expected an nn.Module attribute of "
-                    f"{owner_name}, found {found}. {_subnetworks_hint(root)}"
-                )
-            net = unwrap_compiled(net)
-            what = f"{owner_name}.{self.model_attr} ({type(net).__name__})"
-        if not has_forward(net):
-            raise _SwitchOff(
-                f"{what} has no forward(), so there is no single network to bound. "
-                f"{_subnetworks_hint(net)}"
-            )
-        n_inputs = _required_inputs(net)
-        if n_inputs is not None and n_inputs != 1:
-            raise _SwitchOff(
-                f"{what}.forward takes {n_inputs} required inputs "
-                f"({_signature_text(net)}); a Lipschitz bound is for a network of ONE tensor "
-                "input. Set model_attr= to a one-input sub-network, or wrap the network in a "
-                f"one-input nn.Module (fixing the other inputs). {_subnetworks_hint(root)}"
-            )
-        self._network_cache = net  # compiled submodules are traced through their eager code
-        return net
+            raise SwitchOff("no method is left to compute (see the warning above).")
 
     def _drop_stale_warm_vectors(self) -> None:
         warm = self._autolip_state or self._seqlip_state
         if warm and self._warm_shape is not None and self._warm_shape != self.input_shape:
             rank_zero_info(
-                f"{_PREFIX}the saved warm-start vectors are for input shape {self._warm_shape}, "
+                f"{PREFIX}the saved warm-start vectors are for input shape {self._warm_shape}, "
                 f"this fit's input shape is {self.input_shape}: dropped (cold start)."
             )
             self._autolip_state, self._seqlip_state = {}, {}
@@ -475,7 +451,7 @@ class LipschitzCallback(Callback):
             analysis = analyse(network, self.input_shape, traced=self._estimator.traced)
         except Exception as exc:
             self._estimator = None
-            reason = _describe(exc)
+            reason = describe(exc)
             if requested is None:
                 self.methods = ["lower_bound"]
                 self._report(
@@ -494,7 +470,7 @@ class LipschitzCallback(Callback):
                     "methods=['lower_bound'] works for any differentiable network."
                 )
                 if not rest:  # one warning: the cause, and that the callback is off
-                    raise _SwitchOff(message) from exc
+                    raise SwitchOff(message) from exc
                 self._report(
                     "autolip_refused",
                     f"{message} Switched off {dropped} for this fit; {rest} still run.",
@@ -514,121 +490,131 @@ class LipschitzCallback(Callback):
                         "this fit; AutoLip bounds any graph.",
                     )
                 else:
-                    rank_zero_info(f"{_PREFIX}{name} is not sequential; SeqLip off.")
+                    rank_zero_info(f"{PREFIX}{name} is not sequential; SeqLip off.")
             if requested is None:
                 self.methods = ["autolip", "seqlip"] if sequential else ["autolip"]
 
     # ------------------------------------------------------------------ the work
-    def _compute_and_log(
-        self, trainer: Trainer, pl_module: LightningModule, step: int, due: set[str]
-    ) -> None:
+    def _compute_and_log(self, trainer: Trainer, step: int, due: set[str], in_batch: bool) -> None:
         metrics: dict[str, float] = {}
         if self._prepared and not self._off and self._network_cache is not None:
             network = self._network_cache
-            with torch.autocast(device_type=_device_type(network), enabled=False):
+            with torch.autocast(device_type=device_type(network), enabled=False):
                 metrics = self._compute(network, step, due)
         # Same numbers on every rank (collective: every rank reaches this line at this step,
         # even with the callback off, so that a rank-dependent failure cannot hang DDP).
         metrics = trainer.strategy.broadcast(metrics, src=0)
+        if step != self._last_step:
+            self._done_at_last_step = set()
         self._last_step = step
+        self._done_at_last_step |= due
         if not metrics:
             return
-        self.last_metrics = metrics
+        # last_metrics: everything computed at the last step (the fit end may add to it)
+        earlier = self.last_metrics if self._last_metrics_step == step else {}
+        merged = {**earlier, **metrics}
+        if "lipschitz/seqlip" in metrics and merged.get("lipschitz/autolip", 0.0) > 0:
+            ratio = merged["lipschitz/seqlip"] / merged["lipschitz/autolip"]
+            metrics["lipschitz/seqlip_over_autolip"] = merged["lipschitz/seqlip_over_autolip"] = (
+                ratio
+            )
+        self.last_metrics, self._last_metrics_step = merged, step
+        self._publish(trainer, metrics, step, in_batch)
+
+    def _publish(self, trainer: Trainer, metrics: dict[str, float], step: int, in_batch: bool):
+        """To every logger at Lightning's step index, and into ``callback_metrics``."""
+        index = lightning_step(trainer, in_batch=in_batch)
+        if index is None:
+            index = step
+            self._report(
+                "lightning_step",
+                "this Lightning has no fit_loop.epoch_loop._batches_that_stepped (the step "
+                "index of its own self.log values): Lipschitz values are logged at "
+                "trainer.global_step, one step after Lightning's values of the same step.",
+            )
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            logger.log_metrics(metrics, step=index)
         for key, value in metrics.items():
             trainer.callback_metrics[key] = torch.tensor(value, dtype=torch.float64)
 
     def _compute(self, network: nn.Module, step: int, due: set[str]) -> dict[str, float]:
-        active = self._active()
-        tasks: list[tuple[str, Callable[[], dict[str, float]]]] = []
-        if "autolip" in active and self._estimator is not None:
-            if "autolip" in due:
-                tasks.append(("autolip", self._autolip_estimate))
-            if "autolip_certified" in due and "autolip_certified" not in self._disabled:
-                tasks.append(("autolip_certified", lambda: self._autolip_certified(network)))
-        if "seqlip" in active and "seqlip" in due:
-            tasks.append(("seqlip", lambda: self._seqlip(network)))
-        if "lower_bound" in active and "lower_bound" in due:
-            tasks.append(("lower_bound", lambda: self._lower_bound(network)))
+        """Every due and runnable method of :data:`_METHOD_TABLE`, in its order; a failing
+        method is switched off (warned once), non-finite values are logged as NaN."""
+        tasks = [m for m in _METHOD_TABLE.values() if m.name in due and self._runnable(m)]
         if not tasks:
             return {}
         try:
             check_finite_parameters(network)
         except ValueError as exc:
             self._nonfinite(f"at step {step}: {exc}")
-            return {f"lipschitz/{name}": math.nan for name, _ in tasks}
+            return {f"lipschitz/{m.name}": math.nan for m in tasks}
 
         metrics: dict[str, float] = {}
         nonfinite: list[str] = []
-        for name, task in tasks:
+        for method in tasks:
+            label = f"lipschitz/{method.name}"
             try:
-                metrics.update(self._run(name, task))
+                metrics.update(self._run(method, network))
             except Exception as exc:
                 if isinstance(exc, ValueError) and "non-finite" in str(exc):
-                    metrics[f"lipschitz/{name}"] = math.nan
+                    metrics[label] = math.nan
                     nonfinite.append(str(exc))
                     continue
-                self._disabled.add(name)
-                label = f"lipschitz/{name}"
+                self._disabled.add(method.name)
                 self._report(
-                    f"failed:{name}",
-                    f"computing {label} failed at step {step}: {_describe(exc)}\n{label} is "
+                    f"failed:{method.name}",
+                    f"computing {label} failed at step {step}: {describe(exc)}\n{label} is "
                     "switched off for the rest of this fit; the other bounds and training "
-                    f"continue. To silence this, leave {name!r} out of methods=.",
+                    f"continue. To silence this, leave {method.name!r} out of methods=.",
                 )
-        if "lipschitz/seqlip" in metrics and metrics.get("lipschitz/autolip", 0.0) > 0:
-            metrics["lipschitz/seqlip_over_autolip"] = (
-                metrics["lipschitz/seqlip"] / metrics["lipschitz/autolip"]
-            )
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad or nonfinite:
             detail = "; ".join(nonfinite) if nonfinite else ""
             self._nonfinite(f"non-finite Lipschitz values at step {step}: {bad}. {detail}")
         return metrics
 
-    def _run(self, name: str, task: Callable[[], dict[str, float]]) -> dict[str, float]:
-        """Run one method; if it fails while warm-started, retry it once from a cold start
-        (warm vectors that no longer fit the network must not switch a method off)."""
-        if name == "seqlip":
-            warm = bool(self._seqlip_state)
-        elif name.startswith("autolip") and self._estimator is not None:
-            warm = bool(self._estimator.state)
-        else:
-            warm = False
+    def _run(self, method: Method, network: nn.Module) -> dict[str, float]:
+        """Run one method and name its metrics; if it fails while warm-started, retry it once
+        from a cold start (warm vectors that no longer fit the network must not switch a
+        method off)."""
+        compute = getattr(self, method.compute)
+        start = time.perf_counter()
         try:
-            return task()
+            result = compute(network)
         except Exception as exc:
-            if not warm or "non-finite" in str(exc):
+            if not self._is_warm(method.warm) or "non-finite" in str(exc):
                 raise
             rank_zero_info(
-                f"{_PREFIX}{name} failed with the warm-start vectors ({_describe(exc, 300)}); "
-                "they were dropped and it is retried from a cold start."
+                f"{PREFIX}{method.name} failed with the warm-start vectors "
+                f"({describe(exc, 300)}); they were dropped and it is retried from a cold start."
             )
-            if name == "seqlip":
-                self._seqlip_state = {}
-            elif self._estimator is not None:
-                self._estimator.state = {}
-            return task()
+            self._drop_warm(method.warm)
+            start = time.perf_counter()
+            result = compute(network)
+        if result is None:
+            return {}
+        return metric_values(method.name, result, time.perf_counter() - start)
 
-    def _autolip_estimate(self) -> dict[str, float]:
+    def _is_warm(self, kind: str | None) -> bool:
+        if kind == "seqlip":
+            return bool(self._seqlip_state)
+        return kind == "autolip" and self._estimator is not None and bool(self._estimator.state)
+
+    def _drop_warm(self, kind: str | None) -> None:
+        if kind == "seqlip":
+            self._seqlip_state = {}
+        elif kind == "autolip" and self._estimator is not None:
+            self._estimator.state = {}
+
+    # ------------------------------------------------------------------ the methods
+    def _autolip_estimate(self, network: nn.Module) -> Computed:
         assert self._estimator is not None
-        start = time.perf_counter()
         al = self._estimator()
-        metrics = {
-            "lipschitz/autolip": al.value,
-            "lipschitz/autolip_iterations": float(al.n_iter),
-            "lipschitz/autolip_time_s": time.perf_counter() - start,
-        }
-        if self.log_layers:
-            for lb in al.layers:
-                if lb.kind == "affine":
-                    metrics[f"lipschitz/layer/{lb.name.replace(' -> ', '+')}"] = lb.value
-        return metrics
+        layers = {layer_key(lb.name): lb.value for lb in al.layers if lb.kind == "affine"}
+        return Computed(al.value, al.n_iter, layers if self.log_layers else {})
 
-    def _autolip_certified(self, network: nn.Module) -> dict[str, float]:
+    def _certify(self, network: nn.Module) -> Computed | None:
         assert self._estimator is not None and self.input_shape is not None
-        start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             cert = autolip(
@@ -650,15 +636,11 @@ class LipschitzCallback(Callback):
                 "lipschitz/autolip_certified is off for this fit (raise certify_dense_limit, "
                 "or register a rule with certify= for that layer); lipschitz/autolip goes on.",
             )
-            return {}
-        return {
-            "lipschitz/autolip_certified": cert.value,
-            "lipschitz/autolip_certified_time_s": time.perf_counter() - start,
-        }
+            return None
+        return Computed(cert.value)
 
-    def _seqlip(self, network: nn.Module) -> dict[str, float]:
+    def _seqlip(self, network: nn.Module) -> Computed:
         assert self.input_shape is not None
-        start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sl = seqlip(
@@ -671,15 +653,10 @@ class LipschitzCallback(Callback):
                 max_iter=30,
             )
         self._seqlip_state = sl.state
-        return {
-            "lipschitz/seqlip": sl.value,
-            "lipschitz/seqlip_iterations": float(sl.n_iter),
-            "lipschitz/seqlip_time_s": time.perf_counter() - start,
-        }
+        return Computed(sl.value, sl.n_iter)
 
-    def _lower_bound(self, network: nn.Module) -> dict[str, float]:
+    def _lower_bound(self, network: nn.Module) -> Computed:
         assert self.input_shape is not None
-        start = time.perf_counter()
         lb = lower_bound(
             network,
             self.input_shape,
@@ -689,14 +666,11 @@ class LipschitzCallback(Callback):
             n_chains=4,
             seed=self.seed,
         )
-        return {
-            "lipschitz/lower_bound": lb.value,
-            "lipschitz/lower_bound_time_s": time.perf_counter() - start,
-        }
+        return Computed(lb.value)
 
     def _nonfinite(self, message: str) -> None:
         if self.on_nonfinite == "raise":
-            raise FloatingPointError(_PREFIX + message)
+            raise FloatingPointError(PREFIX + message)
         self._report(
             "nonfinite",
             f"{message.strip()} Logged as NaN; training goes on (this is reported once). "
@@ -705,257 +679,19 @@ class LipschitzCallback(Callback):
         )
 
 
-# ---------------------------------------------------------------------- option checks
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
-    accepted = f"an int >= {minimum}" + (" or None" if allow_none else "")
-    if value is None and allow_none:
-        return
-    if not _is_int(value):
-        raise TypeError(
-            f"{_PREFIX}{name} must be {accepted}, got {value!r} ({type(value).__name__})."
-        )
-    if value < minimum:
-        raise ValueError(f"{_PREFIX}{name} must be {accepted}, got {value!r}.")
-
-
-def _check_number(name: str, value: Any) -> None:
-    accepted = "a positive finite number (e.g. 1e-4)"
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise TypeError(
-            f"{_PREFIX}{name} must be {accepted}, got {value!r} ({type(value).__name__})."
-        )
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{_PREFIX}{name} must be {accepted}, got {value!r}.")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if not isinstance(value, str):
-        raise TypeError(
-            f"{_PREFIX}{name} must be one of {list(choices)}, got {value!r} "
-            f"({type(value).__name__})."
-        )
-    if value not in choices:
-        raise ValueError(f"{_PREFIX}{name} must be one of {list(choices)}, got {value!r}.")
-
-
-def _check_methods(methods: Any) -> list[str] | None:
-    accepted = f"None, one of {list(_METHODS)} or a non-empty list of them"
-    if methods is None:
-        return None
-    if isinstance(methods, str):
-        methods = [methods]
-    if not isinstance(methods, Sequence) and not isinstance(methods, set | frozenset):
-        raise TypeError(
-            f"{_PREFIX}methods must be {accepted}, got {methods!r} ({type(methods).__name__})."
-        )
-    methods = list(methods)
-    if not all(isinstance(m, str) for m in methods):
-        raise TypeError(f"{_PREFIX}methods must be {accepted}, got {methods!r}.")
-    unknown = [m for m in methods if m not in _METHODS]
-    if unknown or not methods:
-        raise ValueError(f"{_PREFIX}methods must be {accepted}, got {methods!r}.")
-    return list(dict.fromkeys(methods))  # order kept, duplicates dropped
-
-
-def _check_input_shape(input_shape: Any) -> tuple[int, ...] | None:
-    if input_shape is None:
-        return None
-    accepted = (
-        "None (inferred from the batch) or a non-empty tuple of positive ints: the shape of "
-        "ONE input without the batch dimension, e.g. (1, 28, 28)"
+#: The callback's computations, in the order they run at one step (the certificate after the
+#: estimate, so that it starts from the estimate's warm vectors). Columns: name, the entry of
+#: methods= it belongs to, its cadence attribute, its warm-start vectors, the work.
+_METHOD_TABLE: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("autolip", "autolip", "every_n_train_steps", "autolip", "_autolip_estimate"),
+        Method(
+            "autolip_certified", "autolip", "certify_every_n_train_steps", "autolip", "_certify"
+        ),
+        Method("seqlip", "seqlip", "seqlip_every_n_train_steps", "seqlip", "_seqlip"),
+        Method("lower_bound", "lower_bound", "every_n_train_steps", None, "_lower_bound"),
     )
-    if _is_int(input_shape):
-        input_shape = (input_shape,)
-    if isinstance(input_shape, str | bytes) or not isinstance(input_shape, Sequence):
-        raise TypeError(
-            f"{_PREFIX}input_shape must be {accepted}; got {input_shape!r} "
-            f"({type(input_shape).__name__})."
-        )
-    if not input_shape or not all(_is_int(s) and s > 0 for s in input_shape):
-        raise ValueError(f"{_PREFIX}input_shape must be {accepted}; got {input_shape!r}.")
-    return tuple(int(s) for s in input_shape)
-
-
-def _check_model_attr(model_attr: Any) -> None:
-    accepted = "None or the name of an nn.Module attribute of the LightningModule ('net', 'a.b')"
-    if model_attr is None:
-        return
-    if not isinstance(model_attr, str):
-        raise TypeError(
-            f"{_PREFIX}model_attr must be {accepted}, got {model_attr!r} "
-            f"({type(model_attr).__name__})."
-        )
-    if not _ATTR_PATH.match(model_attr):
-        raise ValueError(f"{_PREFIX}model_attr must be {accepted}, got {model_attr!r}.")
-
-
-# ---------------------------------------------------------------------- networks
-def _required_inputs(module: nn.Module) -> int | None:
-    """Number of inputs ``forward`` requires (``None``: cannot tell, e.g. ``*args``)."""
-    try:
-        params = list(inspect.signature(module.forward).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    kinds = inspect.Parameter
-    if any(p.kind is kinds.VAR_POSITIONAL for p in params):
-        return None
-    return sum(
-        1
-        for p in params
-        if p.default is kinds.empty
-        and p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)
-    )
-
-
-def _signature_text(module: nn.Module) -> str:
-    """``forward(x, y)``: the parameter names of ``forward`` (annotations left out)."""
-    try:
-        params = inspect.signature(module.forward).parameters.values()
-    except (TypeError, ValueError):
-        return "forward(...)"
-    names = [
-        ("*" if p.kind is p.VAR_POSITIONAL else "**" if p.kind is p.VAR_KEYWORD else "") + p.name
-        for p in params
-    ]
-    return f"forward({', '.join(names)})"
-
-
-def _subnetworks_hint(module: nn.Module) -> str:
-    subs = [
-        (name, unwrap_compiled(child))
-        for name, child in module.named_children()
-        if any(True for _ in child.parameters())
-    ]
-    if not subs:
-        return "It has no sub-network with parameters; pass a module that computes the network."
-    described = ", ".join(
-        f"{name} ({type(child).__name__}, {sum(p.numel() for p in child.parameters()):,} "
-        "parameters)"
-        for name, child in subs
-    )
-    return (
-        f"Its sub-networks: {described}. Pick one with "
-        f"LipschitzCallback(model_attr={subs[0][0]!r})."
-    )
-
-
-def _device_type(module: nn.Module) -> str:
-    first = next(iter(list(module.parameters()) + list(module.buffers())), None)
-    return first.device.type if first is not None else "cpu"
-
-
-# ---------------------------------------------------------------------- batches and inputs
-def _tensors(batch: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Tensor]]:
-    """Every tensor of a batch with its path (keys/indices/attribute names), in order."""
-    if isinstance(batch, Tensor):
-        yield path, batch
-    elif isinstance(batch, Mapping):
-        for key, value in batch.items():
-            yield from _tensors(value, (*path, key))
-    elif isinstance(batch, list | tuple):
-        for i, value in enumerate(batch):
-            yield from _tensors(value, (*path, i))
-    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        for f in dataclasses.fields(batch):
-            yield from _tensors(getattr(batch, f.name), (*path, f"@{f.name}"))
-
-
-def _at_path(batch: Any, path: tuple[Any, ...]) -> Any:
-    for key in path:
-        try:
-            if isinstance(key, str) and key.startswith("@") and not isinstance(batch, Mapping):
-                batch = getattr(batch, key[1:])
-            else:
-                batch = batch[key]
-        except (KeyError, IndexError, TypeError, AttributeError):
-            return None
-    return batch
-
-
-def _path_text(path: tuple[Any, ...]) -> str:
-    text = "batch"
-    for key in path:
-        if isinstance(key, str) and key.startswith("@"):
-            text += f".{key[1:]}"
-        else:
-            text += f"[{key!r}]"
-    return text
-
-
-def _describe_candidates(candidates: list[tuple[tuple[Any, ...], Tensor]]) -> str:
-    if not candidates:
-        return "no tensor"
-    return ", ".join(
-        f"{_path_text(p)}: {str(t.dtype).replace('torch.', '')} {tuple(t.shape)}"
-        for p, t in candidates
-    )
-
-
-def _try_forward(network: nn.Module, x: Tensor) -> str | None:
-    """Call ``network`` on one sample of ``x`` (eval mode, no grad, modes and global RNG
-    restored); ``None`` if it returns a tensor, else what went wrong."""
-    first = next(iter(list(network.parameters()) + list(network.buffers())), None)
-    dtype = first.dtype if first is not None and first.is_floating_point() else x.dtype
-    device = first.device if first is not None else x.device
-    cuda = [device.index or 0] if device.type == "cuda" else []
-    sample = x[:1].detach().to(dtype=dtype, device=device)
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda), evaluation_mode(network):
-            out = network(sample)
-    except Exception as exc:
-        return f"forward raised {_describe(exc, limit=300)}"
-    if not isinstance(out, Tensor):
-        return f"forward returned a {type(out).__name__}, not a tensor"
-    return None
-
-
-def _check_given_input(
-    network: nn.Module,
-    input_shape: tuple[int, ...],
-    candidates: list[tuple[tuple[Any, ...], Tensor]],
-) -> None:
-    """Raise :class:`_SwitchOff` when ``network`` does not accept ``input_shape``."""
-    problem = _try_forward(network, torch.zeros(1, *input_shape))
-    if problem is not None:
-        raise _SwitchOff(
-            f"input_shape={input_shape} does not fit {type(network).__name__}: on an input "
-            f"of shape {(1, *input_shape)} its {problem}. The training batch holds "
-            f"{_describe_candidates(candidates)}. Pass the shape of ONE input without the "
-            "batch dimension, or omit input_shape to infer it from the batch."
-        )
-
-
-def _infer_input(
-    network: nn.Module, candidates: list[tuple[tuple[Any, ...], Tensor]]
-) -> tuple[tuple[Any, ...], tuple[int, ...]]:
-    """Path and per-sample shape of the first batch tensor the network accepts."""
-    tried: list[str] = []
-    for path, x in candidates:
-        where = f"{_path_text(path)} ({str(x.dtype).replace('torch.', '')} {tuple(x.shape)})"
-        if not x.is_floating_point():
-            tried.append(f"{where}: not floating-point (a label or token ids?)")
-            continue
-        if x.ndim < 2 or x.shape[0] == 0:
-            tried.append(f"{where}: no per-sample shape (a (B,) vector or an empty batch)")
-            continue
-        problem = _try_forward(network, x)
-        if problem is not None:
-            tried.append(f"{where}: {problem}")
-            continue
-        return path, tuple(int(s) for s in x.shape[1:])
-    found = "\n  - ".join(tried) if tried else "the batch holds no tensor"
-    raise _SwitchOff(
-        f"could not find the input of {type(network).__name__} in the training batch: a "
-        "floating-point tensor on which forward() returns a tensor. Tried:\n  - "
-        f"{found}\nPass input_shape=(...) (one sample, no batch dimension), and model_attr= "
-        "if the network to bound is a sub-network."
-    )
-
-
-def _describe(exc: BaseException, limit: int = _MAX_MESSAGE) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    return text if len(text) <= limit else text[: limit - 5] + " [...]"
+}
+#: What :meth:`LipschitzCallback.should_compute` schedules, one name per computation.
+SCHEDULED = tuple(_METHOD_TABLE)

@@ -1,5 +1,8 @@
-"""Module-level (hence picklable) Lightning pieces for ``test_callback.py`` / ``test_penalty.py``.
+"""Module-level (hence picklable) Lightning pieces for the callback and penalty tests.
 
+Shared by ``test_callback.py``, ``test_callback_shapes.py`` and ``test_penalty.py``: quiet
+Trainers, small MLPs and regression data, the independent float64 truths (spectral norms of
+the final weights), CSV readers and warning/log collectors.
 ``ddp_spawn`` pickles the LightningModule, the callbacks and the dataloaders into fresh
 processes, so everything a DDP test uses lives here; :func:`run_ddp` is what the DDP test
 runs in a subprocess (``python -c "import _lightning_helpers; ..."``) under a timeout.
@@ -7,10 +10,15 @@ runs in a subprocess (``python -c "import _lightning_helpers; ..."``) under a ti
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import itertools
 import json
+import logging
 import math
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +53,85 @@ def callback_warnings(records: Any) -> list[str]:
     return [str(w.message) for w in records if str(w.message).startswith("LipschitzCallback")]
 
 
+def fit_recording(trainer: pl.Trainer, module: pl.LightningModule, data: Any, **kwargs: Any):
+    """Fit and return the LipschitzCallback warnings emitted (every one, not deduplicated)."""
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        trainer.fit(module, data, **kwargs)
+    return callback_warnings(records)
+
+
+@contextlib.contextmanager
+def capture_logs(logger: logging.Logger) -> Iterator[list[str]]:
+    """Collect the messages of ``logger`` (and its children) at INFO and above."""
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Collect(logging.INFO)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(level or logging.INFO, logging.INFO))
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+def linear_norms(net: nn.Module) -> list[float]:
+    """Spectral norms of the Linear weights, in float64 (the independent truth)."""
+    return [
+        torch.linalg.matrix_norm(m.weight.detach().double(), 2).item()
+        for m in net.modules()
+        if isinstance(m, nn.Linear)
+    ]
+
+
+def norm_product(net: nn.Module) -> float:
+    """AutoLip of a Linear/ReLU MLP: the product of the spectral norms (float64 truth)."""
+    return math.prod(linear_norms(net))
+
+
+def csv_rows(logger: CSVLogger) -> list[dict[str, str]]:
+    """The rows of the CSVLogger's ``metrics.csv``, as written on disk."""
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def lipschitz_rows(logger: CSVLogger) -> list[dict[str, str]]:
+    """The rows of ``metrics.csv`` holding at least one ``lipschitz/`` value."""
+    return [
+        r for r in csv_rows(logger) if any(k.startswith("lipschitz/") and v for k, v in r.items())
+    ]
+
+
+def csv_step(global_step: int) -> int:
+    """The ``step`` Lightning writes for values logged after optimizer step ``global_step``
+    (one optimizer): the number of batches that stepped before the current one."""
+    return global_step - 1
+
+
+def saved_callback_state(ckpt: str | Path) -> tuple[dict[str, Any], str]:
+    """The checkpoint (loaded with ``weights_only=True``) and the key of its one
+    LipschitzCallback entry in ``checkpoint["callbacks"]``."""
+    saved = torch.load(ckpt, weights_only=True)
+    (key,) = [k for k in saved["callbacks"] if k.startswith("LipschitzCallback")]
+    return saved, key
+
+
+def loader(n: int = 40, batch_size: int = 4, *, dict_batches: bool = False, **kw) -> DataLoader:
+    """Batches of :func:`regression_data` (tuples, or ``{"x", "y"}`` dicts)."""
+    data = regression_data(n)
+    return DataLoader(DictDataset(data) if dict_batches else data, batch_size=batch_size, **kw)
+
+
 def make_mlp(
     widths: tuple[int, ...] = (D_IN, 16, 16, D_OUT),
     *,
@@ -69,6 +156,18 @@ def regression_data(n: int = 40, seed: int = 0, d_in: int = D_IN, d_out: int = D
     x = torch.randn(n, d_in, generator=g)
     y = torch.randn(n, d_out, generator=g)
     return TensorDataset(x, y)
+
+
+class Residual(nn.Module):
+    """``out(x + relu(fc(x)))``: not sequential (SeqLip refuses it, AutoLip bounds it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x + torch.relu(self.fc(x)))
 
 
 class DictDataset(Dataset):

@@ -8,7 +8,6 @@ Linear + ReLU layers, AutoLip is the product of the layers' spectral norms, comp
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
@@ -18,8 +17,6 @@ import random
 import signal
 import subprocess
 import sys
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,85 +30,40 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lipreg
-from lipreg.callback import LipschitzCallback
-
-try:  # tests/ as a package (tests/__init__.py) or as a plain directory on sys.path
-    from tests._lightning_helpers import (
-        DictDataset,
-        RegressionModule,
-        callback_warnings,
-        make_mlp,
-        make_trainer,
-        regression_data,
-    )
-except ModuleNotFoundError:
-    from _lightning_helpers import (
-        DictDataset,
-        RegressionModule,
-        callback_warnings,
-        make_mlp,
-        make_trainer,
-        regression_data,
-    )
+from lipreg.callback import LipschitzCallback, layer_key
+from tests._lightning_helpers import (
+    RegressionModule,
+    Residual,
+    capture_logs,
+    csv_rows,
+    csv_step,
+    fit_recording,
+    linear_norms,
+    lipschitz_rows,
+    loader,
+    make_mlp,
+    make_trainer,
+    norm_product,
+    rel,
+    saved_callback_state,
+)
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(autouse=True)
-def _seeded() -> None:
-    """Every test starts from the same global RNG state (weights independent of test order)."""
-    torch.manual_seed(0)
-
+# Every test starts from the same global RNG state (weights independent of test order).
+pytestmark = pytest.mark.usefixtures("seeded")
 
 TESTS_DIR = Path(__file__).resolve().parent
 N_AFFINE = 3  # make_mlp(): three Linear layers
 # A warm Lanczos restart converges in a few products per layer: the residual stopping rule
 # (power_iteration.py) needs about three after a small weight change.
 WARM_PRODUCTS = 3 * N_AFFINE
-
-
-# ---------------------------------------------------------------- helpers
-def loader(n: int = 40, batch_size: int = 4, *, dict_batches: bool = False, **kw) -> DataLoader:
-    data = regression_data(n)
-    return DataLoader(DictDataset(data) if dict_batches else data, batch_size=batch_size, **kw)
-
-
-def linear_norms(net: nn.Module) -> list[float]:
-    """Spectral norms of the Linear weights, in float64 (the independent truth)."""
-    return [
-        torch.linalg.matrix_norm(m.weight.detach().double(), 2).item()
-        for m in net.modules()
-        if isinstance(m, nn.Linear)
-    ]
-
-
-def norm_product(net: nn.Module) -> float:
-    return math.prod(linear_norms(net))
-
-
-def csv_rows(logger: CSVLogger) -> list[dict[str, str]]:
-    with open(Path(logger.log_dir) / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def lipschitz_rows(logger: CSVLogger) -> list[dict[str, str]]:
-    return [
-        r for r in csv_rows(logger) if any(k.startswith("lipschitz/") and v for k, v in r.items())
-    ]
-
-
-def fit_recording(
-    trainer: pl.Trainer, module: pl.LightningModule, data: Any, **kwargs: Any
-) -> list[str]:
-    """Fit and return the LipschitzCallback warnings emitted."""
-    with warnings.catch_warnings(record=True) as records:
-        warnings.simplefilter("always")
-        trainer.fit(module, data, **kwargs)
-    return callback_warnings(records)
-
-
-def rel(a: float, b: float) -> float:
-    return abs(a - b) / abs(b)
+EVERY_METHOD_EVERY_3_STEPS = {
+    "methods": ["autolip", "seqlip", "lower_bound"],
+    "every_n_train_steps": 3,
+    "certify_every_n_train_steps": 3,
+    "seqlip_every_n_train_steps": 3,
+    "lower_bound_points": 4,
+}
 
 
 def assert_plain(obj: Any, where: str = "state") -> None:
@@ -146,19 +98,24 @@ class AtStepSeven(LipschitzCallback):
 def test_an_overridden_schedule_is_the_only_gate(tmp_path):
     """should_compute is the one gate: a step that no default cadence selects (7 with
     every_n_train_steps=5) computes exactly the methods the override returns True for."""
-    callback = AtStepSeven(every_n_train_steps=5, methods=["autolip", "seqlip"])
+    # compute_at_fit_end (a documented addition beside the gate) is off: the gate alone
+    callback = AtStepSeven(
+        every_n_train_steps=5, methods=["autolip", "seqlip"], compute_at_fit_end=False
+    )
     logger = CSVLogger(tmp_path, name="csv")
     trainer = make_trainer(tmp_path, [callback], max_steps=10, logger=logger, log_every_n_steps=50)
     trainer.fit(RegressionModule(), loader())
     rows = lipschitz_rows(logger)
-    assert [int(r["step"]) for r in rows] == [7]
+    assert [int(r["step"]) for r in rows] == [csv_step(7)]
+    assert callback.last_step == 7
     keys = {k for k, v in rows[0].items() if v and k.startswith("lipschitz/")}
     assert {"lipschitz/autolip", "lipschitz/autolip_certified"} <= keys
     assert not any(k.startswith("lipschitz/seqlip") for k in keys)
 
 
 def test_cadence_keys_and_direct_logging(tmp_path):
-    """Rows exactly at steps 3, 6, 9 of a 10-step run although log_every_n_steps=50."""
+    """Rows exactly at steps 3, 6, 9 and at the fit end (10) of a 10-step run although
+    log_every_n_steps=50 (at Lightning's step index of those optimizer steps)."""
     callback = LipschitzCallback(every_n_train_steps=3, seqlip_every_n_train_steps=3)
     logger = CSVLogger(tmp_path, name="csv")
     trainer = make_trainer(tmp_path, [callback], max_steps=10, logger=logger, log_every_n_steps=50)
@@ -166,7 +123,7 @@ def test_cadence_keys_and_direct_logging(tmp_path):
     assert trainer.global_step == 10
 
     rows = lipschitz_rows(logger)
-    assert [int(r["step"]) for r in rows] == [3, 6, 9]
+    assert [int(r["step"]) for r in rows] == [csv_step(s) for s in (3, 6, 9, 10)]
     keys = {k for r in rows for k, v in r.items() if v and k.startswith("lipschitz/")}
     required = {
         "lipschitz/autolip",
@@ -205,7 +162,7 @@ def test_lower_bound_method_logs_its_key(tmp_path):
     trainer.fit(module, loader())
 
     rows = lipschitz_rows(logger)
-    assert [int(r["step"]) for r in rows] == [3, 6]
+    assert [int(r["step"]) for r in rows] == [csv_step(3), csv_step(6)]
     assert all(r["lipschitz/lower_bound"] for r in rows)
     assert "lipschitz/autolip" not in callback.last_metrics
     lb = callback.last_metrics["lipschitz/lower_bound"]
@@ -227,8 +184,10 @@ def test_model_checkpoint_can_monitor_autolip(tmp_path):
     trainer = make_trainer(tmp_path, [callback, checkpoint], max_steps=9, logger=logger)
     trainer.fit(RegressionModule(lr=0.1), loader())
 
-    rows = lipschitz_rows(logger)
-    values = {int(r["step"]): float(r["lipschitz/autolip"]) for r in rows}
+    # CSV step -> global step; the fit end adds a row with the certificate alone
+    global_steps = {csv_step(s): s for s in (3, 6, 9)}
+    rows = [r for r in lipschitz_rows(logger) if r["lipschitz/autolip"]]
+    values = {global_steps[int(r["step"])]: float(r["lipschitz/autolip"]) for r in rows}
     assert sorted(values) == [3, 6, 9]
     best_step = min(values, key=values.get)
     assert checkpoint.best_model_score is not None
@@ -270,7 +229,7 @@ def test_every_n_epochs(tmp_path):
     trainer = make_trainer(tmp_path, [callback], max_epochs=2, logger=logger)
     trainer.fit(module, loader(n=40, batch_size=8))  # 5 steps per epoch
 
-    assert [int(r["step"]) for r in lipschitz_rows(logger)] == [5, 10]
+    assert [int(r["step"]) for r in lipschitz_rows(logger)] == [csv_step(5), csv_step(10)]
     assert rel(callback.last_metrics["lipschitz/autolip"], norm_product(module.net)) < 1e-3
 
 
@@ -347,6 +306,24 @@ def _resume(ckpt: str, root: Path, callback: LipschitzCallback, max_steps: int) 
 CONFIG = {"methods": ["autolip", "seqlip"], "every_n_train_steps": 2}
 
 
+def six_step_checkpoint(root: Path, **options: Any) -> tuple[LipschitzCallback, Path]:
+    """Fit 6 steps with a callback of ``options`` (default :data:`CONFIG`) and save a
+    checkpoint; return the callback and the checkpoint's path."""
+    first = LipschitzCallback(**(options or CONFIG))
+    trainer = make_trainer(root / "first", [first], max_steps=6)
+    trainer.fit(RegressionModule(lr=0.02), loader())
+    ckpt = root / "six.ckpt"
+    trainer.save_checkpoint(ckpt)
+    return first, ckpt
+
+
+def rewrite_state(ckpt: Path, change: Any) -> None:
+    """Replace the checkpoint's LipschitzCallback entry by ``change(entry)``."""
+    saved, key = saved_callback_state(ckpt)
+    saved["callbacks"][key] = change(saved["callbacks"][key])
+    torch.save(saved, ckpt)
+
+
 def test_checkpoint_resume_continues_warm(tmp_path):
     callback = LipschitzCallback(**CONFIG)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
@@ -360,8 +337,7 @@ def test_checkpoint_resume_continues_warm(tmp_path):
     assert_plain(state)
     assert state["autolip"], "no warm-start vectors saved"
 
-    saved = torch.load(ckpt, weights_only=True)  # plain types only
-    (key,) = [k for k in saved["callbacks"] if k.startswith("LipschitzCallback")]
+    saved, key = saved_callback_state(ckpt)  # plain types only
     saved_state = saved["callbacks"][key]
     assert saved_state["version"] == state["version"]
     assert saved_state["autolip"].keys() == state["autolip"].keys()
@@ -384,32 +360,24 @@ def test_checkpoint_resume_continues_warm(tmp_path):
 
 
 def test_checkpoint_resume_continues_warm_with_default_methods(tmp_path):
-    first = LipschitzCallback(every_n_train_steps=2)
-    key_before = first.state_key
-    trainer = make_trainer(tmp_path / "first", [first], max_steps=6)
-    trainer.fit(RegressionModule(lr=0.02), loader())
-    ckpt = str(tmp_path / "six.ckpt")
-    trainer.save_checkpoint(ckpt)
+    key_before = LipschitzCallback(every_n_train_steps=2).state_key
+    first, ckpt = six_step_checkpoint(tmp_path, every_n_train_steps=2)
 
     warm = LipschitzCallback(every_n_train_steps=2)
-    _resume(ckpt, tmp_path / "warm", warm, max_steps=8)
+    _resume(str(ckpt), tmp_path / "warm", warm, max_steps=8)
     assert warm.last_metrics["lipschitz/autolip_iterations"] <= WARM_PRODUCTS
     assert first.state_key == key_before
 
 
 def test_version_1_state_still_resumes_warm(tmp_path):
-    first = LipschitzCallback(**CONFIG)
-    trainer = make_trainer(tmp_path / "first", [first], max_steps=6)
-    trainer.fit(RegressionModule(lr=0.02), loader())
-    ckpt = tmp_path / "v1.ckpt"
-    trainer.save_checkpoint(ckpt)
-    saved = torch.load(ckpt, weights_only=True)
-    (key,) = [k for k in saved["callbacks"] if k.startswith("LipschitzCallback")]
-    state = saved["callbacks"][key]
-    assert state["version"] == 2
-    # the version-1 layout: same entries plus the resolved methods
-    saved["callbacks"][key] = {**state, "version": 1, "methods": ["autolip", "seqlip"]}
-    torch.save(saved, ckpt)
+    _, ckpt = six_step_checkpoint(tmp_path)
+
+    def version_1(state: dict[str, Any]) -> dict[str, Any]:
+        assert state["version"] == 2
+        # the version-1 layout: same entries plus the resolved methods
+        return {**state, "version": 1, "methods": ["autolip", "seqlip"]}
+
+    rewrite_state(ckpt, version_1)
 
     warm = LipschitzCallback(**CONFIG)
     _resume(str(ckpt), tmp_path / "warm", warm, max_steps=8)
@@ -419,21 +387,20 @@ def test_version_1_state_still_resumes_warm(tmp_path):
 def test_warm_vectors_that_do_not_fit_are_dropped_not_fatal(tmp_path):
     """Vectors of the wrong size under the right input shape (e.g. a changed layer width):
     the estimate restarts cold, with a note and no warning."""
-    first = LipschitzCallback(**CONFIG)
-    trainer = make_trainer(tmp_path / "first", [first], max_steps=6)
-    trainer.fit(RegressionModule(lr=0.02), loader())
-    ckpt = tmp_path / "bad.ckpt"
-    trainer.save_checkpoint(ckpt)
-    saved = torch.load(ckpt, weights_only=True)
-    (key,) = [k for k in saved["callbacks"] if k.startswith("LipschitzCallback")]
-    state = saved["callbacks"][key]
-    state["autolip"] = {k: torch.ones(v.numel() + 1) for k, v in state["autolip"].items()}
-    torch.save(saved, ckpt)
+    _, ckpt = six_step_checkpoint(tmp_path)
+
+    def one_too_long(state: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **state,
+            "autolip": {k: torch.ones(v.numel() + 1) for k, v in state["autolip"].items()},
+        }
+
+    rewrite_state(ckpt, one_too_long)
 
     resumed = LipschitzCallback(**CONFIG)
     module = RegressionModule(lr=0.02)
     trainer = make_trainer(tmp_path / "second", [resumed], max_steps=8)
-    with _capture(logging.getLogger("lightning.pytorch")) as notes:
+    with capture_logs(logging.getLogger("lightning.pytorch")) as notes:
         assert fit_recording(trainer, module, loader(), ckpt_path=str(ckpt)) == []
     assert any("autolip failed with the warm-start vectors" in n for n in notes)
     cold = lipreg.autolip(module.net, (6,), certify=False)  # a cold start, same seed
@@ -453,7 +420,7 @@ def test_unreadable_state_is_ignored_with_a_warning(state):
     callback = LipschitzCallback(every_n_train_steps=2)
     with pytest.warns(UserWarning, match="state .* Its warm-start vectors are ignored"):
         callback.load_state_dict(state)
-    assert callback._autolip_state == {} and callback._last_step == -1
+    assert callback._autolip_state == {} and callback.last_step == -1
 
 
 class FullyConvolutional(nn.Module):
@@ -492,15 +459,15 @@ def test_resume_on_another_image_size_bounds_the_new_size(tmp_path):
     assert first.input_shape == (1, 8, 8)
     ckpt = str(tmp_path / "eight.ckpt")
     trainer.save_checkpoint(ckpt)
-    saved = torch.load(ckpt, weights_only=True)
-    (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("LipschitzCallback")]
+    saved, key = saved_callback_state(ckpt)
+    state = saved["callbacks"][key]
     assert state["input_shape"] == [1, 8, 8] and state["autolip"]
 
     resumed = LipschitzCallback(**options)
     module = RegressionModule(FullyConvolutional(), lr=0.02)
     trainer = make_trainer(tmp_path / "second", [resumed], max_steps=6)
     notes = logging.getLogger("lightning.pytorch")  # rank_zero_info's logger (no propagation)
-    with _capture(notes) as records:
+    with capture_logs(notes) as records:
         messages = fit_recording(trainer, module, image_loader(12), ckpt_path=ckpt)
     assert messages == []
     assert any("input shape (1, 8, 8)" in r and "dropped (cold start)" in r for r in records)
@@ -518,26 +485,6 @@ def test_resume_on_another_image_size_bounds_the_new_size(tmp_path):
     )
 
 
-@contextlib.contextmanager
-def _capture(logger: logging.Logger) -> Iterator[list[str]]:
-    """Collect the messages of ``logger`` (and its children) at INFO and above."""
-    records: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record.getMessage())
-
-    handler = Collect(logging.INFO)
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(min(level or logging.INFO, logging.INFO))
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
 # ---------------------------------------------------------------- 4. bf16
 def test_bf16_mixed_matches_float32_truth(tmp_path):
     callback = LipschitzCallback(every_n_train_steps=3, certify_every_n_train_steps=3)
@@ -553,13 +500,7 @@ def test_bf16_mixed_matches_float32_truth(tmp_path):
 
 
 def test_bf16_true_runs_and_gives_finite_values(tmp_path):
-    callback = LipschitzCallback(
-        methods=["autolip", "seqlip", "lower_bound"],
-        every_n_train_steps=3,
-        certify_every_n_train_steps=3,
-        seqlip_every_n_train_steps=3,
-        lower_bound_points=4,
-    )
+    callback = LipschitzCallback(**EVERY_METHOD_EVERY_3_STEPS)
     module = RegressionModule(lr=0.1)
     trainer = make_trainer(tmp_path, [callback], max_steps=6, precision="bf16-true")
     trainer.fit(module, loader())
@@ -614,7 +555,8 @@ def test_ddp_spawn_two_cpu_ranks_agree(tmp_path):
     (metrics_csv,) = (tmp_path / "ddp").glob("version_*/metrics.csv")
     with open(metrics_csv, newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("lipschitz/autolip")]
-    assert [int(r["step"]) for r in rows] == [2, 4, 6]  # each step once (rank 0 writes)
+    # each step once (rank 0 writes), at Lightning's index of optimizer steps 2, 4, 6
+    assert [int(r["step"]) for r in rows] == [csv_step(s) for s in (2, 4, 6)]
     assert float(rows[-1]["lipschitz/autolip"]) == pytest.approx(m0["lipschitz/autolip"], rel=1e-12)
 
 
@@ -702,16 +644,6 @@ class Normed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.fc(x))
-
-
-class Residual(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(6, 6)
-        self.out = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(x + torch.relu(self.fc(x)))
 
 
 class PerSampleLoop(nn.Module):
@@ -803,6 +735,7 @@ def test_a_failing_method_is_reported_once_and_the_others_go_on(tmp_path, monkey
         methods=["autolip", "seqlip", "lower_bound"],
         every_n_train_steps=2,
         seqlip_every_n_train_steps=2,
+        certify_every_n_train_steps=2,  # everything at step 6: no separate fit-end row
         lower_bound_points=4,
     )
     logger = CSVLogger(tmp_path, name="csv")
@@ -815,7 +748,7 @@ def test_a_failing_method_is_reported_once_and_the_others_go_on(tmp_path, monkey
     assert "switched off for the rest of this fit" in message
     assert len(calls) == 1  # switched off after the failure
     rows = lipschitz_rows(logger)
-    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    assert [int(r["step"]) for r in rows] == [csv_step(s) for s in (2, 4, 6)]
     assert all(r["lipschitz/autolip"] and r["lipschitz/lower_bound"] for r in rows)
     assert all(not r.get("lipschitz/seqlip") for r in rows)
     assert rel(callback.last_metrics["lipschitz/autolip"], norm_product(module.net)) < 1e-3
@@ -872,10 +805,10 @@ def test_nan_weights_warn_and_log_nan(tmp_path):
         trainer.fit(module, loader())
     assert trainer.global_step == 9  # the run finished
 
-    rows = {int(r["step"]): r for r in lipschitz_rows(logger)}
-    assert sorted(rows) == [3, 6, 9]
-    assert math.isfinite(float(rows[3]["lipschitz/autolip"]))
-    assert math.isnan(float(rows[6]["lipschitz/autolip"]))
+    rows = {int(r["step"]): r for r in lipschitz_rows(logger) if r["lipschitz/autolip"]}
+    assert sorted(rows) == [csv_step(s) for s in (3, 6, 9)]
+    assert math.isfinite(float(rows[csv_step(3)]["lipschitz/autolip"]))
+    assert math.isnan(float(rows[csv_step(6)]["lipschitz/autolip"]))
     assert math.isnan(callback.last_metrics["lipschitz/autolip"])
     assert math.isnan(float(trainer.callback_metrics["lipschitz/autolip"]))
 
@@ -925,3 +858,136 @@ def test_configure_model_network_with_given_input_shape(tmp_path, model_attr):
     module = LazyModule()
     make_trainer(tmp_path, [callback], max_steps=3).fit(module, loader())
     assert rel(callback.last_metrics["lipschitz/autolip"], norm_product(module.net)) < 1e-3
+
+
+# ---------------------------------------------------------------- 7. steps, fit end, layer keys
+class StepLoggingModule(RegressionModule):
+    """Also logs, at every training step, the global step its optimizer step will complete:
+    Lightning's own placement of a value of that optimizer step in ``metrics.csv``."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.log("completes_step", float(self.global_step + 1))
+        return super().training_step(batch, batch_idx)
+
+
+def test_lipschitz_values_share_lightnings_step_index(tmp_path):
+    """Each Lipschitz row has the ``step`` of the row where Lightning wrote the loss of the
+    same optimizer step, so merging metrics.csv by ``step`` puts them side by side."""
+    callback = LipschitzCallback(every_n_train_steps=3, certify_every_n_train_steps=3)
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = make_trainer(tmp_path, [callback], max_steps=9, logger=logger, log_every_n_steps=1)
+    trainer.fit(StepLoggingModule(), loader())
+
+    rows = csv_rows(logger)
+    lightning = {int(float(r["completes_step"])): r for r in rows if r["completes_step"]}
+    assert sorted(lightning) == list(range(1, 10))  # Lightning wrote every step
+    lipschitz = [r for r in rows if r["lipschitz/autolip"]]
+    assert [r["step"] for r in lipschitz] == [lightning[s]["step"] for s in (3, 6, 9)]
+    assert all(lightning[s]["train_loss"] for s in (3, 6, 9))
+    merged: dict[str, dict[str, str]] = {}
+    for r in rows:
+        merged.setdefault(r["step"], {}).update({k: v for k, v in r.items() if v})
+    for s in (3, 6, 9):
+        row = merged[lightning[s]["step"]]
+        assert {"train_loss", "lipschitz/autolip", "lipschitz/autolip_certified"} <= row.keys()
+        assert float(row["completes_step"]) == s
+    assert callback.last_step == 9
+
+
+def test_the_fit_end_logs_a_certified_bound_by_default(tmp_path):
+    """A run shorter than every cadence of the certificate still ends with one (and with
+    SeqLip), at Lightning's index of the final step; compute_at_fit_end=False turns it off."""
+    callback = LipschitzCallback(every_n_train_steps=3)  # certificate/SeqLip every 30 steps
+    assert callback.compute_at_fit_end and callback.certify_every_n_train_steps == 30
+    logger = CSVLogger(tmp_path, name="csv")
+    module = RegressionModule(lr=0.2)
+    trainer = make_trainer(tmp_path, [callback], max_steps=7, logger=logger)
+    trainer.fit(module, loader())
+
+    truth = norm_product(module.net)  # the final weights
+    cert = callback.last_metrics["lipschitz/autolip_certified"]
+    assert truth * (1 - 1e-9) <= cert <= truth * (1 + 1e-6)
+    assert float(trainer.callback_metrics["lipschitz/autolip_certified"]) == pytest.approx(cert)
+    assert callback.last_step == 7
+    (end,) = [r for r in lipschitz_rows(logger) if r["lipschitz/autolip_certified"]]
+    assert int(end["step"]) == csv_step(7)
+    # everything not yet computed at step 7 (all of it: the last cadence step was 6)
+    assert end["lipschitz/autolip"] and end["lipschitz/seqlip"]
+    assert rel(float(end["lipschitz/autolip"]), truth) < 1e-3
+
+    off = LipschitzCallback(every_n_train_steps=3, compute_at_fit_end=False)
+    logger = CSVLogger(tmp_path, name="off")
+    trainer = make_trainer(tmp_path / "off", [off], max_steps=7, logger=logger)
+    trainer.fit(RegressionModule(lr=0.2), loader())
+    assert [int(r["step"]) for r in lipschitz_rows(logger)] == [csv_step(3), csv_step(6)]
+    assert "lipschitz/autolip_certified" not in off.last_metrics
+    assert off.last_step == 6
+
+
+def test_the_fit_end_adds_only_what_the_last_step_lacks(tmp_path, monkeypatch):
+    """The last step computed the estimate and SeqLip: the fit end certifies only, and
+    last_metrics holds all of step 9."""
+    calls: list[str] = []
+    original = LipschitzCallback._seqlip
+
+    def counted(self: LipschitzCallback, network: nn.Module):
+        calls.append("seqlip")
+        return original(self, network)
+
+    monkeypatch.setattr(LipschitzCallback, "_seqlip", counted)
+    callback = LipschitzCallback(every_n_train_steps=3, seqlip_every_n_train_steps=3)
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = make_trainer(tmp_path, [callback], max_steps=9, logger=logger)
+    trainer.fit(RegressionModule(), loader())
+    assert len(calls) == 3  # steps 3, 6, 9; not again at the fit end
+    rows = lipschitz_rows(logger)
+    assert [int(r["step"]) for r in rows] == [csv_step(s) for s in (3, 6, 9, 9)]
+    end = rows[-1]
+    assert end["lipschitz/autolip_certified"] and not end["lipschitz/autolip"]
+    m = callback.last_metrics
+    assert {"lipschitz/autolip", "lipschitz/seqlip", "lipschitz/autolip_certified"} <= m.keys()
+    assert m["lipschitz/autolip_certified"] >= m["lipschitz/autolip"] * (1 - 1e-6)
+
+
+def test_a_fit_ending_on_a_full_step_adds_nothing(tmp_path):
+    callback = LipschitzCallback(**EVERY_METHOD_EVERY_3_STEPS)
+    logger = CSVLogger(tmp_path, name="csv")
+    make_trainer(tmp_path, [callback], max_steps=6, logger=logger).fit(RegressionModule(), loader())
+    assert [int(r["step"]) for r in lipschitz_rows(logger)] == [csv_step(3), csv_step(6)]
+
+
+class BatchNormed(nn.Module):
+    """Linear -> BatchNorm1d: one affine chain of two modules (one merged map)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.bn(self.fc(x))))
+
+
+def test_layer_keys_are_the_chain_names_unchanged(tmp_path):
+    """lipschitz/layer/<LayerBound.name>, the same string a table keyed by LayerBound.name
+    shows, including the name of a merged chain (Linear + BatchNorm)."""
+    callback = LipschitzCallback(every_n_train_steps=2, model_attr="net")
+    logger = CSVLogger(tmp_path, name="csv")
+    module = RegressionModule(BatchNormed())
+    trainer = make_trainer(tmp_path, [callback], max_steps=2, logger=logger)
+    trainer.fit(module, loader())
+
+    layers = [lb for lb in lipreg.autolip(module.net, (6,)).layers if lb.kind == "affine"]
+    assert len(layers) == 2 and any(lb.name not in ("fc", "bn", "out") for lb in layers)
+    expected = {layer_key(lb.name): lb for lb in layers}
+    assert all(key == f"lipschitz/layer/{lb.name}" for key, lb in expected.items())
+    logged = {k for k in callback.last_metrics if k.startswith("lipschitz/layer/")}
+    assert logged == expected.keys()
+    header = {k for k in csv_rows(logger)[0] if k.startswith("lipschitz/layer/")}
+    assert header == expected.keys()  # the CSV column names: the same strings
+    for key, lb in expected.items():  # estimates of the certified chain norms
+        assert callback.last_metrics[key] <= lb.value * (1 + 1e-5)
+        assert rel(callback.last_metrics[key], lb.value) < 1e-3
+    out = torch.linalg.matrix_norm(module.net.out.weight.detach().double(), 2).item()
+    assert rel(callback.last_metrics[layer_key("out")], out) < 1e-3

@@ -21,36 +21,20 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import lipreg
 from lipreg.callback import LipschitzCallback
-
-try:  # tests/ as a package (tests/__init__.py) or as a plain directory on sys.path
-    from tests._lightning_helpers import (
-        RegressionModule,
-        callback_warnings,
-        make_mlp,
-        make_trainer,
-        regression_data,
-    )
-except ModuleNotFoundError:
-    from _lightning_helpers import (
-        RegressionModule,
-        callback_warnings,
-        make_mlp,
-        make_trainer,
-        regression_data,
-    )
+from tests._lightning_helpers import (
+    RegressionModule,
+    callback_warnings,
+    make_mlp,
+    make_trainer,
+    norm_product,
+    regression_data,
+    rel,
+)
 
 torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("seeded")
 
 STEPS = 2
-
-
-def norm_product(net: nn.Module) -> float:
-    """AutoLip of a Linear/ReLU MLP: the product of the spectral norms (float64 truth)."""
-    return math.prod(
-        torch.linalg.matrix_norm(m.weight.detach().double(), 2).item()
-        for m in net.modules()
-        if isinstance(m, nn.Linear)
-    )
 
 
 def check_autolip(
@@ -73,10 +57,6 @@ def check_autolip(
         assert rel(certified.value, norm_product(net)) < 1e-6
 
 
-def rel(a: float, b: float) -> float:
-    return abs(a - b) / abs(b)
-
-
 def metric(trainer: pl.Trainer, key: str) -> float:
     assert key in trainer.callback_metrics, sorted(trainer.callback_metrics)
     value = float(trainer.callback_metrics[key])
@@ -88,12 +68,22 @@ def lipschitz_keys(trainer: pl.Trainer) -> list[str]:
     return [k for k in trainer.callback_metrics if k.startswith("lipschitz/")]
 
 
-def fit(tmp_path, module: pl.LightningModule, data: Any, **trainer_kwargs: Any):
-    """Fit with a zero-configuration callback (only a short cadence); return both."""
-    callback = LipschitzCallback(every_n_train_steps=STEPS)
+def fit(tmp_path, module: pl.LightningModule, data: Any, *, callback_kwargs=None, **trainer_kwargs):
+    """Fit with a zero-configuration callback (only a short cadence, plus
+    ``callback_kwargs``); return the trainer and the callback."""
+    callback = LipschitzCallback(every_n_train_steps=STEPS, **(callback_kwargs or {}))
     trainer = make_trainer(tmp_path, [callback], max_steps=STEPS, **trainer_kwargs)
     trainer.fit(module, data)
     assert trainer.global_step >= STEPS  # the fit ran to the end
+    return trainer, callback
+
+
+def fit_quietly(tmp_path, module: pl.LightningModule, data: Any, **kwargs: Any):
+    """:func:`fit`, checking that the callback warned nothing."""
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        trainer, callback = fit(tmp_path, module, data, **kwargs)
+    assert callback_warnings(records) == []
     return trainer, callback
 
 
@@ -133,12 +123,10 @@ def test_autoencoder_without_forward_warns_once_and_trains(tmp_path):
 
 def test_autoencoder_with_model_attr_bounds_the_encoder(tmp_path):
     module = AutoEncoder()
-    callback = LipschitzCallback(every_n_train_steps=STEPS, model_attr="encoder")
-    trainer = make_trainer(tmp_path, [callback], max_steps=STEPS)
-    with warnings.catch_warnings(record=True) as records:
-        warnings.simplefilter("always")
-        trainer.fit(module, DataLoader(images(), batch_size=4))
-    assert callback_warnings(records) == []
+    data = DataLoader(images(), batch_size=4)
+    trainer, callback = fit_quietly(
+        tmp_path, module, data, callback_kwargs={"model_attr": "encoder"}
+    )
     assert callback.input_shape == (1, 8, 8)
     check_autolip(metric(trainer, "lipschitz/autolip"), module.encoder, (1, 8, 8))
 
@@ -181,10 +169,7 @@ def test_dict_batches_in_any_key_order(tmp_path, keys, label):
     module = DictModule()
     loader = DataLoader(KeyedDataset(keys, label), batch_size=4)
     assert list(next(iter(loader))) == list(keys)
-    with warnings.catch_warnings(record=True) as records:
-        warnings.simplefilter("always")
-        trainer, callback = fit(tmp_path, module, loader)
-    assert callback_warnings(records) == []
+    trainer, callback = fit_quietly(tmp_path, module, loader)
     assert callback.input_shape == (6,)  # the label was rejected by the forward check
     assert callback._input_path == ("x",)
     check_autolip(metric(trainer, "lipschitz/autolip"), module.net, (6,))
@@ -213,10 +198,13 @@ def test_torchvision_resnet18_is_bounded_in_eval_mode(tmp_path):
     module = Classifier(torchvision.models.resnet18(num_classes=10))
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,)))
-    with warnings.catch_warnings(record=True) as records:
-        warnings.simplefilter("always")
-        trainer, callback = fit(tmp_path, module, DataLoader(data, batch_size=4))
-    assert callback_warnings(records) == []
+    # certifying ResNet-18 takes ~30 s here: no certificate at the fit end either
+    trainer, callback = fit_quietly(
+        tmp_path,
+        module,
+        DataLoader(data, batch_size=4),
+        callback_kwargs={"compute_at_fit_end": False},
+    )
     assert callback.input_shape == (3, 32, 32)
     assert callback.methods == ["autolip"]  # residual: not sequential, SeqLip off
     assert module.training  # BatchNorm was bounded in eval mode, the module left in train
@@ -336,13 +324,10 @@ def test_gan_with_manual_optimisation_warns_once_and_trains(tmp_path):
 
 def test_gan_discriminator_bounded_with_model_attr(tmp_path):
     module = GAN()
-    callback = LipschitzCallback(every_n_train_steps=STEPS, model_attr="discriminator")
-    trainer = make_trainer(tmp_path, [callback], max_steps=STEPS)
-    with warnings.catch_warnings(record=True) as records:
-        warnings.simplefilter("always")
-        trainer.fit(module, gan_data())
+    trainer, callback = fit_quietly(
+        tmp_path, module, gan_data(), callback_kwargs={"model_attr": "discriminator"}
+    )
     assert trainer.global_step == STEPS  # one batch: two optimizer steps
-    assert callback_warnings(records) == []
     assert callback.input_shape == (6,)
     # LeakyReLU(0.2) has slopes in [0.2, 1]: AutoLip is the product of the Linear norms.
     check_autolip(metric(trainer, "lipschitz/autolip"), module.discriminator, (6,))
@@ -376,12 +361,10 @@ def test_compiled_modules_are_unwrapped(tmp_path, nested, model_attr):
 
     module = CompiledModule(nested)
     assert any(isinstance(m, OptimizedModule) for m in module.modules())
-    callback = LipschitzCallback(every_n_train_steps=STEPS, model_attr=model_attr)
-    trainer = make_trainer(tmp_path, [callback], max_steps=STEPS)
-    with warnings.catch_warnings(record=True) as records:
-        warnings.simplefilter("always")
-        trainer.fit(module, DataLoader(regression_data(16), batch_size=4))
-    assert callback_warnings(records) == []
+    data = DataLoader(regression_data(16), batch_size=4)
+    trainer, callback = fit_quietly(
+        tmp_path, module, data, callback_kwargs={"model_attr": model_attr}
+    )
     assert any(isinstance(m, OptimizedModule) for m in module.modules())  # left compiled
     assert callback.methods == ["autolip", "seqlip"]
     check_autolip(metric(trainer, "lipschitz/autolip"), module.plain[0], (6,))
@@ -394,14 +377,7 @@ def test_compiled_modules_are_unwrapped(tmp_path, nested, model_attr):
 # ---------------------------------------------------------------- (8) bf16-mixed
 def test_bf16_mixed_zero_config(tmp_path):
     module = RegressionModule(lr=0.1)
-    with warnings.catch_warnings(record=True) as records:
-        warnings.simplefilter("always")
-        trainer, callback = fit(
-            tmp_path,
-            module,
-            DataLoader(regression_data(16), batch_size=4),
-            precision="bf16-mixed",
-        )
-    assert callback_warnings(records) == []
+    data = DataLoader(regression_data(16), batch_size=4)
+    trainer, callback = fit_quietly(tmp_path, module, data, precision="bf16-mixed")
     assert callback.input_shape == (6,)
     check_autolip(metric(trainer, "lipschitz/autolip"), module.net, (6,))
