@@ -188,9 +188,11 @@ class Analysis:
           op's name alone (``flatten``);
         - the input: its parameter name (``x``).
 
-        Paths are relative to the traced model, without ``torch.compile``'s ``_orig_mod``;
-        for a LightningModule whose ``forward`` only calls one attribute (``self.model(x)``),
-        relative to that attribute (``layer1.0.conv1``, not ``model.layer1.0.conv1``).
+        Paths are those of the traced model's ``named_modules()`` (so
+        ``model.get_submodule(path)`` finds the module), without ``torch.compile``'s
+        ``_orig_mod``. A LightningModule traced as a whole (``forward`` calling
+        ``self.model(x)``) keeps the attribute (``model.layer1.0.conv1``); pass
+        ``model_attr="model"`` to the callback for paths relative to the network.
         """
         return self.labels.get(node, node.name)
 
@@ -483,17 +485,9 @@ def _build_analysis(
         input_shape=input_shape,
         dtype=dtype,
         device=device,
-        labels=readable_labels(order, strip_wrapper=_is_lightning_module(model)),
+        labels=readable_labels(order),
         pieces=pieces,
         model_name=type(model).__name__,
-    )
-
-
-def _is_lightning_module(model: nn.Module) -> bool:
-    """Whether ``model`` is a LightningModule (checked by class, without importing it)."""
-    return any(
-        cls.__module__.startswith(("lightning.pytorch.core", "pytorch_lightning.core"))
-        for cls in type(model).__mro__
     )
 
 
@@ -513,28 +507,11 @@ def _op_name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
-def _strip_wrapper(paths: dict[fx.Node, str], modules: set[fx.Node]) -> dict[fx.Node, str]:
-    """Paths relative to the one attribute every path lies in (``model.`` of a
-    LightningModule that calls ``self.model(x)``), unless that attribute is itself called as
-    a module or some op runs in the top-level ``forward``."""
-    heads = {p.split(".")[0] for p in paths.values()}
-    if len(heads) != 1 or "" in heads:
-        return paths
-    head = heads.pop()
-    if any(paths[n] == head for n in modules):
-        return paths
-    return {n: p[len(head) + 1 :] if p != head else "" for n, p in paths.items()}
-
-
-def readable_labels(nodes: list[fx.Node], *, strip_wrapper: bool = False) -> dict[fx.Node, str]:
-    """Unique readable labels of ``nodes`` (the format is described in
-    :meth:`Analysis.label`); ``strip_wrapper`` makes paths relative to the one attribute
-    they all lie in (for a LightningModule)."""
+def readable_labels(nodes: list[fx.Node]) -> dict[fx.Node, str]:
+    """Unique readable labels of ``nodes`` (the format is described in :meth:`Analysis.label`)."""
     calls = [n for n in nodes if n.op in ("call_module", "call_function", "call_method")]
     modules = {n for n in calls if n.op == "call_module"}
     paths = {n: _clean_path(str(n.target)) if n in modules else _enclosing_module(n) for n in calls}
-    if strip_wrapper:
-        paths = _strip_wrapper(paths, modules)
     groups: dict[tuple[str, str | None], list[fx.Node]] = {}
     for n in calls:
         groups.setdefault((paths[n], None if n in modules else _op_name(n)), []).append(n)

@@ -164,7 +164,9 @@ def test_repeated_ops_of_one_module_are_numbered() -> None:
 
 
 @pytest.mark.parametrize("attr", ["model", "net"])
-def test_lightning_module_labels_drop_the_wrapper_attribute(attr: str) -> None:
+def test_lightning_module_labels_are_its_module_paths(attr: str) -> None:
+    """A LightningModule traced as a whole: every label is a path of its named_modules()
+    (the attribute included), so get_submodule finds each module; ops name their module."""
     from lightning.pytorch import LightningModule
 
     class Wrapper(LightningModule):
@@ -175,11 +177,18 @@ def test_lightning_module_labels_drop_the_wrapper_attribute(attr: str) -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return getattr(self, attr)(x)
 
+    wrapper = Wrapper()
+    analysis = analyse(wrapper, (3, 32, 32))
+    labels = [analysis.label(n) for n in analysis.order]
     plain = _labels(torchvision.models.resnet18(num_classes=5), (3, 32, 32))
-    assert _labels(Wrapper(), (3, 32, 32)) == plain
+    assert len(labels) == len(plain)
+    assert labels[1:] == [f"{attr} ({p})" if p == "flatten" else f"{attr}.{p}" for p in plain[1:]]
+    for node in analysis.order:
+        if node.op == "call_module":
+            wrapper.get_submodule(analysis.label(node).split("#")[0])
 
 
-def test_lightning_module_with_its_own_ops_keeps_full_paths() -> None:
+def test_lightning_module_with_its_own_ops() -> None:
     from lightning.pytorch import LightningModule
 
     class Scaled(LightningModule):
