@@ -5,6 +5,9 @@ singular value of the bias-free linear map ``x -> conv(x)`` of a ``ConvNd`` /
 ``ConvTransposeNd`` layer applied to inputs of one given spatial size. The only slack it adds on
 purpose is an explicit floating-point margin (see *Rounding* below); everything else is exact
 algebra, so the number can be used as a proof-grade Lipschitz constant of the layer.
+The geometry (argument checks, per-axis torus embeddings, sections 1, 4-6) is computed by
+:mod:`lipreg.functional.conv_geometry`; this module holds the spectrum (sections 2-3) and the
+rounding margins.
 
 Notation (one spatial dimension; several dimensions are handled per axis, see *Separability*)
 ------------------------------------------------------------------------------------------------
@@ -109,7 +112,7 @@ Rounding (the only deliberate slack)
    computed DFT matrices differ from the exact ones by at most ``(2 Q + T + 110) u ||S||_F`` in
    spectral norm (``Q`` polyphase taps, ``T`` kernel taps); by Weyl's inequality this is added to
    the singular value. (b) Each computed Gram matrix (direct route ``K' K'^H``, or autocorrelation
-   route, see :func:`_top_eig_autocorr`) differs from the exact one by at most
+   route, see :func:`_autocorr_route`) differs from the exact one by at most
    ``sqrt(2) (2 Q l + n_shifts + 120) u ||S||_F^2`` (``l`` the longer side), and the Hermitian
    eigensolver is backward stable with error ``p(g) u ||G||_2`` (LAPACK only promises a
    "modestly growing" ``p``); we take ``p(g) = 4 g + 16`` for Gram size ``g`` and
@@ -122,15 +125,14 @@ Rounding (the only deliberate slack)
 from __future__ import annotations
 
 import math
-import operator
-from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import product
 
 import torch
 
-from lipreg.functional.certify import current_budget, matrix_norm_certificate
+from lipreg.functional.certify import MemoryBudget, current_budget, matrix_norm_certificate
+from lipreg.functional.conv_geometry import AxisPlan, conv_geometry, plan_axes
 
 __all__ = ["conv_operator_norm_bound"]
 
@@ -138,22 +140,6 @@ _UNIT_ROUNDOFF = 2.0**-53
 _REL_MARGIN = 1e-10
 # Working-memory budget per frequency chunk (complex matrices + real intermediates + Gram).
 _CHUNK_BYTES = 256 * 2**20
-_PADDING_MODES = ("zeros", "circular", "reflect", "replicate")
-
-
-@dataclass(frozen=True)
-class _AxisPlan:
-    """How one spatial axis is embedded in a torus.
-
-    ``sigma``: stride of the torus convolution (the layer stride for the polyphase form, or 1);
-    ``size``: torus length ``N`` (a multiple of ``sigma``); ``mult``: product of the largest
-    copy counts of the input-duplication and output-repetition 0/1 maps, so the axis contributes
-    the factor ``sqrt(mult)``.
-    """
-
-    sigma: int
-    size: int
-    mult: int
 
 
 def conv_operator_norm_bound(
@@ -198,321 +184,101 @@ def conv_operator_norm_bound(
         ValueError: for geometries PyTorch would reject or that are malformed (wrong weight
             rank, mismatched lengths, non-positive sizes, unknown padding mode, ...).
     """
-    if not isinstance(weight, torch.Tensor):
-        raise ValueError(f"weight must be a torch.Tensor, got {type(weight).__name__}.")
-    spatial = _positive_sizes(input_spatial)
-    dims = len(spatial)
-    if weight.dim() != dims + 2:
-        raise ValueError(
-            f"weight has {weight.dim()} dimensions but input_spatial {spatial} has {dims} "
-            f"spatial dims: expected a Conv{dims}d weight with {dims + 2} dimensions "
-            "(out_channels, in_channels/groups, *kernel)."
-        )
-    if weight.is_complex() or not weight.is_floating_point():
-        raise ValueError(f"weight must be a real floating-point tensor, got {weight.dtype}.")
-    kernel = tuple(int(k) for k in weight.shape[2:])
-    if min(kernel) < 1:
-        raise ValueError(f"kernel size must be positive in every dimension, got {kernel}.")
-    groups = _as_int(groups, "groups")
-    if groups < 1 or weight.shape[0] % groups != 0:
-        raise ValueError(
-            f"groups must be a positive divisor of weight.shape[0]={weight.shape[0]}, got {groups}."
-        )
-    if padding_mode not in _PADDING_MODES:
-        raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}.")
-    stride_t = _int_tuple(stride, dims, "stride", minimum=1)
-    dilation_t = _int_tuple(dilation, dims, "dilation", minimum=1)
-    out_pad_t = _int_tuple(output_padding, dims, "output_padding", minimum=0)
-    transposed = bool(transposed)
-    pads = _resolve_padding(padding, dims, kernel, dilation_t, stride_t, transposed)
+    geometry = conv_geometry(
+        weight,
+        input_spatial,
+        stride,
+        padding,
+        dilation,
+        groups,
+        padding_mode,
+        transposed,
+        output_padding,
+    )
+    axis_candidates, window_copies, dead_taps = plan_axes(geometry)
     # A private copy (never a view of the model's weight): it is modified in place below.
     w64 = weight.detach().to(device="cpu", dtype=torch.float64, copy=True)
-    if not bool(torch.isfinite(w64).all()):
-        raise ValueError("weight contains NaN or infinite entries; no finite bound exists.")
-
-    if transposed:
-        if padding_mode != "zeros":
-            raise ValueError(
-                "transposed convolutions only support padding_mode='zeros' (as in PyTorch), "
-                f"got {padding_mode!r}."
-            )
-        conv_in, n_used = [], []
-        for n, (pl, _), k, d, s, op in zip(
-            spatial, pads, kernel, dilation_t, stride_t, out_pad_t, strict=True
-        ):
-            if op >= max(s, d):
-                raise ValueError(
-                    f"output_padding {out_pad_t} must be smaller than stride or dilation "
-                    f"(stride={stride_t}, dilation={dilation_t}) in every dimension."
-                )
-            size = (n - 1) * s - 2 * pl + d * (k - 1) + op + 1
-            if size < 1:
-                raise ValueError(
-                    f"transposed conv output size would be {size} (< 1) for input {spatial}: "
-                    "reduce padding or enlarge the input."
-                )
-            conv_in.append(size)
-            # The transposed op is the adjoint of the conv's first ``n`` outputs.
-            n_used.append(n)
-        spatial = tuple(conv_in)
-    elif any(out_pad_t):
-        raise ValueError(
-            f"output_padding={out_pad_t} only applies to transposed convolutions; pass "
-            "transposed=True or output_padding=0."
-        )
-    else:
-        n_used = [None] * dims
-
-    axis_candidates: list[list[_AxisPlan]] = []
-    window_copies = 1
-    dead_taps: list[list[int]] = []
-    for axis in range(dims):
-        plans, copies, dead = _axis_plans(
-            n=spatial[axis],
-            pad_l=pads[axis][0],
-            pad_r=pads[axis][1],
-            k=kernel[axis],
-            d=dilation_t[axis],
-            s=stride_t[axis],
-            n_out=n_used[axis],
-            mode=padding_mode,
-        )
-        axis_candidates.append(plans)
-        window_copies *= copies
-        dead_taps.append(dead)
-
     # An axis that reads padding zeros only makes the whole operator zero.
     if w64.numel() == 0 or not all(axis_candidates):
         return 0.0
-    for axis, dead in enumerate(dead_taps):
-        # Taps that only ever meet padding zeros do not contribute: dropping them is exact.
-        if dead:
-            w64.index_fill_(axis + 2, torch.tensor(dead), 0.0)
-    peak = float(w64.abs().max())
-    if peak == 0.0:
+    exponent = _drop_dead_taps_and_normalise(w64, dead_taps)
+    if exponent is None:
         return 0.0
-    # Exact power-of-two normalisation keeps squares away from overflow and underflow.
-    exponent = math.frexp(peak)[1]
-    half = -exponent // 2  # two steps: 2**-exponent alone may overflow for subnormal weights
-    w64.mul_(2.0**half).mul_(2.0 ** (-exponent - half))
-    w_groups = w64.reshape(groups, w64.shape[0] // groups, *w64.shape[1:])
+    w_groups = w64.reshape(geometry.groups, w64.shape[0] // geometry.groups, *w64.shape[1:])
     budget = current_budget()
-    limit = budget.limit_bytes
-    if _window_bytes(w_groups) <= limit:
-        best = math.sqrt(window_copies) * _window_norm(w_groups)
-    else:  # the im2col matrices' own budgeted certificate (row blocks, Frobenius, Schur)
-        mats = w_groups.reshape(w_groups.shape[0], w_groups.shape[1], -1)
-        best = math.sqrt(window_copies) * max(
-            matrix_norm_certificate(m, memory_limit_bytes=limit, name="conv weight").bound
-            for m in mats
-        )
-    skipped = 0
-    for combo in product(*axis_candidates):
-        factor = math.sqrt(math.prod(p.mult for p in combo))
-        torus = _torus_norm(w_groups, dilation_t, combo, limit)
-        if torus is None:
-            skipped += 1
-        else:
-            best = min(best, factor * torus)
-    if skipped:
+    best = math.sqrt(window_copies) * _im2col_norm(w_groups, budget.limit_bytes)
+    torus = _best_torus_bound(w_groups, geometry.dilation, axis_candidates, budget)
+    if torus.skipped:
         budget.record(
-            f"conv weight {tuple(weight.shape)} on input {tuple(input_spatial)}: {skipped} FFT "
-            f"(torus) certificate(s) need more than the memory budget of {limit / 2**20:.0f} "
-            "MiB; used the im2col bound sqrt(c)·‖W_mat‖ instead (looser). Raise "
-            "memory_limit_bytes for the FFT certificate."
+            f"conv weight {tuple(weight.shape)} on input {tuple(input_spatial)}: {torus.skipped} "
+            f"FFT (torus) certificate(s) need more than the memory budget of "
+            f"{budget.limit_bytes / 2**20:.0f} MiB; used the im2col bound sqrt(c)·‖W_mat‖ "
+            "instead (looser). Raise memory_limit_bytes for the FFT certificate."
         )
+    best = min(best, torus.bound)
     try:
         return math.ldexp(best * (1.0 + _REL_MARGIN), exponent)
     except OverflowError:  # beyond float64: infinity is still a valid upper bound
         return math.inf
 
 
-# ----------------------------------------------------------------------------- validation
-
-
-def _as_int(value: object, name: str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got a bool.")
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {value!r}.") from None
-
-
-def _positive_sizes(input_spatial: Sequence[int]) -> tuple[int, ...]:
-    if isinstance(input_spatial, int | str) or not isinstance(input_spatial, Sequence):
-        raise ValueError(
-            "input_spatial must be a sequence of 1 to 3 positive ints (the spatial size of one "
-            f"input without batch/channel dims), got {input_spatial!r}."
-        )
-    sizes = tuple(_as_int(v, "input_spatial entries") for v in input_spatial)
-    if not 1 <= len(sizes) <= 3 or min(sizes) < 1:
-        raise ValueError(
-            f"input_spatial must hold 1 to 3 positive sizes, got {sizes}; e.g. (32, 32) for a "
-            "Conv2d on 32x32 images."
-        )
-    return sizes
-
-
-def _int_tuple(value: Sequence[int] | int, dims: int, name: str, minimum: int) -> tuple[int, ...]:
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        out = tuple(_as_int(v, name) for v in value)
-        if len(out) != dims:
-            raise ValueError(f"{name} has {len(out)} entries, expected {dims} (or one int).")
-    else:
-        out = (_as_int(value, name),) * dims
-    if min(out) < minimum:
-        raise ValueError(f"{name} entries must be >= {minimum}, got {out}.")
-    return out
-
-
-def _resolve_padding(
-    padding: Sequence[int] | int | str,
-    dims: int,
-    kernel: tuple[int, ...],
-    dilation: tuple[int, ...],
-    stride: tuple[int, ...],
-    transposed: bool,
-) -> list[tuple[int, int]]:
-    """Per-axis (left, right) padding, following PyTorch's rules for the string forms."""
-    if isinstance(padding, str):
-        if padding == "valid":
-            return [(0, 0)] * dims
-        if padding != "same":
-            raise ValueError(f"padding string must be 'valid' or 'same', got {padding!r}.")
-        if transposed:
-            raise ValueError("padding='same' is not supported for transposed convolutions.")
-        if any(s != 1 for s in stride):
-            raise ValueError(
-                f"padding='same' requires stride 1 (as in PyTorch), got stride={stride}."
-            )
-        # PyTorch puts the odd extra zero on the right.
-        totals = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
-        return [(t // 2, t - t // 2) for t in totals]
-    return [(p, p) for p in _int_tuple(padding, dims, "padding", minimum=0)]
-
-
-# ----------------------------------------------------------------------------- axis plans
-
-
-def _source(a: int, n: int, mode: str) -> int | None:
-    """Input index copied to padded position ``a`` (relative to the input start), or None."""
-    if 0 <= a < n:
-        return a
-    if mode == "zeros":
+def _drop_dead_taps_and_normalise(w64: torch.Tensor, dead_taps: list[list[int]]) -> int | None:
+    """Zero the taps that only ever meet padding zeros (exact: they contribute nothing), then
+    scale ``w64`` in place by a power of two (exact) so that its largest entry lies in
+    ``[0.5, 1)``. Returns the exponent ``e`` (the norm is ``2**e`` times the scaled one), or
+    ``None`` for an all-zero weight."""
+    for axis, dead in enumerate(dead_taps):
+        if dead:
+            w64.index_fill_(axis + 2, torch.tensor(dead), 0.0)
+    peak = float(w64.abs().max())
+    if peak == 0.0:
         return None
-    if mode == "circular":
-        return a % n
-    if mode == "replicate":
-        return min(max(a, 0), n - 1)
-    return -a if a < 0 else 2 * (n - 1) - a  # reflect (PyTorch requires padding < n)
+    # Exact power-of-two normalisation keeps squares away from overflow and underflow.
+    exponent = math.frexp(peak)[1]
+    half = -exponent // 2  # two steps: 2**-exponent alone may overflow for subnormal weights
+    w64.mul_(2.0**half).mul_(2.0 ** (-exponent - half))
+    return exponent
 
 
-def _embeds(reads: list[int], labels: list[int | None], size: int) -> bool:
-    """Whether placing label ``labels[i]`` at torus position ``reads[i] mod size`` is a
-    well-defined injective embedding that keeps every padding zero off occupied positions."""
-    position_of: dict[int, int] = {}
-    label_at: dict[int, int] = {}
-    zero_positions = set()
-    for j, label in zip(reads, labels, strict=True):
-        pos = j % size
-        if label is None:
-            zero_positions.add(pos)
-        elif position_of.setdefault(label, pos) != pos or label_at.setdefault(pos, label) != label:
-            return False
-    return zero_positions.isdisjoint(label_at)
-
-
-def _axis_plans(
-    n: int, pad_l: int, pad_r: int, k: int, d: int, s: int, n_out: int | None, mode: str
-) -> tuple[list[_AxisPlan], int, list[int]]:
-    """Torus embeddings of one axis, im2col copy count and dead taps.
-
-    Returns the candidate plans (all sound; empty if the axis reads padding zeros only), the
-    largest number of (output, live tap) pairs reading one input entry (im2col bound) and the
-    taps that never read an input entry (only possible with zero padding).
-    """
-    m = n + pad_l + pad_r
-    k_eff = d * (k - 1) + 1
-    if mode == "reflect" and max(pad_l, pad_r) >= n:
-        raise ValueError(
-            f"reflect padding ({pad_l}, {pad_r}) must be smaller than the input size {n} "
-            "(PyTorch rejects it); use a smaller padding or 'replicate'."
-        )
-    if mode == "circular" and max(pad_l, pad_r) > n:
-        raise ValueError(
-            f"circular padding ({pad_l}, {pad_r}) may not exceed the input size {n} "
-            "(PyTorch rejects wrapping more than once)."
-        )
-    if m < k_eff:
-        raise ValueError(
-            f"dilated kernel size {k_eff} exceeds the padded input size {m} (input {n}, padding "
-            f"({pad_l}, {pad_r})): the convolution has no output. Enlarge the input or padding."
-        )
-    if n_out is None:
-        n_out = (m - k_eff) // s + 1
-    live = [
-        t
-        for t in range(k)
-        if any(_source(s * i + d * t - pad_l, n, mode) is not None for i in range(n_out))
-    ]
-    if not live:
-        return [], 0, []
-    dead = sorted(set(range(k)) - set(live))
-    # Reads of dead taps are irrelevant (their weights are zeroed), so they impose nothing.
-    reads = sorted({s * i + d * t for i in range(n_out) for t in live})
-    sources = [_source(j - pad_l, n, mode) for j in reads]
-    window_copies = Counter(
-        _source(s * i + d * t - pad_l, n, mode) for i in range(n_out) for t in live
+def _im2col_norm(w_groups: torch.Tensor, limit_bytes: int) -> float:
+    """Certified ``max_g ||W_mat,g||_2`` of the im2col weight matrices (section 6): dense
+    eigenvalues within ``limit_bytes``, else the budgeted matrix certificate (row blocks,
+    Frobenius, Schur)."""
+    if _window_bytes(w_groups) <= limit_bytes:
+        return _window_norm(w_groups)
+    mats = w_groups.reshape(w_groups.shape[0], w_groups.shape[1], -1)
+    return max(
+        matrix_norm_certificate(m, memory_limit_bytes=limit_bytes, name="conv weight").bound
+        for m in mats
     )
-    window_copies.pop(None, None)
-    copies = Counter(a for a in sources if a is not None)
-    dup = max(copies.values())
-    extent = reads[-1] + 1  # read window [0, extent)
 
-    def out_mult(size: int) -> int:
-        if s * (n_out - 1) < size:
-            return 1
-        return max(Counter((s * i) % size for i in range(n_out)).values())
 
-    def search(sigma: int, labels: list[int | None], in_mult: int) -> _AxisPlan | None:
-        """Smallest multiple of sigma giving an embedding; prefers the least multiplicity."""
-        n_labels = len({a for a in labels if a is not None})
-        start = -(-n_labels // sigma) * sigma
-        stop = -(-extent // sigma) * sigma
-        best: _AxisPlan | None = None
-        for size in range(start, stop + 1, sigma):
-            if not _embeds(reads, labels, size):
-                continue
-            mult = in_mult * out_mult(size)
-            if best is None or mult < best.mult:
-                best = _AxisPlan(sigma, size, mult)
-            if mult == in_mult:
-                break
-        return best
+@dataclass(frozen=True)
+class _TorusBound:
+    """The smallest torus bound over the plan combinations (``inf`` if none fitted the
+    budget) and how many combinations were skipped for memory."""
 
-    direct = search(s, sources, 1)
-    if direct is not None and direct.mult == 1:
-        return [direct], max(window_copies.values()), dead
-    # Fallbacks: the duplication argument (labels are the read positions themselves, always
-    # embeddable without wrap-around) and, for strided convs, the stride-1 torus with a row
-    # restriction. Keep the best plan for each torus stride.
-    candidates = [direct]
-    if dup > 1:
-        own = [j if a is not None else None for j, a in zip(reads, sources, strict=True)]
-        candidates.append(search(s, own, dup))
-    if s > 1:
-        candidates.append(search(1, sources, 1))
-        if dup > 1:
-            candidates.append(search(1, own, dup))
-    best_per_sigma: dict[int, _AxisPlan] = {}
-    for plan in candidates:
-        if plan is None:
-            continue
-        cur = best_per_sigma.get(plan.sigma)
-        if cur is None or (plan.mult, plan.size) < (cur.mult, cur.size):
-            best_per_sigma[plan.sigma] = plan
-    return list(best_per_sigma.values()), max(window_copies.values()), dead
+    bound: float
+    skipped: int
+
+
+def _best_torus_bound(
+    w_groups: torch.Tensor,
+    dilation: tuple[int, ...],
+    axis_candidates: list[list[AxisPlan]],
+    budget: MemoryBudget,
+) -> _TorusBound:
+    """``min over plan combinations of prod(sqrt(mult)) * ||torus conv||`` (sections 1-5):
+    every combination is a proven bound, so their minimum is one."""
+    best, skipped = math.inf, 0
+    for combo in product(*axis_candidates):
+        factor = math.sqrt(math.prod(p.mult for p in combo))
+        torus = _torus_norm(w_groups, dilation, combo, budget.limit_bytes)
+        if torus is None:
+            skipped += 1
+        else:
+            best = min(best, factor * torus)
+    return _TorusBound(best, skipped)
 
 
 # ----------------------------------------------------------------------------- spectrum
@@ -526,10 +292,48 @@ def _window_bytes(w_groups: torch.Tensor) -> int:
     return 8 * (4 * n_groups * small * small + w_groups.numel())
 
 
+def _polyphase_layout(
+    kernel: tuple[int, ...], dilation: tuple[int, ...], sigmas: list[int], tori: list[int]
+) -> tuple[list[list[int]], list[int]]:
+    """Where each kernel tap goes in the polyphase kernel (section 3).
+
+    Per axis, tap ``t`` sits at torus position ``d t = sigma q + r`` with ``q`` folded modulo
+    ``M``. Returns, per axis, the sorted distinct ``q`` values, and for every tap (row-major
+    order) its flat ``(polyphase tap, phase)`` slot ``q_flat * prod(sigmas) + r_flat``.
+    """
+    q_values: list[list[int]] = []
+    q_index: list[list[int]] = []
+    r_index: list[list[int]] = []
+    for k, d, sigma, size in zip(kernel, dilation, sigmas, tori, strict=True):
+        qs = [(d * t // sigma) % size for t in range(k)]
+        uniq = sorted(set(qs))
+        q_values.append(uniq)
+        q_index.append([uniq.index(q) for q in qs])
+        r_index.append([(d * t) % sigma for t in range(k)])
+    n_phases = math.prod(sigmas)
+    dest = []
+    for taps in product(*(range(k) for k in kernel)):
+        qi = ri = 0
+        for axis, t in enumerate(taps):
+            qi = qi * len(q_values[axis]) + q_index[axis][t]
+            ri = ri * sigmas[axis] + r_index[axis][t]
+        dest.append(qi * n_phases + ri)
+    return q_values, dest
+
+
+def _per_frequency_bytes(n_groups: int, rows: int, cols: int, n_coeffs: int, autocorr: bool) -> int:
+    """Working bytes per frequency of a Gram route (``n_coeffs``: DFT coefficients per
+    frequency, the polyphase taps on the direct route, the shifts on the autocorrelation one)."""
+    small = min(rows, cols)
+    if autocorr:
+        return n_groups * small * small * 48 + n_coeffs * 32
+    return n_groups * (rows * cols * 48 + small * small * 32) + n_coeffs * 32
+
+
 def _torus_norm(
     w_groups: torch.Tensor,
     dilation: tuple[int, ...],
-    plans: tuple[_AxisPlan, ...],
+    plans: tuple[AxisPlan, ...],
     limit_bytes: int | None = None,
 ) -> float | None:
     """Upper bound on the norm of the (polyphase) torus convolution described by ``plans``.
@@ -545,26 +349,9 @@ def _torus_norm(
     sigmas = [p.sigma for p in plans]
     tori = [p.size // p.sigma for p in plans]
     n_phases = math.prod(sigmas)
-
-    # Per axis: tap t sits at torus position d t = sigma q + r, with q folded modulo M.
-    q_values: list[list[int]] = []
-    q_index: list[list[int]] = []
-    r_index: list[list[int]] = []
-    for k, d, sigma, size in zip(kernel, dilation, sigmas, tori, strict=True):
-        qs = [(d * t // sigma) % size for t in range(k)]
-        uniq = sorted(set(qs))
-        q_values.append(uniq)
-        q_index.append([uniq.index(q) for q in qs])
-        r_index.append([(d * t) % sigma for t in range(k)])
+    q_values, dest = _polyphase_layout(kernel, dilation, sigmas, tori)
     n_q = math.prod(len(v) for v in q_values)
     n_taps = math.prod(kernel)
-    dest = []  # flat (polyphase tap, phase) slot of every kernel tap, row-major tap order
-    for taps in product(*(range(k) for k in kernel)):
-        qi = ri = 0
-        for axis, t in enumerate(taps):
-            qi = qi * len(q_values[axis]) + q_index[axis][t]
-            ri = ri * sigmas[axis] + r_index[axis][t]
-        dest.append(qi * n_phases + ri)
     rows, cols = c_out, c_in * n_phases
     small, inner = min(rows, cols), max(rows, cols)
     freq_shape = [*tori[:-1], tori[-1] // 2 + 1]  # half spectrum (real kernel)
@@ -580,10 +367,8 @@ def _torus_norm(
         need = 8 * (3 * poly + w_groups.numel())
         if autocorr:
             need += 8 * n_groups * small * (n_shifts * small + 2 * n_q * inner)
-            per_freq = n_groups * small * small * 48 + n_shifts * 32
-        else:
-            per_freq = n_groups * (rows * cols * 48 + small * small * 32) + n_q * 32
-        need += max(chunk_bytes, per_freq)
+        n_coeffs = n_shifts if autocorr else n_q
+        need += max(chunk_bytes, _per_frequency_bytes(n_groups, rows, cols, n_coeffs, autocorr))
         if need > limit_bytes:
             return None
     dest_t = torch.tensor(dest, dtype=torch.long)
@@ -601,11 +386,8 @@ def _torus_norm(
     s_frob = float(polyphase(taps_first.abs()).sum(0).square().sum((-2, -1)).sqrt().max())
     s_frob *= 1 + 1e-6
     q_grid = torch.tensor(list(product(*q_values)), dtype=torch.long).reshape(n_q, len(tori))
-
-    if autocorr:
-        top = _top_eig_autocorr(w_poly, q_grid, tori, freq_shape, chunk_bytes)
-    else:
-        top = _top_eig_direct(w_poly, q_grid, tori, freq_shape, chunk_bytes)
+    route = _autocorr_route if autocorr else _direct_route
+    top = _max_over_spectrum(route(w_poly, q_grid), tori, freq_shape, chunk_bytes)
     # Weyl: rounding of the polyphase sums (folded taps) and, on the direct route, of the DFT
     # moves each singular value by at most eps * ||S||_F.
     sigma_margin = (2 * n_q + n_taps + 110) * _UNIT_ROUNDOFF * s_frob
@@ -663,46 +445,54 @@ def _angles(
     return (numer % lcm).to(torch.float64) * (2 * math.pi / lcm)
 
 
-def _top_eig_direct(
-    w_poly: torch.Tensor,
-    q_grid: torch.Tensor,
-    tori: list[int],
-    freq_shape: list[int],
-    chunk_bytes: int = _CHUNK_BYTES,
-) -> float:
-    """``max_f lambda_max`` of the smaller Gram matrix of ``K'(f) = sum_q exp(i theta) W'_q``.
+@dataclass(frozen=True)
+class _GramRoute:
+    """One way of forming the Gram matrices ``G(f)`` of the half spectrum, chunk by chunk.
 
-    The DFT matrices are formed chunk by chunk (two real matmuls), then their Gram matrices.
+    ``offsets``: ``(X, D)`` integer shifts whose DFT phases the route combines; ``per_freq``:
+    its working bytes per frequency; ``top(angles)``: ``lambda_max`` of every ``G(f)`` (any
+    shape) from the ``(F, X)`` phase angles of a chunk of frequencies.
     """
-    n_q, n_groups, rows, cols = w_poly.shape
-    small = min(rows, cols)
-    w_flat = w_poly.reshape(n_q, -1)
+
+    offsets: torch.Tensor
+    per_freq: int
+    top: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _max_over_spectrum(
+    route: _GramRoute, tori: list[int], freq_shape: list[int], chunk_bytes: int = _CHUNK_BYTES
+) -> float:
+    """``max_f lambda_max(G(f))`` over the half spectrum, in chunks of at most ``chunk_bytes``."""
     n_freq = math.prod(freq_shape)
-    per_freq = n_groups * (rows * cols * 48 + small * small * 32) + n_q * 32
-    step = max(1, chunk_bytes // per_freq)
+    step = max(1, chunk_bytes // route.per_freq)
     best = 0.0
     for start in range(0, n_freq, step):
-        angle = _angles(start, min(start + step, n_freq), freq_shape, tori, q_grid)
-        real = torch.cos(angle) @ w_flat
-        imag = torch.sin(angle) @ w_flat
-        if small == 1:  # a single row/column: its squared norm is its squared Frobenius norm
-            top = (real.square() + imag.square()).reshape(-1, n_groups, rows * cols).sum(-1)
-        else:
-            mats = torch.complex(real, imag).reshape(-1, n_groups, rows, cols)
-            gram = mats @ mats.mH if rows <= cols else mats.mH @ mats
-            top = torch.linalg.eigvalsh(gram)[..., -1]
-        best = max(best, float(top.max()))
+        angle = _angles(start, min(start + step, n_freq), freq_shape, tori, route.offsets)
+        best = max(best, float(route.top(angle).max()))
     return best
 
 
-def _top_eig_autocorr(
-    w_poly: torch.Tensor,
-    q_grid: torch.Tensor,
-    tori: list[int],
-    freq_shape: list[int],
-    chunk_bytes: int = _CHUNK_BYTES,
-) -> float:
-    """``max_f lambda_max`` of the smaller Gram matrix via the kernel autocorrelation.
+def _direct_route(w_poly: torch.Tensor, q_grid: torch.Tensor) -> _GramRoute:
+    """The smaller Gram matrix of ``K'(f) = sum_q exp(i theta) W'_q``: the DFT matrices are
+    formed chunk by chunk (two real matmuls), then their Gram matrices."""
+    n_q, n_groups, rows, cols = w_poly.shape
+    small = min(rows, cols)
+    w_flat = w_poly.reshape(n_q, -1)
+
+    def top(angle: torch.Tensor) -> torch.Tensor:
+        real = torch.cos(angle) @ w_flat
+        imag = torch.sin(angle) @ w_flat
+        if small == 1:  # a single row/column: its squared norm is its squared Frobenius norm
+            return (real.square() + imag.square()).reshape(-1, n_groups, rows * cols).sum(-1)
+        mats = torch.complex(real, imag).reshape(-1, n_groups, rows, cols)
+        gram = mats @ mats.mH if rows <= cols else mats.mH @ mats
+        return torch.linalg.eigvalsh(gram)[..., -1]
+
+    return _GramRoute(q_grid, _per_frequency_bytes(n_groups, rows, cols, n_q, False), top)
+
+
+def _autocorr_route(w_poly: torch.Tensor, q_grid: torch.Tensor) -> _GramRoute:
+    """The smaller Gram matrix via the kernel autocorrelation.
 
     With ``V_q`` the polyphase taps oriented so that ``V_q`` is ``g x l`` with ``g <= l``,
     ``G(f) = sum_{q,q'} exp(i theta(f, q - q')) V_q V_q'^T = sum_delta exp(i theta(f, delta))
@@ -724,14 +514,10 @@ def _top_eig_autocorr(
         rhs = v[right_idx[sel]].permute(1, 2, 0, 3).reshape(n_groups, small, -1)
         autocorr.append(lhs @ rhs.transpose(-1, -2))
     r_flat = torch.stack(autocorr).reshape(shifts.shape[0], -1)
-    n_freq = math.prod(freq_shape)
-    per_freq = n_groups * small * small * 48 + shifts.shape[0] * 32
-    best = 0.0
-    step = max(1, chunk_bytes // per_freq)
-    for start in range(0, n_freq, step):
-        stop = min(start + step, n_freq)
-        angle = _angles(start, stop, freq_shape, tori, shifts)
+
+    def top(angle: torch.Tensor) -> torch.Tensor:
         gram = torch.complex(torch.cos(angle) @ r_flat, torch.sin(angle) @ r_flat)
-        top = torch.linalg.eigvalsh(gram.reshape(-1, n_groups, small, small))[..., -1]
-        best = max(best, float(top.max()))
-    return best
+        return torch.linalg.eigvalsh(gram.reshape(-1, n_groups, small, small))[..., -1]
+
+    per_freq = _per_frequency_bytes(n_groups, rows, cols, shifts.shape[0], True)
+    return _GramRoute(shifts, per_freq, top)
