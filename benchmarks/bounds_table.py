@@ -21,33 +21,23 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
-import warnings
 from typing import Any
 
 import torch
 from _common import print_table, setup_threads
 
-import lipreg
+from experiments.studies.measure import network_bounds
+from experiments.studies.paper_values import PAPER_ALEXNET, PAPER_CNN, paper_cnn_best_lower
 from lipreg.models import (
+    PAPER_INPUT_SHAPES,
+    PAPER_MODELS,
     PUBLISHED,
-    alexnet,
     default_benchmark_dir,
     load_glipsdp,
     load_lipsdp,
-    mlp,
-    mnist_cnn4,
-    mnist_cnn5,
-    mnist_cnn7,
-    mnist_cnn10,
 )
 
-PAPER_CNN = {  # poster values (trained networks): AutoLip, greedy SeqLip, best lower bound
-    "mnist_cnn4": (174, 86, 25.5),
-    "mnist_cnn5": (790.1, 335, 22.2),
-    "mnist_cnn7": (12141, 3629, 43.6),
-    "mnist_cnn10": (4.5e6, 8.2e5, 107.8),
-}
+CNN_LAYERS = {"mnist_cnn4": 4, "mnist_cnn5": 5, "mnist_cnn7": 7, "mnist_cnn10": 10}
 NAN = float("nan")
 
 
@@ -62,31 +52,30 @@ def estimate_all(
     lb_steps: int = 50,
     exact: bool = True,
 ) -> dict[str, Any]:
-    start = time.perf_counter()
-    al = lipreg.autolip(model, shape)
-    out: dict[str, Any] = {
-        "autolip": al.value,
-        "autolip_est": al.estimate,
-        "certified": al.certified,
+    """Every bound of ``model`` through the studies' shared code (experiments.studies.measure):
+    AutoLip, exact SeqLip when ``exact`` and feasible (else NaN), greedy SeqLip with the
+    shared iteration budget, and one lower-bound search."""
+    search = {"inputs": inputs, "n_random": lb_points, "scale": scale, "n_anneal_steps": lb_steps}
+    b = network_bounds(model, shape, exact=exact, top_k=top_k, lower={"search": search})
+    return {
+        "autolip": b.autolip.value,
+        "autolip_est": b.autolip.estimate,
+        "certified": b.autolip.certified,
+        "seqlip_exact": b.exact.value if b.exact is not None else NAN,
+        "seqlip_greedy": b.greedy.value,
+        "lower": b.lower["search"].value,
+        "time": b.times["total"],
     }
-    if exact:
-        try:
-            ex = lipreg.seqlip(model, shape, method="exact")
-            out["seqlip_exact"] = ex.value if ex.certified else NAN
-        except ValueError:  # widths beyond exact_width_limit
-            out["seqlip_exact"] = NAN
-    else:
-        out["seqlip_exact"] = NAN
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gr = lipreg.seqlip(model, shape, method="greedy", top_k=top_k, max_iter=30)
-    out["seqlip_greedy"] = gr.value
-    lb = lipreg.lower_bound(
-        model, shape, inputs=inputs, n_random=lb_points, scale=scale, n_anneal_steps=lb_steps
-    )
-    out["lower"] = lb.value
-    out["time"] = time.perf_counter() - start
-    return out
+
+
+def table_row(network: str, weights: str, r: dict[str, Any], published: str) -> list[Any]:
+    """One printed row: the network, where its weights come from, its bounds, the reference."""
+    keys = ("autolip", "autolip_est", "seqlip_exact", "seqlip_greedy", "lower")
+    return [network, weights, *(r[k] for k in keys), published, r["time"]]
+
+
+def published_text(values: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in values.items())
 
 
 def lipsdp_rows() -> list[list[Any]]:
@@ -94,21 +83,8 @@ def lipsdp_rows() -> list[list[Any]]:
     for name, shape, scale in (("random", (2,), 3.0), ("mnist", (784,), 1.0)):
         net = load_lipsdp(name).model
         r = estimate_all(net, shape, scale=scale, lb_points=2048, lb_steps=100)
-        pub = PUBLISHED["lipsdp"][name]
-        published = ", ".join(f"{k} {v:g}" for k, v in pub.items())
-        rows.append(
-            [
-                f"LipSDP {name}",
-                "published",
-                r["autolip"],
-                r["autolip_est"],
-                r["seqlip_exact"],
-                r["seqlip_greedy"],
-                r["lower"],
-                published,
-                r["time"],
-            ]
-        )
+        published = published_text(PUBLISHED["lipsdp"][name])
+        rows.append(table_row(f"LipSDP {name}", "published", r, published))
     return rows
 
 
@@ -133,26 +109,16 @@ def glipsdp_rows(seeds: range) -> list[list[Any]]:
             results.append(
                 estimate_all(loaded.model, shape, inputs=inputs, lb_points=256, lb_steps=30)
             )
-
-        def mean(key: str, results: list = results) -> float:
-            vals = [r[key] for r in results]
-            return NAN if any(math.isnan(v) for v in vals) else statistics.fmean(vals)
-
-        pub = PUBLISHED["glipsdp"][arch]
-        published = ", ".join(f"{k} {v:g}" for k, v in pub.items())
-        rows.append(
-            [
-                f"GLipSDP {arch} (mean of {len(results)})",
-                "published",
-                mean("autolip"),
-                mean("autolip_est"),
-                mean("seqlip_exact"),
-                mean("seqlip_greedy"),
-                mean("lower"),
-                published,
-                sum(r["time"] for r in results),
-            ]
-        )
+        mean = {
+            k: NAN
+            if any(math.isnan(r[k]) for r in results)
+            else statistics.fmean(r[k] for r in results)
+            for k in ("autolip", "autolip_est", "seqlip_exact", "seqlip_greedy", "lower")
+        }
+        mean["time"] = sum(r["time"] for r in results)
+        published = published_text(PUBLISHED["glipsdp"][arch])
+        name = f"GLipSDP {arch} (mean of {len(results)})"
+        rows.append(table_row(name, "published", mean, published))
     return rows
 
 
@@ -162,69 +128,43 @@ def mlp_rows(quick: bool) -> list[list[Any]]:
     rows = []
     for n_hidden in (3,) if quick else (3, 4):
         torch.manual_seed(0)
-        net = mlp(2, (20,) * n_hidden, 1).double()
+        net = PAPER_MODELS["mlp"](2, (20,) * n_hidden, 1).double()
         r = estimate_all(net, (2,), scale=4.0, lb_points=4096, lb_steps=100)
-        rows.append(
-            [
-                f"MLP 2-{'-'.join(['20'] * n_hidden)}-1 ({n_hidden + 1} linear layers)",
-                "random init",
-                r["autolip"],
-                r["autolip_est"],
-                r["seqlip_exact"],
-                r["seqlip_greedy"],
-                r["lower"],
-                "paper (trained): see issue 4",
-                r["time"],
-            ]
-        )
+        name = f"MLP 2-{'-'.join(['20'] * n_hidden)}-1 ({n_hidden + 1} linear layers)"
+        rows.append(table_row(name, "random init", r, "paper (trained): see issue 4"))
     return rows
 
 
 def paper_rows(skip_alexnet: bool, quick: bool) -> list[list[Any]]:
     rows = []
-    builders = [("mnist_cnn4", mnist_cnn4), ("mnist_cnn5", mnist_cnn5)]
-    if not quick:
-        builders += [("mnist_cnn7", mnist_cnn7), ("mnist_cnn10", mnist_cnn10)]
-    for name, make in builders:
+    names = ["mnist_cnn4", "mnist_cnn5"] + ([] if quick else ["mnist_cnn7", "mnist_cnn10"])
+    for name in names:
         torch.manual_seed(0)
-        r = estimate_all(make(), (1, 28, 28), top_k=200, lb_points=128, lb_steps=20, exact=False)
-        al, gsl, lb = PAPER_CNN[name]
-        rows.append(
-            [
-                name,
-                "random init",
-                r["autolip"],
-                r["autolip_est"],
-                r["seqlip_exact"],
-                r["seqlip_greedy"],
-                r["lower"],
-                f"paper (trained): AutoLip {al:g}, greedy SeqLip {gsl:g}, LB {lb:g}",
-                r["time"],
-            ]
+        shape = PAPER_INPUT_SHAPES[name]
+        r = estimate_all(
+            PAPER_MODELS[name](), shape, top_k=200, lb_points=128, lb_steps=20, exact=False
         )
+        n = CNN_LAYERS[name]
+        paper = (
+            f"paper (trained): AutoLip {PAPER_CNN[n]['autolip']:g}, greedy SeqLip "
+            f"{PAPER_CNN[n]['greedy']:g}, LB {paper_cnn_best_lower(n):g}"
+        )
+        rows.append(table_row(name, "random init", r, paper))
     if not skip_alexnet:
         torch.manual_seed(0)
         r = estimate_all(
-            alexnet(),
-            (3, 224, 224),
+            PAPER_MODELS["alexnet"](),
+            PAPER_INPUT_SHAPES["alexnet"],
             top_k=50 if quick else 200,
             lb_points=16,
             lb_steps=0,
             exact=False,
         )
-        rows.append(
-            [
-                "AlexNet 224x224",
-                "random init",
-                r["autolip"],
-                r["autolip_est"],
-                r["seqlip_exact"],
-                r["seqlip_greedy"],
-                r["lower"],
-                "paper (pretrained): AutoLip 3.62e7, greedy SeqLip 5.45e6",
-                r["time"],
-            ]
+        paper = (
+            f"paper (pretrained): AutoLip {PAPER_ALEXNET['autolip']:g}, greedy SeqLip "
+            f"{PAPER_ALEXNET['greedy']:g}"
         )
+        rows.append(table_row("AlexNet 224x224", "random init", r, paper))
     return rows
 
 

@@ -11,12 +11,17 @@ labelled as such; estimates are labelled as estimates.
 from __future__ import annotations
 
 import argparse
-import warnings
+import sys
+from pathlib import Path
 
 import torch
 
-import lipreg
-from lipreg.models import PAPER_INPUT_SHAPES, PAPER_MODELS
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python experiments/estimate.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from experiments.studies.measure import network_bounds  # noqa: E402
+from lipreg.models import PAPER_INPUT_SHAPES, PAPER_MODELS  # noqa: E402
 
 
 def main() -> None:
@@ -34,16 +39,27 @@ def main() -> None:
         f"{args.model}: input shape {shape}, {sum(p.numel() for p in model.parameters())} "
         "parameters (random init)\n"
     )
-    al = lipreg.autolip(model, shape)
-    print(al.summary(), "\n")
-    if args.seqlip != "none":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sl = lipreg.seqlip(model, shape, method=args.seqlip, top_k=args.top_k, max_iter=30)
+    # the shared bounds code of the studies (greedy SeqLip with the shared iteration budget)
+    b = network_bounds(
+        model,
+        shape,
+        exact=args.seqlip == "exact",
+        greedy=args.seqlip == "greedy",
+        top_k=args.top_k,
+        lower={"search": {"n_random": 64, "n_anneal_steps": 20}},
+    )
+    print(b.autolip.summary(), "\n")
+    if args.seqlip == "exact" and b.exact is None:
+        print(
+            "exact SeqLip: not computed (an activation is wider than the enumeration limit or "
+            "the graph is not a chain); use --seqlip greedy for an estimate.\n"
+        )
+    sl = b.exact if args.seqlip == "exact" else b.greedy
+    if sl is not None:
         print(sl.summary(), "\n")
-    lb = lipreg.lower_bound(model, shape, n_random=64, n_anneal_steps=20)
+    lb = b.lower["search"]
     print(lb.summary(), "\n")
-    print(f"=> {lb.value:.4g} <= L(f) <= {al.value:.4g} (certified)")
+    print(f"=> {lb.value:.4g} <= L(f) <= {b.autolip.value:.4g} (certified)")
 
 
 if __name__ == "__main__":

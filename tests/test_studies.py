@@ -1,36 +1,42 @@
-"""The paper studies (experiments/studies.py): every experiment config composes, and every
-study runs end-to-end in quick mode into a temporary folder, writes its table and plots, and
-its numbers satisfy truths that do not depend on lipreg:
+"""The paper studies (experiments/studies/): every experiment config composes, and every
+study runs end-to-end in quick mode into its run directory (never into results/), writes its
+table and plots, and its numbers satisfy truths that do not depend on lipreg:
 
 - AutoLip (certified) of an MLP = the product of ``torch.linalg.matrix_norm(W, 2)``;
 - lower bounds ≤ exact SeqLip ≤ AutoLip ≤ Frobenius product; greedy SeqLip ≤ exact SeqLip;
 - exact SeqLip ≥ the brute-force max over activation patterns of
   ``‖W_K diag(σ) ⋯ diag(σ) W_1‖`` (paper.md §2.6-2.7), and ≥ any Jacobian norm (autograd);
 - paper_random: AutoLip = 1, greedy SeqLip/AutoLip ≤ 1 and ≤ Theorem 3's bound.
+
+Publishing a finished run into results/ is an explicit step that replaces whole files.
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import inspect
 import itertools
+import json
 import math
+import os
+import shutil
 import struct
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra.utils import get_method, instantiate
+from omegaconf import DictConfig, OmegaConf
 
-from experiments import studies
+from experiments import reporting
 from experiments.models import paper_mlp
+from experiments.studies import driver, paper_cnn, paper_random
+from experiments.studies.publish import publish
 from experiments.train import train
 from lipreg.models import mnist_cnn4
+from tests.hydra_helpers import clear_hydra, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -44,30 +50,19 @@ REL = 1e-6  # relative slack for float64 comparisons of independently computed n
 
 
 def make_cfg(tmp_path: Path, experiment: str, overrides: list[str] | None = None) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                f"experiment={experiment}",
-                "logger=none",
-                f"hydra.run.dir={tmp_path}/run",
-                f"paths.results_dir={tmp_path}/results",
-                *(overrides or []),
-            ],
-            return_hydra_config=True,
-        )
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "run")
-    return cfg
+    """The experiment as Hydra composes it (run dir tmp_path/run, results tmp_path/results)."""
+    return compose_config(
+        [f"experiment={experiment}", "logger=none", *(overrides or [])],
+        tmp_path,
+        run_subdir="run",
+    )
 
 
 @pytest.fixture(autouse=True)
 def _no_wandb_network(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     yield
-    GlobalHydra.instance().clear()
+    clear_hydra()
 
 
 def read_table(folder: Path) -> list[dict[str, str]]:
@@ -78,19 +73,24 @@ def read_table(folder: Path) -> list[dict[str, str]]:
 def num(row: dict[str, str], column: str) -> float | None:
     """A table cell as a float; ``None`` for '–' (not computed)."""
     value = row[column]
-    return None if value == studies.DASH else float(value)
+    return None if value == reporting.DASH else float(value)
 
 
 def run_quick(tmp_path: Path, experiment: str, overrides: list[str] | None = None) -> Path:
+    """Run a study in quick mode; it writes into its run directory only (returned)."""
     cfg = make_cfg(tmp_path, experiment, ["study.quick=true", *(overrides or [])])
     assert cfg.task_name == experiment, NOT_OVERRIDDEN
     summary = train(cfg)
     assert summary and all(math.isfinite(v) for v in summary.values())
-    out = tmp_path / "results" / cfg.task_name
+    out = tmp_path / "run"
+    assert not (tmp_path / "results").exists(), "a study run wrote into the results folder"
     assert (out / "table.md").is_file() and (out / "table.csv").is_file()
     md = (out / "table.md").read_text()
     assert "certified" in md and "estimate" in md  # every number says what it is
     assert not list(out.glob(".*tmp")), "a temporary file was left behind"
+    manifest = json.loads((out / driver.MANIFEST).read_text())
+    assert manifest["study"] == experiment and manifest["quick"] is True
+    assert {"table.md", "table.csv"} <= set(manifest["files"])
     return out
 
 
@@ -154,10 +154,14 @@ def test_every_experiment_config_composes_and_names_its_study(tmp_path, experime
     )
     target = cfg.study._target_
     assert target.startswith("experiments.studies.")
-    fn = getattr(studies, target.rsplit(".", 1)[1])
+    fn = get_method(target)
     params = {k: v for k, v in cfg.study.items() if not k.startswith("_")}
-    inspect.signature(fn.__wrapped__).bind(cfg, **params)  # every parameter exists
-    assert "quick" in inspect.signature(fn.__wrapped__).parameters
+    signature = inspect.signature(fn)  # the study's parameters + the driver's `publish`
+    signature.bind(cfg, **params)  # every parameter exists
+    assert "quick" in signature.parameters and "publish" in signature.parameters
+    assert set(signature.parameters) - {"publish"} == set(
+        inspect.signature(fn.__wrapped__).parameters
+    )
     bound = instantiate(cfg.study, _recursive_=False)
     assert callable(bound)
     for group in ("data", "model", "trainer"):  # every interpolation resolves
@@ -166,7 +170,7 @@ def test_every_experiment_config_composes_and_names_its_study(tmp_path, experime
 
 def test_a_study_also_runs_without_partial(tmp_path):
     """``study: {_target_: ...}`` without ``_partial_`` works too (returns a bound study)."""
-    bound = studies.paper_random(quick=True)
+    bound = paper_random.run(quick=True)
     assert callable(bound) and bound.keywords == {"quick": True}
 
 
@@ -177,9 +181,9 @@ def test_a_study_also_runs_without_partial(tmp_path):
 
 def test_random_spectrum_weights_are_as_specified():
     gen = torch.Generator().manual_seed(0)
-    q = studies.haar_orthogonal(7, gen)
+    q = paper_random.haar_orthogonal(7, gen)
     torch.testing.assert_close(q.T @ q, torch.eye(7, dtype=torch.float64))
-    net = studies.random_spectrum_mlp(4, 0.1, width=12, seed=3)
+    net = paper_random.random_spectrum_mlp(4, 0.1, width=12, seed=3)
     for m in net.modules():
         if isinstance(m, torch.nn.Linear):
             s = torch.linalg.svdvals(m.weight.detach())
@@ -192,12 +196,12 @@ def test_random_spectrum_weights_are_as_specified():
 
 def test_markdown_and_csv_say_dash_for_missing_values(tmp_path):
     rows = [{"a": 1.23456789, "b": None, "c": "x|y"}, {"a": float("nan"), "d": True}]
-    studies.write_table(tmp_path, "t", rows, ["a note"])
+    reporting.write_table(tmp_path, "t", rows, ["a note"])
     md = (tmp_path / "table.md").read_text()
     assert "| 1.235 | – | x\\|y |" in md and "- a note" in md
     table = read_table(tmp_path)
-    assert table[0]["a"] == "1.23456789" and table[0]["b"] == studies.DASH
-    assert table[1]["a"] == studies.DASH and table[1]["d"] == "yes"
+    assert table[0]["a"] == "1.23456789" and table[0]["b"] == reporting.DASH
+    assert table[1]["a"] == reporting.DASH and table[1]["d"] == "yes"
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,12 +300,12 @@ def test_paper_cnn_prefers_installed_fashion_mnist_and_labels_it(tmp_path, monke
         )
     monkeypatch.setattr(data_module, "DEFAULT_FASHION_MNIST_ROOT", str(root))
     cfg = make_cfg(tmp_path, "paper_cnn")
-    assert studies._cnn_data(cfg, False, 100) is None  # study.prefer_fashion_mnist=false
-    data = studies._cnn_data(cfg, True, 100)
+    assert paper_cnn.cnn_data(cfg, False, 100) is None  # study.prefer_fashion_mnist=false
+    data = paper_cnn.cnn_data(cfg, True, 100)
     assert data is not None and data._target_.endswith("FashionMNISTDataModule")
-    datamodule = instantiate(studies._run_cfg(cfg, "cnn", data=data).data)
+    datamodule = instantiate(driver.run_cfg(cfg, "cnn", data=data).data)
     datamodule.setup("fit")
-    studies._mark_substitute(datamodule, "MNIST")
+    driver.mark_substitute(datamodule, "MNIST")
     assert "Fashion-MNIST" in datamodule.description
     assert "SUBSTITUTE for MNIST" in datamodule.description
 
@@ -361,3 +365,95 @@ def test_penalty_sweep_mlp_seqlip_penalty_quick(tmp_path):
         spectral_product(net), rel=REL
     )
     assert_pngs(out, ["accuracy_vs_bound.png", "bound_curves.png"])
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs: the run directory by default; results/ only through an explicit, atomic publish
+# --------------------------------------------------------------------------------------------
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file below ``folder``, by relative path."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_a_study_run_leaves_the_committed_results_untouched(tmp_path):
+    """With the repository's real results/ as paths.results_dir, a study run (quick) writes
+    into its run directory and not one byte of results/ changes."""
+    results = ROOT / "results"
+    before = tree_digest(results)
+    assert before, "the repository's results/ folder is expected to hold the committed tables"
+    cfg = make_cfg(tmp_path, "paper_random", ["study.quick=true", f"paths.results_dir={results}"])
+    assert str(cfg.paths.results_dir) == str(results)
+    train(cfg)
+    assert tree_digest(results) == before
+    assert (tmp_path / "run" / "table.md").is_file()
+    assert (tmp_path / "run" / "ratio_vs_layers.png").is_file()
+
+
+def test_publish_replaces_whole_tables_and_refuses_unfinished_or_quick_runs(tmp_path):
+    out = run_quick(tmp_path, "paper_random")
+    results = tmp_path / "published"
+    old = results / "paper_random"
+    old.mkdir(parents=True)
+    (old / "table.md").write_text("# the old table\n")
+    (old / "notes.txt").write_text("kept")
+    with pytest.raises(ValueError, match="quick"):
+        publish(out, results)
+    assert (old / "table.md").read_text() == "# the old table\n"
+    dest = publish(out, results, allow_quick=True)
+    assert dest == old
+    manifest = json.loads((out / driver.MANIFEST).read_text())
+    for name in manifest["files"]:
+        assert (dest / name).read_bytes() == (out / name).read_bytes(), name
+    assert (dest / "notes.txt").read_text() == "kept"  # files it does not publish stay
+    assert not list(dest.glob(".*tmp"))
+    unfinished = tmp_path / "killed_run"
+    shutil.copytree(out, unfinished)
+    (unfinished / driver.MANIFEST).unlink()  # a killed study never wrote its manifest
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        publish(unfinished, results, allow_quick=True)
+
+
+def test_a_publish_killed_mid_file_leaves_the_old_table_whole(tmp_path, monkeypatch):
+    """A failure while a table is being written (here: os.replace never happens) leaves the
+    committed file as it was and no temporary file behind."""
+    out = run_quick(tmp_path, "paper_random")
+    dest = tmp_path / "published" / "paper_random"
+    dest.mkdir(parents=True)
+    (dest / "table.md").write_text("# the old table\n")
+
+    def killed(src, dst):
+        raise KeyboardInterrupt("killed during publish")
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        publish(out, tmp_path / "published", allow_quick=True)
+    assert (dest / "table.md").read_text() == "# the old table\n"
+    assert sorted(p.name for p in dest.iterdir()) == ["table.md"]
+
+
+def test_study_publish_flag_publishes_after_the_run(tmp_path):
+    small = ["study.max_layers=2", "study.seeds=1", "study.ratios=[0.5]"]  # a full, small run
+    cfg = make_cfg(tmp_path, "paper_random", [*small, "study.publish=true"])
+    train(cfg)
+    published = tmp_path / "results" / "paper_random"
+    for name in ("table.md", "table.csv", "ratio_vs_layers.png"):
+        assert (published / name).read_bytes() == (tmp_path / "run" / name).read_bytes()
+    quick = make_cfg(tmp_path / "q", "paper_random", ["study.quick=true", "study.publish=true"])
+    with pytest.raises(ValueError, match="quick"):  # quick numbers are never published
+        train(quick)
+    assert not (tmp_path / "q" / "results").exists()
+
+
+def test_main_table_is_narrow_and_csv_is_complete(tmp_path):
+    out = run_quick(tmp_path, "paper_random")
+    md = (out / "table.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| "))
+    assert header.count("|") - 1 <= 9
+    assert "time (s)" not in header and "weights" not in header
+    assert "time (s)" in read_table(out)[0] and "weights" in read_table(out)[0]

@@ -1,55 +1,12 @@
-"""Models: the networks of Scaman & Virmaux (2018) and loaders of public benchmark networks."""
+"""Models: the networks of Scaman & Virmaux (2018) and loaders of public benchmark networks.
 
-from lipreg.models.benchmark_nets import (
-    BENCHMARK_DIR_ENV,
-    GLIPSDP_ARCHS,
-    GLIPSDP_FLATTEN_ORDER,
-    GLIPSDP_METHOD_NAMES,
-    GLIPSDP_OUTPUT_INDEX,
-    GLIPSDP_SEEDS,
-    LIPSDP_FILES,
-    PUBLISHED,
-    FeaturePermute,
-    FlattenOrder,
-    LoadedNet,
-    default_benchmark_dir,
-    load_glipsdp,
-    load_glipsdp_summary,
-    load_lipsdp,
-)
-from lipreg.models.paper import (
-    PAPER_INPUT_SHAPES,
-    PAPER_MODELS,
-    alexnet,
-    mlp,
-    mnist_cnn4,
-    mnist_cnn5,
-    mnist_cnn7,
-    mnist_cnn10,
-)
+The public names are those of :mod:`lipreg.models.paper` (the paper's architectures) and
+:mod:`lipreg.models.benchmark_nets` (LipSDP / GLipSDP loaders and published values); each
+submodule's ``__all__`` is the one list of its names.
+"""
 
-__all__ = [
-    "BENCHMARK_DIR_ENV",
-    "GLIPSDP_ARCHS",
-    "GLIPSDP_FLATTEN_ORDER",
-    "GLIPSDP_METHOD_NAMES",
-    "GLIPSDP_OUTPUT_INDEX",
-    "GLIPSDP_SEEDS",
-    "LIPSDP_FILES",
-    "PAPER_INPUT_SHAPES",
-    "PAPER_MODELS",
-    "PUBLISHED",
-    "FeaturePermute",
-    "FlattenOrder",
-    "LoadedNet",
-    "alexnet",
-    "default_benchmark_dir",
-    "load_glipsdp",
-    "load_glipsdp_summary",
-    "load_lipsdp",
-    "mlp",
-    "mnist_cnn4",
-    "mnist_cnn5",
-    "mnist_cnn7",
-    "mnist_cnn10",
-]
+from lipreg.models import benchmark_nets, paper
+from lipreg.models.benchmark_nets import *  # noqa: F403  (names: benchmark_nets.__all__)
+from lipreg.models.paper import *  # noqa: F403  (names: paper.__all__)
+
+__all__ = benchmark_nets.__all__ + paper.__all__

@@ -49,6 +49,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lipreg.models.optional import import_optional
+
 __all__ = [
     "BENCHMARK_DIR_ENV",
     "GLIPSDP_ARCHS",
@@ -224,16 +226,10 @@ def _resolve_dir(directory: str | os.PathLike[str] | None) -> Path:
 
 def _loadmat(path: Path, **kwargs: Any) -> dict[str, Any]:
     """``scipy.io.loadmat`` with a lazy import and a clear error if scipy is missing."""
-    try:
-        from scipy.io import loadmat
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "Loading the benchmark networks needs scipy (scipy.io.loadmat), an optional "
-            "dependency of lipreg. Install it with `pip install scipy`."
-        ) from exc
+    sio = import_optional("scipy.io", "Loading the benchmark networks", "`pip install scipy`")
     if not path.is_file():
         raise FileNotFoundError(f"benchmark-network file {str(path)!r} not found")
-    return loadmat(str(path), **kwargs)
+    return sio.loadmat(str(path), **kwargs)
 
 
 def _tensor(array: Any, dtype: torch.dtype) -> torch.Tensor:

@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
+from lipreg.models.optional import import_optional
+
 __all__ = [
     "PAPER_INPUT_SHAPES",
     "PAPER_MODELS",
@@ -75,6 +77,21 @@ def _conv_relu_stack(convs: Sequence[nn.Conv2d]) -> nn.Sequential:
         layers.append(conv)
     layers.append(nn.Flatten())
     return nn.Sequential(*layers)
+
+
+def _deep_conv_stack(same_size_convs: int) -> nn.Sequential:
+    """Our deeper MNIST CNNs: conv 1->32 (k5, s2), then at each resolution
+    ``same_size_convs`` 3x3 stride-1 padding-1 convolutions c->c followed by the downsampling
+    convolution (32->64 k3 s2, 64->128 k3 s2, 128->10 k2), ReLU between consecutive ones.
+    Layers are created in network order, so a seeded build gives the same weights as the
+    explicit listings in :func:`mnist_cnn7` and :func:`mnist_cnn10`."""
+    convs = [nn.Conv2d(1, 32, kernel_size=5, stride=2)]
+    # (channels, downsampling conv's out channels, kernel, stride), built in network order
+    for channels, out, kernel, stride in ((32, 64, 3, 2), (64, 128, 3, 2), (128, 10, 2, 1)):
+        for _ in range(same_size_convs):
+            convs.append(nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1))
+        convs.append(nn.Conv2d(channels, out, kernel_size=kernel, stride=stride))
+    return _conv_relu_stack(convs)
 
 
 def mnist_cnn4() -> nn.Sequential:
@@ -144,17 +161,7 @@ def mnist_cnn7() -> nn.Sequential:
         conv 128->10, k2          (2 -> 1)
         flatten -> (B, 10)
     """
-    return _conv_relu_stack(
-        [
-            nn.Conv2d(1, 32, kernel_size=5, stride=2),
-            nn.Conv2d(32, 32, kernel_size=3, stride=1, padding=1),
-            nn.Conv2d(32, 64, kernel_size=3, stride=2),
-            nn.Conv2d(64, 64, kernel_size=3, stride=1, padding=1),
-            nn.Conv2d(64, 128, kernel_size=3, stride=2),
-            nn.Conv2d(128, 128, kernel_size=3, stride=1, padding=1),
-            nn.Conv2d(128, 10, kernel_size=2),
-        ]
-    )
+    return _deep_conv_stack(same_size_convs=1)
 
 
 def mnist_cnn10() -> nn.Sequential:
@@ -178,20 +185,7 @@ def mnist_cnn10() -> nn.Sequential:
         conv 128->10, k2          (2 -> 1)
         flatten -> (B, 10)
     """
-    return _conv_relu_stack(
-        [
-            nn.Conv2d(1, 32, kernel_size=5, stride=2),
-            nn.Conv2d(32, 32, kernel_size=3, stride=1, padding=1),
-            nn.Conv2d(32, 32, kernel_size=3, stride=1, padding=1),
-            nn.Conv2d(32, 64, kernel_size=3, stride=2),
-            nn.Conv2d(64, 64, kernel_size=3, stride=1, padding=1),
-            nn.Conv2d(64, 64, kernel_size=3, stride=1, padding=1),
-            nn.Conv2d(64, 128, kernel_size=3, stride=2),
-            nn.Conv2d(128, 128, kernel_size=3, stride=1, padding=1),
-            nn.Conv2d(128, 128, kernel_size=3, stride=1, padding=1),
-            nn.Conv2d(128, 10, kernel_size=2),
-        ]
-    )
+    return _deep_conv_stack(same_size_convs=2)
 
 
 def alexnet(num_classes: int = 1000) -> nn.Module:
@@ -212,13 +206,11 @@ def alexnet(num_classes: int = 1000) -> nn.Module:
     Raises:
         ImportError: If torchvision is not installed.
     """
-    try:
-        import torchvision
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "lipreg.models.alexnet needs torchvision, an optional dependency of lipreg. "
-            "Install it with `pip install torchvision` (or `pip install lipreg[experiments]`)."
-        ) from exc
+    torchvision = import_optional(
+        "torchvision",
+        "lipreg.models.alexnet",
+        "`pip install torchvision` (or `pip install lipreg[experiments]`)",
+    )
     return torchvision.models.alexnet(weights=None, num_classes=num_classes)
 
 
