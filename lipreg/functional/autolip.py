@@ -119,26 +119,22 @@ def autolip(
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}.")
     check_iteration_options(tol, max_iter, method)
-    if memory_limit_bytes is not None:
-        limit = memory_limit_bytes
-    elif isinstance(model, nn.Module):
-        limit = default_memory_limit(model)
-    else:  # analyse() raises the TypeError
-        limit = DEFAULT_MEMORY_LIMIT_BYTES
-    with memory_budget(limit) as budget:
-        result = _autolip(
+    with memory_budget(_memory_limit(model, memory_limit_bytes)) as budget:
+        if traced is None:  # trace once: the float64 analysis of the certificates reuses it
+            traced = trace(model)
+        analysis = analyse(model, input_shape, dtype=dtype, traced=traced)
+        bounder = ChainBounder(
+            analysis,
             model,
-            input_shape,
             certify=certify,
             tol=tol,
             max_iter=max_iter,
             method=method,
-            dtype=dtype,
-            state=state,
-            seed=seed,
+            state=dict(state or {}),
+            generator=torch.Generator(device=analysis.device).manual_seed(seed),
             dense_limit=dense_limit,
-            traced=traced,
         )
+        result = _autolip(analysis, bounder)
     if budget.events:
         msg = "memory budget: " + " | ".join(budget.events)
         warnings.warn(msg, stacklevel=2)
@@ -169,36 +165,19 @@ def check_finite_result(result: LipschitzResult) -> None:
         )
 
 
-def _autolip(
-    model: nn.Module,
-    input_shape: Sequence[int],
-    *,
-    certify: bool,
-    tol: float,
-    max_iter: int,
-    method: Literal["lanczos", "power"],
-    dtype: torch.dtype,
-    state: dict[str, Tensor] | None,
-    seed: int,
-    dense_limit: int,
-    traced: fx.GraphModule | None,
-) -> LipschitzResult:
-    start = time.perf_counter()
-    if traced is None:  # trace once: the float64 analysis of the certificates reuses it
-        traced = trace(model)
-    analysis = analyse(model, input_shape, dtype=dtype, traced=traced)
-    generator = torch.Generator(device=analysis.device).manual_seed(seed)
-    bounder = ChainBounder(
-        analysis,
-        model,
-        certify=certify,
-        tol=tol,
-        max_iter=max_iter,
-        method=method,
-        state=dict(state or {}),
-        generator=generator,
-        dense_limit=dense_limit,
-    )
+def _memory_limit(model: nn.Module, memory_limit_bytes: float | None) -> float:
+    """The budget of every certificate: the caller's, else :func:`default_memory_limit`."""
+    if memory_limit_bytes is not None:
+        return memory_limit_bytes
+    if isinstance(model, nn.Module):
+        return default_memory_limit(model)
+    return DEFAULT_MEMORY_LIMIT_BYTES  # analyse() raises the TypeError
+
+
+def _autolip(analysis: Analysis, bounder: ChainBounder) -> LipschitzResult:
+    """Every chain's factor through the certificate ladder, then the AutoLip walk twice:
+    with the chains' values (the result) and with their iterative estimates."""
+    certify = bounder.certify
     chains = find_affine_chains(analysis)
     layers, by_chain = _factors(analysis, chains, bounder)
     value = propagate(analysis, chains, lambda c: by_chain[c.name].value, 1.0)
@@ -219,7 +198,6 @@ def _autolip(
         estimate=total_est,
         state=bounder.new_state,
         n_iter=sum(lb.n_iter for lb in layers),
-        time_s=time.perf_counter() - start,
         notes=notes,
     )
 
@@ -241,17 +219,8 @@ def _factors(
             lb = bounder.bound(chains[node])
             by_chain[chains[node].name] = lb
         elif isinstance(spec, Elementwise | Nonlinear):
-            lip = spec.lipschitz
             kind = "activation" if isinstance(spec, Elementwise) else "nonlinear"
-            lb = LayerBound(
-                name=analysis.label(node),
-                kind=kind,
-                value=lip,
-                certified=True,
-                estimate=lip,
-                upper=lip,
-                method="rule",
-            )
+            lb = LayerBound.from_rule(analysis.label(node), kind, spec.lipschitz)
         else:
             continue
         layers.append(lb)

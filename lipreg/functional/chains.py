@@ -137,13 +137,6 @@ def _compose_box(a: tuple[float, float], b: tuple[float, float]) -> tuple[float,
     return min(prods), max(prods)
 
 
-def _rule_factor(name: str, kind: str, lip: float) -> LayerBound:
-    """A factor given by a rule's constant (an activation or a non-element-wise map)."""
-    return LayerBound(
-        name=name, kind=kind, value=lip, certified=True, estimate=lip, upper=lip, method="rule"
-    )
-
-
 def _check_sequential(analysis: Analysis) -> None:
     problems = [
         analysis.label(n)
@@ -185,7 +178,7 @@ def segment_chains(analysis: Analysis) -> tuple[list[SeqChain | LayerBound], lis
             items.append(current)
         if pending is not None:
             lip = max(abs(pending[0]), abs(pending[1]))
-            items.append(_rule_factor(pending[2], "activation", lip))
+            items.append(LayerBound.from_rule(pending[2], "activation", lip))
         current, pending = None, None
 
     for node in analysis.order[1:]:
@@ -203,7 +196,7 @@ def segment_chains(analysis: Analysis) -> tuple[list[SeqChain | LayerBound], lis
         elif isinstance(spec, Elementwise):
             box = (spec.slope_min, spec.slope_max, analysis.label(node))
             if current is None:
-                items.append(_rule_factor(box[2], "activation", spec.lipschitz))
+                items.append(LayerBound.from_rule(box[2], "activation", spec.lipschitz))
             elif pending is None:
                 pending = box
             else:
@@ -211,6 +204,6 @@ def segment_chains(analysis: Analysis) -> tuple[list[SeqChain | LayerBound], lis
                 pending = (lo, hi, f"{pending[2]} -> {box[2]}")
         elif isinstance(spec, Nonlinear):
             close()
-            items.append(_rule_factor(analysis.label(node), "nonlinear", spec.lipschitz))
+            items.append(LayerBound.from_rule(analysis.label(node), "nonlinear", spec.lipschitz))
     close()
     return items, []

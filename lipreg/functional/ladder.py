@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import KW_ONLY, dataclass, field
 from functools import cached_property
 
 import torch
@@ -232,17 +233,7 @@ def product_of_op_certificates(ctx: ChainContext) -> LayerBound | None:
         total *= answer[0]
         methods.append(answer[1])
     how = " x ".join(methods) if len(methods) > 1 else methods[0]
-    extra = {"converged": res.converged, "residual": res.residual}
-    return _affine(
-        ctx,
-        total,
-        certified=True,
-        estimate=res.sigma,
-        upper=total,
-        method=how,
-        n_iter=res.n_iter,
-        extra=extra,
-    )
+    return _with_iterative(ctx, res, total, upper=total, method=how)
 
 
 def estimate(ctx: ChainContext) -> LayerBound:
@@ -251,13 +242,21 @@ def estimate(ctx: ChainContext) -> LayerBound:
     ``certify=True`` the method names why no certificate applied. Always answers."""
     b, res = ctx.bounder, ctx.iterative()
     method = f"{b.method} ({ctx.refusal})" if b.certify else b.method
+    return _with_iterative(ctx, res, res.sigma, upper=None, method=method)
+
+
+def _with_iterative(
+    ctx: ChainContext, res: OperatorNormResult, value: float, upper: float | None, method: str
+) -> LayerBound:
+    """A factor whose ``estimate`` is the iterative value ``res.sigma``; certified iff an
+    ``upper`` bound is given."""
     extra = {"converged": res.converged, "residual": res.residual}
     return _affine(
         ctx,
-        res.sigma,
-        certified=False,
+        value,
+        certified=upper is not None,
         estimate=res.sigma,
-        upper=None,
+        upper=upper,
         method=method,
         n_iter=res.n_iter,
         extra=extra,
@@ -321,40 +320,33 @@ OP_LADDER: list[OpEntry] = [
 """Certificates of ONE op inside :func:`product_of_op_certificates`: ``(bound, method)``."""
 
 
+@dataclass
 class ChainBounder:
     """Computes the factor of each affine chain by the first :data:`LADDER` entry that answers.
 
     ``bound(chain)`` returns a :class:`LayerBound`; warm-start vectors computed on the way are
-    collected in ``new_state`` (keyed by chain name). ``certify=False`` skips the certified
-    entries (closed forms still apply); ``ladder=`` replaces :data:`LADDER`.
+    collected in ``new_state`` (keyed by chain name), starting from ``state``. ``certify=False``
+    skips the certified entries (closed forms still apply); ``ladder=`` replaces
+    :data:`LADDER`. ``tol``, ``max_iter``, ``method`` and ``generator`` drive the iterative
+    estimate; ``dense_limit`` caps the smaller side of a materialised map.
     """
 
-    def __init__(
-        self,
-        analysis: Analysis,
-        model: nn.Module,
-        *,
-        certify: bool,
-        tol: float,
-        max_iter: int,
-        method: str,
-        state: dict[str, Tensor],
-        generator: torch.Generator,
-        dense_limit: int,
-        ladder: Sequence[LadderEntry] | None = None,
-    ) -> None:
-        self.analysis = analysis
-        self.model = model
-        self.certify = certify
-        self.tol = tol
-        self.max_iter = max_iter
-        self.method = method
-        self.state = state
-        self.generator = generator
-        self.dense_limit = dense_limit
-        self.ladder = list(LADDER if ladder is None else ladder)
-        self._analysis64: Analysis | None = None  # float64 specs, computed on first use
-        self.new_state: dict[str, Tensor] = {}
+    analysis: Analysis
+    model: nn.Module
+    _: KW_ONLY
+    certify: bool
+    tol: float
+    max_iter: int
+    method: str
+    state: dict[str, Tensor]
+    generator: torch.Generator
+    dense_limit: int
+    ladder: Sequence[LadderEntry] | None = None
+    new_state: dict[str, Tensor] = field(default_factory=dict, init=False)
+    _analysis64: Analysis | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.ladder = list(LADDER if self.ladder is None else self.ladder)
 
     @property
     def analysis64(self) -> Analysis:

@@ -43,6 +43,20 @@ class LayerBound:
     n_iter: int = 0
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_rule(cls, name: str, kind: str, lipschitz: float) -> LayerBound:
+        """A factor given by a rule's proven constant (an activation's ``max |slope|``, a
+        pooling's constant): certified, and its own estimate and upper bound."""
+        return cls(
+            name=name,
+            kind=kind,
+            value=lipschitz,
+            certified=True,
+            estimate=lipschitz,
+            upper=lipschitz,
+            method="rule",
+        )
+
 
 @dataclass(kw_only=True)
 class LipschitzResult:

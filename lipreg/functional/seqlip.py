@@ -29,11 +29,11 @@ estimates (``certified=False``) and can fall below the true Lipschitz constant.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -172,30 +172,9 @@ def seqlip(
     items, notes = segment_chains(analysis)
     if method == "exact":  # refuse before any heavy work
         _check_exact_widths(items, analysis, exact_width_limit)
-    run = _Run(
-        analysis=analysis,
-        method=method,
-        top_k=top_k,
-        dense_limit=dense_limit,
-        n_restarts=n_restarts,
-        tol=tol,
-        max_iter=max_iter,
-        dtype=dtype,
-        state=dict(state or {}),
-        generator=torch.Generator(device=analysis.device).manual_seed(seed),
-        notes=notes,
-    )
-    run.bounder = ChainBounder(
-        analysis,
-        model,
-        certify=method == "exact",
-        tol=tol,
-        max_iter=max(max_iter, 500),
-        method="lanczos",
-        state=run.state,
-        generator=run.generator,
-        dense_limit=dense_limit,
-    )
+    run = _Run(analysis, model, method, top_k, dense_limit, n_restarts, tol, max_iter, dtype)
+    run.state, run.notes = dict(state or {}), notes  # warm starts in, notes out
+    run.generator.manual_seed(seed)  # a private generator: the global RNG is untouched
     for item in _maybe_progress(items, progress):
         if isinstance(item, LayerBound):
             run.layers.append(item)
@@ -231,30 +210,50 @@ def _check_exact_widths(
                 )
 
 
-@dataclass
 class _Run:
     """One SeqLip computation: its options, and the factors, state and notes collected."""
 
-    analysis: Analysis
-    method: str
-    top_k: int | None
-    dense_limit: int
-    n_restarts: int
-    tol: float
-    max_iter: int
-    dtype: torch.dtype
-    state: dict[str, Tensor]
-    generator: torch.Generator
-    notes: list[str]
-    bounder: ChainBounder | None = None
-    layers: list[LayerBound] = field(default_factory=list)
-    new_state: dict[str, Tensor] = field(default_factory=dict)
-    certified: bool = True
-    n_iter: int = 0
+    def __init__(
+        self,
+        analysis: Analysis,
+        model: nn.Module,
+        method: str,
+        top_k: int | None,
+        dense_limit: int,
+        n_restarts: int,
+        tol: float,
+        max_iter: int,
+        dtype: torch.dtype,
+    ) -> None:
+        self.analysis, self.model, self.method, self.top_k = analysis, model, method, top_k
+        self.dense_limit, self.n_restarts, self.tol = dense_limit, n_restarts, tol
+        self.max_iter, self.dtype = max_iter, dtype
+        self.state: dict[str, Tensor] = {}
+        self.notes: list[str] = []
+        self.generator = torch.Generator(device=analysis.device)
+        self.layers: list[LayerBound] = []
+        self.new_state: dict[str, Tensor] = {}
+        self.certified = True
+        self.n_iter = 0
+
+    @functools.cached_property
+    def bounder(self) -> ChainBounder:
+        """The certificate ladder for single-map chains (certified only for exact SeqLip);
+        its float64 analysis also gives the exact SVDs."""
+        return ChainBounder(
+            self.analysis,
+            self.model,
+            certify=self.method == "exact",
+            tol=self.tol,
+            max_iter=max(self.max_iter, 500),
+            method="lanczos",
+            state=self.state,
+            generator=self.generator,
+            dense_limit=self.dense_limit,
+        )
 
     def single_map(self, chain: AffineChain) -> None:
         """A SeqLip chain of one map contributes its norm (the certificate ladder)."""
-        assert self.bounder is not None
         lb = self.bounder.bound(chain)
         self.layers.append(lb)
         self.certified &= lb.certified
@@ -264,7 +263,6 @@ class _Run:
 
     def svd(self, chain: AffineChain) -> ChainSVD:
         """The SVD of one map of a chain; an iterative one is noted (an estimate)."""
-        assert self.bounder is not None
         svd = _svd_of_chain(
             self.bounder.analysis64,  # same nodes, float64 specs: no second probe
             self.analysis,

@@ -65,20 +65,14 @@ def dense_svd(W: Tensor) -> ChainSVD:
     faster on this hardware and accurate for the top singular triplets that greedy SeqLip
     relies on (small singular values lose relative accuracy; greedy is an estimate anyway).
     """
-    if not bool(torch.isfinite(W).all()):
-        raise ValueError(
-            "a SeqLip layer matrix has non-finite (NaN/Inf) entries: no bound is reported. "
-            "Check the weights."
-        )
-    peak = float(W.abs().max()) if W.numel() else 0.0
-    if peak == 0:
-        return _dense_svd_scaled(W)
-    # An exact power-of-two scaling 2^-e keeps the Gram matrix and the SVD in range (two
-    # steps: 2^-e alone may overflow for subnormal peaks); S·2^e beyond float64 becomes inf,
-    # which the final check rejects as non-finite.
-    exponent = math.frexp(peak)[1]
-    half = -exponent // 2
-    svd = _dense_svd_scaled(W * 2.0**half * 2.0 ** (-exponent - half))
+    scaled, exponent = pow2_normalise(
+        W,
+        "a SeqLip layer matrix has non-finite (NaN/Inf) entries: no bound is reported. "
+        "Check the weights.",
+    )
+    # An exact power-of-two scaling 2^-e keeps the Gram matrix and the SVD in range; S·2^e
+    # beyond float64 becomes inf, which the final check rejects as non-finite.
+    svd = _dense_svd_scaled(scaled)
     S = svd.S * 2.0 ** (exponent // 2) * 2.0 ** (exponent - exponent // 2)
     return ChainSVD(U=svd.U, S=S, V=svd.V, exact=svd.exact)
 
@@ -99,14 +93,16 @@ def _dense_svd_scaled(W: Tensor) -> ChainSVD:
     return ChainSVD(U=(W @ vecs) / S, S=S, V=vecs, exact=True)
 
 
-def pow2_normalise(M: Tensor) -> tuple[Tensor, int]:
-    """``(M·2^-e, e)`` with the largest entry of the result in ``[0.5, 1)`` (exact scaling);
-    raises ``ValueError`` ("non-finite") on NaN/Inf entries."""
+def pow2_normalise(
+    M: Tensor,
+    non_finite: str = "a SeqLip pair matrix has non-finite (NaN/Inf) entries: the layer norms "
+    "overflow float64; no bound is reported. Check the weights.",
+) -> tuple[Tensor, int]:
+    """``(M·2^-e, e)`` with the largest entry of the result in ``[0.5, 1)`` (exact scaling, in
+    two steps: ``2^-e`` alone may overflow for subnormal peaks; ``(M, 0)`` for a zero
+    matrix); raises ``ValueError(non_finite)`` on NaN/Inf entries."""
     if not bool(torch.isfinite(M).all()):
-        raise ValueError(
-            "a SeqLip pair matrix has non-finite (NaN/Inf) entries: the layer norms overflow "
-            "float64; no bound is reported. Check the weights."
-        )
+        raise ValueError(non_finite)
     peak = float(M.abs().max()) if M.numel() else 0.0
     if peak == 0:
         return M, 0
