@@ -70,13 +70,6 @@ def final_bounds(
     return out
 
 
-def layer_key(name: str) -> str:
-    """How a layer is spelled in metric keys and tables: ``LayerBound.name`` with a merged
-    map ``"a -> b"`` written ``"a+b"``, exactly as :class:`lipreg.LipschitzCallback` spells its
-    ``lipschitz/layer/<name>`` scalars (the W&B layer table must match them; a test checks)."""
-    return name.replace(" -> ", "+")
-
-
 def _seqlip_entry(net: torch.nn.Module, shape: tuple[int, ...], top_k: int | None) -> dict:
     try:
         try:

@@ -28,8 +28,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.bounds import final_bounds, layer_key
+from experiments.bounds import final_bounds
 from experiments.lit_module import LitModel
+from lipreg.callback_records import lightning_step
 
 # conf/paths/default.yaml reads PROJECT_ROOT (data/ and results/ live in the checkout, which the
 # editable install points at), whatever the working directory.
@@ -226,7 +227,7 @@ def final_metrics(bounds: dict[str, Any]) -> dict[str, float]:
 
 
 def log_final_bounds(trainer: pl.Trainer, bounds: dict[str, Any]) -> dict[str, float]:
-    """Log the final bounds to every logger of ``trainer`` at ``trainer.global_step``.
+    """Log the final bounds to every logger of ``trainer`` at the fit's last step index.
 
     CSV/TensorBoard/W&B get them as metrics (``final/autolip``, ``final/seqlip``,
     ``final/lower_bound`` and ``..._certified``); a W&B run also keeps them in its summary,
@@ -235,8 +236,12 @@ def log_final_bounds(trainer: pl.Trainer, bounds: dict[str, Any]) -> dict[str, f
     values = final_metrics(bounds)
     if not values:
         return values
+    # Lightning's step index of the fit's last values (where the callback's end-of-fit bound
+    # is logged too), so that the final bounds share their row; the global step if unknown
+    step = lightning_step(trainer, in_batch=False)
+    step = trainer.global_step if step is None else step
     for logger in trainer.loggers:
-        logger.log_metrics(values, step=trainer.global_step)
+        logger.log_metrics(values, step=step)
         if isinstance(logger, WandbLogger):
             logger.experiment.summary.update(values)
         logger.save()
@@ -246,8 +251,8 @@ def log_final_bounds(trainer: pl.Trainer, bounds: dict[str, Any]) -> dict[str, f
 def log_layer_table(trainer: pl.Trainer, bounds: dict[str, Any]) -> None:
     """Per-layer certified norms as a W&B table (other loggers: skipped).
 
-    The ``layer`` column spells each layer as the callback's ``lipschitz/layer/<name>``
-    scalars do (:func:`~experiments.bounds.layer_key`).
+    The ``layer`` column is ``LayerBound.name`` unchanged, as in the callback's
+    ``lipschitz/layer/<name>`` scalars (:func:`lipreg.callback_records.layer_key`).
     """
     layers = bounds.get("autolip", {}).get("layers", {})
     for logger in trainer.loggers:
@@ -255,7 +260,7 @@ def log_layer_table(trainer: pl.Trainer, bounds: dict[str, Any]) -> None:
             logger.log_table(
                 key="lipschitz/layers",
                 columns=["layer", "norm_or_constant"],
-                data=[[layer_key(k), v] for k, v in layers.items()],
+                data=[[k, v] for k, v in layers.items()],
             )
 
 

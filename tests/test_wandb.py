@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_configs import make_cfg
+from tests.hydra_helpers import clear_hydra, compose_config
 
 pytest.importorskip("wandb")
 
@@ -28,6 +28,15 @@ def read_records(path: Path) -> list[dict]:
         check=True,
     )
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def summary(records: list[dict]) -> dict:
+    """The run summary as W&B shows it: every summary update applied in order."""
+    out: dict = {}
+    for rec in records:
+        if rec.get("type") == "summary":
+            out.update(rec["summary"].get("update", {}))
+    return out
 
 
 def history_rows(records: list[dict]) -> list[dict]:
@@ -54,10 +63,9 @@ def _flatten(item: dict, prefix: str = "") -> dict:
 def test_offline_wandb_run_holds_the_lipschitz_curves_and_the_config(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")  # no network; restored by monkeypatch
     monkeypatch.setenv("WANDB_SILENT", "true")
-    from experiments.train import train
+    from experiments.run import train
 
-    cfg = make_cfg(
-        tmp_path,
+    cfg = compose_config(
         [
             "logger=wandb",
             "data.limit=320",
@@ -68,8 +76,12 @@ def test_offline_wandb_run_holds_the_lipschitz_curves_and_the_config(tmp_path, m
             "final_bounds=[autolip]",
             "test=false",
         ],
+        tmp_path,
     )
-    train(cfg)
+    try:
+        train(cfg)
+    finally:
+        clear_hydra()
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     records = read_records(run_file)
     rows = history_rows(records)
@@ -78,10 +90,15 @@ def test_offline_wandb_run_holds_the_lipschitz_curves_and_the_config(tmp_path, m
     ]
     steps = [s for s, _ in curve]
     assert steps == sorted(steps) and len(steps) >= 3
-    assert all(s % 2 == 0 for s in steps), steps  # logged at the callback's cadence
+    # computed every 2 (certified: 4) optimizer steps, logged at Lightning's step index of that
+    # optimizer step (one less: Lightning's rows of step g say g - 1); the fit's end adds a
+    # computation (the certified bound) at the last index
+    end = max(steps)
+    assert all((s + 1) % 2 == 0 for s in steps if s != end), steps
     assert all(v > 0 for _, v in curve)
     certified = [r for r in rows if "lipschitz/autolip_certified" in r]
-    assert certified and all(r["trainer/global_step"] % 4 == 0 for r in certified)
+    assert certified and certified[-1]["trainer/global_step"] == end
+    assert all((r["trainer/global_step"] + 1) % 4 == 0 for r in certified[:-1]), certified
     # a certified bound is never below the estimate at the same step
     by_step = {r["trainer/global_step"]: r for r in rows if "lipschitz/autolip" in r}
     for r in certified:
@@ -94,3 +111,18 @@ def test_offline_wandb_run_holds_the_lipschitz_curves_and_the_config(tmp_path, m
     configs = [rec["config"]["update"] for rec in records if rec.get("type") == "config"]
     keys = {key for c in configs for key in c}
     assert {"model", "data", "trainer", "seed"} <= keys
+    # the final bounds of bounds.json: a history row at the last step, and the run summary
+    final = json.loads((tmp_path / "bounds.json").read_text())["bounds"]["autolip"]
+    (last,) = [r for r in rows if "final/autolip" in r]
+    assert last["trainer/global_step"] == end  # the row of the fit's last values
+    assert last["final/autolip"] == pytest.approx(final["value"], rel=1e-12)
+    run_summary = summary(records)
+    assert run_summary["final/autolip"] == pytest.approx(final["value"], rel=1e-12)
+    assert run_summary["final/autolip_certified"] == 1
+    # the layer table spells layers as the callback's lipschitz/layer/<name> scalars do
+    prefix = "lipschitz/layer/"
+    scalar_layers = {k.removeprefix(prefix) for r in rows for k in r if k.startswith(prefix)}
+    (table_file,) = (tmp_path / "wandb").glob("offline-run-*/files/media/table/lipschitz/*.json")
+    table = json.loads(table_file.read_text())
+    table_layers = {row[table["columns"].index("layer")] for row in table["data"]}
+    assert scalar_layers and scalar_layers <= table_layers, (scalar_layers, table_layers)
