@@ -75,6 +75,7 @@ from lipreg.callback_inputs import (
 from lipreg.callback_options import (
     PREFIX,
     check_bool,
+    check_cadences,
     check_choice,
     check_input_shape,
     check_int,
@@ -184,19 +185,16 @@ class LipschitzCallback(Callback):
     ) -> None:
         super().__init__()
         methods = check_methods(methods)
-        check_int("every_n_train_steps", every_n_train_steps, minimum=1, allow_none=True)
-        check_int("every_n_epochs", every_n_epochs, minimum=1, allow_none=True)
-        if every_n_train_steps is None and every_n_epochs is None:
-            raise ValueError(
-                f"{PREFIX}every_n_train_steps and every_n_epochs are both None: the callback "
-                "would never compute. Set every_n_train_steps (e.g. 50) and/or every_n_epochs."
-            )
+        certify_every_n_train_steps, seqlip_every_n_train_steps = check_cadences(
+            every_n_train_steps,
+            every_n_epochs,
+            certify_every_n_train_steps,
+            seqlip_every_n_train_steps,
+        )
         shape = check_input_shape(input_shape)
         check_model_attr(model_attr)
         check_number("tol", tol)
         check_int("max_iter", max_iter, minimum=1)
-        check_int("certify_every_n_train_steps", certify_every_n_train_steps, 0, True)
-        check_int("seqlip_every_n_train_steps", seqlip_every_n_train_steps, 0, True)
         check_choice("seqlip_method", seqlip_method, ("greedy", "exact"))
         check_int("seqlip_top_k", seqlip_top_k, minimum=1, allow_none=True)
         check_int("lower_bound_points", lower_bound_points, minimum=0)
@@ -205,11 +203,6 @@ class LipschitzCallback(Callback):
         check_bool("compute_at_fit_end", compute_at_fit_end)
         check_choice("on_nonfinite", on_nonfinite, ("warn", "raise"))
         check_int("seed", seed, minimum=0)
-        default_cadence = 10 * every_n_train_steps if every_n_train_steps else 0
-        if certify_every_n_train_steps is None:
-            certify_every_n_train_steps = default_cadence
-        if seqlip_every_n_train_steps is None:
-            seqlip_every_n_train_steps = default_cadence
 
         self._methods_requested: list[str] | None = methods
         self._input_shape_requested: tuple[int, ...] | None = shape
@@ -521,7 +514,9 @@ class LipschitzCallback(Callback):
         self.last_metrics, self._last_metrics_step = merged, step
         self._publish(trainer, metrics, step, in_batch)
 
-    def _publish(self, trainer: Trainer, metrics: dict[str, float], step: int, in_batch: bool):
+    def _publish(
+        self, trainer: Trainer, metrics: dict[str, float], step: int, in_batch: bool
+    ) -> None:
         """To every logger at Lightning's step index, and into ``callback_metrics``."""
         index = lightning_step(trainer, in_batch=in_batch)
         if index is None:

@@ -17,6 +17,7 @@ __all__ = [
     "METHODS",
     "PREFIX",
     "check_bool",
+    "check_cadences",
     "check_choice",
     "check_input_shape",
     "check_int",
@@ -135,3 +136,24 @@ def check_model_attr(model_attr: Any) -> None:
         )
     if not _ATTR_PATH.match(model_attr):
         raise ValueError(f"{PREFIX}model_attr must be {accepted}, got {model_attr!r}.")
+
+
+def check_cadences(
+    every_n_train_steps: Any, every_n_epochs: Any, certify_every: Any, seqlip_every: Any
+) -> tuple[int, int]:
+    """Check the four cadences; return those of the certificate and of SeqLip, whose default
+    (``None``) is 10 times ``every_n_train_steps`` (``0``, never by steps, without it)."""
+    check_int("every_n_train_steps", every_n_train_steps, minimum=1, allow_none=True)
+    check_int("every_n_epochs", every_n_epochs, minimum=1, allow_none=True)
+    if every_n_train_steps is None and every_n_epochs is None:
+        raise ValueError(
+            f"{PREFIX}every_n_train_steps and every_n_epochs are both None: the callback "
+            "would never compute. Set every_n_train_steps (e.g. 50) and/or every_n_epochs."
+        )
+    check_int("certify_every_n_train_steps", certify_every, 0, True)
+    check_int("seqlip_every_n_train_steps", seqlip_every, 0, True)
+    default = 10 * every_n_train_steps if every_n_train_steps else 0
+    return (
+        default if certify_every is None else certify_every,
+        default if seqlip_every is None else seqlip_every,
+    )
