@@ -33,11 +33,13 @@ def evaluation_mode(model: nn.Module, *, restore_buffers: bool = True) -> Iterat
             saved = [(b, b._version, b.detach().clone()) for b in model.buffers()]
     try:
         for m in modules:
-            m.training = False
+            if m.training:  # Module.__setattr__ is slow: set only the flags that change
+                m.training = False
         yield
     finally:
         for m, flag in zip(modules, flags, strict=True):
-            m.training = flag
+            if m.training != flag:
+                m.training = flag
         with torch.no_grad():
             for buffer, version, copy in saved:
                 if buffer._version != version:
