@@ -10,7 +10,7 @@ set, otherwise :func:`fit_one`:
 3. ``trainer.fit(..., ckpt_path=cfg.ckpt_path)`` (a resumed fit continues at the checkpoint's
    ``global_step``), then ``trainer.test``;
 4. :func:`~experiments.bounds.final_bounds` of the trained network go to
-   ``<output_dir>/bounds.json`` and ``bounds.md`` (written atomically) and, through
+   ``<output_dir>/bounds.json`` and ``bounds.md`` (``reporting.atomic_write``) and, through
    :func:`log_final_bounds`, to every logger (metrics ``final/<method>`` at the last step; the
    W&B run summary too).
 """
@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.bounds import final_bounds
 from experiments.lit_module import LitModel
+from experiments.reporting import atomic_write
 from lipreg.callback_records import lightning_step
 
 # conf/paths/default.yaml reads PROJECT_ROOT (data/ and results/ live in the checkout, which the
@@ -175,19 +176,10 @@ def report_final_bounds(
     x = next(iter(datamodule.val_dataloader()))[0]
     bounds = final_bounds(model.net, tuple(cfg.model.input_shape), list(cfg.final_bounds), x)
     out = Path(cfg.paths.output_dir)
-    write_atomically(
-        out / "bounds.json", json.dumps({"metrics": metrics, "bounds": bounds}, indent=2)
-    )
-    write_atomically(out / "bounds.md", bounds_markdown(cfg, bounds, metrics))
+    atomic_write(out / "bounds.json", json.dumps({"metrics": metrics, "bounds": bounds}, indent=2))
+    atomic_write(out / "bounds.md", bounds_markdown(cfg, bounds, metrics))
     log_layer_table(trainer, bounds)
     return log_final_bounds(trainer, bounds)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write via a temporary file: a crash never leaves a half-written result behind."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def guarantee(method: str, entry: dict[str, Any]) -> str:
