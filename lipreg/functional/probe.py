@@ -120,7 +120,8 @@ class ProbeInterpreter(GraphInterpreter):
         } - {None}
         self.record = Probe()
         self.holders_of: dict[int, list[fx.Node]] = {}
-        self.input_node: fx.Node | None = None
+        self.input_node = next(n for n in self.graph.nodes if n.op == "placeholder")
+        self.x_shape: tuple[int, ...] = ()  # of the batch being run, for error messages
 
     def probe(
         self,
@@ -138,18 +139,15 @@ class ProbeInterpreter(GraphInterpreter):
         generator = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(PROBE_BATCH, *input_shape, generator=generator, device=device)
         other = torch.randn(x.shape, generator=generator, device=device)
+        # Built before any run: a model that writes into its input must not change them.
+        shared = [(torch.stack([x[0], other[1]]), 0), (torch.stack([other[0], x[1]]), 1)]
         main = self.run_batch(x.to(dtype))
-        others = []
-        if check_mixing:
-            same_first = self.run_batch(torch.stack([x[0], other[1]]).to(dtype))
-            same_second = self.run_batch(torch.stack([other[0], x[1]]).to(dtype))
-            others = [(same_first, 0), (same_second, 1)]
+        others = [(self.run_batch(b.to(dtype)), kept) for b, kept in shared] if check_mixing else []
         return ProbeRun(main=main, x=x.to(dtype), others=others)
 
     def run_batch(self, x: Tensor) -> Probe:
         """Evaluate the graph on the batch ``x`` and return what it shows."""
         self.record, self.holders_of = Probe(), {}
-        self.input_node = next(n for n in self.graph.nodes if n.op == "placeholder")
         self.x_shape = tuple(x.shape)
         self.run(x)
         self.record.values = {n: v for n, v in self.env.items() if n.op != "output"}
