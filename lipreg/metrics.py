@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lipreg.functional.graph import check_finite_parameters, eval_function
-from lipreg.functional.lower_bound import DifferenceQuotients, jacobian_norms
+from lipreg.functional.jacobian import jacobian_norms
+from lipreg.functional.lower_bound import DifferenceQuotients
 
 __all__ = ["LipschitzLowerBound"]
 
@@ -38,7 +39,7 @@ class LipschitzLowerBound(Metric):
     :mod:`lipreg.functional.lower_bound`) along ``h_{i,t} = ±t·max(‖x_i‖, 1)·v_i``. The
     direction :math:`v_i` and the set :math:`S` (the ``n_certify`` samples of each batch with
     the largest ``‖J_f(x_i) v_i‖``) come from ``n_iter`` steps of batched power iteration on
-    :math:`J_f(x_i)^\top J_f(x_i)` (autograd, :func:`lipreg.functional.lower_bound.
+    :math:`J_f(x_i)^\top J_f(x_i)` (autograd, :func:`lipreg.functional.jacobian.
     jacobian_norms`); the Jacobian only guides, it is never reported.
 
     **Guarantee.** Every value is a certified *lower* bound on the l2 Lipschitz constant of

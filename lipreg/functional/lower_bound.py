@@ -46,19 +46,18 @@ a sample depends on the rest of the batch is refused.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lipreg.functional.graph import check_finite_parameters, check_input_shape, eval_function
+from lipreg.functional.jacobian import jacobian_norms
 from lipreg.functional.results import LayerBound, LipschitzResult
 
 __all__ = [
@@ -76,129 +75,6 @@ FLOAT32_ERROR_SAFETY = 1e4  # κ of the rounding model
 _EPS = 2.0**-52
 _F32_TO_F64 = 2.0**-29  # ratio of the unit roundoffs of float64 and float32
 _TINY = 2.0**-1022
-
-
-class _Jvp:
-    """``v ↦ J_f(x) v`` at a fixed ``x``: forward mode, or reverse-over-reverse without it.
-
-    Forward-mode AD is missing for some kernels (``nn.LSTM`` on CPU, the fused
-    ``nn.MultiheadAttention`` path). Then ``J v`` is the vjp of the linear map
-    ``u ↦ Jᵀ u`` with cotangent ``v`` (the "double-vjp trick"), exact as well; its graph is
-    recorded with the composite scaled-dot-product attention, since the fused kernels have no
-    double backward.
-    """
-
-    def __init__(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> None:
-        self.fn, self.x = fn, x
-        self.mode: str | None = None  # "forward" or "reverse" once one has worked
-        self._reverse_fn: Any = None
-
-    def __call__(self, v: Tensor) -> Tensor:
-        if self.mode == "reverse":
-            return self._reverse(v)
-        try:
-            with warnings.catch_warnings():
-                # torch's forward-mode AD emits its own "torch.jit.script is deprecated"
-                # notice when it loads its decompositions on first use; not ours to act on.
-                warnings.filterwarnings("ignore", ".*torch.jit.script.*", FutureWarning)
-                _, jv = torch.func.jvp(self.fn, (self.x,), (v,))
-        except (NotImplementedError, RuntimeError) as forward_error:
-            if self.mode == "forward":
-                raise
-            try:
-                jv = self._reverse(v)
-            except Exception as reverse_error:
-                raise RuntimeError(
-                    f"computing J·v failed in forward mode ({forward_error}) and in the "
-                    f"reverse-mode fallback (vjp of the vjp: {reverse_error})."
-                ) from reverse_error
-            self.mode = "reverse"
-            return jv
-        self.mode = "forward"
-        return jv
-
-    def _reverse(self, v: Tensor) -> Tensor:
-        # Fused attention kernels have no double backward: record the graph of this
-        # fallback with the composite ("math") attention, which is differentiable twice.
-        with _math_attention(), torch.enable_grad():
-            if self._reverse_fn is None:
-                out, vjp_fn = torch.func.vjp(self.fn, self.x)
-                _, self._reverse_fn = torch.func.vjp(vjp_fn, torch.zeros_like(out))
-            (jv,) = self._reverse_fn((v,))
-        return jv.detach()
-
-
-def _math_attention() -> Any:
-    """A context selecting the composite scaled-dot-product attention (twice differentiable)."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # older torch: nothing to select
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])
-
-
-def jacobian_norms(
-    fn: Any,
-    x: Tensor,
-    *,
-    v0: Tensor | None = None,
-    n_iter: int = 50,
-    tol: float = 1e-6,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Spectral norms of the per-sample Jacobians of ``fn`` at the points ``x`` (batched).
-
-    Runs power iteration on ``J_iᵀ J_i`` for every sample ``i`` at once (``fn`` must treat
-    samples independently), with ``J v`` by forward-mode AD, or by the double-vjp trick where
-    forward mode is not implemented (``nn.LSTM``, fused attention); a model whose in-place ops
-    break reverse mode is re-run functionalized. Returns ``(sigma, v)``
-    with ``sigma[i] = ‖J_i v_i‖ ≤ ‖J_i‖_2`` (exact autograd values at ``x``: a guide for
-    :func:`lower_bound`'s search, not a certified bound at non-differentiable points).
-    """
-    x = x.detach()
-    batch = x.shape[0]
-    if generator is None:  # never touch the global RNG
-        generator = torch.Generator(device=x.device).manual_seed(0)
-    if v0 is None:
-        v = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    else:
-        v = v0.detach().clone()
-
-    def normalise(t: Tensor) -> Tensor:
-        n = t.reshape(batch, -1).norm(dim=1).clamp_min(1e-300)
-        return t / n.reshape(batch, *([1] * (t.ndim - 1)))
-
-    v = normalise(v)
-    try:
-        return _power_iteration(fn, x, v, n_iter, tol, normalise)
-    except RuntimeError as exc:
-        if "inplace operation" not in str(exc):
-            raise
-    # In-place ops (``relu_(y)`` on a tensor autograd saved) break reverse mode: functionalize
-    # replaces every mutation by its out-of-place equivalent, with the same values.
-    return _power_iteration(torch.func.functionalize(fn), x, v, n_iter, tol, normalise)
-
-
-def _power_iteration(
-    fn: Any, x: Tensor, v: Tensor, n_iter: int, tol: float, normalise: Callable[[Tensor], Tensor]
-) -> tuple[Tensor, Tensor]:
-    batch = x.shape[0]
-    dims = tuple(range(1, x.ndim))
-    with torch.enable_grad():
-        _, vjp_fn = torch.func.vjp(fn, x)
-    jvp = _Jvp(fn, x)
-    prev = torch.zeros(batch, dtype=x.dtype, device=x.device)
-    sigma = prev
-    for _ in range(n_iter):
-        jv = jvp(v)
-        sigma = jv.reshape(batch, -1).norm(dim=1)
-        (jtjv,) = vjp_fn(jv)
-        if bool(((sigma - prev).abs() <= tol * sigma.clamp_min(1e-30)).all()):
-            break
-        prev = sigma
-        zero = jtjv.reshape(batch, -1).norm(dim=1) == 0
-        v = torch.where(zero.reshape(batch, *([1] * len(dims))), v, normalise(jtjv))
-    return sigma.detach(), v.detach()
 
 
 def _scaled_norms(rows: Tensor) -> Tensor:
@@ -221,6 +97,13 @@ def _model_function(model: nn.Module, dtype: torch.dtype) -> tuple[Any, str]:
     floats = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
     if all(t.dtype == dtype for t in floats):
         return eval_function(model)
+    # Why a deep copy: the certificate needs the network evaluated with float64 weights, so a
+    # float64 copy of every parameter and buffer is needed whatever we do; deepcopy adds only
+    # the module skeleton (0.7 ms for mnist_cnn4, against ~20 s for its lower_bound search,
+    # measured 2026-12). The cheaper-looking alternative, torch.func.functional_call with
+    # float64 tensors, swaps them into the user's own module for the duration of each call: a
+    # training thread, hook or callback running meanwhile would see (and could update) float64
+    # weights. The copy is the one way that never touches the model.
     try:
         converted = copy.deepcopy(model).to(dtype)
     except Exception as exc:
@@ -484,22 +367,53 @@ def lower_bound(
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
     fn, how = eval_function(model)
     certifier = DifferenceQuotients(model, steps=steps, batch_size=batch_size)
+    search = _Search(
+        fn=fn,
+        gen=torch.Generator(device=device).manual_seed(seed),
+        pool=_Pool(n_certify),
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        n_iter=n_iter,
+    )
+    all_x, all_s, std = _starting_points(
+        search, inputs, input_shape, n_random=n_random, scale=scale, max_batches=max_batches
+    )
+    if n_anneal_steps > 0 and n_chains > 0:
+        _anneal(search, all_x, all_s, std, n_anneal_steps, n_chains, progress=progress)
+    pool = search.pool
+    assert pool.x is not None and pool.v is not None
+    cert = certifier(pool.x, pool.v)
+    return _lower_bound_result(search, cert, how, start)
 
-    def fn_tensor(x: Tensor) -> Tensor:
-        out = fn(x)
+
+@dataclass
+class _Search:
+    """The state of the Jacobian-norm search: the model's function, the private generator, the
+    pool of the best candidates and the largest ``‖J v‖`` found per source."""
+
+    fn: Callable[[Tensor], Any]
+    gen: torch.Generator
+    pool: _Pool
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int
+    n_iter: int
+    sources: dict[str, float] = field(default_factory=dict)
+
+    def fn_tensor(self, x: Tensor) -> Tensor:
+        out = self.fn(x)
         if not isinstance(out, Tensor):
             raise TypeError(f"the model's output is a {type(out).__name__}, not a tensor.")
         return out
 
-    gen = torch.Generator(device=device).manual_seed(seed)
-    pool = _Pool(n_certify)
-    sources: dict[str, float] = {}
-
-    def evaluate(x: Tensor, source: str) -> tuple[Tensor, Tensor]:
+    def evaluate(self, x: Tensor, source: str) -> tuple[Tensor, Tensor]:
+        """``(‖J(x_i) v_i‖, v_i)`` for every point (batched power iteration); adds them to the
+        pool. Raises if a Jacobian is non-finite."""
         sig_all, v_all = [], []
-        for s in range(0, x.shape[0], batch_size):
-            xb = x[s : s + batch_size].to(device=device, dtype=dtype)
-            sig, v = jacobian_norms(fn_tensor, xb, n_iter=n_iter, generator=gen)
+        for s in range(0, x.shape[0], self.batch_size):
+            xb = x[s : s + self.batch_size].to(device=self.device, dtype=self.dtype)
+            sig, v = jacobian_norms(self.fn_tensor, xb, n_iter=self.n_iter, generator=self.gen)
             sig_all.append(sig)
             v_all.append(v)
         sig, v = torch.cat(sig_all), torch.cat(v_all)
@@ -509,69 +423,73 @@ def lower_bound(
                 "certified lower bound exists. Check the weights and any tensor attributes used "
                 "by forward()."
             )
-        sources[source] = max(sources.get(source, 0.0), float(sig.max()))
-        pool.add(sig, x.to(device=device, dtype=dtype), v, source)
+        self.sources[source] = max(self.sources.get(source, 0.0), float(sig.max()))
+        self.pool.add(sig, x.to(device=self.device, dtype=self.dtype), v, source)
         return sig, v
 
+
+def _read_inputs(
+    search: _Search, inputs: Tensor | Iterable[Any], input_shape: tuple[int, ...], max_batches: int
+) -> Tensor:
+    """The first ``max_batches`` batches of ``inputs``, concatenated, in the model's dtype."""
+    data = []
+    for b, xb in enumerate(_as_batches(inputs, input_shape)):
+        if b >= max_batches:
+            break
+        data.append(xb.detach().to(device=search.device, dtype=search.dtype))
+    if not data:
+        raise ValueError("inputs is empty: no point to search from.")
+    data_x = torch.cat(data)
+    if not bool(torch.isfinite(data_x).all()):
+        raise ValueError("inputs contain non-finite (NaN/Inf) values.")
+    return data_x
+
+
+def _starting_points(
+    search: _Search,
+    inputs: Tensor | Iterable[Any] | None,
+    input_shape: tuple[int, ...],
+    *,
+    n_random: int,
+    scale: float | None,
+    max_batches: int,
+) -> tuple[Tensor, Tensor, float]:
+    """Evaluate the data points, then ``n_random`` points ``N(μ, std²)`` (``μ``, ``std``: the
+    data's mean and std, else 0 and 1; ``scale`` overrides ``std``). Returns all the points,
+    their ``‖J v‖`` and ``std`` (the annealing's step scale)."""
     pool_x, pool_s = [], []
     mean, std = 0.0, 1.0
     if inputs is not None:
-        data = []
-        for b, xb in enumerate(_as_batches(inputs, input_shape)):
-            if b >= max_batches:
-                break
-            data.append(xb.detach().to(device=device, dtype=dtype))
-        if not data:
-            raise ValueError("inputs is empty: no point to search from.")
-        data_x = torch.cat(data)
-        if not bool(torch.isfinite(data_x).all()):
-            raise ValueError("inputs contain non-finite (NaN/Inf) values.")
+        data_x = _read_inputs(search, inputs, input_shape, max_batches)
         mean, std = float(data_x.mean()), float(data_x.std()) if data_x.numel() > 1 else 1.0
         if not std > 0:  # constant inputs: random points would all collapse onto them
             std = 1.0
-        sig, _ = evaluate(data_x, "data")
+        sig, _ = search.evaluate(data_x, "data")
         pool_x.append(data_x)
         pool_s.append(sig)
     if scale is not None:
         std = float(scale)
     if n_random > 0:
         rnd = mean + std * torch.randn(
-            n_random, *input_shape, generator=gen, dtype=dtype, device=device
+            n_random, *input_shape, generator=search.gen, dtype=search.dtype, device=search.device
         )
-        sig, _ = evaluate(rnd, "random")
+        sig, _ = search.evaluate(rnd, "random")
         pool_x.append(rnd)
         pool_s.append(sig)
     if not pool_x:
         raise ValueError("nothing to search: give inputs or n_random > 0.")
-    all_x, all_s = torch.cat(pool_x), torch.cat(pool_s)
-    if n_anneal_steps > 0 and n_chains > 0:
-        _anneal(evaluate, all_x, all_s, std, n_anneal_steps, n_chains, gen, progress=progress)
+    return torch.cat(pool_x), torch.cat(pool_s), std
 
+
+def _lower_bound_result(
+    search: _Search, cert: QuotientCertificate, how: str, start: float
+) -> LipschitzResult:
+    """The best certified quotient, with the search's breakdown and the witness pair."""
+    pool = search.pool
     assert pool.sig is not None and pool.x is not None and pool.v is not None
-    cert = certifier(pool.x, pool.v)
     i = int(torch.argmax(cert.values))
     value = float(cert.values[i])
     best_jacobian = float(pool.sig[0])
-    notes = [
-        "certified lower bound: a difference quotient ‖f(z) − f(x)‖/‖z − x‖ evaluated in "
-        "float64 with an explicit rounding margin (≤ L by definition, kinks included); the "
-        "true constant can be larger.",
-        f"best found by: {pool.src[i]}; step t = {float(cert.steps[i]):+.0e} relative to "
-        "max(‖x‖, 1)",
-    ]
-    if best_jacobian > value * (1 + 1e-2) + 1e-12:
-        notes.append(
-            f"the largest autograd ‖J(x) v‖ found ({best_jacobian:.6g}) exceeds every certified "
-            f"difference quotient ({value:.6g}): at a kink (ReLU, max, abs) autograd's "
-            "derivative need not be a derivative of the function; the quotient is reported."
-        )
-    if cert.float32_overflow:
-        notes.append(
-            "the float32 evaluation that measures rounding overflowed at some candidates; "
-            "their quotients were not certified (counted as 0)."
-        )
-    if how != "fx":
-        notes.append(f"evaluation path: {how}")
     layers = [
         LayerBound(
             name=f"search: best ‖J v‖ from {src}",
@@ -581,7 +499,7 @@ def lower_bound(
             estimate=val,
             method="jacobian (autograd; guides the search, not certified)",
         )
-        for src, val in sources.items()
+        for src, val in search.sources.items()
     ]
     layers.append(
         LayerBound(
@@ -606,22 +524,51 @@ def lower_bound(
             "direction": pool.v[i].clone(),
         },
         time_s=time.perf_counter() - start,
-        notes=notes,
+        notes=_result_notes(pool.src[i], cert, i, best_jacobian, how),
     )
 
 
+def _result_notes(
+    source: str, cert: QuotientCertificate, i: int, best_jacobian: float, how: str
+) -> list[str]:
+    """What the reader of the result should know: what the value is, where it was found, and
+    when autograd's norm disagrees with the certified quotient (a kink)."""
+    value = float(cert.values[i])
+    notes = [
+        "certified lower bound: a difference quotient ‖f(z) − f(x)‖/‖z − x‖ evaluated in "
+        "float64 with an explicit rounding margin (≤ L by definition, kinks included); the "
+        "true constant can be larger.",
+        f"best found by: {source}; step t = {float(cert.steps[i]):+.0e} relative to max(‖x‖, 1)",
+    ]
+    if best_jacobian > value * (1 + 1e-2) + 1e-12:
+        notes.append(
+            f"the largest autograd ‖J(x) v‖ found ({best_jacobian:.6g}) exceeds every certified "
+            f"difference quotient ({value:.6g}): at a kink (ReLU, max, abs) autograd's "
+            "derivative need not be a derivative of the function; the quotient is reported."
+        )
+    if cert.float32_overflow:
+        notes.append(
+            "the float32 evaluation that measures rounding overflowed at some candidates; "
+            "their quotients were not certified (counted as 0)."
+        )
+    if how != "fx":
+        notes.append(f"evaluation path: {how}")
+    return notes
+
+
 def _anneal(
-    evaluate: Any,
+    search: _Search,
     all_x: Tensor,
     all_s: Tensor,
     std: float,
     n_steps: int,
     n_chains: int,
-    gen: torch.Generator,
     *,
     progress: bool,
 ) -> None:
-    """Simulated annealing on ``x ↦ ‖J(x)‖`` from the ``n_chains`` best points (in place)."""
+    """Simulated annealing on ``x ↦ ‖J(x)‖`` from the ``n_chains`` best points; every proposal
+    is evaluated by ``search`` (so it enters the pool of candidates)."""
+    gen = search.gen
     k = min(n_chains, all_x.shape[0])
     top = torch.argsort(all_s, descending=True)[:k]
     x, s = all_x[top].clone(), all_s[top].clone()
@@ -640,7 +587,7 @@ def _anneal(
         temp = temp0 / math.log(2.0 + t)
         noise = torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
         prop = x + step.reshape(shape) * noise
-        s_prop, _ = evaluate(prop, "annealing")
+        s_prop, _ = search.evaluate(prop, "annealing")
         u = torch.rand(k, generator=gen, dtype=x.dtype, device=x.device)
         accept = (s_prop >= s) | (u < torch.exp((s_prop - s) / temp))
         x = torch.where(accept.reshape(shape), prop, x)
