@@ -21,10 +21,10 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
-from torch.autograd.functional import jacobian
 
 import lipreg.metrics
 from lipreg.metrics import LipschitzLowerBound
+from tests.helpers import dense_jacobian_norms, init_weights, randn
 
 torch.set_num_threads(1)
 
@@ -32,20 +32,8 @@ F64 = torch.float64
 REL = 1e-5
 
 
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen(seed))
-
-
 def init_(model: nn.Module, seed: int, scale: float = 0.6) -> nn.Module:
-    g = gen(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=F64).to(p.dtype) * scale)
-    return model
+    return init_weights(model, seed, scale=scale)
 
 
 def relu_mlp(seed: int, widths: tuple[int, ...] = (6, 16, 12, 4)) -> nn.Sequential:
@@ -55,19 +43,8 @@ def relu_mlp(seed: int, widths: tuple[int, ...] = (6, 16, 12, 4)) -> nn.Sequenti
     return init_(nn.Sequential(*layers[:-1]), seed)
 
 
-def dense_norms(model: nn.Module, X: torch.Tensor) -> torch.Tensor:
-    """Exact per-sample ``‖J_f(x)‖_2`` of an eval-mode float64 copy of ``model``."""
-    m = copy.deepcopy(model).double().eval()
-    norms = []
-    for x in X.to(F64):
-        J = jacobian(lambda z, m=m: m(z[None])[0], x)  # (*out, *in)
-        n_in = x.numel()
-        norms.append(torch.linalg.matrix_norm(J.reshape(-1, n_in), 2))
-    return torch.stack(norms)
-
-
 def dense_max(model: nn.Module, *batches: torch.Tensor) -> float:
-    return float(torch.cat([dense_norms(model, X) for X in batches]).max())
+    return float(torch.cat([dense_jacobian_norms(model, X) for X in batches]).max())
 
 
 def assert_rel(actual: torch.Tensor | float, expected: float, rel: float = REL) -> None:
@@ -149,7 +126,7 @@ def test_conv_model_with_image_inputs() -> None:
 def test_max_samples_per_update_subsamples_with_private_generator() -> None:
     model = relu_mlp(seed=7)
     X = randn(12, 6, seed=8)
-    norms = dense_norms(model, X)
+    norms = dense_jacobian_norms(model, X)
     values = []
     for _ in range(2):
         metric = LipschitzLowerBound(model, max_samples_per_update=3, seed=5)

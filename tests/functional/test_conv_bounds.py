@@ -18,76 +18,25 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from lipreg.functional.conv_bounds import conv_operator_norm_bound
-
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-_MODULE = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}
-
-
-def dense_conv_matrix(
-    weight: torch.Tensor,
-    input_spatial: tuple[int, ...],
-    stride: int | tuple[int, ...] = 1,
-    padding: int | tuple[int, ...] | str = 0,
-    dilation: int | tuple[int, ...] = 1,
-    groups: int = 1,
-    padding_mode: str = "zeros",
-    transposed: bool = False,
-    output_padding: int | tuple[int, ...] = 0,
-) -> torch.Tensor:
-    """Exact matrix (out_dim x in_dim, float64) of the bias-free layer, built by PyTorch itself.
-
-    Column ``j`` is the flattened layer output for the ``j``-th basis input. Non-zero padding
-    modes go through ``torch.nn.ConvNd`` so that PyTorch computes its own padding map.
-    """
-    w = weight.detach().to(torch.float64)
-    dims = len(input_spatial)
-    in_channels = w.shape[0] if transposed else w.shape[1] * groups
-    in_dim = in_channels * math.prod(input_spatial)
-    basis = torch.eye(in_dim, dtype=torch.float64).reshape(in_dim, in_channels, *input_spatial)
-    if transposed:
-        out = _CONV_T[dims](
-            basis,
-            w,
-            stride=stride,
-            padding=padding,
-            output_padding=output_padding,
-            groups=groups,
-            dilation=dilation,
-        )
-    elif padding_mode == "zeros":
-        out = _CONV[dims](
-            basis, w, stride=stride, padding=padding, dilation=dilation, groups=groups
-        )
-    else:
-        layer = _MODULE[dims](
-            in_channels,
-            w.shape[0],
-            tuple(w.shape[2:]),
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            bias=False,
-            padding_mode=padding_mode,
-        ).to(torch.float64)
-        with torch.no_grad():
-            layer.weight.copy_(w)
-            out = layer(basis)
-    return out.reshape(in_dim, -1).T
-
-
-def exact_norm(**kwargs) -> float:
-    return float(torch.linalg.matrix_norm(dense_conv_matrix(**kwargs), ord=2))
+from tests.helpers import dense_conv_matrix, dense_conv_norm, gen
 
 
 def _weight(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, dtype=torch.float64, generator=gen)
+    return torch.randn(shape, dtype=torch.float64, generator=gen(seed))
 
 
 def _assert_sound(bound: float, exact: float) -> None:
     assert bound >= exact * (1 - 1e-12), (bound, exact)
+
+
+def bound_and_exact(*args, **kwargs) -> tuple[float, float]:
+    """The bound and the dense ground truth of one geometry (the arguments of
+    :func:`conv_operator_norm_bound`, which :func:`dense_conv_matrix` takes in the same order),
+    after asserting soundness."""
+    bound = conv_operator_norm_bound(*args, **kwargs)
+    exact = dense_conv_norm(*args, **kwargs)
+    _assert_sound(bound, exact)
+    return bound, exact
 
 
 # ----------------------------------------------------------------------------- exact cases
@@ -110,17 +59,8 @@ def test_circular_stride1_is_exact(kernel, spatial, dilation, groups):
     w = _weight((4, 6 // groups, *kernel), seed=len(spatial) + 7 * groups)
     dil = (dilation,) * len(kernel) if isinstance(dilation, int) else dilation
     padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dil, strict=True))
-    kwargs = dict(
-        weight=w,
-        input_spatial=spatial,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        padding_mode="circular",
-    )
-    exact = exact_norm(**kwargs)
-    assert conv_operator_norm_bound(**kwargs) == pytest.approx(exact, rel=1e-9)
-    _assert_sound(conv_operator_norm_bound(**kwargs), exact)
+    bound, exact = bound_and_exact(w, spatial, 1, padding, dilation, groups, "circular")
+    assert bound == pytest.approx(exact, rel=1e-9)
 
 
 @pytest.mark.parametrize(("kernel", "spatial"), [((4,), (9,)), ((2, 4), (5, 6))])
@@ -128,8 +68,8 @@ def test_circular_same_padding_even_kernel_is_exact(kernel, spatial):
     # padding="same" with an even kernel pads asymmetrically; still a true torus convolution.
     w = _weight((3, 2, *kernel), seed=3)
     kwargs = dict(weight=w, input_spatial=spatial, padding="same", padding_mode="circular")
-    exact = exact_norm(**kwargs)
-    assert conv_operator_norm_bound(**kwargs) == pytest.approx(exact, rel=1e-9)
+    bound, exact = bound_and_exact(**kwargs)
+    assert bound == pytest.approx(exact, rel=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -147,21 +87,13 @@ def test_circular_same_padding_even_kernel_is_exact(kernel, spatial):
 )
 def test_circular_strided_polyphase_is_exact(kernel, spatial, stride, padding, dilation):
     w = _weight((3, 2, *kernel), seed=11)
-    kwargs = dict(
-        weight=w,
-        input_spatial=spatial,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        padding_mode="circular",
-    )
-    dense = dense_conv_matrix(**kwargs)
+    args = (w, spatial, stride, padding, dilation, 1, "circular")
+    dense = dense_conv_matrix(*args)
     strides = (stride,) * len(spatial) if isinstance(stride, int) else stride
     # The geometry really is the strided torus convolution: n / s outputs per axis.
     assert dense.shape[0] == 3 * math.prod(n // s for n, s in zip(spatial, strides, strict=True))
-    exact = float(torch.linalg.matrix_norm(dense, ord=2))
-    assert conv_operator_norm_bound(**kwargs) == pytest.approx(exact, rel=1e-9)
-    _assert_sound(conv_operator_norm_bound(**kwargs), exact)
+    bound, exact = bound_and_exact(*args)
+    assert bound == pytest.approx(exact, rel=1e-9)
 
 
 def test_transposed_block_diagonal_is_exact():
@@ -169,8 +101,8 @@ def test_transposed_block_diagonal_is_exact():
     # pixel); the polyphase kernel has a single tap, so the bound is exact here too.
     w = _weight((3, 2, 2, 2), seed=5)
     kwargs = dict(weight=w, input_spatial=(3, 4), stride=2, transposed=True)
-    exact = exact_norm(**kwargs)
-    assert conv_operator_norm_bound(**kwargs) == pytest.approx(exact, rel=1e-9)
+    bound, exact = bound_and_exact(**kwargs)
+    assert bound == pytest.approx(exact, rel=1e-9)
 
 
 # ----------------------------------------------------------------------------- zero padding
@@ -204,9 +136,7 @@ def _random_zero_padding_cases(count: int, seed: int) -> list[dict]:
 def test_zero_padding_random_geometries_sound_and_not_loose():
     ratios_small, ratios_large = [], []
     for kwargs in _random_zero_padding_cases(120, seed=2024):
-        exact = exact_norm(**kwargs)
-        bound = conv_operator_norm_bound(**kwargs)
-        _assert_sound(bound, exact)
+        bound, exact = bound_and_exact(**kwargs)
         (ratios_large if min(kwargs["input_spatial"]) >= 8 else ratios_small).append(bound / exact)
     # Honest looseness on such tiny inputs: the bound is the maximum of the torus symbol, which
     # a short zero-padded signal cannot fully excite. While developing, the worst ratio over 400
@@ -226,15 +156,15 @@ def test_zero_padding_random_geometries_sound_and_not_loose():
 def test_string_padding(padding_kwargs, kernel):
     w = _weight((3, 2, *kernel), seed=9)
     kwargs = dict(weight=w, input_spatial=(7, 8), **padding_kwargs)
-    _assert_sound(conv_operator_norm_bound(**kwargs), exact_norm(**kwargs))
+    bound_and_exact(**kwargs)
 
 
 def test_single_output_is_exact():
     # One output whose window holds no padding: conv = W_mat applied to the window (im2col).
     w = _weight((4, 3, 3, 3), seed=4)
     kwargs = dict(weight=w, input_spatial=(3, 3))
-    exact = exact_norm(**kwargs)
-    assert conv_operator_norm_bound(**kwargs) == pytest.approx(exact, rel=1e-9)
+    bound, exact = bound_and_exact(**kwargs)
+    assert bound == pytest.approx(exact, rel=1e-9)
 
 
 # ----------------------------------------------------------------------------- other modes
@@ -255,17 +185,7 @@ def test_single_output_is_exact():
 )
 def test_duplicating_padding_modes_are_sound(mode, kernel, spatial, stride, padding, dilation):
     w = _weight((3, 2, *kernel), seed=13)
-    kwargs = dict(
-        weight=w,
-        input_spatial=spatial,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        padding_mode=mode,
-    )
-    exact = exact_norm(**kwargs)
-    bound = conv_operator_norm_bound(**kwargs)
-    _assert_sound(bound, exact)
+    bound, exact = bound_and_exact(w, spatial, stride, padding, dilation, padding_mode=mode)
     # The slack is the padding-map norm sqrt(copies) (reflect/replicate duplicate border
     # entries) times the small-input torus slack; these cases measured 1.0-1.93.
     assert bound <= 2.5 * exact
@@ -277,7 +197,7 @@ def test_replicate_is_within_padding_factor_of_valid_torus_bound():
     w = _weight((2, 2, 3, 3), seed=21)
     rep = conv_operator_norm_bound(w, (8, 8), padding=1, padding_mode="replicate")
     zero = conv_operator_norm_bound(w, (8, 8), padding=1)
-    exact = exact_norm(weight=w, input_spatial=(8, 8), padding=1, padding_mode="replicate")
+    exact = dense_conv_norm(weight=w, input_spatial=(8, 8), padding=1, padding_mode="replicate")
     _assert_sound(rep, exact)
     assert rep <= 2.0 * zero * (1 + 1e-9)
 
@@ -302,19 +222,16 @@ def test_transposed_with_output_padding_is_sound(
     kernel, spatial, stride, padding, output_padding, dilation, groups
 ):
     w = _weight((4, 4 // groups, *kernel), seed=17)
-    kwargs = dict(
-        weight=w,
-        input_spatial=spatial,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
+    bound, exact = bound_and_exact(
+        w,
+        spatial,
+        stride,
+        padding,
+        dilation,
+        groups,
         transposed=True,
         output_padding=output_padding,
     )
-    exact = exact_norm(**kwargs)
-    bound = conv_operator_norm_bound(**kwargs)
-    _assert_sound(bound, exact)
     assert bound <= 1.5 * exact  # these cases measured 1.0-1.12
 
 
@@ -322,7 +239,7 @@ def test_output_padding_can_increase_the_norm_and_is_covered():
     # Output padding exposes output rows that padding had cropped: the norm can only grow.
     w = _weight((1, 1, 3), seed=1)
     base = dict(weight=w, input_spatial=(4,), stride=2, padding=1, transposed=True)
-    plain, padded = exact_norm(**base), exact_norm(**base, output_padding=1)
+    plain, padded = dense_conv_norm(**base), dense_conv_norm(**base, output_padding=1)
     assert padded >= plain
     _assert_sound(conv_operator_norm_bound(**base, output_padding=1), padded)
 
@@ -441,7 +358,7 @@ def test_taps_reading_only_padding_are_dropped():
     # operator is the middle tap times the identity (the full-kernel torus bound is ~10x loose).
     w = _weight((2, 1, 3), seed=6)
     kwargs = dict(weight=w, input_spatial=(2,), padding="same", dilation=2)
-    exact = exact_norm(**kwargs)
+    exact = dense_conv_norm(**kwargs)
     assert exact == pytest.approx(float(w[:, 0, 1].norm()), rel=1e-12)
     assert conv_operator_norm_bound(**kwargs) == pytest.approx(exact, rel=1e-9)
 
@@ -451,7 +368,7 @@ def test_zero_operator():
     # Stride 10 with padding 3: the only output reads padding zeros.
     w = _weight((1, 1, 1), seed=0)
     kwargs = dict(weight=w, input_spatial=(2,), stride=10, padding=3)
-    assert exact_norm(**kwargs) == 0.0
+    assert dense_conv_norm(**kwargs) == 0.0
     assert conv_operator_norm_bound(**kwargs) == 0.0
 
 

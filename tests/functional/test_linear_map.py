@@ -17,16 +17,13 @@ from torch.autograd.functional import jacobian
 
 import lipreg
 from lipreg.functional.linear_map import compose
+from tests.helpers import gen, randn
 
 F64 = torch.float64
 
 
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def rand(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen(seed), dtype=F64)
+    return randn(*shape, seed=seed, dtype=F64)
 
 
 def make_case(name: str) -> tuple[Callable, tuple[int, ...]]:

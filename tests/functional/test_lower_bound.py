@@ -18,10 +18,11 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.autograd.functional import jacobian
 from torch.utils.data import DataLoader, TensorDataset
 
 import lipreg
+from tests.helpers import gen, init_weights, per_sample_jacobians
+from tests.helpers import spectral_norm as norm2
 
 torch.set_num_threads(1)
 
@@ -29,32 +30,12 @@ F64 = torch.float64
 LIPSDP_RANDOM_EXACT = 36.48223
 
 
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def norm2(M: torch.Tensor) -> float:
-    return float(torch.linalg.matrix_norm(M.detach().to(F64), 2))
-
-
 def init_(model: nn.Module, seed: int, scale: float = 0.7) -> nn.Module:
-    g = gen(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=F64).to(p.dtype) * scale)
-    return model
-
-
-def jacobians(model: nn.Module, X: torch.Tensor) -> torch.Tensor:
-    """Dense per-sample Jacobians (N, out, in) of a model that treats samples independently."""
-    J = jacobian(lambda z: model(z).sum(0), X.to(F64))  # (*out, N, *in)
-    n_out = math.prod(J.shape[: J.ndim - X.ndim])
-    J = J.reshape(n_out, X.shape[0], -1)
-    return J.transpose(0, 1)
+    return init_weights(model, seed, scale=scale)
 
 
 def local_norms(model: nn.Module, X: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.matrix_norm(jacobians(model, X), 2)
+    return torch.linalg.matrix_norm(per_sample_jacobians(model, X), 2)
 
 
 def relu_mlp(widths: list[int], seed: int, bias: bool = True) -> nn.Sequential:
@@ -217,7 +198,7 @@ def test_jacobian_norms_match_dense_svd(make, shape) -> None:
     assert torch.allclose(sigma, expected, rtol=1e-6, atol=0)
     v_norms = v.flatten(1).norm(dim=1)
     assert torch.allclose(v_norms, torch.ones(7, dtype=F64), atol=1e-12)
-    Jv = torch.einsum("noi,ni->no", jacobians(net, X), v.flatten(1)).norm(dim=1)
+    Jv = torch.einsum("noi,ni->no", per_sample_jacobians(net, X), v.flatten(1)).norm(dim=1)
     assert torch.all(Jv >= sigma * (1 - 1e-9))
 
 
@@ -317,7 +298,7 @@ def test_inputs_and_random_search_stay_below_true_constant(data_net) -> None:
     d = res.state["direction"]
     assert d.shape == (5,)
     assert float(d.norm()) == pytest.approx(1.0, abs=1e-9)
-    Jd = jacobians(net, res.state["argmax"][None])[0] @ d
+    Jd = per_sample_jacobians(net, res.state["argmax"][None])[0] @ d
     assert float(Jd.norm()) >= res.value * (1 - 1e-6)
 
 

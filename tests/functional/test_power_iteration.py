@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import lipreg
+from tests.helpers import gen, spectral_norm
 
 F64 = torch.float64
 
@@ -27,14 +28,6 @@ def matrix_op(W: torch.Tensor, name: str = "W") -> lipreg.LinearMap:
         device=W.device,
         name=name,
     )
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def true_norm(W: torch.Tensor) -> float:
-    return float(torch.linalg.matrix_norm(W.to(F64), 2))
 
 
 def with_spectrum(m: int, n: int, s: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -67,7 +60,7 @@ METHODS = ["lanczos", "power"]
 def test_operator_norm_matches_matrix_norm(method, shape, seed):
     g = gen(seed)
     W = torch.randn(*shape, generator=g, dtype=F64)
-    t = true_norm(W)
+    t = spectral_norm(W)
     res = lipreg.operator_norm(
         matrix_op(W), tol=1e-10, max_iter=20000, method=method, generator=gen(100 + seed)
     )
@@ -88,7 +81,7 @@ def test_operator_norm_float32_map(method):
     g = gen(3)
     W = torch.randn(30, 20, generator=g, dtype=F64)
     res = lipreg.operator_norm(matrix_op(W.float()), tol=1e-7, method=method, generator=gen(0))
-    assert res.sigma == pytest.approx(true_norm(W.float()), rel=1e-5)
+    assert res.sigma == pytest.approx(spectral_norm(W.float()), rel=1e-5)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -116,7 +109,7 @@ def test_never_exceeds_true_norm_random_and_clustered(method):
         )
     )
     for W, spread in cases:
-        t = true_norm(W)
+        t = spectral_norm(W)
         for tol, max_iter in ((1e-1, 500), (1e-4, 500), (1e-10, 3000), (1e-10, 1), (1e-10, 2)):
             res = lipreg.operator_norm(
                 matrix_op(W), tol=tol, max_iter=max_iter, method=method, generator=gen(5)
@@ -135,7 +128,7 @@ def test_lanczos_clustered_spectrum_converges_to_top_value():
     g = gen(11)
     W, _ = clustered(30, 20, 1e-3, g)
     res = lipreg.operator_norm(matrix_op(W), tol=1e-12, max_iter=500, generator=gen(1))
-    assert res.sigma == pytest.approx(true_norm(W), rel=1e-8)
+    assert res.sigma == pytest.approx(spectral_norm(W), rel=1e-8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,7 +156,7 @@ def test_lanczos_repro_does_not_stop_on_the_second_singular_value():
     r = lipreg.autolip(net, (6,), certify=False, tol=tol)
     layers = {lb.name: lb for lb in r.layers}
     for name in ("0", "2", "4"):
-        t = true_norm(net[int(name)].weight.detach())
+        t = spectral_norm(net[int(name)].weight.detach())
         assert layers[name].extra["converged"]
         assert abs(layers[name].value - t) / t <= 2 * tol, name
         assert layers[name].value <= t * (1 + 1e-6)
@@ -207,7 +200,7 @@ def test_lanczos_converged_means_within_tolerance_randomized(tol):
         W, dtype = sweep_matrix(i)
         if dtype == torch.float32 and tol < 1e-5:
             continue  # below what float32 resolves
-        t = true_norm(W.to(dtype))
+        t = spectral_norm(W.to(dtype))
         res = lipreg.operator_norm(matrix_op(W.to(dtype)), tol=tol, generator=gen(i))
         assert res.converged, i  # n <= 40 products at most: always reached
         assert res.n_iter <= W.shape[1]
@@ -241,7 +234,7 @@ def test_krylov_space_exhausted_is_exact():
     W = torch.randn(9, 6, generator=gen(5), dtype=F64)
     res = lipreg.operator_norm(matrix_op(W), tol=1e-300, max_iter=100, generator=gen(0))
     assert res.converged and res.n_iter == 6
-    assert res.sigma == pytest.approx(true_norm(W), rel=1e-12)
+    assert res.sigma == pytest.approx(spectral_norm(W), rel=1e-12)
 
 
 def test_stale_gap_does_not_let_a_warm_start_stop_on_a_mixture():
@@ -273,7 +266,7 @@ def test_warm_start_after_a_perturbation_of_a_cluster():
         for eps in (1e-3, 1e-2):
             W2 = W + eps * torch.randn(W.shape, generator=g, dtype=F64) / n**0.5
             warm = lipreg.operator_norm(matrix_op(W2), v0=cold.v, gap0=cold.gap, tol=tol)
-            t = true_norm(W2)
+            t = spectral_norm(W2)
             if warm.converged:
                 assert (t - warm.sigma) / t <= 10 * tol, (i, eps, warm.n_iter)
 
@@ -295,7 +288,7 @@ def test_sigma_non_decreasing_in_iterations(method):
     """Same start, increasing max_iter: the power Rayleigh quotients (and Ritz values) grow."""
     g = gen(21)
     W = with_spectrum(30, 25, torch.linspace(1.0, 0.05, 25, dtype=F64), g)
-    t = true_norm(W)
+    t = spectral_norm(W)
     sigmas = []
     for k in range(1, 26):
         res = lipreg.operator_norm(
@@ -324,8 +317,8 @@ def test_warm_start_converges_in_fewer_iterations(method):
     assert cold.n_iter > 5
     assert warm.n_iter <= 3
     assert warm.n_iter < cold.n_iter
-    assert warm.sigma == pytest.approx(true_norm(W), rel=1e-6)
-    assert warm.sigma <= true_norm(W) * (1 + 1e-12)
+    assert warm.sigma == pytest.approx(spectral_norm(W), rel=1e-6)
+    assert warm.sigma <= spectral_norm(W) * (1 + 1e-12)
     # v0 of any shape with the right number of entries, and any scale, is accepted.
     warm2 = lipreg.operator_norm(op, v0=(7.0 * cold.v).reshape(8, 5), tol=1e-9, method=method)
     assert warm2.n_iter <= 3
@@ -336,7 +329,7 @@ def test_zero_or_nan_v0_falls_back_to_a_cold_start(method):
     W = torch.randn(8, 6, generator=gen(2), dtype=F64)
     for v0 in (torch.zeros(6, dtype=F64), torch.full((6,), float("nan"), dtype=F64)):
         res = lipreg.operator_norm(matrix_op(W), v0=v0, tol=1e-10, method=method, generator=gen(1))
-        assert res.sigma == pytest.approx(true_norm(W), rel=1e-6)
+        assert res.sigma == pytest.approx(spectral_norm(W), rel=1e-6)
 
 
 @pytest.mark.parametrize("method", METHODS)
