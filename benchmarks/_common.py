@@ -1,13 +1,23 @@
-"""Shared helpers of the benchmark scripts (timing, table printing)."""
+"""Shared helpers of the benchmark scripts (timing, machine load, table printing).
+
+Short statements are timed with ``torch.utils.benchmark`` (``Timer.blocked_autorange``: warm-up,
+blocks sized so the timer's own overhead is negligible, the median of the replicates). Several
+statements whose times are compared are timed in interleaved rounds (a, b, c, a, b, c, ...), so
+that a change in the machine's load hits them alike; each one's figure is the median over all
+rounds (``Measurement.merge``). The machine is shared: the scripts print its load next to the
+figures.
+"""
 
 from __future__ import annotations
 
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils.benchmark import Measurement, Timer
 
 
 def setup_threads() -> None:
@@ -15,28 +25,82 @@ def setup_threads() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
-def best_time(fn: Callable[[], Any], repeat: int = 3) -> tuple[float, Any]:
-    """Best wall time of ``repeat`` calls (the least disturbed by other jobs) and last output."""
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+def machine_load() -> str:
+    """The load averages (1, 5, 15 min) and core count, to judge how disturbed a run was."""
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f} (1/5/15 min) on {os.cpu_count()} cores"
 
 
-def forward_backward_time(model: torch.nn.Module, input_shape: tuple[int, ...]) -> float:
-    """Best time of one forward + backward pass on ONE sample (eval-mode copy, grads freed)."""
+@dataclass
+class Timing:
+    """The median time of one statement over all rounds, and its last output."""
+
+    median: float
+    output: Any
+    measurements: list[Measurement] = field(default_factory=list)
+
+
+def interleaved_medians(
+    statements: dict[str, Callable[[], Any]], *, rounds: int, min_run_time: float
+) -> dict[str, Timing]:
+    """Time every statement in ``rounds`` interleaved rounds of ``Timer.blocked_autorange``.
+
+    Each round runs ``blocked_autorange(min_run_time)`` on every statement in turn (it includes
+    ``torch.utils.benchmark``'s own warm-up call); the result per statement is the median of
+    the replicates of all its rounds, with the output of its last call.
+    """
+    outputs: dict[str, Any] = {}
+    measured: dict[str, list[Measurement]] = {name: [] for name in statements}
+    for _ in range(rounds):
+        for name, fn in statements.items():
+
+            def run(name: str = name, fn: Callable[[], Any] = fn) -> None:
+                outputs[name] = fn()
+
+            timer = Timer(
+                stmt="run()", globals={"run": run}, label=name, num_threads=torch.get_num_threads()
+            )
+            measured[name].append(timer.blocked_autorange(min_run_time=min_run_time))
+    return {
+        name: Timing(Measurement.merge(ms)[0].median, outputs[name], ms)
+        for name, ms in measured.items()
+    }
+
+
+def single_run(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Wall time of ONE call and its output.
+
+    For runs of seconds to minutes (a certified bound, a greedy SeqLip, a whole fit)
+    ``torch.utils.benchmark`` does not fit: ``blocked_autorange`` first calls the statement to
+    size its blocks (a discarded call that doubles a 100 s run) and ``timeit`` warms up with
+    two calls; and a fit cannot be re-run on the same Trainer. The callers repeat such runs
+    themselves, interleaved, and report medians.
+    """
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def forward_backward_step(
+    model: torch.nn.Module, input_shape: tuple[int, ...]
+) -> Callable[[], None]:
+    """One forward + backward pass on ONE sample (grads freed first), the benchmarks' unit."""
     x = torch.randn(1, *input_shape)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
         model(x).sum().backward()
 
-    step()  # warm-up (allocator, kernels)
-    t, _ = best_time(step, repeat=5)
-    model.zero_grad(set_to_none=True)
-    return t
+    return step
+
+
+def print_footer(load_before: str, quick_note: str | None) -> None:
+    """The machine load before and after the run, under the table, and the ``--quick`` warning
+    (``quick_note``: what the quick run did, or ``None`` for a full run)."""
+    print()
+    print(f"Machine load before: {load_before}; after: {machine_load()}.")
+    if quick_note is not None:
+        print(f"--quick: {quick_note}, not for published figures.")
 
 
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:

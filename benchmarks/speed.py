@@ -8,8 +8,14 @@ Prints, for torchvision's AlexNet (random init, 3x224x224) and the paper's 4-lay
 - AutoLip certified (FFT/dense/Schur certificates, the sound number);
 - greedy SeqLip with top-k singular triplets.
 
+Times are medians: the forward+backward unit and the AutoLip cold/warm runs are timed with
+``torch.utils.benchmark`` in interleaved rounds (see ``_common.interleaved_medians``), so the
+ratios compare runs made under the same load; the certified and SeqLip rows are one long run
+each. The machine load is printed under the table.
+
 Targets (issue 2): cold ≤ 50x, warm ≤ 5x, warm iterations ≤ 1/10 of cold. Run:
-    OMP_NUM_THREADS=1 python benchmarks/speed.py [--quick]
+    OMP_NUM_THREADS=1 python benchmarks/speed.py [--quick] [--networks mnist alexnet]
+(``--quick``: one short round, to check that the script runs; not for published figures.)
 """
 
 from __future__ import annotations
@@ -19,7 +25,15 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from _common import best_time, forward_backward_time, print_table, setup_threads
+from _common import (
+    forward_backward_step,
+    interleaved_medians,
+    machine_load,
+    print_footer,
+    print_table,
+    setup_threads,
+    single_run,
+)
 
 import lipreg
 from lipreg.models import alexnet, mnist_cnn4
@@ -43,25 +57,40 @@ def one_step(model: torch.nn.Module, shape: tuple[int, ...], opt_name: str) -> N
 def bench(name: str, make, shape: tuple[int, ...], top_k: int, quick: bool) -> list[list]:
     torch.manual_seed(0)
     base = make()
-    fb = forward_backward_time(base, shape)
-    rows: list[list] = [[name, "forward+backward, 1 sample", fb, 1.0, "", "", ""]]
+    statements = {"fb": forward_backward_step(base, shape)}
+    colds = {}
     for method in ("lanczos", "power"):
         model = copy.deepcopy(base)
         est = lipreg.AutoLip(model, shape, certify=False, tol=1e-4, method=method, max_iter=2000)
-        t_cold, cold = best_time(lambda est=est: est(state={}), repeat=1 if quick else 2)
+        # The cold result whose state the warm starts begin from (its time is measured below,
+        # interleaved with the others; every timed cold call starts from state={} again).
+        colds[method] = cold = est(state={})
         est.state = cold.state
-        rows.append(
-            [name, f"AutoLip cold ({method})", t_cold, t_cold / fb, cold.n_iter, cold.value, ""]
-        )
+        statements[f"cold {method}"] = lambda est=est: est(state={})
         for opt_name in ("sgd", "adam"):
             m2 = copy.deepcopy(model)
             est2 = lipreg.AutoLip(m2, shape, certify=False, tol=1e-4, method=method, max_iter=2000)
             est2.state = {k: v.clone() for k, v in cold.state.items()}
             one_step(m2, shape, opt_name)
             saved = est2.state
-            t_warm, warm = best_time(
-                lambda est2=est2, saved=saved: est2(state=dict(saved)), repeat=1 if quick else 3
+            statements[f"warm {method} {opt_name}"] = lambda est2=est2, saved=saved: est2(
+                state=dict(saved)
             )
+    timed = interleaved_medians(
+        statements, rounds=1 if quick else 3, min_run_time=0.2 if quick else 1.0
+    )
+    base.zero_grad(set_to_none=True)
+    fb = timed["fb"].median
+    rows: list[list] = [[name, "forward+backward, 1 sample", fb, 1.0, "", "", ""]]
+    for method in ("lanczos", "power"):
+        cold = colds[method]
+        t_cold = timed[f"cold {method}"].median
+        rows.append(
+            [name, f"AutoLip cold ({method})", t_cold, t_cold / fb, cold.n_iter, cold.value, ""]
+        )
+        for opt_name in ("sgd", "adam"):
+            t_warm = timed[f"warm {method} {opt_name}"].median
+            warm = timed[f"warm {method} {opt_name}"].output
             rows.append(
                 [
                     name,
@@ -73,11 +102,11 @@ def bench(name: str, make, shape: tuple[int, ...], top_k: int, quick: bool) -> l
                     f"{warm.n_iter / cold.n_iter:.3f}",
                 ]
             )
-    t_cert, cert = best_time(lambda: lipreg.autolip(base, shape, certify=True), repeat=1)
+    # Single long runs (seconds to minutes): see _common.single_run for why not a Timer.
+    t_cert, cert = single_run(lambda: lipreg.autolip(base, shape, certify=True))
     rows.append([name, "AutoLip certified", t_cert, t_cert / fb, cert.n_iter, cert.value, ""])
-    t_sl, sl = best_time(
-        lambda: lipreg.seqlip(base, shape, method="greedy", top_k=top_k, max_iter=30),
-        repeat=1,
+    t_sl, sl = single_run(
+        lambda: lipreg.seqlip(base, shape, method="greedy", top_k=top_k, max_iter=30)
     )
     rows.append([name, f"SeqLip greedy (top-{top_k})", t_sl, t_sl / fb, sl.n_iter, sl.value, ""])
     return rows
@@ -85,15 +114,31 @@ def bench(name: str, make, shape: tuple[int, ...], top_k: int, quick: bool) -> l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="one round of short timings: checks that the script runs; NOT for published figures",
+    )
+    parser.add_argument(
+        "--networks",
+        nargs="+",
+        choices=("mnist", "alexnet"),
+        default=["mnist", "alexnet"],
+        help="networks to time (default: both)",
+    )
     args = parser.parse_args()
     setup_threads()
-    rows = bench("MNIST CNN-4", mnist_cnn4, (1, 28, 28), top_k=200, quick=args.quick)
-    rows += bench("AlexNet", alexnet, (3, 224, 224), top_k=50, quick=args.quick)
+    load_before = machine_load()
+    rows = []
+    if "mnist" in args.networks:
+        rows += bench("MNIST CNN-4", mnist_cnn4, (1, 28, 28), top_k=200, quick=args.quick)
+    if "alexnet" in args.networks:
+        rows += bench("AlexNet", alexnet, (3, 224, 224), top_k=50, quick=args.quick)
     print_table(
         ["network", "what", "time (s)", "x fwd+bwd", "iterations", "value", "warm/cold iters"],
         rows,
     )
+    print_footer(load_before, "one short round of timings" if args.quick else None)
 
 
 if __name__ == "__main__":
