@@ -224,25 +224,33 @@ class BoundRecorder(Callback):
     """Keeps every set of values :class:`lipreg.LipschitzCallback` computes (its
     ``last_metrics`` only holds the latest one), with the step it was computed at."""
 
-    def __init__(self, source: Callback) -> None:
+    def __init__(self, source: lipreg.LipschitzCallback) -> None:
         super().__init__()
         self.source = source
         self.rows: list[dict[str, float]] = []
         self._seen: Any = None
 
     def _grab(self, trainer: pl.Trainer) -> None:
-        metrics = getattr(self.source, "last_metrics", None)
+        metrics = self.source.last_metrics
         if metrics and metrics is not self._seen:
             self._seen = metrics
-            # the public property of LipschitzCallback (older versions: the trainer's step)
-            step = getattr(self.source, "last_step", trainer.global_step)
-            self.rows.append({"step": float(step), **{k: float(v) for k, v in metrics.items()}})
+            row = {
+                "step": float(self.source.last_step),
+                **{k: float(v) for k, v in metrics.items()},
+            }
+            if self.rows and self.rows[-1]["step"] == row["step"]:
+                self.rows[-1] = row  # the callback added values at the same step (fit end)
+            else:
+                self.rows.append(row)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         self._grab(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._grab(trainer)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._grab(trainer)  # the certified bound the callback computes at the end of a fit
 
 
 @dataclass
