@@ -257,7 +257,10 @@ def log_layer_table(trainer: pl.Trainer, bounds: dict[str, Any]) -> None:
 
 
 def finish_wandb(trainer: pl.Trainer) -> None:
-    """Close W&B runs so that offline files are complete (and sweeps start fresh runs)."""
+    """Close W&B runs so that offline files are complete (and sweeps start fresh runs).
+
+    The run exists by then (:func:`fit_one` logs the config first); on other DDP ranks
+    ``experiment`` is Lightning's no-op stand-in."""
     for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+        if isinstance(logger, WandbLogger):
             logger.experiment.finish()
