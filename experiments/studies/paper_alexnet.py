@@ -234,7 +234,8 @@ def run(
         main_columns=main,
     )
     atomic_write(out / "layers.csv", csv_text(layer_rows))
-    plot_bounds(out / "bounds.png", row, b, top_k)
+    factors = [(f.name, f.value, f.estimate) for f in b.autolip.layers if f.kind != "activation"]
+    plot_bounds(out / "bounds.png", row, factors, top_k)
     summary = {
         "autolip_certified": row["AutoLip (certified upper)"],
         "autolip_estimate": b.autolip.estimate,
@@ -249,15 +250,16 @@ def run(
     return finish_study(cfg, [row], summary)
 
 
-def plot_bounds(path: Path, row: dict[str, Any], b: NetworkBounds, top_k: int) -> None:
-    """Left: each AutoLip factor (certified and estimate) along the network, log scale.
-    Right: the totals as points on a log axis, ours and the paper's."""
+def plot_bounds(
+    path: Path, row: dict[str, Any], factors: list[tuple[str, float, float | None]], top_k: int
+) -> None:
+    """Left: each AutoLip factor ``(name, certified value, estimate)`` along the network, log
+    scale. Right: the totals of ``row`` as points on a log axis, ours and the paper's."""
     fig, (ax1, ax2) = new_figure(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
-    layers = [f for f in b.autolip.layers if f.kind != "activation"]
-    names = [f.name if len(f.name) <= 22 else f.name[:10] + "…" + f.name[-10:] for f in layers]
-    xs = list(range(len(layers)))
-    ax1.plot(xs, [f.value for f in layers], "o", ms=7, label="certified factor")
-    ax1.plot(xs, [f.estimate or f.value for f in layers], "x", ms=7, label="estimate (Lanczos)")
+    names = [n if len(n) <= 22 else n[:10] + "…" + n[-10:] for n, _, _ in factors]
+    xs = list(range(len(factors)))
+    ax1.plot(xs, [v for _, v, _ in factors], "o", ms=7, label="certified factor")
+    ax1.plot(xs, [e or v for _, v, e in factors], "x", ms=7, label="estimate (Lanczos)")
     ax1.set_xticks(xs, names, rotation=45, ha="right", fontsize=8)
     finish_axes(ax1, "", "factor (layer norm or pooling constant)", "AutoLip factors of AlexNet")
     totals = [

@@ -173,15 +173,18 @@ def plot_tradeoff(path: Path, rows: list[dict[str, Any]], metric: str) -> None:
         xs, ys = [x for _, x, _ in pts], [y for _, _, y in pts]
         ax.plot(xs, ys, linestyle="none", marker=marker, ms=7, alpha=0.85, label=label)
         if key.startswith("AutoLip"):
-            for r, x, y in pts:
+            # labels in order of the bound, staggered vertically: close points stay legible
+            for i, (r, x, y) in enumerate(sorted(pts, key=lambda p: p[1])):
                 ax.annotate(
                     f"w={float(r['penalty weight']):g}",
                     (x, y),
                     textcoords="offset points",
-                    xytext=(4, 4),
+                    xytext=(6, (6, -12, 14)[i % 3]),
                     fontsize=8,
+                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"},
                 )
     ax.set_xscale("log")
+    ax.margins(x=0.08, y=0.15)  # room for the labels inside the frame
     reporting.finish_axes(
         ax,
         "Lipschitz bound of the trained network",
