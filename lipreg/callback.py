@@ -90,7 +90,7 @@ from lipreg.functional.graph import check_finite_parameters
 from lipreg.functional.lower_bound import lower_bound
 from lipreg.functional.seqlip import NotSequentialError, seqlip
 
-__all__ = ["SCHEDULED", "LipschitzCallback", "layer_key", "lightning_step"]
+__all__ = ["FIT_END", "SCHEDULED", "LipschitzCallback", "layer_key", "lightning_step"]
 
 
 class LipschitzCallback(Callback):
@@ -150,9 +150,11 @@ class LipschitzCallback(Callback):
             materialising them (tighter than the FFT/product certificates on small feature
             maps, costlier on large ones); ``0`` uses only structured certificates.
         log_layers: log per-layer norms (keys :func:`layer_key`).
-        compute_at_fit_end: at the end of every fit, compute every method not yet computed
-            at the final step (default ``True``): every fit, however short, ends with a
-            certified bound. Independent of :meth:`should_compute`.
+        compute_at_fit_end: at the end of every fit, compute the AutoLip estimate and the
+            certified AutoLip bound unless they were computed at the final step (default
+            ``True``): every fit, however short, ends with a certified bound. SeqLip and the
+            lower bound follow their cadences only (a greedy SeqLip search can cost minutes on
+            a large network). Independent of :meth:`should_compute`.
         on_nonfinite: ``"warn"`` (log NaN, warn once, keep training) or ``"raise"``
             (``FloatingPointError``) when the weights or a bound are not finite.
         seed: seed (an int ``>= 0``) of the private generators.
@@ -325,12 +327,13 @@ class LipschitzCallback(Callback):
             self._compute_and_log(trainer, trainer.global_step, set(SCHEDULED), in_batch=False)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """``compute_at_fit_end``: every method not yet computed at the final step, so that
-        every fit ends with a certified bound whatever its length and cadences."""
+        """``compute_at_fit_end``: the :data:`FIT_END` methods not yet computed at the final
+        step, so that every fit ends with a certified bound whatever its length and
+        cadences."""
         if not self.compute_at_fit_end:
             return
         step = trainer.global_step
-        due = set(SCHEDULED) - (self._done_at_last_step if step == self._last_step else set())
+        due = set(FIT_END) - (self._done_at_last_step if step == self._last_step else set())
         if due:
             self._compute_and_log(trainer, step, due, in_batch=False)
 
@@ -343,7 +346,7 @@ class LipschitzCallback(Callback):
         schedule (after optimizer steps the callback computes exactly what it returns
         ``True`` for). Two documented additions run besides it: epoch ends selected by
         ``every_n_epochs`` compute every method, and ``compute_at_fit_end`` computes, at the
-        end of the fit, every method not yet computed at the final step.
+        end of the fit, the :data:`FIT_END` methods not yet computed at the final step.
         """
         cadence = getattr(self, _METHOD_TABLE[method].cadence)
         return step > 0 and bool(cadence) and step % cadence == 0
@@ -690,3 +693,6 @@ _METHOD_TABLE: dict[str, Method] = {
 }
 #: What :meth:`LipschitzCallback.should_compute` schedules, one name per computation.
 SCHEDULED = tuple(_METHOD_TABLE)
+#: What ``compute_at_fit_end`` adds at the end of a fit: the certified bound (and the estimate
+#: it is shown beside), never the costly SeqLip search.
+FIT_END = ("autolip", "autolip_certified")
