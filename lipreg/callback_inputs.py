@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lipreg.functional.evaluation import evaluation_mode
-from lipreg.functional.graph import has_forward, unwrap_compiled
+from lipreg.functional.trace import has_forward, unwrap_compiled
 
 __all__ = [
     "MAX_MESSAGE",

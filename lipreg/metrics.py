@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from lipreg.functional.graph import check_finite_parameters, eval_function
 from lipreg.functional.jacobian import jacobian_norms
 from lipreg.functional.lower_bound import DifferenceQuotients
+from lipreg.functional.trace import check_finite_parameters, eval_function
 
 __all__ = ["LipschitzLowerBound"]
 
@@ -48,7 +48,7 @@ class LipschitzLowerBound(Metric):
     A non-finite output raises ``ValueError`` ("non-finite").
 
     The model is evaluated with evaluation semantics (BatchNorm running statistics, dropout
-    off) through :func:`lipreg.functional.graph.eval_function`, whatever its current mode,
+    off) through :func:`lipreg.functional.trace.eval_function`, whatever its current mode,
     and is never modified (the float64 evaluation runs on a deep copy when the model is not
     float64): no parameter, buffer (BatchNorm running statistics), ``.grad``, train/eval flag
     or global RNG state changes. :meth:`update` works inside ``torch.no_grad()`` and

@@ -41,6 +41,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lipreg.functional.analysis import analyse
 from lipreg.functional.chains import (
     SeqChain,
     chain_linear_map,
@@ -48,9 +49,9 @@ from lipreg.functional.chains import (
     segment_chains,
 )
 from lipreg.functional.compose import output_value, propagate
-from lipreg.functional.graph import analyse, check_input_shape, trace
 from lipreg.functional.power_iteration import operator_norm
 from lipreg.functional.seqlip_pairs import pair_matrices, pair_name, pair_norm_greedy
+from lipreg.functional.trace import check_input_shape, trace
 
 __all__ = ["STATE_VERSION", "LipschitzPenalty", "buffer_name"]
 

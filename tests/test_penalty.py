@@ -492,9 +492,9 @@ def residual_block() -> ResidualBlock:
 def test_lipschitz_estimate_is_the_autolip_composition_on_a_branching_net():
     """Same per-chain sigmas: the tensor walk equals the float walk of ``lipreg.autolip``'s
     composition routine and the hand-written formula of this graph."""
+    from lipreg.functional.analysis import analyse
     from lipreg.functional.chains import find_affine_chains
     from lipreg.functional.compose import propagate
-    from lipreg.functional.graph import analyse
 
     net = residual_block()
     penalty = LipschitzPenalty(net, (2, 6, 6), weight=1.0, form="linear").eval()

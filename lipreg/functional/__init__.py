@@ -1,7 +1,6 @@
 """Pure estimators: tensors and modules in, results out. Imports neither Lightning nor Hydra."""
 
 from lipreg.functional.autolip import AutoLip, autolip
-from lipreg.functional.graph import TraceError, UnsupportedOperationError
 from lipreg.functional.linear_map import LinearMap
 from lipreg.functional.lower_bound import jacobian_norms, lower_bound
 from lipreg.functional.power_iteration import operator_norm, top_singular_triplets
@@ -17,6 +16,7 @@ from lipreg.functional.rules import (
     registered_targets,
 )
 from lipreg.functional.seqlip import NotSequentialError, seqlip
+from lipreg.functional.trace import TraceError, UnsupportedOperationError
 
 __all__ = [
     "Affine",

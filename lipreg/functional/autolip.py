@@ -38,6 +38,7 @@ from typing import Literal
 import torch
 from torch import Tensor, fx, nn
 
+from lipreg.functional.analysis import Analysis, analyse
 from lipreg.functional.certify import (
     DEFAULT_MEMORY_LIMIT_BYTES,
     default_memory_limit,
@@ -45,11 +46,11 @@ from lipreg.functional.certify import (
 )
 from lipreg.functional.chains import AffineChain, chain_linear_map, find_affine_chains
 from lipreg.functional.compose import output_value, propagate
-from lipreg.functional.graph import Analysis, analyse, trace
 from lipreg.functional.ladder import ChainBounder
 from lipreg.functional.power_iteration import check_iteration_options
 from lipreg.functional.results import LayerBound, LipschitzResult
 from lipreg.functional.specs import Affine, Elementwise, Nonlinear
+from lipreg.functional.trace import trace
 
 __all__ = [
     "AffineChain",
@@ -93,7 +94,7 @@ def autolip(
         seed: seed of the private generator of the cold starts (the global RNG is untouched).
         dense_limit: maps whose smaller side is at most this are materialised and certified
             exactly.
-        traced: a graph from :func:`lipreg.functional.graph.trace` to skip re-tracing (the
+        traced: a graph from :func:`lipreg.functional.trace.trace` to skip re-tracing (the
             :class:`AutoLip` estimator does this).
         memory_limit_bytes: extra memory each certificate may allocate (default
             ``min(1 GiB, max(256 MiB, 4 × the bytes of the model's parameters and
@@ -264,7 +265,7 @@ class AutoLip:
     """
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int], **options) -> None:
-        from lipreg.functional.graph import check_input_shape, trace
+        from lipreg.functional.trace import check_input_shape, trace
 
         self.model = model
         self.input_shape = check_input_shape(input_shape)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from lipreg.functional.graph import Analysis
+from lipreg.functional.analysis import Analysis
 from lipreg.functional.linear_map import LinearMap, compose
 from lipreg.functional.results import LayerBound
 from lipreg.functional.specs import Affine, Combine, Elementwise, Nonlinear

@@ -31,8 +31,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor, fx
 
+from lipreg.functional.analysis import Analysis
 from lipreg.functional.chains import AffineChain
-from lipreg.functional.graph import Analysis
 from lipreg.functional.specs import Affine, Combine, Elementwise, Nonlinear, Spec
 
 __all__ = ["combine", "node_lipschitz", "output_value", "propagate"]

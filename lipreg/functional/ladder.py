@@ -40,6 +40,7 @@ from functools import cached_property
 import torch
 from torch import Tensor, fx, nn
 
+from lipreg.functional.analysis import Analysis
 from lipreg.functional.certify import (
     current_budget,
     dense_bytes,
@@ -49,7 +50,6 @@ from lipreg.functional.certify import (
     schur_bound,
 )
 from lipreg.functional.chains import AffineChain, chain_linear_map, node_linear_map
-from lipreg.functional.graph import Analysis
 from lipreg.functional.linear_map import LinearMap
 from lipreg.functional.power_iteration import OperatorNormResult, operator_norm
 from lipreg.functional.results import LayerBound

@@ -56,9 +56,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lipreg.functional.graph import check_finite_parameters, check_input_shape, eval_function
 from lipreg.functional.jacobian import jacobian_norms
 from lipreg.functional.results import LayerBound, LipschitzResult
+from lipreg.functional.trace import check_finite_parameters, check_input_shape, eval_function
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -140,7 +140,7 @@ class DifferenceQuotients:
     """Certified ``‖f(x+h) − f(x)‖ / ‖h‖`` of a network, evaluated in float64.
 
     Builds (once) a float64 and a float32 evaluation of ``model`` in evaluation mode
-    (:func:`lipreg.functional.graph.eval_function` on deep copies when the model's dtype
+    (:func:`lipreg.functional.trace.eval_function` on deep copies when the model's dtype
     differs; the model itself is never modified). Calling it with candidate points ``x`` and
     directions ``v`` returns, per candidate, the largest certified quotient over the steps
     ``h = ±t·max(‖x‖, 1)·v/‖v‖``, ``t ∈ steps``, with the rounding model of this module's

@@ -39,6 +39,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lipreg.functional.analysis import Analysis, analyse
 from lipreg.functional.autolip import check_finite_result
 from lipreg.functional.certify import RELATIVE_MARGIN
 from lipreg.functional.chains import (
@@ -48,7 +49,6 @@ from lipreg.functional.chains import (
     chain_linear_map,
     segment_chains,
 )
-from lipreg.functional.graph import Analysis, analyse
 from lipreg.functional.ladder import ChainBounder
 from lipreg.functional.power_iteration import top_singular_triplets
 from lipreg.functional.results import LayerBound, LipschitzResult

@@ -1,7 +1,7 @@
 """The spec algebra: what a rule says about one node of a traced network.
 
 Every input-dependent node is described by one of four *specs*; the analysis
-(:mod:`lipreg.functional.graph`) asks the node's rule (:mod:`lipreg.functional.rules`) for it and
+(:mod:`lipreg.functional.analysis`) asks the node's rule (:mod:`lipreg.functional.rules`) for it and
 the estimators compose them (paper.md §2.3):
 
 * :class:`Affine` — ``f(x) = A x + b`` in its single input-dependent argument. Consecutive affine

@@ -115,8 +115,8 @@ def _ladder_bounds(
     net: torch.nn.Module, shape: tuple[int, ...], ladder=None, dense_limit: int = 2048
 ) -> list:
     """Every chain's LayerBound from a ChainBounder (float64 analysis) with ``ladder``."""
+    from lipreg.functional.analysis import analyse
     from lipreg.functional.chains import find_affine_chains
-    from lipreg.functional.graph import analyse
     from lipreg.functional.ladder import ChainBounder
 
     analysis = analyse(net, shape, dtype=F64)
