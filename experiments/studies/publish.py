@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results-dir", type=Path, default=None, help="default: results/")
     parser.add_argument("--allow-quick", action="store_true", help="publish a quick run too")
     args = parser.parse_args(argv)
-    dest = publish(args.run_dir, args.results_dir, allow_quick=args.allow_quick)
+    try:
+        dest = publish(args.run_dir, args.results_dir, allow_quick=args.allow_quick)
+    except (FileNotFoundError, ValueError) as exc:
+        parser.error(str(exc))  # the reason and what to do, without a traceback
     print(f"published {args.run_dir} -> {dest}")
 
 
