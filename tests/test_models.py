@@ -400,3 +400,11 @@ def test_glipsdp_networks_classify_digits(bench_dir: Path, arch: str) -> None:
     inputs = torch.from_numpy(x).reshape(-1, *net.meta["input_shape"])
     accuracy = (net.model(inputs).argmax(1).numpy() == digits.target).mean()
     assert accuracy > 0.95
+
+
+def test_a_missing_optional_dependency_says_what_needs_it_and_how_to_install_it():
+    from lipreg.models.optional import import_optional
+
+    assert import_optional("math", "a test", "`pip install nothing`").sqrt(4.0) == 2.0
+    with pytest.raises(ImportError, match=r"a feature needs no_such_pkg_h8.*`pip install x`"):
+        import_optional("no_such_pkg_h8.sub", "a feature", "`pip install x`")

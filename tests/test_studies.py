@@ -87,6 +87,8 @@ def run_quick(tmp_path: Path, experiment: str, overrides: list[str] | None = Non
     assert (out / "table.md").is_file() and (out / "table.csv").is_file()
     md = (out / "table.md").read_text()
     assert "certified" in md and "estimate" in md  # every number says what it is
+    header = next(line for line in md.splitlines() if line.startswith("| "))
+    assert header.count("|") - 1 <= 9, f"the main table should be narrow: {header}"
     assert not list(out.glob(".*tmp")), "a temporary file was left behind"
     manifest = json.loads((out / driver.MANIFEST).read_text())
     assert manifest["study"] == experiment and manifest["quick"] is True
@@ -451,9 +453,34 @@ def test_study_publish_flag_publishes_after_the_run(tmp_path):
 
 
 def test_main_table_is_narrow_and_csv_is_complete(tmp_path):
-    out = run_quick(tmp_path, "paper_random")
+    out = run_quick(tmp_path, "paper_random")  # checks the main table's width
     md = (out / "table.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| "))
-    assert header.count("|") - 1 <= 9
     assert "time (s)" not in header and "weights" not in header
     assert "time (s)" in read_table(out)[0] and "weights" in read_table(out)[0]
+
+
+def test_plot_points_sorts_sweeps_and_skips_missing_values():
+    """A sweep given out of order is drawn in x order (no zig-zag line); values that were not
+    computed ('–', None, NaN) or are not positive (log axis) are left out; the legend shows
+    the marker."""
+    fig, ax = reporting.new_figure()
+    drawn = reporting.plot_points(
+        ax,
+        [(3, 9.0), (1, 1.0), (2, None), (4, "–"), (5, float("nan")), (6, 0.0), (0, 0.5)],
+        label="sweep",
+    )
+    assert drawn
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == [0.0, 1.0, 3.0] and list(line.get_ydata()) == [0.5, 1.0, 9.0]
+    assert line.get_marker() == "o"
+    reporting.finish_axes(ax, "x", "y", "t")
+    assert ax.get_yscale() == "log" and ax.get_legend() is not None
+    assert not reporting.plot_points(ax, [(1, None)])
+    scatter_fig, scatter_ax = reporting.new_figure()
+    reporting.plot_points(scatter_ax, [(2, 1.0), (1, 2.0)], join=False)
+    assert scatter_ax.get_lines()[0].get_linestyle() == "None"
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    plt.close(scatter_fig)

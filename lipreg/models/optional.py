@@ -18,7 +18,7 @@ def import_optional(module: str, needed_for: str, install: str) -> ModuleType:
     """
     try:
         return importlib.import_module(module)
-    except ImportError as exc:  # pragma: no cover - depends on the environment
+    except ImportError as exc:
         package = module.split(".")[0]
         raise ImportError(
             f"{needed_for} needs {package}, an optional dependency of lipreg. Install it with "
