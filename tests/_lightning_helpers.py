@@ -158,18 +158,6 @@ def regression_data(n: int = 40, seed: int = 0, d_in: int = D_IN, d_out: int = D
     return TensorDataset(x, y)
 
 
-class Residual(nn.Module):
-    """``out(x + relu(fc(x)))``: not sequential (SeqLip refuses it, AutoLip bounds it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(6, 6)
-        self.out = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(x + torch.relu(self.fc(x)))
-
-
 class DictDataset(Dataset):
     """Samples as ``{"x": ..., "y": ...}`` dicts (batches collate to a dict)."""
 

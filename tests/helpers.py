@@ -32,14 +32,34 @@ def spectral_norm(M: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(M.detach().to(F64), 2))
 
 
-def init_weights(model: nn.Module, seed: int, *, scale: float) -> nn.Module:
+def init_weights(
+    model: nn.Module, seed: int, *, scale: float, batchnorm_stats: bool = False
+) -> nn.Module:
     """Every parameter (in order) set to ``scale · N(0, 1)``, drawn in float64 from ``gen(seed)``
-    and rounded to the parameter's dtype; returns ``model``."""
+    and rounded to the parameter's dtype; with ``batchnorm_stats``, BatchNorm running means
+    ``N(0, 1)`` and variances ``U(0.2, 2.2)`` drawn next from the same generator. Returns
+    ``model``."""
     g = gen(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=F64).to(p.dtype) * scale)
+        for m in model.modules() if batchnorm_stats else ():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 2 + 0.2)
     return model
+
+
+class Residual(nn.Module):
+    """``out(x + relu(fc(x)))``: not sequential (SeqLip refuses it, AutoLip bounds it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x + torch.relu(self.fc(x)))
 
 
 def per_sample_jacobians(model: nn.Module, X: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,6 @@ import lipreg
 from lipreg.callback import LipschitzCallback, layer_key
 from tests._lightning_helpers import (
     RegressionModule,
-    Residual,
     capture_logs,
     csv_rows,
     csv_step,
@@ -47,6 +46,7 @@ from tests._lightning_helpers import (
     rel,
     saved_callback_state,
 )
+from tests.helpers import Residual
 
 torch.set_num_threads(1)
 # Every test starts from the same global RNG state (weights independent of test order).

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 import lipreg
 from lipreg import LipschitzPenalty
+from tests.helpers import Residual
 
 try:  # tests/ as a package (tests/__init__.py) or as a plain directory on sys.path
     from tests._lightning_helpers import RegressionModule, make_mlp, regression_data
@@ -380,16 +381,6 @@ def test_training_with_the_penalty_lowers_the_certified_bound():
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         LipschitzPenalty(mlp(), (5,), **kwargs)
-
-
-class Residual(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(6, 6)
-        self.out = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(x + torch.relu(self.fc(x)))
 
 
 def test_seqlip_method_rejects_a_residual_network():

@@ -10,6 +10,7 @@ from torch import nn
 from torch.autograd.functional import jacobian
 
 import lipreg
+from tests.helpers import init_weights
 
 F64 = torch.float64
 # Certified values carry an explicit relative margin of 1e-9 (certify.RELATIVE_MARGIN).
@@ -26,15 +27,7 @@ def norm2(W: torch.Tensor) -> float:
 
 def init_(model: nn.Module, seed: int) -> nn.Module:
     """Deterministic random parameters (and BN statistics) without the global RNG."""
-    g = gen(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.7)
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 2 + 0.2)
-    return model
+    return init_weights(model, seed, scale=0.7, batchnorm_stats=True)
 
 
 def jac(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
