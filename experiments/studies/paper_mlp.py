@@ -26,7 +26,7 @@ from experiments.studies.measure import (
     network_bounds,
 )
 from experiments.studies.paper_values import PAPER_MLP
-from lipreg.functional.graph import eval_function
+from lipreg.functional.trace import eval_function
 
 __all__ = ["grid_lower_bound", "run"]
 
