@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from _common import print_table, setup_threads
 
-from experiments.studies.measure import network_bounds
+from experiments.bounds import network_bounds
 from experiments.studies.paper_values import PAPER_ALEXNET, PAPER_CNN, paper_cnn_best_lower
 from lipreg.models import (
     PAPER_INPUT_SHAPES,

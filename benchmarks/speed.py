@@ -36,6 +36,7 @@ from _common import (
 )
 
 import lipreg
+from experiments.bounds import SEQLIP_MAX_ITER
 from lipreg.models import alexnet, mnist_cnn4
 
 
@@ -106,7 +107,7 @@ def bench(name: str, make, shape: tuple[int, ...], top_k: int, quick: bool) -> l
     t_cert, cert = single_run(lambda: lipreg.autolip(base, shape, certify=True))
     rows.append([name, "AutoLip certified", t_cert, t_cert / fb, cert.n_iter, cert.value, ""])
     t_sl, sl = single_run(
-        lambda: lipreg.seqlip(base, shape, method="greedy", top_k=top_k, max_iter=30)
+        lambda: lipreg.seqlip(base, shape, method="greedy", top_k=top_k, max_iter=SEQLIP_MAX_ITER)
     )
     rows.append([name, f"SeqLip greedy (top-{top_k})", t_sl, t_sl / fb, sl.n_iter, sl.value, ""])
     return rows

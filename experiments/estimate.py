@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python experiments/estimate.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
-from experiments.studies.measure import network_bounds  # noqa: E402
+from experiments.bounds import network_bounds  # noqa: E402
 from lipreg.models import PAPER_INPUT_SHAPES, PAPER_MODELS  # noqa: E402
 
 

@@ -145,16 +145,16 @@ class LipschitzCallback(Callback):
             than a warm AutoLip estimate.
         seqlip_method: ``"greedy"`` (estimate) or ``"exact"`` (certified, small widths).
         seqlip_top_k: top-``k`` truncation for SeqLip on large layers (``None``: automatic).
+        seqlip_max_iter: local-search rounds per pair of greedy SeqLip (default 30).
         lower_bound_points: random points of the lower-bound search (besides the batch).
         certify_dense_limit: maps whose smaller side is at most this are certified exactly by
             materialising them (tighter than the FFT/product certificates on small feature
             maps, costlier on large ones); ``0`` uses only structured certificates.
         log_layers: log per-layer norms (keys :func:`layer_key`).
-        compute_at_fit_end: at the end of every fit, compute the AutoLip estimate and the
-            certified AutoLip bound unless they were computed at the final step (default
-            ``True``): every fit, however short, ends with a certified bound. SeqLip and the
-            lower bound follow their cadences only (a greedy SeqLip search can cost minutes on
-            a large network). Independent of :meth:`should_compute`.
+        compute_at_fit_end: at the end of every fit, compute :data:`FIT_END` (the AutoLip
+            estimate and certified bound) unless done at the final step (default ``True``):
+            every fit ends with a certified bound. SeqLip (minutes on a large network) and
+            the lower bound keep their cadences. Independent of :meth:`should_compute`.
         on_nonfinite: ``"warn"`` (log NaN, warn once, keep training) or ``"raise"``
             (``FloatingPointError``) when the weights or a bound are not finite.
         seed: seed (an int ``>= 0``) of the private generators.
@@ -178,6 +178,7 @@ class LipschitzCallback(Callback):
         seqlip_every_n_train_steps: int | None = None,
         seqlip_method: str = "greedy",
         seqlip_top_k: int | None = None,
+        seqlip_max_iter: int = 30,
         lower_bound_points: int = 32,
         certify_dense_limit: int = 2048,
         log_layers: bool = True,
@@ -199,6 +200,7 @@ class LipschitzCallback(Callback):
         check_int("max_iter", max_iter, minimum=1)
         check_choice("seqlip_method", seqlip_method, ("greedy", "exact"))
         check_int("seqlip_top_k", seqlip_top_k, minimum=1, allow_none=True)
+        check_int("seqlip_max_iter", seqlip_max_iter, minimum=1)
         check_int("lower_bound_points", lower_bound_points, minimum=0)
         check_int("certify_dense_limit", certify_dense_limit, minimum=0)
         check_bool("log_layers", log_layers)
@@ -218,6 +220,7 @@ class LipschitzCallback(Callback):
         self.seqlip_every_n_train_steps = seqlip_every_n_train_steps
         self._methods_arg = tuple(methods) if methods is not None else ("auto",)
         self.seqlip_method, self.seqlip_top_k = seqlip_method, seqlip_top_k
+        self.seqlip_max_iter = seqlip_max_iter
         self.lower_bound_points = lower_bound_points
         self.certify_dense_limit = certify_dense_limit
         self.log_layers = log_layers
@@ -648,7 +651,7 @@ class LipschitzCallback(Callback):
                 top_k=self.seqlip_top_k,
                 state=self._seqlip_state,
                 seed=self.seed,
-                max_iter=30,
+                max_iter=self.seqlip_max_iter,
             )
         self._seqlip_state = sl.state
         return Computed(sl.value, sl.n_iter)
@@ -693,6 +696,5 @@ _METHOD_TABLE: dict[str, Method] = {
 }
 #: What :meth:`LipschitzCallback.should_compute` schedules, one name per computation.
 SCHEDULED = tuple(_METHOD_TABLE)
-#: What ``compute_at_fit_end`` adds at the end of a fit: the certified bound (and the estimate
-#: it is shown beside), never the costly SeqLip search.
+#: What ``compute_at_fit_end`` adds at the end of a fit: the certified bound and its estimate.
 FIT_END = ("autolip", "autolip_certified")

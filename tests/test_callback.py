@@ -581,6 +581,7 @@ def test_ddp_spawn_two_cpu_ranks_agree(tmp_path):
         ({"seqlip_method": "fast"}, ValueError, r"seqlip_method .*'fast'"),
         ({"seqlip_top_k": 0}, ValueError, r"seqlip_top_k must be an int >= 1 or None, got 0"),
         ({"seqlip_top_k": "x"}, TypeError, "seqlip_top_k must be .*'x' \\(str\\)"),
+        ({"seqlip_max_iter": 0}, ValueError, r"seqlip_max_iter must be an int >= 1, got 0"),
         ({"seed": "x"}, TypeError, r"seed must be an int >= 0, got 'x'"),
         ({"seed": -1}, ValueError, "seed must be an int >= 0"),
         ({"seed": 1.5}, TypeError, "seed must be"),

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from torch import nn
 
+from experiments.bounds import NetworkBounds, network_bounds
 from experiments.reporting import (
     atomic_write,
     csv_text,
@@ -35,7 +36,7 @@ from experiments.studies.driver import (
     study,
     test_inputs,
 )
-from experiments.studies.measure import NetworkBounds, certified_value, network_bounds
+from experiments.studies.measure import certified_value
 from experiments.studies.paper_values import PAPER_ALEXNET
 
 __all__ = ["load_alexnet", "run"]

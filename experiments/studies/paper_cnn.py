@@ -14,14 +14,10 @@ from typing import Any
 from omegaconf import DictConfig, open_dict
 
 from experiments import reporting
+from experiments.bounds import network_bounds
 from experiments.studies import driver
 from experiments.studies.driver import FitResult, RunSpec, study
-from experiments.studies.measure import (
-    ImageLowerSearch,
-    certified_value,
-    final_values,
-    network_bounds,
-)
+from experiments.studies.measure import ImageLowerSearch, certified_value, final_values
 from experiments.studies.paper_values import PAPER_CNN, paper_cnn_best_lower
 
 __all__ = ["CNN_MODELS", "cnn_data", "run"]

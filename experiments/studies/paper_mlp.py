@@ -17,14 +17,10 @@ from torch import nn
 
 import lipreg
 from experiments import reporting
+from experiments.bounds import network_bounds
 from experiments.studies import driver
 from experiments.studies.driver import FitResult, RunSpec, study
-from experiments.studies.measure import (
-    bound_columns,
-    final_values,
-    frobenius_product,
-    network_bounds,
-)
+from experiments.studies.measure import bound_columns, final_values, frobenius_product
 from experiments.studies.paper_values import PAPER_MLP
 from lipreg.functional.trace import eval_function
 

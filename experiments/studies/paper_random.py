@@ -17,9 +17,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from experiments.bounds import network_bounds
 from experiments.reporting import finish_axes, new_figure, plot_points, save_figure, write_table
 from experiments.studies.driver import finish_study, output_dir, study
-from experiments.studies.measure import linear_layers, network_bounds
+from experiments.studies.measure import linear_layers
 from experiments.studies.paper_values import PAPER_RANDOM
 from lipreg.models import mlp
 

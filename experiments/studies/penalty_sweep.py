@@ -14,14 +14,10 @@ from typing import Any
 from omegaconf import DictConfig
 
 from experiments import reporting
+from experiments.bounds import network_bounds
 from experiments.studies import driver
 from experiments.studies.driver import FitResult, RunSpec, study
-from experiments.studies.measure import (
-    ImageLowerSearch,
-    bound_columns,
-    final_values,
-    network_bounds,
-)
+from experiments.studies.measure import ImageLowerSearch, bound_columns, final_values
 
 __all__ = ["run"]
 

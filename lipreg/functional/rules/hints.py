@@ -23,7 +23,7 @@ _NOT_GLOBALLY_LIPSCHITZ = (
 )
 
 # Ops lipreg refuses on purpose, by class/function name, with the reason. Rules must NOT be
-# suggested for them (see _describe_unsupported in graph.py).
+# suggested for them (see the refusal messages in analysis.py).
 NOT_LIPSCHITZ_HINTS: dict[str, str] = {
     "LayerNorm": "LayerNorm divides by the input's own standard deviation, so its slope grows "
     "without bound as that deviation shrinks." + _NOT_GLOBALLY_LIPSCHITZ + _LOWER_BOUND_ADVICE,
