@@ -21,11 +21,9 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-# build/instantiate_group/train live in experiments.run; re-exported here for older imports
-# (experiments/studies.py imports build and instantiate_group from this module).
-from experiments.run import build, instantiate_group, train
+from experiments.run import train
 
-__all__ = ["build", "instantiate_group", "main", "train"]
+__all__ = ["main"]
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -3,7 +3,7 @@
 * :func:`study` makes a function ``fn(cfg, **params) -> summary`` a Hydra-instantiable study
   (``_partial_: true`` or not) and handles ``study.publish``.
 * :func:`train_runs` is THE loop of the training studies: for each run, fit it through the
-  normal path (:func:`experiments.train.build`: LitModel + Trainer + loggers +
+  normal path (:func:`experiments.run.build`: LitModel + Trainer + loggers +
   LipschitzCallback), let the study measure it (``evaluate``), log the final bounds to the
   run's loggers, rewrite the study's tables and plots (``write``), then log a summary.
 * :func:`finish_study` ends every study: the summary to the loggers, the list of files written
@@ -268,7 +268,7 @@ class FitResult:
 def fit(cfg: DictConfig, run: str, paper_data: str | None) -> FitResult:
     """Train one configuration through the normal LitModel + Trainer path, test it, save the
     weights to ``<output_dir>/weights/<run>.pt``; the loggers stay open for the final bounds."""
-    from experiments.train import build
+    from experiments.run import build
 
     pl.seed_everything(int(cfg.seed), workers=True)
     datamodule, model, trainer = build(cfg)
@@ -390,7 +390,7 @@ def finish_study(cfg: DictConfig, rows: list[Row], summary: dict[str, Any]) -> d
 def _log_summary(cfg: DictConfig, rows: list[Row], metrics: dict[str, float]) -> None:
     from lightning.pytorch.loggers import WandbLogger
 
-    from experiments.train import instantiate_group
+    from experiments.run import instantiate_group
 
     try:
         loggers = instantiate_group(run_cfg(cfg, "summary").get("logger"))
