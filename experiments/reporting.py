@@ -115,6 +115,8 @@ def columns_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
     """A GitHub-flavoured Markdown table of ``columns`` (default: all) of ``rows``."""
+    # Four lines, so no pandas + tabulate dependency (``DataFrame.to_markdown``) for them; the
+    # CSV side uses the standard library's csv writer.
     columns = list(columns) if columns is not None else columns_of(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
