@@ -135,7 +135,12 @@ def test_cadence_keys_and_direct_logging(tmp_path):
     assert required <= keys
     layer_keys = sorted(k for k in keys if k.startswith("lipschitz/layer/"))
     assert len(layer_keys) == N_AFFINE
-    for r in rows:  # every row holds every key
+    *cadence_rows, end = rows
+    # the fit end adds the AutoLip estimate and certificate only (FIT_END), not SeqLip
+    autolip_keys = [k for k in [*required, *layer_keys] if "seqlip" not in k]
+    assert all(end[k] != "" for k in autolip_keys) and end["lipschitz/autolip_certified"], end
+    assert not end["lipschitz/seqlip"], end
+    for r in cadence_rows:  # every cadence row holds every key
         assert all(r[k] != "" for k in [*required, *layer_keys]), r
         assert float(r["lipschitz/seqlip_over_autolip"]) == pytest.approx(
             float(r["lipschitz/seqlip"]) / float(r["lipschitz/autolip"]), rel=1e-9
