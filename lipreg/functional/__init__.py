@@ -5,17 +5,16 @@ from lipreg.functional.linear_map import LinearMap
 from lipreg.functional.lower_bound import jacobian_norms, lower_bound
 from lipreg.functional.power_iteration import operator_norm, top_singular_triplets
 from lipreg.functional.results import LayerBound, LipschitzResult
-from lipreg.functional.rules import (
+from lipreg.functional.rules import register_rule, registered_targets
+from lipreg.functional.seqlip import NotSequentialError, seqlip
+from lipreg.functional.specs import (
     Affine,
     Combine,
     Elementwise,
     NodeContext,
     Nonlinear,
     UnsupportedNodeError,
-    register_rule,
-    registered_targets,
 )
-from lipreg.functional.seqlip import NotSequentialError, seqlip
 from lipreg.functional.trace import TraceError, UnsupportedOperationError
 
 __all__ = [

@@ -40,16 +40,12 @@ from lipreg.functional.probe import (
     cuda_devices,
 )
 from lipreg.functional.rules import (
-    InputArg,
-    NodeContext,
-    Nonlinear,
-    Spec,
-    UnsupportedNodeError,
     lookup_rule,
     overriding_methods,
     refusal_hint,
     splits_into_pieces,
 )
+from lipreg.functional.specs import InputArg, NodeContext, Nonlinear, Spec, UnsupportedNodeError
 from lipreg.functional.trace import (
     UnsupportedOperationError,
     check_finite_parameters,

@@ -1,9 +1,9 @@
 """Per-node Lipschitz rules and the public rule registry.
 
 A rule receives a :class:`~lipreg.functional.specs.NodeContext` and returns a spec
-(:class:`Affine`, :class:`Elementwise`, :class:`Nonlinear`, :class:`Combine`; see
-:mod:`lipreg.functional.specs` for what each promises), or raises
-:class:`UnsupportedNodeError` with the reason. :func:`register_rule` adds or overrides the rule
+(``Affine``, ``Elementwise``, ``Nonlinear``, ``Combine``, defined with what each promises in
+:mod:`lipreg.functional.specs`, the one place to import them from), or raises
+``UnsupportedNodeError`` with the reason. :func:`register_rule` adds or overrides the rule
 of a module class, a function, or a tensor method name; a node without a rule is refused.
 
 One module per op family, each registering its rules when imported:
@@ -59,34 +59,13 @@ from lipreg.functional.rules.registry import (
     restored_registries,
 )
 from lipreg.functional.rules.shape import splits_into_pieces
-from lipreg.functional.specs import (
-    Affine,
-    Combine,
-    Elementwise,
-    InputArg,
-    NodeContext,
-    Nonlinear,
-    RuleFn,
-    Spec,
-    UnsupportedNodeError,
-    single_input,
-)
 
 __all__ = [
     "ACTIVATIONS",
     "NOT_LIPSCHITZ_HINTS",
     "Activation",
-    "Affine",
-    "Combine",
-    "Elementwise",
-    "InputArg",
-    "NodeContext",
-    "Nonlinear",
     "Param",
-    "RuleFn",
     "SlopeRange",
-    "Spec",
-    "UnsupportedNodeError",
     "extreme_slope",
     "has_module_rule",
     "lookup_rule",
@@ -98,6 +77,5 @@ __all__ = [
     "register_rule",
     "registered_targets",
     "restored_registries",
-    "single_input",
     "splits_into_pieces",
 ]
