@@ -86,8 +86,9 @@ from lipreg.callback_options import (
 from lipreg.callback_records import Computed, Method, layer_key, lightning_step, metric_values
 from lipreg.callback_state import WarmState, read_state
 from lipreg.functional.autolip import AutoLip, autolip
+from lipreg.functional.chains import NotSequentialError
 from lipreg.functional.lower_bound import lower_bound
-from lipreg.functional.seqlip import NotSequentialError, seqlip
+from lipreg.functional.seqlip import seqlip
 from lipreg.functional.trace import check_finite_parameters
 
 __all__ = ["FIT_END", "SCHEDULED", "LipschitzCallback", "layer_key", "lightning_step"]
@@ -432,7 +433,7 @@ class LipschitzCallback(Callback):
     def _prepare_autolip(self, network: nn.Module, requested: list[str] | None) -> None:
         """Trace once for AutoLip (and test SeqLip); on refusal fall back (see class doc)."""
         from lipreg.functional.analysis import analyse
-        from lipreg.functional.seqlip import segment_chains
+        from lipreg.functional.chains import segment_chains
 
         assert self.input_shape is not None
         name = type(network).__name__

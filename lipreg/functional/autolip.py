@@ -44,7 +44,7 @@ from lipreg.functional.certify import (
     default_memory_limit,
     memory_budget,
 )
-from lipreg.functional.chains import AffineChain, chain_linear_map, find_affine_chains
+from lipreg.functional.chains import AffineChain, find_affine_chains
 from lipreg.functional.compose import output_value, propagate
 from lipreg.functional.ladder import ChainBounder
 from lipreg.functional.power_iteration import check_iteration_options
@@ -52,15 +52,7 @@ from lipreg.functional.results import LayerBound, LipschitzResult
 from lipreg.functional.specs import Affine, Elementwise, Nonlinear
 from lipreg.functional.trace import trace
 
-__all__ = [
-    "AffineChain",
-    "AutoLip",
-    "ChainBounder",
-    "autolip",
-    "chain_linear_map",
-    "check_finite_result",
-    "find_affine_chains",
-]
+__all__ = ["AutoLip", "autolip", "check_finite_result"]
 
 
 def autolip(

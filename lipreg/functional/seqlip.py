@@ -44,7 +44,6 @@ from lipreg.functional.autolip import check_finite_result
 from lipreg.functional.certify import RELATIVE_MARGIN
 from lipreg.functional.chains import (
     AffineChain,
-    NotSequentialError,
     SeqChain,
     chain_linear_map,
     segment_chains,
@@ -64,14 +63,7 @@ from lipreg.functional.seqlip_pairs import (
     truncate,
 )
 
-__all__ = [
-    "NotSequentialError",
-    "SeqChain",
-    "pair_norm_exact",
-    "pair_norm_greedy",
-    "segment_chains",
-    "seqlip",
-]
+__all__ = ["seqlip"]
 
 
 def _svd_of_chain(

@@ -268,7 +268,7 @@ MODULE_NAMES = [
 @pytest.mark.parametrize("idx", range(len(MODULE_NAMES)), ids=MODULE_NAMES)
 def test_rule_linear_maps_match_layer_jacobian(idx):
     from lipreg.functional.analysis import analyse
-    from lipreg.functional.autolip import chain_linear_map, find_affine_chains
+    from lipreg.functional.chains import chain_linear_map, find_affine_chains
 
     torch.manual_seed(idx)
     name, model, in_shape = _modules()[idx]

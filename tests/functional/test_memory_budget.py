@@ -158,8 +158,10 @@ def test_peak_extra_memory_stays_within_the_budget() -> None:
     limit = 4_000_000
     method, extra = _peak_extra(str(limit))
     assert method == "row-blocks"
-    # the budget, plus allocator and BLAS workspace slack
-    assert extra <= limit + 2 * 2**20, extra
+    # the budget, plus allocator, page-granularity and BLAS workspace slack: over 20 runs on a
+    # 2-core CI machine the peak extra RSS was 4.8–6.6 MB for this 4.0 MB budget (2 MiB of
+    # slack failed about 1 run in 3); the dense certificate below needs over 40 MB.
+    assert extra <= limit + 4 * 2**20, extra
     # the measurement has teeth: the dense certificate of the same matrix takes far more
     method, dense_extra = _peak_extra()
     assert method == "dense"

@@ -24,7 +24,7 @@ from torch import nn
 from torch.autograd.functional import jacobian
 
 import lipreg
-from lipreg.functional.seqlip import pair_norm_exact, pair_norm_greedy
+from lipreg.functional.seqlip_pairs import pair_norm_exact, pair_norm_greedy
 
 torch.set_num_threads(1)
 
