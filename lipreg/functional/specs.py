@@ -33,6 +33,7 @@ from lipreg.functional.evaluation import call_target, evaluation_mode
 __all__ = [
     "Affine",
     "Combine",
+    "ConvData",
     "Elementwise",
     "InputArg",
     "NodeContext",
@@ -46,6 +47,26 @@ __all__ = [
 
 class UnsupportedNodeError(Exception):
     """Raised by a rule that cannot bound its node; the message says why."""
+
+
+@dataclass(frozen=True)
+class ConvData:
+    """The structure of a convolution ``x ↦ conv(x, weight)`` (bias-free, PyTorch's
+    cross-correlation), for certificates that need more than a norm (banded Gram matrices,
+    Fourier-block LMIs of conv–activation–conv pairs).
+
+    Promise: ``Affine.linear(x) == F.convNd(x, weight, None, stride, padding, dilation,
+    groups)`` on samples of shape ``in_shape`` with zero padding. Only zero-padded, forward
+    (not transposed) convolutions with integer paddings carry it; the others keep
+    ``Affine.conv = None`` (deny by default).
+    """
+
+    weight: Tensor  # (c_out, c_in / groups, *kernel)
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    in_shape: tuple[int, ...]  # (c_in, *spatial) of one sample
 
 
 @dataclass(frozen=True)
@@ -73,6 +94,10 @@ class Affine:
         weight: for a dense layer on a 1-d sample, the ``(out, in)`` matrix ``A`` itself.
             Enables the exact SVD certificate (``matrix_norm_certificate``, chunked under the
             memory budget) and SeqLip's exact singular vectors.
+        conv: for a zero-padded convolution, its kernel and geometry (:class:`ConvData`).
+        channel_scale: for a per-channel scaling ``x[:, c] ↦ s_c x[:, c]`` (batch norm in
+            evaluation mode), the vector ``s``; lets a chain conv → scale be merged into one
+            convolution (:mod:`lipreg.functional.conv_chain`).
     """
 
     linear: Callable[[Tensor], Tensor]
@@ -81,6 +106,8 @@ class Affine:
     nonnegative: bool = False
     certify: Callable[[], float] | None = None
     weight: Tensor | None = None
+    conv: ConvData | None = None
+    channel_scale: Tensor | None = None
 
 
 @dataclass(frozen=True)

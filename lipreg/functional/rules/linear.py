@@ -20,6 +20,7 @@ from lipreg.functional.rules.registry import register_rule
 from lipreg.functional.rules.shape import generic_linear
 from lipreg.functional.specs import (
     Affine,
+    ConvData,
     InputArg,
     NodeContext,
     RuleFn,
@@ -106,6 +107,40 @@ def _module_certificate(
     return certify
 
 
+def _as_tuple(value: Any, d: int) -> tuple[int, ...] | None:
+    """An int or a length-``d`` sequence of ints as a tuple; ``None`` for anything else
+    (string paddings such as ``"same"``: no :class:`ConvData`, deny by default)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * d
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == d
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        return tuple(value)
+    return None
+
+
+def _conv_data(
+    ctx: NodeContext, w: Tensor, stride: Any, padding: Any, dilation: Any, groups: Any
+) -> ConvData | None:
+    """The convolution's :class:`ConvData` when every geometry argument is a plain integer
+    (or tuple of them) and the padding is zero padding; else ``None``."""
+    d = w.dim() - 2
+    geometry = [_as_tuple(v, d) for v in (stride, padding, dilation)]
+    if any(g is None for g in geometry) or not isinstance(groups, int):
+        return None
+    stride_t, padding_t, dilation_t = geometry
+    return ConvData(
+        weight=w,
+        stride=stride_t,  # type: ignore[arg-type]
+        padding=padding_t,  # type: ignore[arg-type]
+        dilation=dilation_t,  # type: ignore[arg-type]
+        groups=groups,
+        in_shape=tuple(ctx.in_shapes[0]),
+    )
+
+
 def _conv_module(ctx: NodeContext) -> Affine:
     m, d, w, in_spatial = _conv_layer(ctx)
     conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
@@ -122,7 +157,10 @@ def _conv_module(ctx: NodeContext) -> Affine:
             return conv(x, w, None, m.stride, m.padding, m.dilation, m.groups)
 
     certify = _module_certificate(m, in_spatial, padding_mode=m.padding_mode)
-    return Affine(linear=linear, certify=certify)
+    data = None
+    if m.padding_mode == "zeros":
+        data = _conv_data(ctx, w, m.stride, m.padding, m.dilation, m.groups)
+    return Affine(linear=linear, certify=certify, conv=data)
 
 
 def _conv_transpose_module(ctx: NodeContext) -> Affine:
@@ -169,7 +207,8 @@ def _conv_function(d: int) -> RuleFn:
                 w, in_spatial, stride=stride, padding=padding, dilation=dilation, groups=groups
             )
 
-        return Affine(linear=linear, certify=certify)
+        data = _conv_data(ctx, w, stride, padding, dilation, groups)
+        return Affine(linear=linear, certify=certify, conv=data)
 
     return rule
 
@@ -177,7 +216,9 @@ def _conv_function(d: int) -> RuleFn:
 def _channel_scaling(ctx: NodeContext, scale: Tensor) -> Affine:
     """``x ↦ s_c x`` per channel (dimension 1): a diagonal map of norm ``max_c |s_c|``."""
     s = scale.reshape((1, -1) + (1,) * (len(ctx.in_shapes[0]) - 1))
-    return Affine(linear=lambda x: x * s, norm=float(scale.detach().abs().max()))
+    return Affine(
+        linear=lambda x: x * s, norm=float(scale.detach().abs().max()), channel_scale=scale
+    )
 
 
 def _batchnorm_module(ctx: NodeContext) -> Affine:
