@@ -267,18 +267,33 @@ def certify_block_tridiagonal_psd(
     trace = sum(float(d.sum()) for d in diags)
     max_diag = max((float(d.max()) for d in diags if d.numel()), default=0.0)
     shift = rump_shift(n, trace, max_diag, r)
-    prev: Tensor | None = None
+    prev: Tensor | None = None  # L_{k-1,k-1}, or its diagonal when that block is diagonal
     for k, D in enumerate(diagonal):
         S = _shift_diagonal(D, shift)
         if k and prev is not None and prev.numel() and D.numel():
             # L_{k,k-1} = B_k L_{k-1,k-1}^{-T}; the Schur update is part of the same Cholesky
-            Lk = torch.linalg.solve_triangular(prev.mT, lower[k - 1], upper=True, left=False)
+            if prev.dim() == 1:
+                Lk = lower[k - 1] / prev  # trsm with a diagonal factor: the same operations
+            else:
+                Lk = torch.linalg.solve_triangular(prev.mT, lower[k - 1], upper=True, left=False)
             S = S - Lk @ Lk.mT
+        if k == 0 and _is_diagonal(S):
+            # Cholesky of a diagonal matrix computes exactly sqrt(d_ii) (the sums are exact
+            # zeros): the same floating-point algorithm at O(n) cost (e.g. the ρI input block)
+            d = torch.diagonal(S)
+            if not bool((d > 0).all()):
+                return False
+            prev = torch.sqrt(d)
+            continue
         L, info = torch.linalg.cholesky_ex(S)
         if int(info) != 0:
             return False
         prev = L
     return True
+
+
+def _is_diagonal(S: Tensor) -> bool:
+    return S.numel() > 0 and int(torch.count_nonzero(S)) == int(torch.count_nonzero(S.diagonal()))
 
 
 def _block_radius_norm(

@@ -1,0 +1,235 @@
+"""Certified LipSDP-Neuron for dense chains, optimised in PyTorch and proved in float64.
+
+Issue 9, item 1; design note ``docs/design/issue9/lipsdp_first_order.md`` §2a/§3/§7. The LMI,
+its value function ``ρ*(T)`` and the certificate are in :mod:`lipreg.functional.chain_lmi`.
+
+**Algorithm.**
+
+1. Starts: the ECLipsE-Fast multipliers ``T_E`` (when every ``a_k b_k ≥ 0``), the product-of-norms
+   multipliers (always feasible) and the caller's ``warm`` multipliers; the one with the
+   smallest ``ρ*`` is used.
+2. L-BFGS on ``θ = log t`` minimising ``log ρ*(e^θ)`` (convex in ``t``, few variables
+   ``Σ n_k``). The gradient is the closed form of ``chain_lmi`` (null vector of the LMI, one
+   Cholesky per layer: linear in depth, no autograd). Points outside the domain (a Schur
+   complement not positive definite) have value ``+∞`` and the backtracking line search
+   retreats from them. It stops when ``log ρ*`` improves by less than ``tol`` over 5 iterations
+   (a relative improvement of ``ρ`` below ``tol``), or after ``max_steps``.
+3. Certificate: :func:`~lipreg.functional.chain_lmi.certify_multipliers` of the best ``T``. If
+   it fails (the optimum sits too close to the domain boundary for the rounding margin), ``T``
+   is blended towards the start, ``(1 − s)T + sT_0`` for ``s = 1e-6, 1e-4, 1e-2`` (``ρ*`` is
+   convex, so the blend loses at most ``s`` of the gap), and the label says so.
+4. The result is the smallest *certified* value among the optimised ``T`` and ``T_E``: never
+   looser than :func:`lipreg.functional.eclipse.eclipse_fast` (same certificate, same ``T_E``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lipreg.functional.chain_lmi import (
+    DenseChain,
+    SequenceCertificate,
+    certify_multipliers,
+    dense_chain,
+    norm_multipliers,
+    rho_star,
+)
+from lipreg.functional.eclipse import eclipse_fast_multipliers
+
+__all__ = ["SequenceCertificate", "lipsdp_neuron"]
+
+_BLENDS = (1e-6, 1e-4, 1e-2)
+_MEMORY = 10  # L-BFGS pairs
+_WINDOW = 5  # iterations over which the relative improvement is measured
+
+
+def _objective(chain: DenseChain, sizes: list[int], x: Tensor) -> tuple[float, Tensor | None]:
+    """``log ρ*(e^x)`` and its gradient in ``x``; ``(inf, None)`` outside the domain."""
+    t = torch.exp(x)
+    rho, grads = rho_star(chain, list(torch.split(t, sizes)), gradient=True)
+    if not (math.isfinite(rho) and rho > 0) or grads is None:
+        return math.inf, None
+    return math.log(rho), torch.cat(grads) * t / rho
+
+
+def _direction(g: Tensor, pairs: list[tuple[Tensor, Tensor, float]]) -> Tensor:
+    """L-BFGS two-loop recursion: ``−H g`` from the stored ``(s, y, 1/yᵀs)``."""
+    q = g.clone()
+    alphas = []
+    for s, y, r in reversed(pairs):
+        alpha = r * float(s @ q)
+        q -= alpha * y
+        alphas.append(alpha)
+    if pairs:
+        s, y, _ = pairs[-1]
+        q *= float(s @ y) / float(y @ y)
+    for (s, y, r), alpha in zip(pairs, reversed(alphas), strict=True):
+        q += (alpha - r * float(y @ q)) * s
+    return -q
+
+
+def _lbfgs(
+    chain: DenseChain, start: list[Tensor], max_steps: int, tol: float
+) -> tuple[list[Tensor], int]:
+    """Minimise ``log ρ*`` over ``log t`` from ``start`` (feasible); returns the best ``t``."""
+    sizes = [t.numel() for t in start]
+    x = torch.log(torch.cat(start))
+    fx, g = _objective(chain, sizes, x)
+    assert g is not None  # the start is feasible
+    pairs: list[tuple[Tensor, Tensor, float]] = []
+    history = [fx]
+    steps = 0
+    for steps in range(1, max_steps + 1):  # noqa: B007 (steps is reported)
+        d = _direction(g, pairs)
+        slope = float(g @ d)
+        if not slope < 0:
+            pairs, d = [], -g
+            slope = float(g @ d)
+        step = 1.0 if pairs else min(1.0, 0.5 / max(float(d.abs().max()), 1e-300))
+        for _ in range(40):
+            fn, gn = _objective(chain, sizes, x + step * d)
+            if gn is not None and fn <= fx + 1e-4 * step * slope:
+                break
+            step *= 0.5 if gn is not None else 0.2
+        else:
+            if not pairs:
+                break  # no descent even along −g: converged to machine precision
+            pairs = []
+            continue
+        s, y = step * d, gn - g
+        sy = float(s @ y)
+        if sy > 1e-12 * float(s @ s) ** 0.5 * float(y @ y) ** 0.5:
+            pairs = [*pairs[-(_MEMORY - 1) :], (s, y, 1.0 / sy)]
+        x, fx, g = x + s, fn, gn
+        history.append(fx)
+        if len(history) > _WINDOW and history[-_WINDOW - 1] - fx < tol:
+            break
+    return list(torch.split(torch.exp(x), sizes)), steps
+
+
+def _starts(
+    chain: DenseChain, warm: Sequence[Tensor] | None
+) -> tuple[list[Tensor] | None, list[tuple[float, list[Tensor], str]]]:
+    """Candidate starts ``(ρ*, T, label)`` and the ECLipsE-Fast multipliers (or ``None``)."""
+    cands: list[tuple[float, list[Tensor], str]] = []
+    eclipse_ts = None
+    if all(a * b >= 0 and a + b != 0 for a, b in chain.slopes):
+        _, eclipse_ts = eclipse_fast_multipliers(chain)
+        cands.append((rho_star(chain, eclipse_ts)[0], eclipse_ts, "eclipse-fast"))
+    norm_ts = norm_multipliers(chain)
+    cands.append((rho_star(chain, norm_ts)[0], norm_ts, "product-of-norms"))
+    if warm is not None:
+        sizes = chain.hidden_sizes
+        if len(warm) != len(sizes) or any(
+            w.numel() != n for w, n in zip(warm, sizes, strict=False)
+        ):
+            raise ValueError(
+                f"warm multipliers must have sizes {sizes}, got {[w.numel() for w in warm]}"
+            )
+        warm_ts = [w.detach().to(device="cpu", dtype=torch.float64).reshape(-1) for w in warm]
+        cands.append((rho_star(chain, warm_ts)[0], warm_ts, "warm"))
+    return eclipse_ts, cands
+
+
+def _certify_or_blend(
+    chain: DenseChain, ts: list[Tensor], start: list[Tensor]
+) -> tuple[float | None, list[Tensor], str]:
+    """Certify ``ts``; if that fails, blend towards the (strictly feasible) start."""
+    value = certify_multipliers(chain, ts)
+    if value is not None:
+        return value, ts, ""
+    for s in _BLENDS:
+        blend = [(1.0 - s) * t + s * t0 for t, t0 in zip(ts, start, strict=True)]
+        value = certify_multipliers(chain, blend)
+        if value is not None:
+            return value, blend, f" (blended {s:g} towards the start to certify)"
+    return None, ts, ""
+
+
+def lipsdp_neuron(
+    weights: Sequence[Tensor],
+    slopes: Sequence[tuple[float, float]],
+    *,
+    warm: Sequence[Tensor] | None = None,
+    max_steps: int = 500,
+    tol: float = 1e-6,
+) -> SequenceCertificate:
+    """Certified LipSDP-Neuron bound of ``x ↦ W_L φ_{L−1}(… φ_1(W_1 x))`` (module docstring).
+
+    The value bounds ``Lip_2`` for every activation with slopes in ``[a_k, b_k]`` (any signs,
+    ``a_k ≤ b_k``), and also ``‖W_L D_{L−1} ⋯ D_1 W_1‖`` for every diagonal ``D_k`` with entries
+    in ``[a_k, b_k]``. It is the smallest value that passed the float64 certificate, and never
+    above the certified ECLipsE-Fast value when that applies (``a_k b_k ≥ 0``).
+
+    Args:
+        weights: ``out × in`` matrices of any float dtype (converted exactly to float64).
+        slopes: One interval ``(a_k, b_k)`` per hidden layer (``len(weights) − 1``).
+        warm: Multipliers of a previous call (``SequenceCertificate.multipliers``) to start
+            from; used only if better than the built-in starts. A stale warm start can only
+            cost tightness, never soundness.
+        max_steps: L-BFGS iteration cap.
+        tol: Stop when ``ρ*`` improves by less than this relative amount over 5 iterations.
+
+    Returns:
+        A :class:`~lipreg.functional.chain_lmi.SequenceCertificate`; ``method`` is
+        ``"lipsdp-neuron"`` (or ``"spectral-norm"`` for a single layer), with a suffix when a
+        blend or a fallback produced the certified value.
+
+    Raises:
+        ValueError: invalid chain, slopes or warm multipliers; or no multipliers at all passed
+            the certificate (never observed: the product-of-norms start is strictly feasible).
+    """
+    begin = time.process_time()
+    chain = dense_chain(weights, slopes)
+    if len(chain.weights) == 1:
+        rho, _ = rho_star(chain, [])
+        value = certify_multipliers(chain, [], rho)
+        return _result(chain, value, "spectral-norm", [], rho, begin, 0)
+    eclipse_ts, cands = _starts(chain, warm)
+    rho0, start, label = min(cands, key=lambda c: c[0])
+    if not math.isfinite(rho0):
+        raise ValueError("no start is feasible (unexpected: the product-of-norms start is)")
+    ts, steps = _lbfgs(chain, start, max_steps, tol)
+    rho_opt = rho_star(chain, ts)[0]
+    if not rho_opt <= rho0:
+        ts, rho_opt = start, rho0
+    value, ts, note = _certify_or_blend(chain, ts, start)
+    method = "lipsdp-neuron" + note
+    if eclipse_ts is not None and (value is None or value > rho_star(chain, eclipse_ts)[0] ** 0.5):
+        fallback = certify_multipliers(chain, eclipse_ts)
+        if fallback is not None and (value is None or fallback < value):
+            value, ts = fallback, eclipse_ts
+            method = "lipsdp-neuron (fallback: eclipse-fast, the optimum did not certify)"
+    if value is None:
+        value = certify_multipliers(chain, start)
+        ts, method = start, f"lipsdp-neuron (fallback: {label} start, the optimum did not certify)"
+    return _result(chain, value, method, ts, rho_opt, begin, steps)
+
+
+def _result(
+    chain: DenseChain,
+    value: float | None,
+    method: str,
+    ts: list[Tensor],
+    rho: float,
+    begin: float,
+    steps: int,
+) -> SequenceCertificate:
+    if value is None:
+        raise ValueError(
+            f"no multipliers passed the float64 LMI certificate for layer sizes "
+            f"{[int(chain.weights[0].shape[1]), *chain.hidden_sizes]}; report this network"
+        )
+    return SequenceCertificate(
+        value=value,
+        method=method,
+        multipliers=tuple(ts),
+        estimate=math.sqrt(rho),
+        seconds=time.process_time() - begin,
+        steps=steps,
+    )
