@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from lipreg.functional.jacobian import jacobian_norms
+from lipreg.functional.lower_bound_search import pattern_walk, smoothed_ascent
 from lipreg.functional.results import LayerBound, LipschitzResult
 from lipreg.functional.trace import check_finite_parameters, check_input_shape, eval_function
 
@@ -317,6 +318,8 @@ def lower_bound(
     progress: bool = False,
     n_certify: int = 8,
     steps: Sequence[float] = DEFAULT_STEPS,
+    n_ascent_steps: int = 0,
+    n_walk_steps: int = 0,
 ) -> LipschitzResult:
     """A certified lower bound: the best float64 difference quotient near the points of
     largest local Jacobian norm found by search.
@@ -343,6 +346,14 @@ def lower_bound(
         progress: show a tqdm progress bar (if tqdm is installed).
         n_certify: number of best search points whose difference quotients are certified.
         steps: relative step sizes ``t`` of the quotients (``h = ±t·max(‖x‖, 1)·v``).
+        n_ascent_steps: steps of smoothed gradient ascent
+            (:func:`~lipreg.functional.lower_bound_search.smoothed_ascent`) from the
+            ``n_chains`` best points and ``n_chains`` random restarts, after the annealing.
+            0 (default) skips it; ~100 is a good budget for ReLU networks.
+        n_walk_steps: steps of the walk over reachable activation patterns
+            (:func:`~lipreg.functional.lower_bound_search.pattern_walk`) from the
+            ``max(n_chains, n_certify)`` best points, last. 0 (default) skips it; ~30 is a
+            good budget. Needs ``nn.ReLU`` modules (a note says when there is none).
 
     Returns:
         :class:`~lipreg.functional.results.LipschitzResult` with ``kind="lower"``;
@@ -367,10 +378,16 @@ def lower_bound(
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
     fn, how = eval_function(model)
     certifier = DifferenceQuotients(model, steps=steps, batch_size=batch_size)
+    for name, n in (("n_ascent_steps", n_ascent_steps), ("n_walk_steps", n_walk_steps)):
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {n!r}.")
+    # The walk starts from the best pooled points, so the pool then keeps n_chains of them;
+    # only the n_certify best are certified either way.
+    pool_size = max(n_certify, n_chains) if n_walk_steps > 0 else n_certify
     search = _Search(
         fn=fn,
         gen=torch.Generator(device=device).manual_seed(seed),
-        pool=_Pool(n_certify),
+        pool=_Pool(pool_size),
         device=device,
         dtype=dtype,
         batch_size=batch_size,
@@ -381,10 +398,63 @@ def lower_bound(
     )
     if n_anneal_steps > 0 and n_chains > 0:
         _anneal(search, all_x, all_s, std, n_anneal_steps, n_chains, progress=progress)
+    if n_ascent_steps > 0:
+        _run_ascent(search, model, all_x, all_s, std, n_ascent_steps, n_chains, progress)
+    if n_walk_steps > 0:
+        _run_walk(search, model, n_walk_steps, progress)
     pool = search.pool
-    assert pool.x is not None and pool.v is not None
-    cert = certifier(pool.x, pool.v)
+    assert pool.x is not None and pool.v is not None and pool.sig is not None
+    k = min(n_certify, pool.x.shape[0])
+    cert = certifier(pool.x[:k], pool.v[:k])
     return _lower_bound_result(search, cert, how, start)
+
+
+def _run_ascent(
+    search: _Search,
+    model: nn.Module,
+    all_x: Tensor,
+    all_s: Tensor,
+    std: float,
+    n_steps: int,
+    n_chains: int,
+    progress: bool,
+) -> None:
+    """Smoothed ascent from the ``n_chains`` best starting points and as many random restarts
+    ``N(mean, std²)`` (fresh regions, where the best points may all sit on one plateau)."""
+    k = max(1, min(n_chains, all_x.shape[0]))
+    top = torch.argsort(all_s, descending=True, stable=True)[:k]
+    mean = float(all_x.mean())
+    rnd = mean + std * torch.randn(
+        (k, *all_x.shape[1:]), generator=search.gen, dtype=search.dtype, device=search.device
+    )
+    smoothed_ascent(
+        model,
+        torch.cat([all_x[top], rnd]),
+        search.evaluate,
+        n_steps=n_steps,
+        lr=0.2 * std,
+        generator=search.gen,
+        progress=progress,
+    )
+
+
+def _run_walk(search: _Search, model: nn.Module, n_steps: int, progress: bool) -> None:
+    """The pattern walk from every pooled point; a note when the model has no ``nn.ReLU``."""
+    pool = search.pool
+    assert pool.x is not None and pool.sig is not None and pool.v is not None
+    ran = pattern_walk(
+        model,
+        pool.x.clone(),
+        search.evaluate,
+        start=(pool.sig.clone(), pool.v.clone()),
+        n_steps=n_steps,
+        progress=progress,
+    )
+    if not ran:
+        search.notes.append(
+            "pattern walk skipped: the model has no nn.ReLU module (the walk flips ReLU units "
+            "found by type); the other strategies ran."
+        )
 
 
 @dataclass
@@ -400,6 +470,7 @@ class _Search:
     batch_size: int
     n_iter: int
     sources: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def fn_tensor(self, x: Tensor) -> Tensor:
         out = self.fn(x)
@@ -524,7 +595,7 @@ def _lower_bound_result(
             "direction": pool.v[i].clone(),
         },
         time_s=time.perf_counter() - start,
-        notes=_result_notes(pool.src[i], cert, i, best_jacobian, how),
+        notes=_result_notes(pool.src[i], cert, i, best_jacobian, how) + search.notes,
     )
 
 

@@ -1,0 +1,292 @@
+"""Search strategies of :func:`lipreg.functional.lower_bound.lower_bound` for ReLU networks.
+
+The lower bound is a difference quotient ``q(x, z) = ‖f(z) − f(x)‖/‖z − x‖ ≤ L(f)`` evaluated
+in float64 (:class:`~lipreg.functional.lower_bound.DifferenceQuotients`); the search only
+chooses ``x``. Both strategies here hand every point they reach to an ``evaluate(x, source)``
+callback (the batched power iteration on the real model's Jacobian, which puts the point into
+the pool of candidates that are certified); nothing they compute is itself a bound.
+
+On a ReLU network ``‖J(x)‖ = ‖W_L D_{L-1}(x) … D_1(x) W_1‖`` is piecewise constant in ``x``:
+its gradient is zero almost everywhere, so plain gradient ascent on it never moves and random
+perturbations (the annealing) rarely reach the rare patterns of large norm. Two remedies:
+
+1. :func:`smoothed_ascent`: gradient ascent on ``‖J_β(x)ᵀ u‖²`` where ``J_β`` is the Jacobian
+   of the network with every ``nn.ReLU`` replaced by ``softplus_β`` (derivative
+   ``sigmoid(β z)``, a smoothed gate), ``u`` refreshed by one power step per iteration, and
+   ``β`` raised geometrically (relative to each layer's pre-activation scale) so that ``J_β``
+   tends to the real Jacobian.
+2. :func:`pattern_walk`: a hill climb over *reachable* activation patterns. At ``x`` with top
+   singular pair ``(u, v)`` of ``J(x)``, ``uᵀ J v`` is linear in each layer's gates ``d_i``, with
+   ``∂(uᵀ J v)/∂d_i = a_i b_i`` (``a``: the cotangent of ``u`` at the unit's output, ``b``: the
+   tangent of ``v`` at its input). Units with ``(1 − 2 d_i) a_i b_i > 0`` are the flips that
+   raise ``‖J‖`` to first order; the walk steps just across the hyperplane of one of them (or
+   of several at once, by a least-norm step on the linearised pre-activations), evaluates the
+   real network there (so the new pattern is reachable by construction) and moves when the
+   real ``‖J v‖`` increased.
+
+Both work on a private deep copy of the model in evaluation mode (the model is never touched)
+and need the ReLUs to be ``nn.ReLU`` modules (they are found by type); on a model without any,
+the ascent runs on the unsmoothed copy (fine for smooth activations) and the walk is skipped
+(:class:`ReluProbe` reports it).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = ["Evaluate", "ReluProbe", "pattern_walk", "smoothed_ascent"]
+
+Evaluate = Callable[[Tensor, str], tuple[Tensor, Tensor]]
+"""``evaluate(x, source) -> (‖J(x_i) v_i‖, v_i)``: the real model's power iteration; it also
+adds the points to the pool of candidates certified by difference quotients."""
+
+
+class ReluProbe:
+    """A deep copy of ``model`` in evaluation mode with a forward hook on every ``nn.ReLU``.
+
+    ``mode = "record"`` stores each ReLU's input (pre-activation) and output of the last call
+    in ``pre`` / ``post``; ``mode = "smooth"`` replaces each ReLU's output by
+    ``softplus(β_l z)/β_l`` with ``β_l = beta / scale_l`` (``scale_l`` from :meth:`calibrate`);
+    ``mode = "off"`` leaves the network as it is.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        self.net = copy.deepcopy(model).to(dtype).eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.relus = [m for m in self.net.modules() if isinstance(m, nn.ReLU)]
+        for m in self.relus:
+            m.inplace = False  # an in-place ReLU would overwrite the recorded pre-activation
+            m.register_forward_hook(self._hook)
+        self.mode = "off"
+        self.beta = 1.0
+        self.scales: dict[int, float] = {}
+        self.pre: list[Tensor] = []
+        self.post: list[Tensor] = []
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
+        z = args[0]
+        if self.mode == "record":
+            self.pre.append(z)
+            self.post.append(out)
+        elif self.mode == "smooth":
+            beta = self.beta / self.scales.get(id(module), 1.0)
+            return F.softplus(z, beta=beta)
+        return None
+
+    def __call__(self, x: Tensor, mode: str = "off") -> Tensor:
+        self.mode, self.pre, self.post = mode, [], []
+        try:
+            out = self.net(x)
+        finally:
+            self.mode = "off"
+        if not isinstance(out, Tensor):
+            raise TypeError(f"the model's output is a {type(out).__name__}, not a tensor.")
+        return out
+
+    def calibrate(self, x: Tensor) -> None:
+        """``scale_l``: the mean ``|z|`` of each ReLU's pre-activations at the points ``x``, so
+        that ``beta`` is relative to the layer's own scale (the search is scale invariant)."""
+        with torch.no_grad():
+            self(x, "record")
+        self.scales = {}
+        for m, z in zip(self.relus, self.pre, strict=True):
+            s = float(z.abs().mean())
+            self.scales[id(m)] = s if s > 0 and math.isfinite(s) else 1.0
+        self.pre, self.post = [], []
+
+
+def _rows_normalised(t: Tensor) -> Tensor:
+    n = t.reshape(t.shape[0], -1).norm(dim=1).clamp_min(1e-300)
+    return t / n.reshape(-1, *([1] * (t.ndim - 1)))
+
+
+def _steps(n: int, desc: str, progress: bool) -> Iterable[int]:
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(range(n), desc=desc)
+        except ImportError:
+            pass
+    return range(n)
+
+
+def smoothed_ascent(
+    model: nn.Module,
+    x0: Tensor,
+    evaluate: Evaluate,
+    *,
+    n_steps: int,
+    lr: float,
+    generator: torch.Generator,
+    beta_range: tuple[float, float] = (2.0, 300.0),
+    eval_every: int = 10,
+    progress: bool = False,
+) -> None:
+    """Adam ascent of ``‖J_β(x)ᵀ u‖²`` from the points ``x0`` (one independent chain each).
+
+    ``J_β`` is the Jacobian of the softplus-smoothed network (:class:`ReluProbe`), ``β``
+    (relative to each layer's pre-activation scale) grows geometrically over ``beta_range``;
+    ``u`` (output space) is refreshed every step by ``u ← J_β J_βᵀ u / ‖·‖`` (power iteration
+    interleaved with the ascent). Every ``eval_every`` steps and at the end the points go to
+    ``evaluate`` (the real network), source ``"smoothed ascent"``. Guarantee: none by itself;
+    the value comes from the certified quotients of the pool.
+    """
+    probe = ReluProbe(model, x0.dtype)
+    probe.calibrate(x0)
+    with torch.inference_mode(False), torch.enable_grad():
+        x = x0.detach().clone().requires_grad_(True)
+        out_shape = probe(x.detach()).shape
+        u = _rows_normalised(
+            torch.randn(out_shape, generator=generator, dtype=x.dtype, device=x.device)
+        )
+        opt = torch.optim.Adam([x], lr=lr)
+        b0, b1 = beta_range
+        for t in _steps(n_steps, "lower bound (smoothed ascent)", progress):
+            probe.beta = b0 * (b1 / b0) ** (t / max(n_steps - 1, 1))
+            w = torch.zeros(out_shape, dtype=x.dtype, device=x.device, requires_grad=True)
+            y = probe(x, "smooth")
+            g = torch.autograd.grad((y * (u + w)).sum(), x, create_graph=True)[0]
+            obj = g.reshape(g.shape[0], -1).pow(2).sum(dim=1)
+            # J_β (J_βᵀ u) = ∂/∂w <J_βᵀ (u + w), J_βᵀ u> at w = 0: the power step for u.
+            ju = torch.autograd.grad((g * g.detach()).sum(), w, retain_graph=True)[0]
+            grad_x = torch.autograd.grad(obj.sum(), x)[0]
+            if bool(torch.isfinite(ju).all()) and bool((ju != 0).any()):
+                u = _rows_normalised(ju.detach())
+            opt.zero_grad()
+            x.grad = -grad_x  # ascent
+            opt.step()
+            if (t + 1) % eval_every == 0 or t == n_steps - 1:
+                evaluate(x.detach().clone(), "smoothed ascent")
+
+
+def _gate_gains(probe: ReluProbe, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``(gains, pre)``, both ``(P, U)`` over all ``U`` ReLU units: ``pre`` the pre-activations
+    at ``x`` and ``gains = (1 − 2 d) a b``, the first-order change of ``uᵀ J(x) v`` when unit
+    ``i`` flips (``d = [pre > 0]``, ``u = J v/‖J v‖``, ``a`` = ``Jᵀ``-cotangent of ``u`` at the
+    unit's output, ``b`` = tangent of ``v`` at its input)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        xg = x.detach().clone().requires_grad_(True)
+        y = probe(xg, "record")
+        pre, post = probe.pre, probe.post
+        w = torch.zeros_like(y, requires_grad=True)
+        wz = [torch.zeros_like(z, requires_grad=True) for z in pre]
+        # One vjp with cotangents (w, wz) then its vjp with v: J v and every b_l = J_{z_l} v.
+        s = (y * w).sum() + sum(((z * c).sum() for z, c in zip(pre, wz, strict=True)), y.sum() * 0)
+        g = torch.autograd.grad(s, xg, create_graph=True)[0]
+        tangents = torch.autograd.grad((g * v.detach()).sum(), [w, *wz], allow_unused=True)
+        u = _rows_normalised(tangents[0].detach())
+        cot = torch.autograd.grad((y * u).sum(), post, allow_unused=True, retain_graph=True)
+    p = x.shape[0]
+    gains, pres = [], []
+    for z, b, a in zip(pre, tangents[1:], cot, strict=True):
+        a = torch.zeros_like(z) if a is None else a
+        b = torch.zeros_like(z) if b is None else b
+        d = (z > 0).to(z.dtype)
+        gains.append(((1 - 2 * d) * a * b).detach().reshape(p, -1))
+        pres.append(z.detach().reshape(p, -1))
+    return torch.cat(gains, dim=1), torch.cat(pres, dim=1)
+
+
+def _unit_gradients(probe: ReluProbe, x: Tensor, units: Tensor) -> Tensor:
+    """``∇_x pre_j(x_r)`` for rows ``x_r`` and unit indices ``units[r]`` (flattened over all
+    ReLU layers): one backward pass for the whole batch."""
+    with torch.inference_mode(False), torch.enable_grad():
+        xg = x.detach().clone().requires_grad_(True)
+        probe(xg, "record")
+        pre = torch.cat([z.reshape(z.shape[0], -1) for z in probe.pre], dim=1)
+        picked = pre.gather(1, units[:, None]).sum()
+        return torch.autograd.grad(picked, xg)[0].detach().reshape(x.shape[0], -1)
+
+
+def _flip_proposals(
+    probe: ReluProbe, x: Tensor, v: Tensor, n_flips: int, overshoot: float
+) -> tuple[Tensor, Tensor]:
+    """Points just across the hyperplanes of the ``n_flips`` most beneficial flips of each
+    chain (one at a time), and across those of the best 2, 4, … at once (least-norm step on
+    the linearised pre-activations: ``G_S δ = −(1 + overshoot) z_S``). Returns the points
+    ``(P·M, *shape)`` and the index of the chain each belongs to."""
+    p = x.shape[0]
+    gains, pre = _gate_gains(probe, x, v)
+    k = min(n_flips, gains.shape[1])
+    top_gain, units = torch.topk(gains, k, dim=1)
+    rows = torch.arange(p, device=x.device).repeat_interleave(k)
+    grads = _unit_gradients(probe, x[rows], units.reshape(-1)).reshape(p, k, -1)
+    z = pre.gather(1, units)  # (p, k)
+    flat = x.reshape(p, -1)
+    props, owner = [], []
+    sizes = sorted({1, *(2**i for i in range(1, 10) if 2**i < k), k})
+    for c in range(p):
+        useful = int((top_gain[c] > 0).sum())
+        for j in range(useful):  # one flip at a time
+            gj = grads[c, j]
+            nrm2 = float(gj.pow(2).sum())
+            if nrm2 > 0:
+                props.append(flat[c] - (1 + overshoot) * z[c, j] / nrm2 * gj)
+                owner.append(c)
+        for size in sizes:  # the best `size` flips together
+            if 1 < size <= useful:
+                step = torch.linalg.pinv(grads[c, :size]) @ (-(1 + overshoot) * z[c, :size])
+                if bool(torch.isfinite(step).all()):
+                    props.append(flat[c] + step)
+                    owner.append(c)
+    if not props:
+        return x[:0], torch.zeros(0, dtype=torch.long, device=x.device)
+    return torch.stack(props).reshape(-1, *x.shape[1:]), torch.tensor(owner, device=x.device)
+
+
+def pattern_walk(
+    model: nn.Module,
+    x0: Tensor,
+    evaluate: Evaluate,
+    *,
+    start: tuple[Tensor, Tensor] | None = None,
+    n_steps: int,
+    n_flips: int = 8,
+    overshoot: float = 0.05,
+    progress: bool = False,
+) -> bool:
+    """Hill climb over reachable activation patterns from the points ``x0`` (one chain each).
+
+    Each step proposes, per chain, the points across the hyperplanes of its ``n_flips`` most
+    beneficial ReLU flips (gains ``(1 − 2d) a b`` of ``uᵀ J v``, see the module docstring), one
+    at a time and several at once, evaluates the *real* network there (``evaluate``, source
+    ``"pattern walk"``: the pattern actually reached is whatever the network computes) and
+    moves the chain to its best proposal if that raised ``‖J v‖``; a chain with no improving
+    proposal stops. ``start = (sig, v)`` gives the known ``‖J v‖`` and ``v`` of ``x0``.
+    Returns ``False`` (and does nothing) when the model has no ``nn.ReLU``.
+    Guarantee: none by itself; the value comes from the certified quotients of the pool.
+    """
+    probe = ReluProbe(model, x0.dtype)
+    if not probe.relus:
+        return False
+    x = x0.detach().clone()
+    # ``start``: the ``(‖J v‖, v)`` of ``x0`` when already known (no second evaluation).
+    sig, v = evaluate(x, "pattern walk") if start is None else (start[0].clone(), start[1].clone())
+    active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    for _ in _steps(n_steps, "lower bound (pattern walk)", progress):
+        idx = torch.nonzero(active).reshape(-1)
+        if idx.numel() == 0:
+            break
+        props, owner = _flip_proposals(probe, x[idx], v[idx], n_flips, overshoot)
+        moved = torch.zeros_like(active)
+        if props.shape[0]:
+            s_new, v_new = evaluate(props, "pattern walk")
+            for c_local, c in enumerate(idx.tolist()):
+                mine = torch.nonzero(owner == c_local).reshape(-1)
+                if mine.numel() == 0:
+                    continue
+                best = int(mine[torch.argmax(s_new[mine])])
+                if float(s_new[best]) > float(sig[c]) * (1 + 1e-9):
+                    x[c], sig[c], v[c] = props[best], s_new[best], v_new[best]
+                    moved[c] = True
+        active &= moved
+    return True
