@@ -12,14 +12,18 @@ entries, in order:
 3. :func:`lone_weight` — isometries around one dense weight: scalars × the weight certificate.
 4. :func:`dense_chain` — the whole chain is small enough to materialise: its float64 matrix
    and the dense certificate (tighter than any product).
-5. :func:`product_of_op_certificates` — ``‖A‖ ≤ Π_i ‖A_i‖`` with each ``‖A_i‖`` certified by
+5. :func:`merged_conv_chain` — ``[batch norm]* conv [batch norm]*``: the scales folded into
+   the kernel (:func:`~lipreg.functional.conv_chain.merged_conv`), then the exact-up-to-rounding
+   Gram test of the zero-padded convolution (:mod:`lipreg.functional.banded_gram`), or the
+   merged kernel's torus bound when that is already within 0.1 % of the estimate.
+6. :func:`product_of_op_certificates` — ``‖A‖ ≤ Π_i ‖A_i‖`` with each ``‖A_i‖`` certified by
    the first entry of :data:`OP_LADDER` that answers (closed form, dense weight, the rule's
    own ``certify`` (FFT for convolutions), Schur test for non-negative maps, materialised
    op).
-6. :func:`estimate` — the Lanczos/power-iteration value, **not** certified (``certified=False``,
+7. :func:`estimate` — the Lanczos/power-iteration value, **not** certified (``certified=False``,
    and AutoLip then reports an estimate).
 
-Entries 1 and 3–5 run only with ``certify=True``; 2 and 6 also without.
+Entries 1 and 3–6 run only with ``certify=True``; 2 and 7 also without.
 
 **Contract of an entry.** It returns a :class:`LayerBound` whose ``value`` is the chain's
 factor, with ``certified=True`` only if ``value ≥ ‖A‖_2`` is guaranteed (float64 evaluation
@@ -41,6 +45,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from lipreg.functional.analysis import Analysis
+from lipreg.functional.banded_gram import abs_norm_bound, certify_conv_norm, gram_plan
 from lipreg.functional.certify import (
     current_budget,
     dense_bytes,
@@ -50,7 +55,10 @@ from lipreg.functional.certify import (
     schur_bound,
 )
 from lipreg.functional.chains import AffineChain, chain_linear_map, node_linear_map
+from lipreg.functional.conv_bounds import conv_operator_norm_bound
+from lipreg.functional.conv_chain import merged_conv
 from lipreg.functional.linear_map import LinearMap
+from lipreg.functional.lmi import gamma
 from lipreg.functional.power_iteration import OperatorNormResult, operator_norm
 from lipreg.functional.results import LayerBound
 from lipreg.functional.specs import Affine
@@ -65,9 +73,12 @@ __all__ = [
     "estimate",
     "lone_weight",
     "lone_weight_at_model_precision",
+    "merged_conv_chain",
     "product_of_op_certificates",
 ]
 
+# A merged kernel's torus bound this close to the estimate is kept (no Gram test).
+TORUS_ACCEPT = 1e-3
 # Closed forms evaluated in float64 are exact up to a few ulps: they are padded by 4 ulps.
 CLOSED_FORM_PAD = 1 + 4 * torch.finfo(torch.float64).eps
 
@@ -210,6 +221,60 @@ def dense_chain(ctx: ChainContext) -> LayerBound | None:
     return _affine(ctx, upper, certified=True, estimate=upper, upper=upper, method="dense")
 
 
+def merged_conv_chain(ctx: ChainContext) -> LayerBound | None:
+    """A chain ``[scale]* conv [scale]*`` (batch norms around one zero-padded convolution) as
+    ONE convolution ``Â`` with the scales folded into its float64 kernel. Certified by, in
+    order:
+
+    * ``"conv-pointwise"``: a 1×1 kernel, ``max_g ‖W_g‖`` (dense certificate, exact);
+    * ``"fft-merged"``: the torus bound of the merged kernel
+      (:func:`~lipreg.functional.conv_bounds.conv_operator_norm_bound`, never above
+      ``max|s| · torus(w)``), kept when within :data:`TORUS_ACCEPT` of the estimate;
+    * ``"conv-gram"``: the block-banded Gram test (:mod:`lipreg.functional.banded_gram`),
+      ``σ̂ sqrt(1 + δ)`` with ``δ ≥ 1e-6``; when it needs more than the memory budget or no
+      ``δ ≤ 1e-2`` succeeds, the torus bound with the reason in ``method`` (and a budget event).
+
+    Folding ``m`` scales rounds each kernel entry ``m`` times: ``|w' − ŵ| ≤ γ_{2m+1} |ŵ|``, so
+    ``γ_{2m+1} ‖|Â|‖`` (:func:`~lipreg.functional.banded_gram.abs_norm_bound`) is added to
+    every value. Certified.
+    """
+    b = ctx.bounder
+    if not b.certify or not ctx.core:
+        return None
+    conv = merged_conv(ctx.bound_specs)
+    if conv is None:
+        return None
+    res = ctx.iterative()
+    kernel_error = gamma(2 * len(ctx.bound_specs) + 1)
+    if all(k == 1 for k in conv.weight.shape[2:]):
+        cert = certify_conv_norm(conv, res.sigma, kernel_error=kernel_error)
+        assert cert is not None  # pointwise always answers
+        return _with_iterative(ctx, res, cert.bound, upper=cert.bound, method=cert.method)
+    extra = kernel_error * abs_norm_bound(conv.weight, conv.groups)
+    torus = conv_operator_norm_bound(
+        conv.weight, conv.in_shape[1:], conv.stride, conv.padding, conv.dilation, conv.groups
+    )
+    torus = (torus + extra) * CLOSED_FORM_PAD
+    if torus <= res.sigma * (1 + TORUS_ACCEPT):
+        return _with_iterative(ctx, res, torus, upper=torus, method="fft-merged")
+    plan, budget = gram_plan(conv), current_budget()
+    if plan.bytes > budget.limit_bytes:
+        budget.record(
+            f"{ctx.chain.name}: the Gram test of this convolution needs "
+            f"~{plan.bytes / 2**20:.0f} MiB, over the memory budget of "
+            f"{budget.limit_bytes / 2**20:.0f} MiB; used the merged torus bound ({torus:.6g}, "
+            f"estimate {res.sigma:.6g}). Raise memory_limit_bytes for a tighter certificate."
+        )
+        return _with_iterative(ctx, res, torus, upper=torus, method="fft-merged (memory budget)")
+    cert = certify_conv_norm(conv, res.sigma, kernel_error=kernel_error)
+    if cert is None:
+        method = "fft-merged (Gram test failed up to delta=1e-2: estimate not converged?)"
+        return _with_iterative(ctx, res, torus, upper=torus, method=method)
+    value = min(cert.bound, torus)
+    method = cert.method if value == cert.bound else "fft-merged"
+    return _with_iterative(ctx, res, value, upper=value, method=method)
+
+
 def product_of_op_certificates(ctx: ChainContext) -> LayerBound | None:
     """``‖A_m ⋯ A_1‖ ≤ Π_i ‖A_i‖`` (submultiplicativity), each ``‖A_i‖`` certified by the
     first :data:`OP_LADDER` entry that answers; isometries contribute their scalar. Also runs
@@ -269,6 +334,7 @@ LADDER: list[LadderEntry] = [
     closed_form,
     lone_weight,
     dense_chain,
+    merged_conv_chain,
     product_of_op_certificates,
     estimate,
 ]
