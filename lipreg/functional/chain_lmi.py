@@ -55,6 +55,7 @@ __all__ = [
     "dense_chain",
     "norm_multipliers",
     "rho_star",
+    "smoothed_rho_star",
 ]
 
 _F64 = torch.float64
@@ -147,23 +148,27 @@ def dense_chain(weights: Sequence[Tensor], slopes: Sequence[tuple[float, float]]
     return DenseChain(tuple(ws), tuple(sl), first)
 
 
-def norm_multipliers(chain: DenseChain) -> list[Tensor]:
-    """Scalar multipliers that are feasible for any slopes (a product-of-norms start).
+def norm_multipliers(chain: DenseChain, theta: float = 1.0) -> list[Tensor]:
+    """Scalar multipliers ``t_k = τ_k 1`` that are feasible for any slopes (a product-of-norms
+    start), keeping ``S_k ⪰ θ τ_k I`` with ``0 < θ < 2``.
 
-    Backwards from ``τ_{L−1} = ‖W_L‖²``: if ``S_k ⪰ τ_k I`` then ``S_{k−1} ⪰ (2τ_{k−1} −
-    (2 max(−p_k, 0) τ_k + s_k² τ_k) ‖W_k‖²) I``, so ``τ_{k−1} = (2 max(−p_k, 0) + s_k²) τ_k
-    ‖W_k‖²`` keeps ``S_{k−1} ⪰ τ_{k−1} I``. For ReLU this reproduces ``Π ‖W_k‖``. Norms are
+    Backwards: if ``S_k ⪰ θτ_k I`` then ``S_{k−1} ⪰ (2τ_{k−1} − c_k) I`` with ``c_k = (2
+    max(−p_k, 0) τ_k + s_k² τ_k / θ) ‖W_k‖²``, so ``τ_{k−1} = c_k / (2 − θ)`` keeps ``S_{k−1} ⪰
+    θτ_{k−1} I``; ``τ_{L−1} = ‖W_L‖² / (2 − θ)``. ``θ = 1`` reproduces ``Π ‖W_k‖`` for ReLU;
+    a small ``θ`` reproduces it when ``a_k + b_k = 0`` (e.g. slopes ``[−1, 1]``). Norms are
     inflated by 1e-4 so the start is strictly feasible despite their rounding.
     """
+    if not 0.0 < theta < 2.0:
+        raise ValueError(f"theta must be in (0, 2), got {theta}")
     ws = chain.weights
     ts: list[Tensor] = [torch.empty(0)] * (len(ws) - 1)
-    tau = float(torch.linalg.matrix_norm(ws[-1], 2)) ** 2 * 1.0001
+    tau = float(torch.linalg.matrix_norm(ws[-1], 2)) ** 2 * 1.0001 / (2.0 - theta)
     for k in range(len(ws) - 1, 0, -1):
-        ts[k - 1] = torch.full((ws[k - 1].shape[0],), tau, dtype=_F64)
+        ts[k - 1] = torch.full((ws[k - 1].shape[0],), max(tau, 1e-300), dtype=_F64)
         a, b = chain.slopes[k - 1]
-        factor = 2.0 * max(-a * b, 0.0) + (a + b) ** 2
+        factor = 2.0 * max(-a * b, 0.0) + (a + b) ** 2 / theta
         tau = factor * tau * float(torch.linalg.matrix_norm(ws[k - 1], 2)) ** 2 * 1.0001
-        tau = max(tau, 1e-300)
+        tau /= 2.0 - theta
     return ts
 
 
@@ -188,18 +193,36 @@ def rho_star(
     Returns ``(inf, None)`` when ``T`` is outside the domain (a Schur complement ``S_k`` is not
     positive definite, or a ``t`` is not positive and finite). Float64, not certified.
     """
+    rho, _, grads = smoothed_rho_star(chain, ts, 0.0, gradient=gradient)
+    return rho, grads
+
+
+def smoothed_rho_star(
+    chain: DenseChain, ts: Sequence[Tensor], mu: float, *, gradient: bool = True
+) -> tuple[float, float, list[Tensor] | None]:
+    """``(ρ*(T), f_μ(T), ∇f_μ)`` with the log-sum-exp smoothing of the top eigenvalue.
+
+    ``ρ*(T) = λ_1`` of ``M(T) = s_1² W_1ᵀT_1S_1⁻¹T_1W_1 − 2p_1W_1ᵀT_1W_1``;
+    ``f_μ = λ_1 + μ log Σ_i exp((λ_i − λ_1)/μ)`` (``λ_1 ≤ f_μ ≤ λ_1 + μ log n``, smooth where
+    ``λ_max`` is not; ``μ = 0`` gives ``f = ρ*``). Each ``λ_i`` has gradient ``−q(z(v_i))`` with
+    ``z(v)`` the back-substitution of the eigenvector ``v`` (the envelope argument of the module
+    docstring holds for any ``v``), and ``∇f_μ = Σ_i softmax_i · ∇λ_i``. Outside the domain:
+    ``(inf, inf, None)``. Float64, not certified.
+    """
     ws, sl = chain.weights, chain.slopes
     if len(ws) == 1:
-        return float(torch.linalg.eigvalsh(ws[0].T @ ws[0])[-1]), []
+        rho = float(torch.linalg.eigvalsh(ws[0].T @ ws[0])[-1])
+        return rho, rho, []
     ts = _check_multipliers(chain, ts)
-    if not all(bool((t > 0).all() and torch.isfinite(t).all()) for t in ts):
-        return math.inf, None
+    allt = torch.cat(ts)
+    if not bool((allt > 0).all() and torch.isfinite(allt).all()):
+        return math.inf, math.inf, None
     S = torch.diag(2.0 * ts[-1]) - ws[-1].T @ ws[-1]
     factors: list[Tensor] = [torch.empty(0)] * len(ts)
     for k in range(len(ws) - 1, 0, -1):  # hidden layer k (1-based), multipliers ts[k-1]
         C, info = torch.linalg.cholesky_ex(S)
         if int(info) != 0:
-            return math.inf, None
+            return math.inf, math.inf, None
         factors[k - 1] = C
         (a, b), t = sl[k - 1], ts[k - 1]
         Wk = ws[k - 1] if k >= 2 else chain.reduced_first
@@ -210,18 +233,25 @@ def rho_star(
             S = S - 2.0 * a * b * (Wk.T @ TW)
         if k >= 2:
             S = torch.diag(2.0 * ts[k - 2]) - S
-    evals, evecs = torch.linalg.eigh(0.5 * (S + S.T))
-    rho = max(float(evals[-1]), 0.0)
     if not gradient:
-        return rho, None
+        top = float(torch.linalg.eigvalsh(0.5 * (S + S.T))[-1])
+        return max(top, 0.0), max(top, 0.0), None
+    evals, evecs = torch.linalg.eigh(0.5 * (S + S.T))
+    top = float(evals[-1])
+    if mu > 0:
+        w = torch.softmax((evals - top) / mu, dim=0)
+        keep = w > 1e-12 * float(w.max())
+        w, Z = w[keep], evecs[:, keep]
+        f = top + mu * math.log(float(torch.exp((evals - top) / mu).sum()))
+    else:
+        w, Z, f = evals.new_ones(1), evecs[:, -1:], top
     grads: list[Tensor] = []
-    z = evecs[:, -1]
     for k in range(1, len(ws)):
         (a, b), t = sl[k - 1], ts[k - 1]
-        y = (ws[k - 1] if k >= 2 else chain.reduced_first) @ z
-        z = (a + b) * torch.cholesky_solve((t * y)[:, None], factors[k - 1])[:, 0]
-        grads.append(-2.0 * (z - a * y) * (z - b * y))
-    return rho, grads
+        Yk = (ws[k - 1] if k >= 2 else chain.reduced_first) @ Z
+        Z = (a + b) * torch.cholesky_solve(t[:, None] * Yk, factors[k - 1])
+        grads.append(-2.0 * ((Z - a * Yk) * (Z - b * Yk)) @ w)
+    return max(top, 0.0), f, grads
 
 
 def _symmetric(G: Tensor) -> Tensor:

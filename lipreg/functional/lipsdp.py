@@ -16,7 +16,7 @@ its value function ``ρ*(T)`` and the certificate are in :mod:`lipreg.functional
    (a relative improvement of ``ρ`` below ``tol``), or after ``max_steps``.
 3. Certificate: :func:`~lipreg.functional.chain_lmi.certify_multipliers` of the best ``T``. If
    it fails (the optimum sits too close to the domain boundary for the rounding margin), ``T``
-   is blended towards the start, ``(1 − s)T + sT_0`` for ``s = 1e-6, 1e-4, 1e-2`` (``ρ*`` is
+   is blended towards the start, ``(1 − s)T + sT_0`` for ``s = 1e-6, 1e-4, 1e-2, 0.1, 0.5`` (``ρ*`` is
    convex, so the blend loses at most ``s`` of the gap), and the label says so.
 4. The result is the smallest *certified* value among the optimised ``T`` and ``T_E``: never
    looser than :func:`lipreg.functional.eclipse.eclipse_fast` (same certificate, same ``T_E``).
@@ -38,23 +38,28 @@ from lipreg.functional.chain_lmi import (
     dense_chain,
     norm_multipliers,
     rho_star,
+    smoothed_rho_star,
 )
 from lipreg.functional.eclipse import eclipse_fast_multipliers
 
 __all__ = ["SequenceCertificate", "lipsdp_neuron"]
 
-_BLENDS = (1e-6, 1e-4, 1e-2)
+_THETAS = (1.0, 0.1, 1e-3)  # margins of the product-of-norms starts
+_BLENDS = (1e-6, 1e-4, 1e-2, 0.1, 0.5)
 _MEMORY = 10  # L-BFGS pairs
 _WINDOW = 5  # iterations over which the relative improvement is measured
+_SMOOTHING = (1e-3, 1e-4, 1e-5, 1e-6)  # log-sum-exp temperatures, relative to ρ
 
 
-def _objective(chain: DenseChain, sizes: list[int], x: Tensor) -> tuple[float, Tensor | None]:
-    """``log ρ*(e^x)`` and its gradient in ``x``; ``(inf, None)`` outside the domain."""
+def _objective(
+    chain: DenseChain, sizes: list[int], x: Tensor, mu: float
+) -> tuple[float, float, Tensor | None]:
+    """``(ρ*, log f_μ, ∇_x log f_μ)`` at ``t = e^x``; ``(inf, inf, None)`` outside the domain."""
     t = torch.exp(x)
-    rho, grads = rho_star(chain, list(torch.split(t, sizes)), gradient=True)
-    if not (math.isfinite(rho) and rho > 0) or grads is None:
-        return math.inf, None
-    return math.log(rho), torch.cat(grads) * t / rho
+    rho, f, grads = smoothed_rho_star(chain, list(torch.split(t, sizes)), mu)
+    if not (math.isfinite(f) and f > 0) or grads is None:
+        return math.inf, math.inf, None
+    return rho, math.log(f), torch.cat(grads) * t / f
 
 
 def _direction(g: Tensor, pairs: list[tuple[Tensor, Tensor, float]]) -> Tensor:
@@ -73,18 +78,32 @@ def _direction(g: Tensor, pairs: list[tuple[Tensor, Tensor, float]]) -> Tensor:
     return -q
 
 
+class _Best:
+    """The point with the smallest true ``ρ*`` evaluated so far."""
+
+    def __init__(self, rho: float, x: Tensor) -> None:
+        self.rho, self.x = rho, x
+
+    def offer(self, rho: float, x: Tensor) -> None:
+        if rho < self.rho:
+            self.rho, self.x = rho, x
+
+
 def _lbfgs(
-    chain: DenseChain, start: list[Tensor], max_steps: int, tol: float
-) -> tuple[list[Tensor], int]:
-    """Minimise ``log ρ*`` over ``log t`` from ``start`` (feasible); returns the best ``t``."""
-    sizes = [t.numel() for t in start]
-    x = torch.log(torch.cat(start))
-    fx, g = _objective(chain, sizes, x)
-    assert g is not None  # the start is feasible
+    chain: DenseChain, x: Tensor, mu: float, budget: int, tol: float, best: _Best
+) -> tuple[Tensor, int]:
+    """L-BFGS on ``log f_μ(e^x)`` from a feasible ``x``; returns the last iterate and the
+    number of iterations. Stops when ``log f_μ`` improves by less than ``tol`` over
+    ``_WINDOW`` iterations, when the line search fails along ``−∇``, or after ``budget``."""
+    sizes = [int(n) for n in chain.hidden_sizes]
+    rho, fx, g = _objective(chain, sizes, x, mu)
+    assert g is not None  # x is feasible
+    best.offer(rho, x)
     pairs: list[tuple[Tensor, Tensor, float]] = []
     history = [fx]
     steps = 0
-    for steps in range(1, max_steps + 1):  # noqa: B007 (steps is reported)
+    while steps < budget:
+        steps += 1
         d = _direction(g, pairs)
         slope = float(g @ d)
         if not slope < 0:
@@ -92,24 +111,42 @@ def _lbfgs(
             slope = float(g @ d)
         step = 1.0 if pairs else min(1.0, 0.5 / max(float(d.abs().max()), 1e-300))
         for _ in range(40):
-            fn, gn = _objective(chain, sizes, x + step * d)
+            rho, fn, gn = _objective(chain, sizes, x + step * d, mu)
             if gn is not None and fn <= fx + 1e-4 * step * slope:
                 break
             step *= 0.5 if gn is not None else 0.2
         else:
             if not pairs:
-                break  # no descent even along −g: converged to machine precision
+                break  # no descent even along −∇: converged to machine precision
             pairs = []
             continue
-        s, y = step * d, gn - g
-        sy = float(s @ y)
-        if sy > 1e-12 * float(s @ s) ** 0.5 * float(y @ y) ** 0.5:
-            pairs = [*pairs[-(_MEMORY - 1) :], (s, y, 1.0 / sy)]
-        x, fx, g = x + s, fn, gn
+        sv, yv = step * d, gn - g
+        sy = float(sv @ yv)
+        if sy > 1e-12 * float(sv @ sv) ** 0.5 * float(yv @ yv) ** 0.5:
+            pairs = [*pairs[-(_MEMORY - 1) :], (sv, yv, 1.0 / sy)]
+        x, fx, g = x + sv, fn, gn
+        best.offer(rho, x)
         history.append(fx)
         if len(history) > _WINDOW and history[-_WINDOW - 1] - fx < tol:
             break
-    return list(torch.split(torch.exp(x), sizes)), steps
+    return x, steps
+
+
+def _minimise(
+    chain: DenseChain, start: list[Tensor], max_steps: int, tol: float
+) -> tuple[list[Tensor], int]:
+    """Continuation over the smoothing ``μ = ρ · (1e-3, 1e-4, 1e-5, 1e-6)``; each stage is an
+    L-BFGS run warm-started from the previous one. Returns the best ``t`` (true ``ρ*``)."""
+    x = torch.log(torch.cat(start))
+    best = _Best(math.inf, x)
+    total = 0
+    for rel in _SMOOTHING:
+        rho = rho_star(chain, list(torch.split(torch.exp(x), list(chain.hidden_sizes))))[0]
+        x, steps = _lbfgs(chain, x, rel * rho, max_steps - total, max(tol, 0.1 * rel), best)
+        total += steps
+        if total >= max_steps:
+            break
+    return list(torch.split(torch.exp(best.x), list(chain.hidden_sizes))), total
 
 
 def _starts(
@@ -121,8 +158,9 @@ def _starts(
     if all(a * b >= 0 and a + b != 0 for a, b in chain.slopes):
         _, eclipse_ts = eclipse_fast_multipliers(chain)
         cands.append((rho_star(chain, eclipse_ts)[0], eclipse_ts, "eclipse-fast"))
-    norm_ts = norm_multipliers(chain)
-    cands.append((rho_star(chain, norm_ts)[0], norm_ts, "product-of-norms"))
+    for theta in _THETAS:
+        norm_ts = norm_multipliers(chain, theta)
+        cands.append((rho_star(chain, norm_ts)[0], norm_ts, "product-of-norms"))
     if warm is not None:
         sizes = chain.hidden_sizes
         if len(warm) != len(sizes) or any(
@@ -194,7 +232,7 @@ def lipsdp_neuron(
     rho0, start, label = min(cands, key=lambda c: c[0])
     if not math.isfinite(rho0):
         raise ValueError("no start is feasible (unexpected: the product-of-norms start is)")
-    ts, steps = _lbfgs(chain, start, max_steps, tol)
+    ts, steps = _minimise(chain, start, max_steps, tol)
     rho_opt = rho_star(chain, ts)[0]
     if not rho_opt <= rho0:
         ts, rho_opt = start, rho0

@@ -1,0 +1,156 @@
+"""Certified LipSDP-Neuron against brute-force activation patterns on tiny nets, exact values,
+the published LipSDP-Neuron values of the benchmark networks, and ECLipsE-Fast."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lipreg.functional.chain_lmi import certify_multipliers, dense_chain, rho_star
+from lipreg.functional.eclipse import eclipse_fast
+from lipreg.functional.lipsdp import lipsdp_neuron
+from lipreg.models.benchmark_nets import load_glipsdp, load_glipsdp_summary, load_lipsdp
+
+RELU = (0.0, 1.0)
+
+
+def _linear_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def _max_over_patterns(ws: list[torch.Tensor], slopes: list[tuple[float, float]]) -> float:
+    """max over D_k ∈ {a_k, b_k}^{n_k} of ‖W_L D ⋯ D W_1‖: the LMI bounds every diagonal D in the
+    box, and the maximum of this convex function of each D_k is at a vertex."""
+    best = 0.0
+    choices = [itertools.product(ab, repeat=W.shape[0]) for W, ab in zip(ws, slopes, strict=False)]
+    for pattern in itertools.product(*choices):
+        J = ws[0].double()
+        for W, d in zip(ws[1:], pattern, strict=True):
+            J = W.double() @ (torch.tensor(d, dtype=torch.float64)[:, None] * J)
+        best = max(best, float(torch.linalg.matrix_norm(J, 2)))
+    return best
+
+
+def test_design_note_tiny_net_is_tight() -> None:
+    # 2 → 4 → 1 ReLU of the design note (§6): exact Lipschitz constant 0.899764981
+    rng = np.random.default_rng(0)
+    W1 = torch.from_numpy(rng.standard_normal((4, 2)))
+    W2 = torch.from_numpy(rng.standard_normal((1, 4)))
+    cert = lipsdp_neuron([W1, W2], [RELU])
+    brute = _max_over_patterns([W1, W2], [RELU])
+    assert brute == pytest.approx(0.899764981, abs=1e-9)
+    assert brute <= cert.value <= brute * 1.0005
+    assert cert.method == "lipsdp-neuron"
+
+
+def test_eclipse_worked_example_reaches_the_exact_value() -> None:
+    W1 = torch.tensor([[1.0, 2.0], [-1.0, 1.0], [0.5, -2.0]], dtype=torch.float64)
+    W2 = torch.tensor([[1.0, -1.0, 2.0]], dtype=torch.float64)
+    cert = lipsdp_neuron([W1, W2], [RELU])
+    assert math.sqrt(29) <= cert.value <= math.sqrt(29) * (1 + 1e-4)
+    assert cert.value < math.sqrt(477 / 14)  # ECLipsE-Fast
+
+
+@pytest.mark.parametrize(
+    "slopes", [(0.0, 1.0), (0.1, 1.0), (-0.1, 1.1), (0.0, 0.25), (-1.0, 1.0), (0.5, 0.5)]
+)
+@pytest.mark.parametrize("sizes", [(2, 4, 1), (3, 4, 3, 2), (2, 3, 2, 3, 1)])
+def test_bounds_and_nearly_reaches_every_activation_pattern(
+    sizes: tuple[int, ...], slopes: tuple[float, float]
+) -> None:
+    g = torch.Generator().manual_seed(sum(sizes))
+    ws = [torch.randn(m, n, generator=g, dtype=torch.float64) for n, m in itertools.pairwise(sizes)]
+    sl = [slopes] * (len(ws) - 1)
+    cert = lipsdp_neuron(ws, sl)
+    brute = _max_over_patterns(ws, sl)
+    assert cert.value >= brute
+    if slopes == (-1.0, 1.0):
+        # s = a + b = 0 decouples the LMI: its optimum is the product of norms (with scalar T)
+        prod = math.prod(float(torch.linalg.matrix_norm(W, 2)) for W in ws)
+        assert cert.value <= prod * 1.01
+    elif slopes[0] != slopes[1]:
+        assert cert.value <= 1.35 * brute  # the relaxation is close on tiny nets
+    # (a = b, a linear activation: the LMI's optimum is at T → ∞; only soundness is asked)
+    if slopes[0] * slopes[1] >= 0:
+        assert cert.value <= eclipse_fast(ws, sl).value
+
+
+def test_certificate_rejects_rho_below_the_value_and_infeasible_multipliers() -> None:
+    g = torch.Generator().manual_seed(0)
+    chain = dense_chain(
+        [torch.randn(4, 2, generator=g).double(), torch.randn(1, 4, generator=g).double()],
+        [RELU],
+    )
+    ts = list(lipsdp_neuron(chain.weights, [RELU]).multipliers)
+    rho, _ = rho_star(chain, ts)
+    assert certify_multipliers(chain, ts, rho) is not None
+    # every tried ρ_c = 0.99 ρ* (1 + δ) with δ ≤ 1e-3 is below ρ*: must be rejected
+    assert certify_multipliers(chain, ts, 0.99 * rho, max_inflation=1e-3) is None
+    assert certify_multipliers(chain, ts, rho * (1 - 1e-9), max_inflation=1e-12) is None
+    # T scaled by 0.1: 2T − W₂ᵀW₂ is indefinite, no ρ helps
+    assert certify_multipliers(chain, [0.1 * t for t in ts], 1e6) is None
+
+
+@pytest.mark.parametrize(("name", "exact_or_lower"), [("random", 36.482225), ("mnist", 24.299)])
+def test_published_lipsdp_networks(name: str, exact_or_lower: float) -> None:
+    # random: the exact constant 36.48223 (5 decimals, so ≥ 36.482225); mnist: the lower bound
+    loaded = load_lipsdp(name)
+    ws = _linear_weights(loaded.model)
+    cert = lipsdp_neuron(ws, [RELU] * (len(ws) - 1))
+    published = loaded.meta["published"]["lipsdp_neuron"]
+    assert exact_or_lower <= cert.value <= 1.001 * published
+    assert cert.value <= eclipse_fast(ws, [RELU] * (len(ws) - 1)).value
+
+
+@pytest.mark.parametrize(("arch", "factor"), [("fnn2", 1.01), ("fnn3", 1.03)])
+@pytest.mark.parametrize("seed", [0, 5])
+def test_published_glipsdp_networks(arch: str, factor: float, seed: int) -> None:
+    summary = load_glipsdp_summary()[arch]
+    ws = _linear_weights(load_glipsdp(arch, seed).model)  # logit 7
+    cert = lipsdp_neuron(ws, [RELU] * (len(ws) - 1))
+    published = float(summary["lipsdp"]["values"][seed])
+    assert float(summary["lower_bound_sampled"]["values"][seed]) <= cert.value
+    assert cert.value <= factor * published
+    assert cert.value <= 1.001 * published  # what we measure (≤ 1.0004 on every seed)
+
+
+def test_warm_start_is_as_good_and_cheaper() -> None:
+    ws = _linear_weights(load_glipsdp("fnn3", 1).model)
+    sl = [RELU] * (len(ws) - 1)
+    cold = lipsdp_neuron(ws, sl)
+    warm = lipsdp_neuron(ws, sl, warm=cold.multipliers)
+    assert warm.value <= cold.value * (1 + 1e-9)
+    assert warm.steps < cold.steps
+    # a slightly perturbed chain (as during training) still profits from the old multipliers
+    g = torch.Generator().manual_seed(0)
+    moved = [W + 1e-3 * torch.randn(W.shape, generator=g, dtype=W.dtype) for W in ws]
+    cold_moved = lipsdp_neuron(moved, sl)
+    warm_moved = lipsdp_neuron(moved, sl, warm=cold.multipliers)
+    assert warm_moved.value <= cold_moved.value * (1 + 1e-4)
+
+
+def test_single_layer_is_the_spectral_norm() -> None:
+    W = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cert = lipsdp_neuron([W], [])
+    exact = float(torch.linalg.svdvals(W)[0])
+    assert exact <= cert.value <= exact * (1 + 1e-9)
+    assert cert.method == "spectral-norm"
+
+
+def test_input_validation() -> None:
+    W1 = torch.randn(4, 2, dtype=torch.float64)
+    W2 = torch.randn(1, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="chain"):
+        lipsdp_neuron([W1, W1], [RELU])
+    with pytest.raises(ValueError, match="slope interval per hidden layer"):
+        lipsdp_neuron([W1, W2], [RELU, RELU])
+    with pytest.raises(ValueError, match="a <= b"):
+        lipsdp_neuron([W1, W2], [(1.0, math.nan)])
+    with pytest.raises(ValueError, match="warm multipliers"):
+        lipsdp_neuron([W1, W2], [RELU], warm=[torch.ones(3)])
+    with pytest.raises(TypeError, match="floating-point"):
+        lipsdp_neuron([W1.long(), W2], [RELU])
