@@ -1,0 +1,126 @@
+"""LipSDP-Neuron (Fazlyab et al., NeurIPS 2019) solved by cvxpy, and its verified value.
+
+``min ρ  s.t.  P(T, ρ) ⪰ 0, T_k = diag(t_k), t_k ≥ 0`` with ``P`` the block-tridiagonal matrix
+of :mod:`references.lipsdp_lmi` (the published formulation: the full ``n_0 × n_0`` input
+block, no reduction), solved by Clarabel (interior point) if installed, else SCS. A solver's
+"optimal" is not a proof: its multipliers may leave the LMI slightly (or, as SCS did on two
+of the paper's MLPs, badly) infeasible. So the multipliers are re-checked in float64 with an
+explicit rounding margin (:func:`references.lipsdp_lmi.verified_rho`); ``ρ`` is raised
+minimally until the check passes and the raise is reported.
+
+cvxpy is an optional benchmark-only dependency (``pip install 'lipreg[bench]'``); it is
+imported on the first call, never by lipreg.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from references.lipsdp_lmi import Slopes, VerifiedRho, verified_rho
+
+
+@dataclass
+class LipSDPSolution:
+    """One cvxpy solve: ``solver_value = √ρ_solver`` (unverified), ``verified`` (see
+    :class:`references.lipsdp_lmi.VerifiedRho`), solver name and status, and the CPU seconds
+    of building + solving (``cpu_solve``) and of the float64 verification (``cpu_verify``)."""
+
+    solver_value: float
+    verified: VerifiedRho
+    solver: str
+    status: str
+    cpu_solve: float
+    cpu_verify: float
+    t: list[np.ndarray]
+
+
+def import_cvxpy() -> Any:
+    """cvxpy, or an ImportError saying how to install the benchmark extra."""
+    try:
+        return importlib.import_module("cvxpy")
+    except ImportError as exc:
+        raise ImportError(
+            "The LipSDP-Neuron reference needs cvxpy: pip install 'lipreg[bench]' "
+            "(cvxpy, clarabel)."
+        ) from exc
+
+
+def pick_solver(cp: Any) -> str:
+    """Clarabel if cvxpy has it, else SCS (the cvxpy default SDP solver)."""
+    installed = cp.installed_solvers()
+    for name in ("CLARABEL", "SCS"):
+        if name in installed:
+            return name
+    raise ImportError(f"no SDP solver in cvxpy (installed: {installed}); pip install clarabel")
+
+
+def lipsdp_problem(
+    cp: Any, weights: Sequence[np.ndarray], slopes: Slopes
+) -> tuple[Any, Any, list[Any]]:
+    """The cvxpy problem ``min ρ s.t. P(T, ρ) ⪰ 0``: ``(problem, ρ, [t_1, …])``."""
+    n_hidden = len(weights) - 1
+    rho = cp.Variable(nonneg=True)
+    t = [cp.Variable(w.shape[0], nonneg=True) for w in weights[:-1]]
+    sizes = [weights[0].shape[1]] + [w.shape[0] for w in weights[:-1]]
+    grid: list[list[Any]] = [[np.zeros((r, c)) for c in sizes] for r in sizes]
+    for k in range(n_hidden + 1):
+        block: Any = rho * np.eye(sizes[0]) if k == 0 else 2 * cp.diag(t[k - 1])
+        if k < n_hidden:
+            a, b = slopes[k]
+            if a * b != 0.0:
+                block = block + 2 * a * b * (weights[k].T @ cp.diag(t[k]) @ weights[k])
+            off = -(a + b) * (cp.diag(t[k]) @ weights[k])
+            grid[k + 1][k] = off
+            grid[k][k + 1] = off.T
+        else:
+            block = block - weights[-1].T @ weights[-1]
+        grid[k][k] = block
+    matrix = cp.bmat(grid)
+    # Symmetric by construction; the explicit symmetrisation tells cvxpy so.
+    constraints = [0.5 * (matrix + matrix.T) >> 0]
+    return cp.Problem(cp.Minimize(rho), constraints), rho, t
+
+
+def lipsdp_neuron_cvxpy(
+    weights: Sequence[np.ndarray], slopes: Slopes, *, solver: str | None = None
+) -> LipSDPSolution:
+    """Solve LipSDP-Neuron with cvxpy and verify the solver's multipliers in float64.
+
+    CPU seconds (``time.process_time``: all threads of this process) of the build + solve and
+    of the verification are reported separately. The solver's ``ρ`` is the verification's
+    starting point: a value that passes as returned is reported with ``inflation = 0``.
+    """
+    cp = import_cvxpy()
+    weights = [np.asarray(w, dtype=np.float64) for w in weights]
+    name = solver or pick_solver(cp)
+    start = time.process_time()
+    problem, rho, t = lipsdp_problem(cp, weights, slopes)
+    problem.solve(solver=name)
+    cpu_solve = time.process_time() - start
+    t_values = [
+        np.full(tk.shape, np.nan) if tk.value is None else np.asarray(tk.value, np.float64)
+        for tk in t
+    ]
+    rho_value = float(rho.value) if rho.value is not None else math.nan
+    start = time.process_time()
+    if math.isfinite(rho_value) and all(np.all(np.isfinite(tk)) for tk in t_values):
+        verified = verified_rho(weights, slopes, t_values, rho_value)
+    else:
+        verified = VerifiedRho(False, math.nan, math.nan, math.nan, f"status {problem.status}")
+    cpu_verify = time.process_time() - start
+    return LipSDPSolution(
+        solver_value=math.sqrt(rho_value) if rho_value >= 0 else math.nan,
+        verified=verified,
+        solver=name,
+        status=str(problem.status),
+        cpu_solve=cpu_solve,
+        cpu_verify=cpu_verify,
+        t=t_values,
+    )
