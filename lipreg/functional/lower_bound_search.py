@@ -58,7 +58,10 @@ class ReluProbe:
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
-        self.net = copy.deepcopy(model).to(dtype).eval()
+        # Outside inference mode: the copy's weights must be usable by autograd (the caller
+        # may run under torch.inference_mode()).
+        with torch.inference_mode(False):
+            self.net = copy.deepcopy(model).to(dtype).eval()
         for p in self.net.parameters():
             p.requires_grad_(False)
         self.relus = [m for m in self.net.modules() if isinstance(m, nn.ReLU)]
@@ -158,7 +161,9 @@ def smoothed_ascent(
             obj = g.reshape(g.shape[0], -1).pow(2).sum(dim=1)
             # J_β (J_βᵀ u) = ∂/∂w <J_βᵀ (u + w), J_βᵀ u> at w = 0: the power step for u.
             ju = torch.autograd.grad((g * g.detach()).sum(), w, retain_graph=True)[0]
-            grad_x = torch.autograd.grad(obj.sum(), x)[0]
+            # None: the Jacobian does not depend on x (a linear network), nothing to climb.
+            grad_x = torch.autograd.grad(obj.sum(), x, allow_unused=True)[0]
+            grad_x = torch.zeros_like(x) if grad_x is None else grad_x
             if bool(torch.isfinite(ju).all()) and bool((ju != 0).any()):
                 u = _rows_normalised(ju.detach())
             opt.zero_grad()
@@ -168,32 +173,49 @@ def smoothed_ascent(
                 evaluate(x.detach().clone(), "smoothed ascent")
 
 
+def _forward_tangents(
+    probe: ReluProbe, x: Tensor, d: Tensor
+) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor | None]]:
+    """At the points ``x`` with tangents ``d``: ``(y, J d, pre, post, tangents)`` with
+    ``tangents[l] = J_{pre_l}(x) d`` (the directional derivative of layer ``l``'s
+    pre-activations). One vjp with zero cotangents ``(w, w_l)``, then the vjp of that linear
+    map with ``d`` (the double-vjp trick: exact, reverse mode only). The graph of ``y`` is kept,
+    so call it under grad mode."""
+    xg = x.detach().clone().requires_grad_(True)
+    y = probe(xg, "record")
+    pre, post = probe.pre, probe.post
+    w = torch.zeros_like(y, requires_grad=True)
+    wz = [torch.zeros_like(z, requires_grad=True) for z in pre]
+    s = (y * w).sum() + sum(((z * c).sum() for z, c in zip(pre, wz, strict=True)), y.sum() * 0)
+    g = torch.autograd.grad(s, xg, create_graph=True)[0]
+    tangents = torch.autograd.grad((g * d.detach().clone()).sum(), [w, *wz], allow_unused=True)
+    jd = tangents[0] if tangents[0] is not None else torch.zeros_like(y)
+    return y, jd.detach(), pre, post, list(tangents[1:])
+
+
+def _flat(ts: list[Tensor], like: list[Tensor]) -> Tensor:
+    """Concatenate per-layer tensors (``None`` read as zeros) into ``(P, U)``."""
+    rows = like[0].shape[0]
+    parts = [z if t is None else t for t, z in zip(ts, like, strict=True)]
+    zero = [t is None for t in ts]
+    flat = [
+        (0 * p if none else p).detach().reshape(rows, -1)
+        for p, none in zip(parts, zero, strict=True)
+    ]
+    return torch.cat(flat, dim=1)
+
+
 def _gate_gains(probe: ReluProbe, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """``(gains, pre)``, both ``(P, U)`` over all ``U`` ReLU units: ``pre`` the pre-activations
     at ``x`` and ``gains = (1 − 2 d) a b``, the first-order change of ``uᵀ J(x) v`` when unit
     ``i`` flips (``d = [pre > 0]``, ``u = J v/‖J v‖``, ``a`` = ``Jᵀ``-cotangent of ``u`` at the
     unit's output, ``b`` = tangent of ``v`` at its input)."""
     with torch.inference_mode(False), torch.enable_grad():
-        xg = x.detach().clone().requires_grad_(True)
-        y = probe(xg, "record")
-        pre, post = probe.pre, probe.post
-        w = torch.zeros_like(y, requires_grad=True)
-        wz = [torch.zeros_like(z, requires_grad=True) for z in pre]
-        # One vjp with cotangents (w, wz) then its vjp with v: J v and every b_l = J_{z_l} v.
-        s = (y * w).sum() + sum(((z * c).sum() for z, c in zip(pre, wz, strict=True)), y.sum() * 0)
-        g = torch.autograd.grad(s, xg, create_graph=True)[0]
-        tangents = torch.autograd.grad((g * v.detach()).sum(), [w, *wz], allow_unused=True)
-        u = _rows_normalised(tangents[0].detach())
-        cot = torch.autograd.grad((y * u).sum(), post, allow_unused=True, retain_graph=True)
-    p = x.shape[0]
-    gains, pres = [], []
-    for z, b, a in zip(pre, tangents[1:], cot, strict=True):
-        a = torch.zeros_like(z) if a is None else a
-        b = torch.zeros_like(z) if b is None else b
-        d = (z > 0).to(z.dtype)
-        gains.append(((1 - 2 * d) * a * b).detach().reshape(p, -1))
-        pres.append(z.detach().reshape(p, -1))
-    return torch.cat(gains, dim=1), torch.cat(pres, dim=1)
+        y, jv, pre, post, tangents = _forward_tangents(probe, x, v)
+        u = _rows_normalised(jv)
+        cot = torch.autograd.grad((y * u).sum(), post, allow_unused=True)
+    z, b, a = _flat(pre, pre), _flat(tangents, pre), _flat(list(cot), pre)
+    return (1 - 2 * (z > 0).to(z.dtype)) * a * b, z
 
 
 def _unit_gradients(probe: ReluProbe, x: Tensor, units: Tensor) -> Tensor:
@@ -207,13 +229,30 @@ def _unit_gradients(probe: ReluProbe, x: Tensor, units: Tensor) -> Tensor:
         return torch.autograd.grad(picked, xg)[0].detach().reshape(x.shape[0], -1)
 
 
+def _into_next_region(probe: ReluProbe, x: Tensor, step: Tensor, overshoot: float) -> Tensor:
+    """Points ``x + s·step`` in the middle of the region entered at ``s = 1`` (the step was
+    sized to just reach the targeted hyperplanes): ``s = (1 + s₂)/2`` with ``s₂ > 1`` the next
+    crossing of any unit along the line (linearised: ``s_i = −pre_i/tangent_i``), or
+    ``1 + overshoot`` if none. A step of fixed relative overshoot would jump over a thin
+    region, the very kind that can hold a large Jacobian."""
+    with torch.inference_mode(False), torch.enable_grad():
+        _, _, pre, _, tangents = _forward_tangents(probe, x, step.reshape(x.shape))
+    z, t = _flat(pre, pre), _flat(tangents, pre)
+    cross = torch.where(t != 0, -z / torch.where(t != 0, t, torch.ones_like(t)), math.inf)
+    ahead = torch.where(cross > 1 + 1e-9, cross, math.inf).amin(dim=1)
+    s = torch.where(torch.isfinite(ahead), 0.5 * (1 + ahead), 1 + overshoot)
+    shape = (-1, *([1] * (x.ndim - 1)))
+    return x + s.reshape(shape) * step.reshape(x.shape)
+
+
 def _flip_proposals(
     probe: ReluProbe, x: Tensor, v: Tensor, n_flips: int, overshoot: float
 ) -> tuple[Tensor, Tensor]:
-    """Points just across the hyperplanes of the ``n_flips`` most beneficial flips of each
-    chain (one at a time), and across those of the best 2, 4, … at once (least-norm step on
-    the linearised pre-activations: ``G_S δ = −(1 + overshoot) z_S``). Returns the points
-    ``(P·M, *shape)`` and the index of the chain each belongs to."""
+    """Points across the hyperplanes of the ``n_flips`` most beneficial flips of each chain
+    (one at a time), and across those of the best 2, 4, … at once (least-norm step on the
+    linearised pre-activations, ``G_S δ = −z_S``), each moved to the middle of the region it
+    enters (:func:`_into_next_region`). Returns the points ``(M, *shape)`` and the index of the
+    chain each belongs to."""
     p = x.shape[0]
     gains, pre = _gate_gains(probe, x, v)
     k = min(n_flips, gains.shape[1])
@@ -222,25 +261,26 @@ def _flip_proposals(
     grads = _unit_gradients(probe, x[rows], units.reshape(-1)).reshape(p, k, -1)
     z = pre.gather(1, units)  # (p, k)
     flat = x.reshape(p, -1)
-    props, owner = [], []
-    sizes = sorted({1, *(2**i for i in range(1, 10) if 2**i < k), k})
+    steps, owner = [], []
+    sizes = [2**i for i in range(1, 10) if 2**i < k] + [k]
     for c in range(p):
         useful = int((top_gain[c] > 0).sum())
         for j in range(useful):  # one flip at a time
-            gj = grads[c, j]
-            nrm2 = float(gj.pow(2).sum())
+            nrm2 = float(grads[c, j].pow(2).sum())
             if nrm2 > 0:
-                props.append(flat[c] - (1 + overshoot) * z[c, j] / nrm2 * gj)
+                steps.append(-z[c, j] / nrm2 * grads[c, j])
                 owner.append(c)
         for size in sizes:  # the best `size` flips together
             if 1 < size <= useful:
-                step = torch.linalg.pinv(grads[c, :size]) @ (-(1 + overshoot) * z[c, :size])
+                step = torch.linalg.pinv(grads[c, :size]) @ (-z[c, :size])
                 if bool(torch.isfinite(step).all()):
-                    props.append(flat[c] + step)
+                    steps.append(step)
                     owner.append(c)
-    if not props:
+    if not steps:
         return x[:0], torch.zeros(0, dtype=torch.long, device=x.device)
-    return torch.stack(props).reshape(-1, *x.shape[1:]), torch.tensor(owner, device=x.device)
+    idx = torch.tensor(owner, device=x.device)
+    start = flat[idx].reshape(-1, *x.shape[1:])
+    return _into_next_region(probe, start, torch.stack(steps), overshoot), idx
 
 
 def pattern_walk(
@@ -268,9 +308,30 @@ def pattern_walk(
     probe = ReluProbe(model, x0.dtype)
     if not probe.relus:
         return False
-    x = x0.detach().clone()
-    # ``start``: the ``(‖J v‖, v)`` of ``x0`` when already known (no second evaluation).
-    sig, v = evaluate(x, "pattern walk") if start is None else (start[0].clone(), start[1].clone())
+    # Outside inference mode (the caller's may be on): the walk differentiates the probe at
+    # its points, so every tensor it keeps must be a normal one.
+    with torch.inference_mode(False):
+        x = x0.detach().clone()
+        # ``start``: the ``(‖J v‖, v)`` of ``x0`` when already known (no second evaluation).
+        if start is None:
+            sig, v = evaluate(x, "pattern walk")
+        sig, v = (sig, v) if start is None else start
+        _climb(probe, x, sig.clone(), v.clone(), evaluate, n_steps, n_flips, overshoot, progress)
+    return True
+
+
+def _climb(
+    probe: ReluProbe,
+    x: Tensor,
+    sig: Tensor,
+    v: Tensor,
+    evaluate: Evaluate,
+    n_steps: int,
+    n_flips: int,
+    overshoot: float,
+    progress: bool,
+) -> None:
+    """The loop of :func:`pattern_walk` (updates ``x``, ``sig``, ``v`` in place)."""
     active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     for _ in _steps(n_steps, "lower bound (pattern walk)", progress):
         idx = torch.nonzero(active).reshape(-1)
@@ -289,4 +350,3 @@ def pattern_walk(
                     x[c], sig[c], v[c] = props[best], s_new[best], v_new[best]
                     moved[c] = True
         active &= moved
-    return True
