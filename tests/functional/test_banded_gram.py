@@ -1,0 +1,147 @@
+"""banded_gram: the Gram test of a zero-padded convolution against independent ground truths
+(the convolution materialised densely, float64 SVD; brute-force enumeration of the coupled
+positions)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lipreg.functional.banded_gram import (
+    abs_norm_bound,
+    axis_incidences,
+    certify_conv_norm,
+    gram_plan,
+    output_spatial,
+)
+from lipreg.functional.specs import ConvData
+from tests.helpers import gen
+
+F64 = torch.float64
+
+
+def _dense(conv: ConvData) -> torch.Tensor:
+    """The convolution's matrix (out × in), from the convolution applied to the identity."""
+    n = math.prod(conv.in_shape)
+    eye = torch.eye(n, dtype=F64).reshape(n, *conv.in_shape)
+    fn = (F.conv1d, F.conv2d, F.conv3d)[len(conv.in_shape) - 2]
+    out = fn(eye, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return out.reshape(n, -1).T
+
+
+def _norm(matrix: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(matrix, 2))
+
+
+def _conv(in_shape, weight_shape, stride, padding, dilation, groups, seed=0) -> ConvData:
+    w = torch.randn(weight_shape, dtype=F64, generator=gen(seed))
+    return ConvData(w, stride, padding, dilation, groups, in_shape)
+
+
+CASES = {
+    "2d-s1-p1": ((3, 8, 8), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+    "2d-groups-stride2": ((4, 7, 9), (6, 2, 3, 3), (2, 2), (1, 1), (1, 1), 2),
+    "2d-mixed": ((3, 9, 8), (5, 3, 3, 2), (2, 1), (0, 1), (2, 1), 1),
+    "2d-pad-gt-kernel": ((2, 5, 6), (3, 2, 3, 3), (1, 2), (3, 2), (1, 1), 1),
+    "2d-stride3-dil2": ((2, 11, 10), (3, 2, 3, 3), (3, 3), (2, 1), (2, 2), 1),
+    "2d-depthwise": ((5, 6, 6), (5, 1, 3, 3), (1, 1), (1, 1), (1, 1), 5),
+    "2d-7x7-stride2": ((3, 14, 14), (4, 3, 7, 7), (2, 2), (3, 3), (1, 1), 1),
+    "2d-1x3": ((3, 5, 7), (4, 3, 1, 3), (1, 1), (0, 1), (1, 1), 1),
+    "1d-depthwise-stride3": ((4, 10), (4, 1, 5), (3,), (2,), (1,), 4),
+    "1d-dilated": ((2, 13), (3, 2, 3), (1,), (0,), (3,), 1),
+    "3d": ((2, 5, 5, 5), (3, 2, 3, 3, 3), (1, 2, 1), (1, 1, 1), (1, 1, 1), 1),
+    "3d-stride2-groups": ((4, 4, 5, 4), (4, 2, 2, 3, 2), (2, 1, 2), (0, 1, 1), (1, 1, 1), 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_certified_between_norm_and_one_plus_two_delta(case: str) -> None:
+    """Given the exact norm as estimate, the certificate is sound and within (1 + 2δ)."""
+    conv = _conv(*CASES[case])
+    true = _norm(_dense(conv))
+    cert = certify_conv_norm(conv, true)
+    assert cert is not None and cert.method == "conv-gram"
+    assert true <= cert.bound <= true * (1 + 2 * cert.delta)
+    assert cert.delta == 1e-6
+
+
+@pytest.mark.parametrize("case", ["2d-groups-stride2", "1d-dilated", "3d"])
+def test_estimate_below_the_norm_still_gives_a_bound(case: str) -> None:
+    """A low estimate makes the test fail until δ is large enough: still ≥ the norm."""
+    conv = _conv(*CASES[case], seed=1)
+    true = _norm(_dense(conv))
+    cert = certify_conv_norm(conv, true * (1 - 3e-4))
+    assert cert is not None and cert.delta > 1e-6
+    assert cert.bound >= true
+
+
+@pytest.mark.parametrize("case", ["2d-s1-p1", "2d-depthwise", "1d-depthwise-stride3"])
+def test_estimate_far_below_is_refused(case: str) -> None:
+    """No δ ≤ max_delta can certify 0.9 × the norm: the Cholesky test must reject."""
+    conv = _conv(*CASES[case], seed=2)
+    true = _norm(_dense(conv))
+    assert certify_conv_norm(conv, 0.9 * true, max_delta=1e-2) is None
+
+
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        ((4, 6, 6), (5, 4, 1, 1), (1, 1), (0, 0), (1, 1), 1),
+        ((4, 7, 6), (6, 2, 1, 1), (2, 3), (1, 0), (1, 1), 2),
+        ((3, 9), (2, 3, 1), (2,), (1,), (1,), 1),
+    ],
+)
+def test_pointwise_is_the_kernel_matrix_norm(geometry) -> None:
+    conv = _conv(*geometry)
+    true = _norm(_dense(conv))
+    cert = certify_conv_norm(conv, 1.0)
+    assert cert is not None and cert.method == "conv-pointwise"
+    assert true <= cert.bound <= true * (1 + 1e-8)
+
+
+@pytest.mark.parametrize("case", ["2d-groups-stride2", "2d-stride3-dil2", "3d-stride2-groups"])
+def test_abs_norm_bound_dominates_the_absolute_matrix(case: str) -> None:
+    conv = _conv(*CASES[case])
+    assert abs_norm_bound(conv.weight, conv.groups) >= _norm(_dense(conv).abs())
+
+
+def test_kernel_error_adds_its_term() -> None:
+    conv = _conv(*CASES["2d-s1-p1"])
+    true = _norm(_dense(conv))
+    plain = certify_conv_norm(conv, true)
+    padded = certify_conv_norm(conv, true, kernel_error=1e-3)
+    assert plain is not None and padded is not None
+    extra = 1e-3 * abs_norm_bound(conv.weight, conv.groups)
+    assert padded.bound == pytest.approx(plain.bound + extra, rel=1e-12)
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+@pytest.mark.parametrize("geometry", [(7, 4, 3, 2, 1, 1), (9, 3, 3, 1, 2, 2), (5, 5, 2, 3, 2, 1)])
+def test_axis_incidences_match_brute_force(side: str, geometry) -> None:
+    """Every coupling (i, j, t, t') of one axis, once, by enumerating outputs and taps."""
+    n_in, n_out, k, s, pad, d = geometry
+    expected = set()
+    for q, t, u in itertools.product(range(n_out), range(k), range(k)):
+        p, p2 = q * s - pad + t * d, q * s - pad + u * d
+        if side == "input" and 0 <= p < n_in and 0 <= p2 < n_in:
+            expected.add((p, p2, t, u))
+    for q, q2, t, u in itertools.product(range(n_out), range(n_out), range(k), range(k)):
+        p = q * s - pad + t * d
+        if side == "output" and 0 <= p < n_in and p == q2 * s - pad + u * d:
+            expected.add((q, q2, t, u))
+    i, j, t, u = axis_incidences(n_in, n_out, k, s, pad, d, side)
+    got = list(zip(i.tolist(), j.tolist(), t.tolist(), u.tolist(), strict=True))
+    assert len(got) == len(set(got)) and set(got) == expected
+
+
+def test_plan_picks_the_smaller_side() -> None:
+    strided = _conv((8, 16, 16), (8, 8, 3, 3), (2, 2), (1, 1), (1, 1), 1)
+    assert gram_plan(strided).side == "output"
+    assert output_spatial(strided) == (8, 8)
+    widening = _conv((2, 8, 8), (16, 2, 3, 3), (1, 1), (1, 1), (1, 1), 1)
+    assert gram_plan(widening).side == "input"
+    assert gram_plan(widening).size == 2 * 64 and gram_plan(widening).reach == 2
