@@ -16,8 +16,8 @@ its value function ``ρ*(T)`` and the certificate are in :mod:`lipreg.functional
    (a relative improvement of ``ρ`` below ``tol``), or after ``max_steps``.
 3. Certificate: :func:`~lipreg.functional.chain_lmi.certify_multipliers` of the best ``T``. If
    it fails (the optimum sits too close to the domain boundary for the rounding margin), ``T``
-   is blended towards the start, ``(1 − s)T + sT_0`` for ``s = 1e-6, 1e-4, 1e-2, 0.1, 0.5`` (``ρ*`` is
-   convex, so the blend loses at most ``s`` of the gap), and the label says so.
+   is blended towards the start, ``(1 − s)T + sT_0`` for ``s = 1e-6, 1e-4, 1e-2, 0.1, 0.5``
+   (``ρ*`` is convex, so the blend loses at most ``s`` of the gap), and the label says so.
 4. The result is the smallest *certified* value among the optimised ``T`` and ``T_E``: never
    looser than :func:`lipreg.functional.eclipse.eclipse_fast` (same certificate, same ``T_E``).
 """

@@ -33,6 +33,8 @@ runs the block Cholesky ``L_00 = chol(D_0 − s I)``, ``L_{k,k-1} = B_k L_{k-1,k
 x_i y_i`` in some order, then ``÷`` or ``√``", and the structural zeros contribute exact zeros,
 so it *is* a floating-point Cholesky of the whole matrix (in one particular summation order) and
 the theorem applies with the global ``N`` and trace. Cost ``O(Σ n_k³)``: linear in depth.
+It first applies the exact power-of-two congruence ``P ↦ DPD`` (:func:`pow2_scaling`, unit
+diagonal), so that the shift is relative to each block's own scale.
 
 Matrices must be float64 and exactly symmetric: symmetrising inside the test would change the
 matrix being certified, so the caller builds both triangles from the same numbers.
@@ -53,6 +55,7 @@ __all__ = [
     "certify_hermitian_psd",
     "certify_psd",
     "gamma",
+    "pow2_scaling",
     "product_radius",
     "rump_shift",
     "sqrt_up",
@@ -170,8 +173,10 @@ def certify_psd(P: Tensor, radius: Tensor | float = 0.0) -> bool:
 
     Rump 2006, Cor. 2.4/2.7 (module docstring): shift the diagonal down by
     ``(½ γ_{2(N+1)} tr P + 4ηN(2(N+1) + max P_ii) + ‖radius‖_∞)(1 + 1e-6)`` (each entry rounded
-    down) and run LAPACK's float64 Cholesky; success is the proof. ``False`` means "not
-    proved" (the matrix may still be PD, e.g. inside the rounding margin).
+    down) and run LAPACK's float64 Cholesky; success is the proof. If it fails, the same test
+    runs on the exact power-of-two congruence ``DPD`` (:func:`pow2_scaling`, radius ``D Rad D``),
+    which succeeds on badly scaled matrices. ``False`` means "not proved" (the matrix may
+    still be PD, e.g. inside the rounding margin).
 
     Args:
         P: Float64, square and exactly symmetric (checked).
@@ -190,12 +195,41 @@ def certify_psd(P: Tensor, radius: Tensor | float = 0.0) -> bool:
     if n == 0:
         return True
     r = _radius_row_sum(radius, n)
+    P = P.cpu()
     diag = torch.diagonal(P)
     if bool((diag <= 0).any()):
         return False
     shift = rump_shift(n, float(diag.sum()), float(diag.max()), r)
-    _, info = torch.linalg.cholesky_ex(_shift_diagonal(P.cpu(), shift))
+    if int(torch.linalg.cholesky_ex(_shift_diagonal(P, shift))[1]) == 0:
+        return True
+    # not proved as given: retry on the exactly scaled matrix (each try is a full proof)
+    d = pow2_scaling(diag)
+    dd = d[:, None] * d[None, :]  # powers of two: exact and exactly symmetric
+    Ps = P * dd
+    if isinstance(radius, Tensor) and radius.numel() > 1:
+        r = _radius_row_sum(radius.cpu() * dd, n)
+    else:
+        r *= float(d.max()) ** 2
+    r += 2.0 * n * ETA  # the scaling is exact except for underflow (≤ η per entry)
+    diag = torch.diagonal(Ps)
+    shift = rump_shift(n, float(diag.sum()), float(diag.max()), r)
+    _, info = torch.linalg.cholesky_ex(_shift_diagonal(Ps, shift))
     return int(info) == 0
+
+
+def pow2_scaling(diagonal: Tensor) -> Tensor:
+    """Powers of two ``d_i ≈ 1/√P_ii`` (exponents clamped to ±250) for the congruence
+    ``P ↦ DPD``.
+
+    ``P ≻ 0 ⇔ DPD ≻ 0`` for any positive diagonal ``D``, and ``|D(X − P)D| = D|X − P|D``; with
+    powers of two the scaled entries are exact (up to underflow, which callers cover with
+    ``η`` per entry). Scaling to a unit diagonal makes Rump's shift relative to each block's
+    own size: without it a well-conditioned but badly scaled LMI (diagonal from 10 to 10⁷)
+    needs a large inflation of ``ρ`` to pass.
+    """
+    _, e = torch.frexp(diagonal)
+    e = torch.clamp(torch.div(e, 2, rounding_mode="floor"), -250, 250)
+    return torch.ldexp(torch.ones_like(diagonal), -e)
 
 
 def certify_hermitian_psd(P: Tensor, radius: Tensor | float = 0.0) -> bool:
@@ -260,10 +294,22 @@ def certify_block_tridiagonal_psd(
         if k and tuple(lower[k - 1].shape) != (D.shape[0], diagonal[k - 1].shape[0]):
             raise ValueError(f"block ({k},{k - 1}) has shape {tuple(lower[k - 1].shape)}")
     n = sum(D.shape[0] for D in diagonal)
-    r = _block_radius_norm(diagonal, lower, radius_diagonal, radius_lower)
-    diags = [torch.diagonal(D) for D in diagonal]
-    if any(bool((d <= 0).any()) for d in diags if d.numel()):
+    _block_radius_norm(diagonal, lower, radius_diagonal, radius_lower)  # validates the radii
+    if any(bool((torch.diagonal(D) <= 0).any()) for D in diagonal if D.numel()):
         return False
+    # exact power-of-two congruence (see pow2_scaling), block by block
+    scales = [pow2_scaling(torch.diagonal(D)) for D in diagonal]
+    diagonal = [D * (d[:, None] * d[None, :]) for D, d in zip(diagonal, scales, strict=True)]
+    outer = [scales[k + 1][:, None] * scales[k][None, :] for k in range(len(lower))]
+    lower = [B * o for B, o in zip(lower, outer, strict=True)]
+    if radius_diagonal is not None:
+        radius_diagonal = [
+            R * (d[:, None] * d[None, :]) for R, d in zip(radius_diagonal, scales, strict=True)
+        ]
+    if radius_lower is not None:
+        radius_lower = [R * o for R, o in zip(radius_lower, outer, strict=True)]
+    r = _block_radius_norm(diagonal, lower, radius_diagonal, radius_lower) + 2.0 * n * ETA
+    diags = [torch.diagonal(D) for D in diagonal]
     trace = sum(float(d.sum()) for d in diags)
     max_diag = max((float(d.max()) for d in diags if d.numel()), default=0.0)
     shift = rump_shift(n, trace, max_diag, r)

@@ -172,3 +172,16 @@ def test_product_radius_bounds_the_rounding() -> None:
     assert (abs(err).astype("float64") <= product_radius(A, B).numpy()).all()
     assert (abs(err).astype("float64") > 0).any()  # the check is not vacuous
     assert gamma(10) >= 10 * 2.0**-53 and sqrt_up(2.0) > math.sqrt(2.0)
+
+
+@pytest.mark.parametrize(("lmin", "ok"), [(1e-3, True), (-1e-9, False)])
+def test_badly_scaled_matrices(lmin: float, ok: bool) -> None:
+    # D A D has the inertia of A (Sylvester): PD iff λ_min(A) > 0, whatever the scaling
+    A = _with_spectrum(_spectrum(40, lmin, 1.0), seed=5)
+    d = torch.logspace(-4, 4, 40, dtype=torch.float64)
+    P = A * (d[:, None] * d[None, :])
+    P = torch.triu(P) + torch.triu(P, 1).T
+    assert certify_psd(P) is ok
+    diag = [P[:20, :20].contiguous(), P[20:, 20:].contiguous()]
+    low = [P[20:, :20].contiguous()]
+    assert certify_block_tridiagonal_psd(diag, low) is ok
