@@ -14,14 +14,14 @@ side ``G[(c,p),(c',p')] = Σ M_in[t,t'][c,c']`` over the (at most one per tap pa
 w[:,c,t] w[:,c,t']ᵀ``, over the inputs ``p`` read by both ``q`` (tap ``t``) and ``q'`` (tap
 ``t'``). Positions couple only within the reach ``R = (k−1)d`` (input side) or ``⌊(k−1)d/s⌋``
 (output side) per axis, so with positions ordered row-major (channels innermost) and cut into
-slabs of ``R`` rows of the first axis, ``G`` is **block tridiagonal**. The blocks are built
-from the kernel, slab by slab, never the whole matrix. Groups are block diagonal: the groups
-form a batch.
+blocks of ``h ≤ R`` rows of the first axis, ``G`` is **block banded** with ``β = ⌈R/h⌉``
+blocks on each side of the diagonal. The blocks are built from the kernel, block row by block
+row, never the whole matrix. Groups are block diagonal: the groups form a batch.
 
 **The test** is Rump's (2006, Cor. 2.4/2.7; :mod:`lipreg.functional.lmi`, whose
 :func:`~lipreg.functional.lmi.rump_shift` computes the shift here too) applied to ``P = μI − Ĝ``
-through the streamed block Cholesky (a floating-point Cholesky of the whole matrix in one
-summation order; structural zeros are exact zeros), with ``tr P ≤ Nμ`` and ``max P_ii ≤ μ``
+through a streamed block-banded Cholesky (a floating-point Cholesky of the whole matrix in
+one summation order; structural zeros are exact zeros), with ``tr P ≤ Nμ`` and ``max P_ii ≤ μ``
 and the radius ``r ≥ ‖P̂ − (μI − G)‖_2``:
 
 * each Gram entry is a sum of at most ``n = K·T`` products (``K`` the channels summed per
@@ -37,8 +37,9 @@ itself rounded (batch-norm scales folded in float64) adds ``kernel_error · ‖|
 positions) ⊗ W`` per group, whose norm is at most ``max_g ‖W_g‖``, certified densely
 (:func:`~lipreg.functional.certify.matrix_norm_certificate`).
 
-Cost ``O(N b²)`` time and ``≈ 6·8·g·b²`` bytes for ``N`` Gram rows per group, ``g`` groups and
-blocks of ``b = R·(map size / first axis)·channels`` rows (:func:`gram_plan`).
+Cost ``O(N (β+1)² b²)`` time and ``≈ 8·g·((β+1)² + 3)·b²`` bytes (plus the kernel-pair
+matrices) for ``N`` Gram rows per group, ``g`` groups and blocks of ``b = h·(map size / first
+axis)·channels`` rows (:func:`gram_plan`).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ __all__ = [
     "output_spatial",
 ]
 
-_CHUNK_BYTES = 32 * 2**20  # gathered kernel-pair matrices per index_add
+_CHUNK_BYTES = 8 * 2**20  # gathered kernel-pair matrices per index_add
+_MIN_BLOCK = 128  # smaller blocks: Python overhead dominates
 _SUM_SAFETY = 1.0 + 1e-6  # float64 sums of < 1e9 non-negative terms: relative error < γ_1e9
 
 
@@ -93,7 +95,8 @@ class GramPlan:
         side: ``"input"`` (``AᵀA``) or ``"output"`` (``AAᵀ``).
         spatial: the spatial shape on that side.
         channels: channels per group on that side (``C``); ``summed`` the other side's (``K``).
-        reach: slab height ``R ≥ 1`` along the first spatial axis.
+        reach: ``R``, positions further apart than this along the first axis do not couple.
+        height: ``h``, rows of the first axis per block; ``bandwidth``: ``⌈R/h⌉`` blocks.
         size: ``N``, Gram rows per group; ``block``: largest block side ``b``.
         bytes: peak memory of :func:`certify_conv_norm` with this plan.
     """
@@ -103,9 +106,16 @@ class GramPlan:
     channels: int
     summed: int
     reach: int
+    height: int
+    bandwidth: int
     size: int
     block: int
     bytes: int
+
+    @property
+    def cost(self) -> float:
+        """Flops of one test, up to a constant: ``(N/b)(β+1)² b³``."""
+        return self.size * (self.bandwidth + 1) ** 2 * self.block**2
 
 
 def output_spatial(conv: ConvData) -> tuple[int, ...]:
@@ -120,7 +130,9 @@ def output_spatial(conv: ConvData) -> tuple[int, ...]:
 
 
 def gram_plan(conv: ConvData) -> GramPlan:
-    """The cheaper side (``N b²``, ties to the input side) and its block layout."""
+    """The cheaper side (:attr:`GramPlan.cost`, ties to the input side) and its blocks: ``h``
+    rows of the first axis per block, ``h ≤ R`` and blocks of at least ``_MIN_BLOCK`` rows
+    when possible (fewer, larger BLAS calls)."""
     w = conv.weight
     groups, kernel = conv.groups, tuple(w.shape[2:])
     c_out_g, c_in_g = w.shape[0] // groups, w.shape[1]
@@ -131,14 +143,20 @@ def gram_plan(conv: ConvData) -> GramPlan:
         ("output", output_spatial(conv), c_out_g, c_in_g, conv.stride[0]),
     )
     for side, spatial, channels, summed, divisor in sides:
-        reach = max(1, (kernel[0] - 1) * conv.dilation[0] // divisor)
-        rest = math.prod(spatial[1:])
+        reach = (kernel[0] - 1) * conv.dilation[0] // divisor
+        row = math.prod(spatial[1:]) * channels
+        height = min(max(1, -(-_MIN_BLOCK // row)), spatial[0])
+        height = min(height, reach) if reach else height
+        bandwidth = -(-reach // height)
+        block = height * row
+        pair_bytes = 8 * groups * (taps * channels) ** 2
+        stored = (bandwidth + 1) ** 2 + 3  # L rows kept, the current row, temporaries
+        nbytes = 8 * groups * stored * block * block + pair_bytes + 2 * _CHUNK_BYTES
         size = math.prod(spatial) * channels
-        block = min(reach, spatial[0]) * rest * channels
-        pair_bytes = 16 * groups * (taps * channels) ** 2  # M and its permuted copy
-        nbytes = 6 * 8 * groups * block * block + pair_bytes + 2 * _CHUNK_BYTES
-        plans.append(GramPlan(side, spatial, channels, summed, reach, size, block, nbytes))
-    return min(plans, key=lambda p: p.size * p.block * p.block)
+        plans.append(
+            GramPlan(side, spatial, channels, summed, reach, height, bandwidth, size, block, nbytes)
+        )
+    return min(plans, key=lambda p: p.cost)
 
 
 def axis_incidences(
@@ -180,7 +198,7 @@ def abs_norm_bound(weight: Tensor, groups: int) -> float:
 
 
 def _pair_matrices(conv: ConvData, plan: GramPlan) -> Tensor:
-    """``M[g, t·T + t', c, c']`` (float64): ``Σ_o w[o,c,t] w[o,c',t']`` (input side) or
+    """``M[g, t, c, t', c']`` (float64): ``Σ_o w[o,c,t] w[o,c',t']`` (input side) or
     ``Σ_c w[o,c,t] w[o',c,t']`` (output side), per group."""
     w = conv.weight.detach().to(torch.float64)
     g = conv.groups
@@ -189,18 +207,16 @@ def _pair_matrices(conv: ConvData, plan: GramPlan) -> Tensor:
     # input side: (g, t, c, o), rows (t, c) summed over o; output side: (g, t, o, c)
     x = x.permute(0, 3, 2, 1) if plan.side == "input" else x.permute(0, 3, 1, 2)
     x = x.reshape(g, taps * plan.channels, plan.summed)
-    m = (x @ x.mT).view(g, taps, plan.channels, taps, plan.channels)
-    return m.permute(0, 1, 3, 2, 4).reshape(g, taps * taps, plan.channels, plan.channels)
+    return (x @ x.mT).view(g, taps, plan.channels, taps, plan.channels)
 
 
 class _BlockBuilder:
-    """Builds the blocks ``D_k = Ĝ[slab k, slab k]`` and ``B_k = Ĝ[slab k, slab k−1]``."""
+    """Builds the blocks ``Ĝ[block k, block j]`` (``h`` rows of the first axis each)."""
 
     def __init__(self, conv: ConvData, plan: GramPlan) -> None:
         self.plan = plan
         self.pairs = _pair_matrices(conv, plan)
         kernel = tuple(conv.weight.shape[2:])
-        self.taps = math.prod(kernel)
         axes = zip(
             conv.in_shape[1:],
             output_spatial(conv),
@@ -213,37 +229,37 @@ class _BlockBuilder:
         self.axes = [axis_incidences(*a, plan.side) for a in axes]
         self.kernel = kernel
         self.rest = math.prod(plan.spatial[1:])
-        self.n_blocks = -(-plan.spatial[0] // plan.reach)
+        self.n_blocks = -(-plan.spatial[0] // plan.height)
 
     def rows(self, k: int) -> int:
-        """Positions in slab ``k``."""
-        r = self.plan.reach
-        return (min((k + 1) * r, self.plan.spatial[0]) - k * r) * self.rest
+        """Positions in block ``k``."""
+        h = self.plan.height
+        return (min((k + 1) * h, self.plan.spatial[0]) - k * h) * self.rest
 
-    def block(self, k: int, lower: bool) -> Tensor:
-        """``D_k`` (``lower=False``) or ``B_k`` as a ``(groups, b_k, b_{k or k−1})`` tensor."""
-        r, c = self.plan.reach, self.plan.channels
-        kj = k - 1 if lower else k
+    def block(self, k: int, j: int) -> Tensor:
+        """``Ĝ[block k, block j]`` as a ``(groups, b_k, b_j)`` float64 tensor."""
+        h, c = self.plan.height, self.plan.channels
         i0, j0, t0, u0 = self.axes[0]
-        keep = (i0 // r == k) & (j0 // r == kj)
-        lists = [(i0[keep] - k * r, j0[keep] - kj * r, t0[keep], u0[keep]), *self.axes[1:]]
-        # Cartesian product over axes: flattened local positions and tap-pair index
-        i = j = t = u = torch.zeros(1, dtype=torch.long)
+        keep = (i0 // h == k) & (j0 // h == j)
+        lists = [(i0[keep] - k * h, j0[keep] - j * h, t0[keep], u0[keep]), *self.axes[1:]]
+        # Cartesian product over the axes: flattened local positions and taps
+        i = jj = t = u = torch.zeros(1, dtype=torch.long)
         for (ia, ja, ta, ua), n_axis, k_axis in zip(
-            lists, (r, *self.plan.spatial[1:]), self.kernel, strict=True
+            lists, (h, *self.plan.spatial[1:]), self.kernel, strict=True
         ):
             i = (i[:, None] * n_axis + ia[None, :]).flatten()
-            j = (j[:, None] * n_axis + ja[None, :]).flatten()
+            jj = (jj[:, None] * n_axis + ja[None, :]).flatten()
             t = (t[:, None] * k_axis + ta[None, :]).flatten()
             u = (u[:, None] * k_axis + ua[None, :]).flatten()
-        bi, bj = self.rows(k), self.rows(kj)
+        bi, bj = self.rows(k), self.rows(j)
         g = self.pairs.shape[0]
         out = torch.zeros(g, bi * bj, c, c, dtype=torch.float64)
-        target, pair = i * bj + j, t * self.taps + u
+        target = i * bj + jj
         step = max(1, _CHUNK_BYTES // (8 * g * c * c))
         for start in range(0, target.numel(), step):
             sl = slice(start, start + step)
-            out.index_add_(1, target[sl], self.pairs[:, pair[sl]])
+            # (n, g, c, c) -> (g, n, c, c): advanced indices first, then the sliced dims
+            out.index_add_(1, target[sl], self.pairs[:, t[sl], :, u[sl], :].transpose(0, 1))
         return out.view(g, bi, bj, c, c).permute(0, 1, 3, 2, 4).reshape(g, bi * c, bj * c)
 
 
@@ -258,31 +274,52 @@ def _gram_radius(conv: ConvData, plan: GramPlan, mu: float) -> float:
     ) * _SUM_SAFETY
 
 
+def _shifted_diagonal_block(gram: Tensor, mu: float, shift: float) -> Tensor | None:
+    """``P̂[k, k]`` with its diagonal lowered by ``shift`` (each entry rounded down): the lower
+    triangle of ``−Ĝ[k, k]`` mirrored, diagonal ``fl(fl(μ − Ĝ_ii) − shift)`` then one step
+    down (``fl(μ − Ĝ_ii)`` is ``P̂_ii``; its own rounding is in the radius). ``None`` if some
+    ``Ĝ_ii > μ`` (not positive definite)."""
+    diag = torch.diagonal(gram, dim1=-2, dim2=-1).clone()
+    if bool((diag > mu).any()):
+        return None
+    s = torch.tril(gram).neg_()
+    s = s + torch.tril(s, -1).mT  # the lower triangle defines the matrix
+    shifted = (mu - diag) - shift
+    down = torch.nextafter(shifted, torch.full_like(shifted, -math.inf))
+    torch.diagonal(s, dim1=-2, dim2=-1).copy_(down)
+    return s
+
+
 def _block_cholesky_succeeds(builder: _BlockBuilder, mu: float, shift: float) -> bool:
-    """The streamed block Cholesky of ``P̂ = μI − Ĝ`` with its diagonal lowered by ``shift``
-    (each entry rounded down): ``True`` iff every pivot is positive."""
-    prev: Tensor | None = None
+    """The streamed (left-looking) block-banded Cholesky of ``P̂ = μI − Ĝ`` with its diagonal
+    lowered by ``shift``: ``True`` iff every pivot is positive.
+
+    ``L[k,j] = (P̂[k,j] − Σ_{i<j} L[k,i] L[j,i]ᵀ) L[j,j]⁻ᵀ`` for the ``β`` blocks ``j`` left of
+    ``k``, then ``L[k,k] = chol(P̂[k,k] − Σ_j L[k,j] L[k,j]ᵀ)``; only the last ``β`` block rows
+    of ``L`` are kept. Every entry is ``a − Σ x_i y_i`` (some order), then ``÷`` or ``√``: a
+    floating-point Cholesky of the whole matrix, as Rump's theorem requires."""
+    beta = builder.plan.bandwidth
+    rows: dict[int, dict[int, Tensor]] = {}
     for k in range(builder.n_blocks):
-        gram = builder.block(k, lower=False)
-        lower = torch.tril(gram)
-        s = -(lower + torch.tril(lower, -1).mT)  # the lower triangle defines the matrix
-        diag = torch.diagonal(gram, dim1=-2, dim2=-1)
-        if bool((diag > mu).any()):
+        row: dict[int, Tensor] = {}
+        for j in range(max(0, k - beta), k):
+            a = builder.block(k, j).neg_()  # P̂[k, j] = −Ĝ[k, j] (exact)
+            for i, lki in row.items():
+                if i in rows[j]:
+                    a.baddbmm_(lki, rows[j][i].mT, alpha=-1)
+            row[j] = torch.linalg.solve_triangular(rows[j][j].mT, a, upper=True, left=False)
+            del a
+        s = _shifted_diagonal_block(builder.block(k, k), mu, shift)
+        if s is None:
             return False
-        shifted = (mu - diag) - shift  # fl(μ − Ĝ_ii) is P̂_ii; its rounding is in the radius
-        torch.diagonal(s, dim1=-2, dim2=-1).copy_(
-            torch.nextafter(shifted, torch.full_like(shifted, -math.inf))
-        )
-        del gram, lower
-        if prev is not None:
-            b = builder.block(k, lower=True)
-            if b.numel():
-                lk = torch.linalg.solve_triangular(prev.mT, b, upper=True, left=False)
-                s = s - lk @ lk.mT
+        for lkj in row.values():
+            s.baddbmm_(lkj, lkj.mT, alpha=-1)
         factor, info = torch.linalg.cholesky_ex(s)
         if bool((info != 0).any()):
             return False
-        prev = factor
+        row[k] = factor
+        rows[k] = row
+        rows.pop(k - beta, None)  # row k + 1 needs rows k + 1 − β … k
     return True
 
 
