@@ -1,0 +1,423 @@
+r"""Certified bounds on conv → activation → conv pairs by Fourier blocks (issue 9, item 4).
+
+:func:`conv_pair_certificate` returns a float ``L`` with
+
+    ``‖second(φ(first(x) + c)) − second(φ(first(x') + c))‖₂ ≤ L ‖x − x'‖₂``
+
+for every elementwise ``φ`` whose difference quotients lie in ``[a, b]`` (ReLU: ``[0, 1]``) and
+every bias ``c``; both convolutions are zero-padded, forward, bias-free
+(:class:`~lipreg.functional.specs.ConvData`). Since ``φ(z) − φ(z') = D (z − z')`` with ``D``
+diagonal, ``D_ii ∈ [a, b]``, it suffices to bound ``sup_D ‖K2 D K1‖`` (``K1``, ``K2`` the two
+convolutions as matrices); ``L`` bounds that supremum, which can exceed the Lipschitz constant.
+
+1. **Torus embedding of the pair.** Per spatial axis pick a coarse length ``M`` and tori
+   ``Z_{s1 s2 M}`` (input), ``Z_{s2 M}`` (hidden). Place input entry ``x[a]`` at ``a + p1``
+   and hidden entry ``h[i]`` at ``i``. The circular convolutions
+   ``C1 z[i] = Σ_t w1[t] x_T[s1 i + d1 t]`` and ``C2 u[o] = Σ_t w2[t] h_T[s2 o + d2 t − p2]``
+   reproduce the real ones at the real positions provided (checked read by read in
+   :func:`~lipreg.functional.conv_pair_fourier.pair_torus`): every read of a padding zero lands
+   on a torus position holding no real entry, the real hidden positions ``0..n1−1`` are distinct
+   (``s2 M ≥ n1``), and the real outputs ``0..n2−1`` are distinct (``M ≥ n2``). Then, with ``E0``
+   the (isometric) embedding of the input, ``R2`` the restriction to the real outputs (norm
+   ``≤ 1``) and ``D̃`` the diagonal on the hidden torus equal to ``D`` at real positions and
+   **0 at the other ("fake") positions** (they hold zeros: padding for ``C2``),
+
+       ``K2 D K1 = R2 C2 D̃ C1 E0``,   so   ``‖K2 D K1‖ ≤ ‖C2 D̃ C1‖``.
+
+   ``D̃`` has entries in ``[a', b'] = [min(a, 0), max(b, 0)]``; that is the slope interval used
+   on the torus when fake positions exist (no loss for ReLU), else ``[a, b]`` itself. A torus
+   always exists (tori at least as long as the padded lengths: no wrap at all); we take the
+   smallest valid ``M`` per axis (coarser spectra usually give smaller maxima).
+2. **Strides (polyphase).** Splitting each torus into phases (a permutation of coordinates, so
+   orthogonal, and diagonal matrices stay diagonal) makes ``C1`` a *stride-1* circular
+   convolution on ``Z_M`` from ``c0 (s1 s2)^d`` input phase channels to ``c1 s2^d`` hidden phase
+   channels (``s1 r2 + d1 t = s1 s2 q + ρ``) and ``C2`` a stride-1 one from the hidden phase
+   channels to ``c2`` (``d2 t − p2 = s2 q + r``).
+3. **The LMI and its Fourier blocks.** For a diagonal ``T ⪰ 0`` on the hidden phase channels,
+   the same at every position of ``Z_M`` (so a channel-wise multiplier, allowed to differ per
+   phase), the one-hidden-layer LipSDP LMI (docs/design/issue9/lipsdp_first_order.md §4)
+
+       ``P = [[ρI + 2a'b' C1ᴴTC1, −(a'+b') C1ᴴT], [−(a'+b') TC1, 2T − C2ᴴC2]] ⪰ 0``
+
+   implies ``‖C2 D̃ C1‖ ≤ √ρ`` for every diagonal ``D̃`` with entries in ``[a', b']`` (put ``x`` and
+   ``v = D̃ C1 x`` into the form: the neuron terms ``t_i (d_i − a')(b' − d_i)(C1 x)_i² ≥ 0``).
+   ``T`` commutes with translations, so ``P`` is block-circulant and the unitary DFT maps it to
+   ``⊕_ω P(ω)`` with ``P(ω)`` the same matrix built from the per-frequency symbols
+   ``K(ω) = Σ_q W_q e^{2πi ω·q/M}`` (``(c1 s2^d) × (c0 (s1 s2)^d)`` and ``c2 × (c1 s2^d)``); hence
+   ``P ⪰ 0 ⇔ P(ω) ⪰ 0`` for all ``ω``. Real kernels give ``P(−ω) = conj P(ω)``: the half spectrum
+   suffices.
+4. **Optimisation** (any method; it only chooses ``T``). With ``S(ω) = 2T − K2ᴴK2 ≻ 0`` the least
+   ``ρ`` is ``ρ*(ω) = λ_max(K1ᴴ[(a'+b')² T S⁻¹ T − 2a'b' T] K1)``; we minimise a smooth maximum
+   (log-sum-exp of ``log ρ*``) over ``ω`` in ``θ = log t`` with Adam and a domain guard, from the
+   best uniform ``t = σ max_ω λ_max(K2ᴴK2)`` on a grid of ``σ`` (``σ = 1`` is at most ``a'²+b'²``
+   times the torus product of norms) or a warm start.
+5. **Certificate.** ``t`` is snapped to float64 (exact data). ``ρ_c = ρ̂ (1 + δ)`` with ``ρ̂`` the
+   float64 ``max_ω ρ*(ω)``; every half-spectrum block ``P̂(ω)`` (complex128, exactly Hermitian)
+   must pass :func:`~lipreg.functional.lmi.certify_hermitian_psd` with an entrywise radius
+   covering (a) the DFT symbols (``|fl K − K| ≤ c S``, ``S = Σ_q |W_q|``, see
+   :func:`~lipreg.functional.conv_pair_fourier.spectrum_error`), (b) the products ``K1ᴴTK1``,
+   ``K2ᴴK2`` (``|fl(AᴴB) − AᴴB| ≤ √2 γ_{n+1}|A|ᵀ|B|`` via real matmuls), the symmetrisation and
+   the scalings. ``δ`` grows ×8 from ``1e-10`` until all blocks pass at the same ``ρ_c``;
+   ``L = sqrt_up(ρ_c)``. The result is the smaller of that and the product of the two
+   convolutions' certified norms times ``max(|a|, |b|)``
+   (:func:`~lipreg.functional.conv_bounds.conv_operator_norm_bound`); ``method`` says which.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lipreg.functional.conv_bounds import conv_operator_norm_bound
+from lipreg.functional.conv_chain import merged_conv
+from lipreg.functional.conv_pair_fourier import (
+    PairTorus,
+    UnsupportedPairError,
+    half_spectrum,
+    pair_spectrum,
+    pair_torus,
+    spectrum_error,
+)
+from lipreg.functional.lmi import UNIT_ROUNDOFF, certify_hermitian_psd, gamma, sqrt_up
+from lipreg.functional.specs import ConvData
+
+__all__ = [
+    "ConvPairCertificate",
+    "UnsupportedPairError",
+    "chain_pair_certificate",
+    "conv_pair_certificate",
+]
+
+_SIGMA_GRID = (0.52, 0.55, 0.6, 0.7, 0.85, 1.0, 1.3, 2.0, 4.0)
+_TEMPERATURE = 0.01  # log-sum-exp temperature on log ρ*(ω): overshoots max by ≤ 0.01 log F
+_DELTA_START, _DELTA_GROWTH, _DELTA_TRIES = 1e-10, 8.0, 14
+
+
+@dataclass(frozen=True)
+class ConvPairCertificate:
+    """A certified bound on ``sup_D ‖K2 D K1‖`` (hence on the pair's Lipschitz constant).
+
+    Attributes:
+        value: the certified bound (``min(lmi_value, product_bound)``).
+        multipliers: ``log t`` per hidden phase channel (float64), to warm-start the next call.
+        estimate: ``√ρ̂`` before the certificate's inflation (not certified).
+        seconds: wall time of the call.
+        method: ``"fourier-lmi"`` or ``"norm-product"`` (whichever gave ``value``).
+        lmi_value: the Fourier-block LMI certificate (``inf`` if it could not be certified).
+        product_bound: ``max(|a|,|b|) · ‖first‖ · ‖second‖`` (certified conv norms).
+        torus: the coarse torus ``M`` per axis; frequencies: blocks certified.
+    """
+
+    value: float
+    multipliers: Tensor
+    estimate: float
+    seconds: float
+    method: str
+    lmi_value: float
+    product_bound: float
+    torus: tuple[int, ...]
+    frequencies: int
+
+
+@dataclass
+class _Problem:
+    """Per-frequency data of the optimisation (float64/complex128, no autograd)."""
+
+    k1: Tensor  # (F, n_h, n_in)
+    h2: Tensor  # (F, n_h, n_h) = K2ᴴK2 (Hermitian)
+    h1: Tensor | None  # (F, n_h, n_h) = K1 K1ᴴ when the hidden form is used
+    alpha: float  # a' + b'
+    beta: float  # 2 a' b'
+
+
+def _hermitian(m: Tensor) -> Tensor:
+    """``(m + mᴴ)/2``: exactly Hermitian in floating point (sums commute, ``fl(−x) = −fl(x)``)."""
+    return (m + m.mH) * 0.5
+
+
+def _herm_product(a: Tensor, b: Tensor) -> Tensor:
+    """``aᴴ b`` by four real matmuls (the order :func:`_kappa`'s bound is written for)."""
+    ar, ai, br, bi = a.real, a.imag, b.real, b.imag
+    at_r, at_i = ar.mT, ai.mT
+    return torch.complex(at_r @ br + at_i @ bi, at_r @ bi - at_i @ br)
+
+
+def _rho_star(t: Tensor, prob: _Problem) -> Tensor | None:
+    """``ρ*(ω)`` for every frequency (differentiable in ``t``), or ``None`` outside the domain
+    (some ``S(ω) = 2T − K2ᴴK2`` not positive definite)."""
+    s = torch.diag_embed((2 * t).to(prob.h2.dtype)) - prob.h2
+    chol, info = torch.linalg.cholesky_ex(s)
+    if bool((info != 0).any()):
+        return None
+    tc = t.to(prob.k1.dtype)
+    if prob.h1 is None:  # input-size form: α² YᴴY − β K1ᴴTK1, Y = L⁻¹ T K1
+        y = torch.linalg.solve_triangular(chol, tc[:, None] * prob.k1, upper=False)
+        m = prob.alpha**2 * (y.mH @ y)
+        if prob.beta != 0.0:
+            m = m - prob.beta * (prob.k1.mH @ (tc[:, None] * prob.k1))
+    else:  # hidden-size form (β ≤ 0): G = ZᴴZ, Z = [α L⁻¹T; √−β T^½], λ(K1ᴴGK1) = λ(Z H1 Zᴴ)
+        z = prob.alpha * torch.linalg.solve_triangular(chol, torch.diag_embed(tc), upper=False)
+        if prob.beta != 0.0:
+            root = torch.diag_embed(torch.sqrt(-prob.beta * tc)).expand_as(z)
+            z = torch.cat([z, root], dim=-2)
+        m = z @ prob.h1 @ z.mH
+    return torch.linalg.eigvalsh(_hermitian(m))[..., -1].clamp_min(1e-300)
+
+
+def _smooth_max_log(rho: Tensor) -> Tensor:
+    return _TEMPERATURE * torch.logsumexp(torch.log(rho) / _TEMPERATURE, dim=0)
+
+
+def _initial_theta(prob: _Problem, warm: Tensor | None) -> tuple[Tensor, float]:
+    """Best uniform ``t = σ λ_max`` on :data:`_SIGMA_GRID` (and ``warm`` if given): ``(θ, ρ̂)``."""
+    top = float(torch.linalg.eigvalsh(prob.h2)[..., -1].max())
+    n_h = prob.h2.shape[-1]
+    candidates = [torch.full((n_h,), math.log(max(s * top, 1e-300)), dtype=torch.float64)
+                  for s in _SIGMA_GRID]  # fmt: skip
+    if warm is not None:
+        if tuple(warm.shape) != (n_h,):
+            raise ValueError(
+                f"warm must hold log t for the {n_h} hidden phase channels (as returned in "
+                f"ConvPairCertificate.multipliers), got shape {tuple(warm.shape)}"
+            )
+        candidates.insert(0, warm.detach().to(dtype=torch.float64, device="cpu"))
+    best, best_rho = candidates[-1], math.inf
+    for theta in candidates:
+        rho = _rho_star(torch.exp(theta), prob)
+        if rho is not None and float(rho.max()) < best_rho:
+            best, best_rho = theta, float(rho.max())
+    return best.clone(), best_rho
+
+
+def _optimise(prob: _Problem, theta: Tensor, rho0: float, steps: int, lr: float) -> Tensor:
+    """Adam on ``θ = log t`` minimising the smooth max of ``log ρ*(ω)``; on leaving the domain
+    go back to the last feasible ``θ`` and halve the step. Returns the best ``θ`` seen (by the
+    true maximum)."""
+    best, best_rho = theta.clone(), rho0
+    param = theta.clone().requires_grad_(True)
+    opt = torch.optim.Adam([param], lr=lr)
+    last_ok = theta.clone()
+    for _ in range(steps):
+        rho = _rho_star(torch.exp(param), prob)
+        if rho is None:
+            with torch.no_grad():
+                param.copy_(last_ok)
+            for group in opt.param_groups:
+                group["lr"] *= 0.5
+            continue
+        top = float(rho.detach().max())
+        last_ok = param.detach().clone()
+        if top < best_rho:
+            best, best_rho = last_ok, top
+        opt.zero_grad()
+        _smooth_max_log(rho).backward()
+        opt.step()
+    return best
+
+
+def _problem(torus: PairTorus, alpha: float, beta: float, dtype: torch.dtype) -> _Problem:
+    k1, k2 = pair_spectrum(torus, half_spectrum(torus.coarse))
+    h2 = _hermitian(k2.mH @ k2)
+    hidden_form = torus.n_in > torus.n_hidden and beta <= 0.0
+    h1 = _hermitian(k1 @ k1.mH).to(dtype) if hidden_form else None
+    return _Problem(k1.to(dtype), h2.to(dtype), h1, alpha, beta)
+
+
+# ----------------------------------------------------------------------------- certificate
+
+
+def _kappa(c: float, inner: int) -> float:
+    """``|fl(K̂ᴴ fl(t K̂)) − KᴴTK| ≤ κ SᵀTS`` entrywise when ``|K̂ − K| ≤ c S``, ``|K| ≤ S``:
+    ``(2c + c²)`` from the symbols, ``(1 + c)² u`` from ``fl(t K̂)``, ``√2 γ_{n+1} (1 + c)²(1+u)``
+    from the complex product by real matmuls (each component ``≤ γ_{n+1} |A|ᵀ|B|``)."""
+    u = UNIT_ROUNDOFF
+    return 1.01 * (2 * c + c * c + (1 + c) ** 2 * (u + math.sqrt(2) * gamma(inner + 1) * (1 + u)))
+
+
+@dataclass
+class _BlockData:
+    """What every frequency block shares: float64 multipliers, slopes and fixed radii."""
+
+    t: Tensor
+    alpha: float
+    beta: float
+    beta_zero: bool
+    r11: Tensor  # (n_in, n_in) part of the radius of P11 not depending on P̂
+    r21: Tensor  # (n_h, n_in)
+    r22: Tensor  # (n_h, n_h)
+
+
+def _block_data(torus: PairTorus, t: Tensor, a: float, b: float) -> _BlockData:
+    """Slopes as computed floats and the frequency-independent radius parts (module docstring,
+    section 5); every factor carries a 1.01 safety."""
+    u = UNIT_ROUNDOFF
+    alpha, beta = a + b, 2.0 * a * b
+    s1, c1 = spectrum_error(torus.w1, torus.taps1)
+    s2, c2 = spectrum_error(torus.w2, torus.taps2)
+    beta_abs = abs(beta) * (1 + 4 * u) + 1e-300
+    r11 = beta_abs * _kappa(c1, torus.n_hidden) * (s1.mT @ (t[:, None] * s1)) * 1.01
+    r21 = abs(alpha) * (1 + 4 * u) * (c1 + 4 * u) * (1 + c1) * (t[:, None] * s1) * 1.01
+    r22 = _kappa(c2, torus.w2.shape[1]) * (s2.mT @ s2) * 1.01
+    return _BlockData(t, alpha, beta, a == 0.0 or b == 0.0, r11, r21, r22)
+
+
+def _block(k1: Tensor, k2: Tensor, rho: float, data: _BlockData) -> tuple[Tensor, Tensor]:
+    """The float64 block ``P̂(ω)`` (complex128, exactly Hermitian) and its entrywise radius."""
+    u = UNIT_ROUNDOFF
+    n_in = k1.shape[-1]
+    t = data.t
+    eye = torch.eye(n_in, dtype=torch.complex128)
+    if data.beta_zero:  # 2a'b' = 0 exactly: P11 = ρ I exactly
+        p11, r11 = rho * eye, torch.zeros(n_in, n_in, dtype=torch.float64)
+    else:
+        h = _hermitian(_herm_product(k1, t[:, None] * k1))
+        p11 = data.beta * h + rho * eye
+        r11 = data.r11 + 4.01 * u * (abs(data.beta) * h.abs() + p11.abs())
+    p21 = (-(data.alpha * t))[:, None] * k1
+    h2 = _hermitian(_herm_product(k2, k2))
+    p22 = torch.diag_embed(2 * t).to(torch.complex128) - h2
+    r22 = data.r22 + 1.01 * u * (h2.abs() + p22.abs())
+    p = torch.cat([torch.cat([p11, p21.mH], 1), torch.cat([p21, p22], 1)], 0)
+    rad = torch.cat([torch.cat([r11, data.r21.mT], 1), torch.cat([data.r21, r22], 1)], 0)
+    return p, rad
+
+
+@dataclass(frozen=True)
+class _Certified:
+    value: float  # inf when not certified
+    estimate: float
+
+
+def _certify(torus: PairTorus, t: Tensor, a: float, b: float) -> _Certified:
+    """Section 5: ``ρ_c = ρ̂(1 + δ)``, ``δ`` ×8 from ``1e-10`` until every half-spectrum block
+    passes Rump's test at the same ``ρ_c``; blocks with the largest ``ρ*(ω)`` are tried first."""
+    k1, k2 = pair_spectrum(torus, half_spectrum(torus.coarse))
+    alpha, beta = a + b, 2.0 * a * b
+    prob = _Problem(k1, _hermitian(_herm_product(k2, k2)), None, alpha, beta)
+    rho = _rho_star(t, prob)
+    if rho is None:
+        return _Certified(math.inf, math.inf)
+    rho_hat = float(rho.max())
+    data = _block_data(torus, t, a, b)
+    order = torch.argsort(rho, descending=True).tolist()
+    delta = _DELTA_START
+    for _ in range(_DELTA_TRIES):
+        rho_c = rho_hat * (1.0 + delta) + 1e-300
+        failed = next(
+            (f for f in order if not certify_hermitian_psd(*_block(k1[f], k2[f], rho_c, data))),
+            None,
+        )
+        if failed is None:
+            return _Certified(sqrt_up(rho_c), math.sqrt(rho_hat))
+        order.remove(failed)
+        order.insert(0, failed)  # the hardest block first next time
+        delta *= _DELTA_GROWTH
+    return _Certified(math.inf, math.sqrt(rho_hat))
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _slopes(slope: tuple[float, float]) -> tuple[float, float]:
+    a, b = float(slope[0]), float(slope[1])
+    if not (math.isfinite(a) and math.isfinite(b) and a <= b):
+        raise ValueError(f"slope must be a finite interval (a, b) with a <= b, got {slope}")
+    return a, b
+
+
+def _product_bound(first: ConvData, second: ConvData, a: float, b: float) -> float:
+    """``max(|a|, |b|) ‖first‖ ‖second‖`` with the certified conv norms, rounded up."""
+    norms = [
+        conv_operator_norm_bound(
+            c.weight, c.in_shape[1:], c.stride, c.padding, c.dilation, c.groups
+        )
+        for c in (first, second)
+    ]
+    return max(abs(a), abs(b)) * norms[0] * norms[1] * (1 + 4 * UNIT_ROUNDOFF)
+
+
+def conv_pair_certificate(
+    first: ConvData,
+    slope: tuple[float, float],
+    second: ConvData,
+    *,
+    warm: Tensor | None = None,
+    max_steps: int = 150,
+    lr: float = 0.05,
+    dtype: torch.dtype = torch.complex128,
+) -> ConvPairCertificate:
+    """Certified upper bound on the Lipschitz constant of ``x ↦ second(φ(first(x)))`` for every
+    elementwise ``φ`` with slopes in ``slope = (a, b)`` (module docstring, sections 1–5).
+
+    Args:
+        first, second: zero-padded convolutions; ``second.in_shape`` must equal the first's
+            output shape ``(c_out, *spatial)``.
+        slope: the activation's slope interval ``(a, b)`` (ReLU ``(0, 1)``).
+        warm: ``log t`` from a previous :attr:`ConvPairCertificate.multipliers` (same shapes).
+        max_steps, lr: Adam steps and learning rate on ``log t`` (0 steps: uniform ``t`` only).
+        dtype: complex dtype of the optimiser (``complex64`` halves its cost); the certificate
+            is always complex128/float64.
+
+    Raises:
+        UnsupportedPairError: mismatched shapes/channels or dimensions (the message says which).
+        ValueError: a malformed slope or warm start.
+    """
+    start = time.perf_counter()
+    a, b = _slopes(slope)
+    if int(second.weight.shape[1]) * second.groups != int(second.in_shape[0]):
+        raise UnsupportedPairError(
+            f"second conv weight {tuple(second.weight.shape)} with groups={second.groups} "
+            f"expects {int(second.weight.shape[1]) * second.groups} input channels, but its "
+            f"in_shape is {tuple(second.in_shape)}"
+        )
+    torus = pair_torus(first, second)
+    if torus.fake_hidden:  # fake hidden positions carry slope 0 (section 1)
+        a, b = min(a, 0.0), max(b, 0.0)
+    product = _product_bound(first, second, *_slopes(slope))
+    theta = torch.zeros(torus.n_hidden, dtype=torch.float64)
+    cert = _Certified(math.inf, math.inf)
+    if a == b == 0.0 or product == 0.0:
+        cert = _Certified(0.0, 0.0)
+    else:
+        prob = _problem(torus, a + b, 2.0 * a * b, dtype)
+        theta, rho0 = _initial_theta(prob, warm)
+        theta = _optimise(prob, theta, rho0, max_steps, lr)
+        cert = _certify(torus, torch.exp(theta).detach(), a, b)
+    value, method = (
+        (cert.value, "fourier-lmi") if cert.value <= product else (product, "norm-product")
+    )
+    return ConvPairCertificate(
+        value=value,
+        multipliers=theta.detach(),
+        estimate=cert.estimate,
+        seconds=time.perf_counter() - start,
+        method=method,
+        lmi_value=cert.value,
+        product_bound=product,
+        torus=torus.coarse,
+        frequencies=torus.frequencies,
+    )
+
+
+def chain_pair_certificate(
+    analysis64: object,
+    chain1: object,
+    slope: tuple[float, float],
+    chain2: object,
+    **kwargs: object,
+) -> ConvPairCertificate | None:
+    """:func:`conv_pair_certificate` for two affine chains (``[scale]* conv [scale]*`` each,
+    merged by :func:`~lipreg.functional.conv_chain.merged_conv` from ``analysis64.specs``), or
+    ``None`` when either chain is not one convolution. ``kwargs`` go to
+    :func:`conv_pair_certificate`."""
+    convs = [
+        merged_conv([analysis64.specs[n] for n in chain.nodes])  # type: ignore[attr-defined]
+        for chain in (chain1, chain2)
+    ]
+    if convs[0] is None or convs[1] is None:
+        return None
+    return conv_pair_certificate(convs[0], slope, convs[1], **kwargs)  # type: ignore[arg-type]
