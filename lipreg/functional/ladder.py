@@ -61,7 +61,7 @@ from lipreg.functional.linear_map import LinearMap
 from lipreg.functional.lmi import gamma
 from lipreg.functional.power_iteration import OperatorNormResult, operator_norm
 from lipreg.functional.results import LayerBound
-from lipreg.functional.specs import Affine
+from lipreg.functional.specs import Affine, ConvData
 
 __all__ = [
     "LADDER",
@@ -74,6 +74,7 @@ __all__ = [
     "lone_weight",
     "lone_weight_at_model_precision",
     "merged_conv_chain",
+    "merged_conv_value",
     "product_of_op_certificates",
 ]
 
@@ -222,9 +223,33 @@ def dense_chain(ctx: ChainContext) -> LayerBound | None:
 
 
 def merged_conv_chain(ctx: ChainContext) -> LayerBound | None:
-    """A chain ``[scale]* conv [scale]*`` (batch norms around one zero-padded convolution) as
-    ONE convolution ``Â`` with the scales folded into its float64 kernel. Certified by, in
-    order:
+    """A chain ``[isometry]* [scale]* conv [scale]* [isometry]*`` (batch norms around one
+    zero-padded convolution, reshapes at the ends): the isometries contribute their scalar
+    (``‖Q A‖ = ‖A Q‖ = ‖A‖``), the rest is ONE convolution ``Â`` with the scales folded into
+    its float64 kernel (:func:`~lipreg.functional.conv_chain.merged_conv`), certified by
+    :func:`merged_conv_value`. Certified."""
+    b = ctx.bounder
+    if not b.certify or not ctx.core:
+        return None
+    specs = ctx.bound_specs
+    inner = [i for i, spec in enumerate(specs) if not spec.isometry]
+    conv = merged_conv(specs[inner[0] : inner[-1] + 1])
+    if conv is None:
+        return None
+    res = ctx.iterative()
+    scale = ctx.scale * CLOSED_FORM_PAD if ctx.scale != 1.0 else 1.0
+    if not scale > 0:  # a zero isometry: the closed form answered before this entry
+        return None
+    kernel_error = gamma(2 * (inner[-1] - inner[0] + 1) + 1)
+    core, method = merged_conv_value(ctx, conv, res.sigma / ctx.scale, kernel_error)
+    return _with_iterative(ctx, res, core * scale, upper=core * scale, method=method)
+
+
+def merged_conv_value(
+    ctx: ChainContext, conv: ConvData, estimate: float, kernel_error: float
+) -> tuple[float, str]:
+    """Certified ``‖A‖`` of the merged convolution (``estimate``: its Lanczos value), by the
+    first that applies:
 
     * ``"conv-pointwise"``: a 1×1 kernel, ``max_g ‖W_g‖`` (dense certificate, exact);
     * ``"fft-merged"``: the torus bound of the merged kernel
@@ -232,47 +257,37 @@ def merged_conv_chain(ctx: ChainContext) -> LayerBound | None:
       ``max|s| · torus(w)``), kept when within :data:`TORUS_ACCEPT` of the estimate;
     * ``"conv-gram"``: the block-banded Gram test (:mod:`lipreg.functional.banded_gram`),
       ``σ̂ sqrt(1 + δ)`` with ``δ ≥ 1e-6``; when it needs more than the memory budget or no
-      ``δ ≤ 1e-2`` succeeds, the torus bound with the reason in ``method`` (and a budget event).
+      ``δ ≤ 1e-2`` succeeds, the torus bound with the reason in the method (and a budget
+      event).
 
-    Folding ``m`` scales rounds each kernel entry ``m`` times: ``|w' − ŵ| ≤ γ_{2m+1} |ŵ|``, so
-    ``γ_{2m+1} ‖|Â|‖`` (:func:`~lipreg.functional.banded_gram.abs_norm_bound`) is added to
-    every value. Certified.
+    Folding ``m`` scales rounds each kernel entry ``m`` times: ``|w' − ŵ| ≤ γ_{2m+1} |ŵ|`` =
+    ``kernel_error · |ŵ|``, so ``kernel_error · ‖|Â|‖``
+    (:func:`~lipreg.functional.banded_gram.abs_norm_bound`) is added to every value.
     """
-    b = ctx.bounder
-    if not b.certify or not ctx.core:
-        return None
-    conv = merged_conv(ctx.bound_specs)
-    if conv is None:
-        return None
-    res = ctx.iterative()
-    kernel_error = gamma(2 * len(ctx.bound_specs) + 1)
     if all(k == 1 for k in conv.weight.shape[2:]):
-        cert = certify_conv_norm(conv, res.sigma, kernel_error=kernel_error)
+        cert = certify_conv_norm(conv, estimate, kernel_error=kernel_error)
         assert cert is not None  # pointwise always answers
-        return _with_iterative(ctx, res, cert.bound, upper=cert.bound, method=cert.method)
+        return cert.bound, cert.method
     extra = kernel_error * abs_norm_bound(conv.weight, conv.groups)
     torus = conv_operator_norm_bound(
         conv.weight, conv.in_shape[1:], conv.stride, conv.padding, conv.dilation, conv.groups
     )
     torus = (torus + extra) * CLOSED_FORM_PAD
-    if torus <= res.sigma * (1 + TORUS_ACCEPT):
-        return _with_iterative(ctx, res, torus, upper=torus, method="fft-merged")
+    if torus <= estimate * (1 + TORUS_ACCEPT):
+        return torus, "fft-merged"
     plan, budget = gram_plan(conv), current_budget()
     if plan.bytes > budget.limit_bytes:
         budget.record(
             f"{ctx.chain.name}: the Gram test of this convolution needs "
             f"~{plan.bytes / 2**20:.0f} MiB, over the memory budget of "
             f"{budget.limit_bytes / 2**20:.0f} MiB; used the merged torus bound ({torus:.6g}, "
-            f"estimate {res.sigma:.6g}). Raise memory_limit_bytes for a tighter certificate."
+            f"estimate {estimate:.6g}). Raise memory_limit_bytes for a tighter certificate."
         )
-        return _with_iterative(ctx, res, torus, upper=torus, method="fft-merged (memory budget)")
-    cert = certify_conv_norm(conv, res.sigma, kernel_error=kernel_error)
+        return torus, "fft-merged (memory budget)"
+    cert = certify_conv_norm(conv, estimate, kernel_error=kernel_error)
     if cert is None:
-        method = "fft-merged (Gram test failed up to delta=1e-2: estimate not converged?)"
-        return _with_iterative(ctx, res, torus, upper=torus, method=method)
-    value = min(cert.bound, torus)
-    method = cert.method if value == cert.bound else "fft-merged"
-    return _with_iterative(ctx, res, value, upper=value, method=method)
+        return torus, "fft-merged (Gram test failed up to delta=1e-2: estimate not converged?)"
+    return (cert.bound, cert.method) if cert.bound <= torus else (torus, "fft-merged")
 
 
 def product_of_op_certificates(ctx: ChainContext) -> LayerBound | None:

@@ -1,0 +1,132 @@
+"""Per-chain certificates of conv + batch-norm chains (ladder entry ``merged_conv_chain``):
+sound against each chain's dense float64 norm and the harness's oracle lower bound, tight
+(within 0.1 % of the true norm), chosen by the ladder, and honest about memory fallbacks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lipreg
+from lipreg.functional.analysis import analyse
+from lipreg.functional.chains import chain_linear_map, find_affine_chains
+from tests.helpers import init_weights
+from tests.soundness.harness import check_soundness
+
+TIGHT = {"conv-gram", "conv-pointwise", "fft-merged"}  # the torus one: within 0.1 %
+
+
+def _bn(c: int, dim: int) -> nn.Module:
+    return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dim - 1](c)
+
+
+def _conv(dim: int, *args, **kwargs) -> nn.Module:
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dim - 1](*args, **kwargs)
+
+
+def _net(dim: int) -> nn.Sequential:
+    """BN → conv → BN chains: plain, strided, dilated, depthwise, pointwise; then a head."""
+    return nn.Sequential(
+        _bn(3, dim),
+        _conv(dim, 3, 6, 3, padding=1),
+        _bn(6, dim),
+        nn.ReLU(),
+        _conv(dim, 6, 8, 3, stride=2, padding=1, bias=False),
+        _bn(8, dim),
+        nn.ReLU6(),
+        _conv(dim, 8, 8, 3, padding=2, dilation=2, groups=8),
+        _bn(8, dim),
+        nn.Tanh(),
+        _conv(dim, 8, 4, 1),
+        _bn(4, dim),
+        nn.Flatten(),
+    )
+
+
+SHAPES = {1: (3, 17), 2: (3, 9, 8), 3: (3, 5, 6, 5)}
+
+
+def _model(dim: int, seed: int) -> nn.Module:
+    model = _net(dim).double()
+    init_weights(model, seed, scale=0.4, batchnorm_stats=True)
+    return model.eval()
+
+
+def _true_chain_norms(model: nn.Module, shape: tuple[int, ...]) -> dict[str, float]:
+    analysis = analyse(model, shape, dtype=torch.float64)
+    norms = {}
+    for chain in find_affine_chains(analysis).values():
+        matrix = chain_linear_map(analysis, chain).to_dense()
+        norms[chain.name] = float(torch.linalg.matrix_norm(matrix, 2))
+    return norms
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_conv_bn_chains_are_tight_and_sound(dim: int, seed: int) -> None:
+    model = _model(dim, seed)
+    shape = SHAPES[dim]
+    result = lipreg.autolip(model, shape, dense_limit=0)  # no chain is materialised
+    truth = _true_chain_norms(model, shape)
+    conv_layers = [layer for layer in result.layers if layer.kind == "affine"]
+    assert len(conv_layers) == 4
+    for layer in conv_layers:
+        true = truth[layer.name]
+        assert layer.certified and layer.method in TIGHT, (layer.name, layer.method)
+        assert true <= layer.value <= true * (1 + 1.1e-3), (layer.name, layer.value, true)
+    pointwise = conv_layers[-1]
+    assert pointwise.method == "conv-pointwise"
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_harness_oracle(dim: int) -> None:
+    """The whole network's certified AutoLip against the independent oracle lower bound."""
+    model = _model(dim, seed=3)
+    outcome = check_soundness(
+        model,
+        SHAPES[dim],
+        label=f"tight-conv/{dim}d",
+        families=[f"tight-conv/{dim}d"],
+        names=["Conv"],
+        autolip_kwargs={"dense_limit": 0},
+    )
+    assert outcome.ok, outcome.message
+    assert outcome.status == "certified"
+
+
+def test_tight_chains_never_exceed_the_old_product() -> None:
+    """The new entry is at most the product of the op certificates it pre-empts."""
+    model = _model(2, seed=4)
+    new = lipreg.autolip(model, SHAPES[2], dense_limit=0)
+    from lipreg.functional import ladder
+
+    old_ladder = [e for e in ladder.LADDER if e is not ladder.merged_conv_chain]
+    old_values = {}
+    original = list(ladder.LADDER)
+    try:
+        ladder.LADDER[:] = old_ladder
+        old = lipreg.autolip(model, SHAPES[2], dense_limit=0)
+        old_values = {layer.name: layer.value for layer in old.layers}
+    finally:
+        ladder.LADDER[:] = original
+    for layer in new.layers:
+        assert layer.value <= old_values[layer.name] * (1 + 1e-12)
+    assert new.value <= old.value
+
+
+def test_memory_budget_falls_back_to_the_merged_torus_bound() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8)).double()
+    init_weights(model, 5, scale=0.4, batchnorm_stats=True)
+    model.eval()
+    shape = (4, 12, 12)
+    with pytest.warns(UserWarning, match="Gram test"):
+        result = lipreg.autolip(model, shape, dense_limit=0, memory_limit_bytes=2**20)
+    (layer,) = [layer for layer in result.layers if layer.kind == "affine"]
+    assert layer.method == "fft-merged (memory budget)"
+    assert any("Gram test" in note for note in result.notes)
+    (true,) = _true_chain_norms(model, shape).values()
+    assert layer.certified and layer.value >= true
+    assert math.isfinite(layer.value)
