@@ -239,10 +239,11 @@ def smoothed_rho_star(
     evals, evecs = torch.linalg.eigh(0.5 * (S + S.T))
     top = float(evals[-1])
     if mu > 0:
-        w = torch.softmax((evals - top) / mu, dim=0)
-        keep = w > 1e-12 * float(w.max())
-        w, Z = w[keep], evecs[:, keep]
-        f = top + mu * math.log(float(torch.exp((evals - top) / mu).sum()))
+        e = torch.exp((evals - top) / mu)  # ascending; the top one is 1
+        total = float(e.sum())
+        m = int((e > 1e-12).sum())  # eigenvalues that matter: the last m (slices are cheap)
+        w, Z = e[-m:] / total, evecs[:, -m:]
+        f = top + mu * math.log(total)
     else:
         w, Z, f = evals.new_ones(1), evecs[:, -1:], top
     grads: list[Tensor] = []
@@ -264,12 +265,18 @@ def _lmi_blocks(
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     """Float64 blocks of ``P(T, 0)`` and entrywise bounds on their formation errors.
 
-    Radii (``u = 2⁻⁵³``): ``T_kW_k`` is one rounding; ``−s_k T_kW_k`` a second, so the
-    sub-diagonal radius is ``γ_3 |block| + 4η``. A Gram term ``Ĝ = fl(Wᵀ fl(TW))`` is within
-    ``product_radius(Wᵀ, TW)`` of ``WᵀTW`` for the gemm plus ``u|W|ᵀ|TW|`` for the first
-    rounding: twice ``product_radius`` covers both. Scaling by ``2p`` and each block addition
-    add ``γ_1`` of the result; ``γ_3(|2pĜ| + |Ĝ_L| + |D̂|)`` covers them. The upper triangle of
-    every Gram matrix is mirrored (the exact matrices are symmetric), radii by their maximum.
+    The certified matrix is the one with the *exact* coefficients ``a_k + b_k`` and ``2a_kb_k``
+    of the given float64 slopes; their float64 rounding is part of the radii (``u = 2⁻⁵³``):
+
+    * sub-diagonal: ``fl(a_k + b_k)``, ``fl(T_kW_k)`` and ``fl(−s_k · T_kW_k)`` are three
+      roundings, so the radius is ``γ_4 |block| + 4η``;
+    * a Gram term ``Ĝ = fl(Wᵀ fl(TW))`` is within ``product_radius(Wᵀ, TW)`` of ``WᵀTW`` for
+      the gemm, plus ``u|W|ᵀ|TW|`` for the first rounding: twice ``product_radius`` covers both;
+    * scaling by ``fl(2p)`` and each block addition add ``γ_1`` of the result:
+      ``γ_3(|2pĜ| + |Ĝ_L| + |D̂|)`` covers them.
+
+    The upper triangle of every Gram matrix is mirrored (the exact matrices are symmetric), and
+    its radius is the entrywise maximum of the radius and its transpose.
     """
     ws, sl = chain.weights, chain.slopes
     L = len(ws)
@@ -282,7 +289,7 @@ def _lmi_blocks(
         TW = t[:, None] * W
         B = -(a + b) * TW
         lower.append(B)
-        rlower.append(gamma(3) * B.abs() + 4.0 * ETA)
+        rlower.append(gamma(4) * B.abs() + 4.0 * ETA)
         diag[k] += torch.diag(2.0 * t)
         if a * b != 0.0:
             G = 2.0 * a * b * _symmetric(W.T @ TW)
@@ -328,12 +335,18 @@ def certify_multipliers(
     if not math.isfinite(rho_hat):
         return None
     diag, lower, rdiag, rlower = _lmi_blocks(chain, ts)
+    n0 = diag[0].shape[0]
+    # first block exactly ρI (p_1 = 0, hidden layers): pass it as a vector, radius 0
+    rho_only = len(chain.weights) > 1 and not bool(diag[0].any()) and not bool(rdiag[0].any())
     base = rho_hat if rho_hat > 0 else 1e-300
     delta = 1e-13
     while delta <= max_inflation:
         rho_c = base * (1.0 + delta)
-        d0 = diag[0] + rho_c * torch.eye(diag[0].shape[0], dtype=_F64)
-        r0 = rdiag[0] + gamma(1) * d0.abs()  # the addition of ρI
+        if rho_only:
+            d0, r0 = torch.full((n0,), rho_c, dtype=_F64), torch.zeros(n0, dtype=_F64)
+        else:
+            d0 = diag[0] + rho_c * torch.eye(n0, dtype=_F64)
+            r0 = rdiag[0] + gamma(1) * d0.abs()  # the addition of ρI
         if certify_block_tridiagonal_psd([d0, *diag[1:]], lower, [r0, *rdiag[1:]], rlower):
             return sqrt_up(rho_c)
         delta *= 4.0

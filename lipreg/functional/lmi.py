@@ -161,6 +161,8 @@ def rump_shift(n: int, trace: float, max_diag: float, radius_norm: float) -> flo
 
 def _shift_diagonal(D: Tensor, shift: float) -> Tensor:
     """Copy of ``D`` with ``D_ii`` replaced by a float64 number ``≤ D_ii − shift`` (exactly)."""
+    if D.dim() == 1:
+        return torch.nextafter(D - shift, torch.full_like(D, -math.inf))
     out = D.clone()
     d = torch.diagonal(D) - shift
     torch.diagonal(out).copy_(torch.nextafter(d, torch.full_like(d, -math.inf)))
@@ -270,7 +272,8 @@ def certify_block_tridiagonal_psd(
     """True only if every symmetric ``X`` within the given radius of the block-tridiagonal
     matrix ``P`` is positive definite.
 
-    ``P`` has diagonal blocks ``D_k = diagonal[k]`` (``n_k × n_k``, exactly symmetric) and
+    ``P`` has diagonal blocks ``D_k = diagonal[k]`` (``n_k × n_k``, exactly symmetric; or a
+    1-D tensor for a diagonal block, e.g. ``ρ I`` without its ``n_k²`` zeros) and
     sub-diagonal blocks ``P_{k,k-1} = lower[k-1]`` (``n_k × n_{k-1}``; the super-diagonal is
     their transpose); all other blocks are zero. Same theorem and shift as
     :func:`certify_psd` (global ``N`` and trace), applied by the block Cholesky of the module
@@ -280,8 +283,8 @@ def certify_block_tridiagonal_psd(
         diagonal: Float64 diagonal blocks.
         lower: Float64 sub-diagonal blocks (``len(diagonal) − 1`` of them).
         radius_diagonal / radius_lower: Entrywise bounds on the formation errors of the
-            corresponding blocks (the super-diagonal blocks' radii are the transposes);
-            ``None`` means exact.
+            corresponding blocks (1-D for a 1-D diagonal block; the super-diagonal blocks'
+            radii are the transposes); ``None`` means exact.
     """
     m = len(diagonal)
     if len(lower) != max(m - 1, 0):
@@ -290,30 +293,60 @@ def certify_block_tridiagonal_psd(
     if not all(bool(torch.isfinite(B).all()) for B in blocks):
         return False
     for k, D in enumerate(diagonal):
-        _check_square_symmetric(D)
+        if D.dim() == 1:
+            _require_float64(D, "a diagonal block")
+        else:
+            _check_square_symmetric(D)
         if k and tuple(lower[k - 1].shape) != (D.shape[0], diagonal[k - 1].shape[0]):
             raise ValueError(f"block ({k},{k - 1}) has shape {tuple(lower[k - 1].shape)}")
     n = sum(D.shape[0] for D in diagonal)
     _block_radius_norm(diagonal, lower, radius_diagonal, radius_lower)  # validates the radii
-    if any(bool((torch.diagonal(D) <= 0).any()) for D in diagonal if D.numel()):
+    if any(bool((_diag_of(D) <= 0).any()) for D in diagonal if D.numel()):
         return False
-    # exact power-of-two congruence (see pow2_scaling), block by block
-    scales = [pow2_scaling(torch.diagonal(D)) for D in diagonal]
-    diagonal = [D * (d[:, None] * d[None, :]) for D, d in zip(diagonal, scales, strict=True)]
-    outer = [scales[k + 1][:, None] * scales[k][None, :] for k in range(len(lower))]
-    lower = [B * o for B, o in zip(lower, outer, strict=True)]
-    if radius_diagonal is not None:
-        radius_diagonal = [
-            R * (d[:, None] * d[None, :]) for R, d in zip(radius_diagonal, scales, strict=True)
-        ]
-    if radius_lower is not None:
-        radius_lower = [R * o for R, o in zip(radius_lower, outer, strict=True)]
+    diagonal, lower, radius_diagonal, radius_lower = _scale_blocks(
+        diagonal, lower, radius_diagonal, radius_lower
+    )
     r = _block_radius_norm(diagonal, lower, radius_diagonal, radius_lower) + 2.0 * n * ETA
-    diags = [torch.diagonal(D) for D in diagonal]
+    diags = [_diag_of(D) for D in diagonal]
     trace = sum(float(d.sum()) for d in diags)
     max_diag = max((float(d.max()) for d in diags if d.numel()), default=0.0)
-    shift = rump_shift(n, trace, max_diag, r)
-    prev: Tensor | None = None  # L_{k-1,k-1}, or its diagonal when that block is diagonal
+    return _block_cholesky(diagonal, lower, rump_shift(n, trace, max_diag, r))
+
+
+def _diag_of(D: Tensor) -> Tensor:
+    """The diagonal of a block given as a matrix or (a diagonal block) as a vector."""
+    return D if D.dim() == 1 else torch.diagonal(D)
+
+
+def _scale_blocks(
+    diagonal: Sequence[Tensor],
+    lower: Sequence[Tensor],
+    radius_diagonal: Sequence[Tensor] | None,
+    radius_lower: Sequence[Tensor] | None,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None, list[Tensor] | None]:
+    """The exact power-of-two congruence ``P ↦ DPD`` (:func:`pow2_scaling`), block by block,
+    applied to the blocks and to their radii."""
+    scales = [pow2_scaling(_diag_of(D)) for D in diagonal]
+
+    def sym(X: Tensor, d: Tensor) -> Tensor:
+        return X * d * d if X.dim() == 1 else X * (d[:, None] * d[None, :])
+
+    outer = [scales[k + 1][:, None] * scales[k][None, :] for k in range(len(lower))]
+    return (
+        [sym(D, d) for D, d in zip(diagonal, scales, strict=True)],
+        [B * o for B, o in zip(lower, outer, strict=True)],
+        None
+        if radius_diagonal is None
+        else [sym(R, d) for R, d in zip(radius_diagonal, scales, strict=True)],
+        None if radius_lower is None else [R * o for R, o in zip(radius_lower, outer, strict=True)],
+    )
+
+
+def _block_cholesky(diagonal: Sequence[Tensor], lower: Sequence[Tensor], shift: float) -> bool:
+    """Block Cholesky of the shifted block-tridiagonal matrix (module docstring); ``True`` iff
+    every pivot is positive. A diagonal block (1-D) is factored as ``sqrt`` of its entries,
+    which is exactly what Cholesky computes on a diagonal matrix (all sums are exact zeros)."""
+    prev: Tensor | None = None  # L_{k-1,k-1}, or its diagonal (1-D) when that block is diagonal
     for k, D in enumerate(diagonal):
         S = _shift_diagonal(D, shift)
         if k and prev is not None and prev.numel() and D.numel():
@@ -322,11 +355,9 @@ def certify_block_tridiagonal_psd(
                 Lk = lower[k - 1] / prev  # trsm with a diagonal factor: the same operations
             else:
                 Lk = torch.linalg.solve_triangular(prev.mT, lower[k - 1], upper=True, left=False)
-            S = S - Lk @ Lk.mT
-        if k == 0 and _is_diagonal(S):
-            # Cholesky of a diagonal matrix computes exactly sqrt(d_ii) (the sums are exact
-            # zeros): the same floating-point algorithm at O(n) cost (e.g. the ρI input block)
-            d = torch.diagonal(S)
+            S = (torch.diag(S) if S.dim() == 1 else S) - Lk @ Lk.mT
+        if S.dim() == 1 or (k == 0 and _is_diagonal(S)):
+            d = _diag_of(S)
             if not bool((d > 0).all()):
                 return False
             prev = torch.sqrt(d)
@@ -362,7 +393,7 @@ def _block_radius_norm(
             _require_float64(R, name)
             if R.shape != B.shape or not bool(torch.isfinite(R).all()) or bool((R < 0).any()):
                 raise ValueError(f"{name}[{k}] must be finite, non-negative, shape {B.shape}")
-            rows[k + offs] += R.sum(dim=1)
+            rows[k + offs] += R if R.dim() == 1 else R.sum(dim=1)
             if offs:
                 rows[k] += R.sum(dim=0)  # the transposed super-diagonal block
     return max((float(r.max()) for r in rows if r.numel()), default=0.0)
