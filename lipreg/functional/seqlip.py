@@ -22,9 +22,23 @@ closed form) with the top singular pair for the current pattern, then try single
 evaluated by rank-one updates.
 
 **Guarantee.** The result is a certified upper bound (``kind="upper"``) only with
-``method="exact"`` *and* full (untruncated) SVDs of every map. Greedy values are feasible
-points, so they lie *below* exact SeqLip, and top-``k`` truncation drops directions: both are
-estimates (``certified=False``) and can fall below the true Lipschitz constant.
+``method="exact"`` *and* full (untruncated) SVDs of every map, or with ``certify=True``.
+Greedy values are feasible points, so they lie *below* exact SeqLip, and top-``k`` truncation
+drops directions: both are estimates (``certified=False``) and can fall below the true
+Lipschitz constant.
+
+**certify=True** (any width): every SeqLip chain of several maps is materialised in float64
+and bounded by :func:`lipreg.functional.seqlip_certified.certified_seqlip`, one
+one-hidden-layer LMI per pair in SeqLip's metrics, each factor proved by a float64 Cholesky
+test with an explicit rounding radius (no SVD, no enumeration: ``method``,
+``exact_width_limit`` and ``n_restarts`` are not used, and ``top_k`` is refused). The smallest
+of its variants is kept (``"merged"``: the certified counterpart of exact SeqLip, within a
+few % of it; ``"optimised"``: the inner metrics optimised too, often well below exact
+SeqLip). A chain whose maps or pair LMIs do not fit ``dense_limit`` or the memory budget
+(:func:`lipreg.functional.certify.memory_budget`, default 1 GiB) is refused with a
+``ValueError`` before any work; single-map chains use the certified ladder. As for every dense
+certificate in lipreg, a chain of several nodes (e.g. conv → batch norm) is materialised in
+float64 and that matrix is the one bounded.
 """
 
 from __future__ import annotations
@@ -41,7 +55,7 @@ from torch import Tensor, nn
 
 from lipreg.functional.analysis import Analysis, analyse
 from lipreg.functional.autolip import check_finite_result
-from lipreg.functional.certify import RELATIVE_MARGIN
+from lipreg.functional.certify import RELATIVE_MARGIN, current_budget
 from lipreg.functional.chains import (
     AffineChain,
     SeqChain,
@@ -51,6 +65,7 @@ from lipreg.functional.chains import (
 from lipreg.functional.ladder import ChainBounder
 from lipreg.functional.power_iteration import top_singular_triplets
 from lipreg.functional.results import LayerBound, LipschitzResult
+from lipreg.functional.seqlip_certified import certified_seqlip
 from lipreg.functional.seqlip_pairs import (
     ChainSVD,
     dense_svd,
@@ -127,6 +142,7 @@ def seqlip(
     state: dict[str, Tensor] | None = None,
     seed: int = 0,
     progress: bool = False,
+    certify: bool = False,
 ) -> LipschitzResult:
     """SeqLip bound (``method="exact"``) or estimate (``method="greedy"``) of ``model``.
 
@@ -149,22 +165,31 @@ def seqlip(
         seed: seed of the private generator.
         progress: show a tqdm progress bar over the SeqLip chains (large networks take
             minutes: AlexNet's top-k SVDs).
+        certify: certified pair LMIs at any width (module docstring): ``method``,
+            ``exact_width_limit`` and ``n_restarts`` are then unused; ``top_k`` must be
+            ``None``; ``state`` warm-starts the multipliers.
 
     Returns:
-        :class:`~lipreg.functional.results.LipschitzResult`, ``method`` ``"seqlip-exact"`` or
-        ``"seqlip-greedy"``, ``certified`` only for exact SeqLip with full SVDs.
+        :class:`~lipreg.functional.results.LipschitzResult`, ``method`` ``"seqlip-exact"``,
+        ``"seqlip-greedy"`` or ``"seqlip-certified"``; ``certified`` for exact SeqLip with
+        full SVDs and for ``certify=True``.
 
     Raises:
+        ValueError: with ``certify=True``, a SeqLip chain too large to materialise (message
+            says which pair, what it needs, and what to do instead).
         ValueError: a non-finite (NaN/Inf) total or layer value (message mentions
             "non-finite"): never reported, certified or not.
     """
     start = time.perf_counter()
-    _check_options(method, top_k)
+    _check_options(method, top_k, certify)
     analysis = analyse(model, input_shape, dtype=dtype)
     items, notes = segment_chains(analysis)
-    if method == "exact":  # refuse before any heavy work
+    if certify:  # refuse before any heavy work
+        _check_certifiable(items, analysis, dense_limit)
+    elif method == "exact":
         _check_exact_widths(items, analysis, exact_width_limit)
     run = _Run(analysis, model, method, top_k, dense_limit, n_restarts, tol, max_iter, dtype)
+    run.certify = certify
     run.state, run.notes = dict(state or {}), notes  # warm starts in, notes out
     run.generator.manual_seed(seed)  # a private generator: the global RNG is untouched
     for item in _maybe_progress(items, progress):
@@ -177,11 +202,46 @@ def seqlip(
     return _result(run, start)
 
 
-def _check_options(method: str, top_k: int | None) -> None:
+def _check_options(method: str, top_k: int | None, certify: bool = False) -> None:
     if method not in ("greedy", "exact"):
         raise ValueError(f"method must be 'greedy' or 'exact', got {method!r}.")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}.")
+    if certify and top_k is not None:
+        raise ValueError(
+            "certify=True bounds every pair from the full maps (no SVD): top_k truncation "
+            f"would make it an estimate. Pass top_k=None (got {top_k!r})."
+        )
+
+
+#: Float64 matrices of size ``(m + n)²`` alive at once in a pair certificate (the LMI, its
+#: radius, the shifted copy and its Cholesky factor, plus workspace).
+_PAIR_MATRICES = 6
+
+
+def _check_certifiable(
+    items: list[SeqChain | LayerBound], analysis: Analysis, dense_limit: int
+) -> None:
+    """``certify=True`` materialises each map of a chain and an ``(m + n)²`` LMI per pair:
+    refuse (before any work) a chain whose sizes exceed ``dense_limit`` or the memory budget."""
+    limit = current_budget().limit_bytes
+    for item in items:
+        if not isinstance(item, SeqChain) or len(item.maps) < 2:
+            continue
+        for i, m in enumerate(item.maps):
+            n_in = math.prod(analysis.shapes[m.source])
+            n_out = math.prod(analysis.shapes[m.nodes[-1]])
+            side = n_in + (n_out if i < len(item.maps) - 1 else 0)
+            need = _PAIR_MATRICES * 8 * side * side
+            if max(n_in, n_out) > dense_limit or need > limit:
+                raise ValueError(
+                    f"seqlip(certify=True) materialises every map of a SeqLip chain and a dense "
+                    f"LMI of side m + n per pair; map {m.name!r} is {n_out} x {n_in} (expected "
+                    f"both sides <= dense_limit = {dense_limit} and ~{need / 2**20:.0f} MiB <= "
+                    f"the memory budget of {limit / 2**20:.0f} MiB). Use lipreg.autolip for a "
+                    "certified bound of this network, seqlip(certify=False) for an estimate, or "
+                    "raise dense_limit / the budget (lipreg.functional.certify.memory_budget)."
+                )
 
 
 def _check_exact_widths(
@@ -226,6 +286,7 @@ class _Run:
         self.layers: list[LayerBound] = []
         self.new_state: dict[str, Tensor] = {}
         self.certified = True
+        self.certify = False
         self.n_iter = 0
 
     @functools.cached_property
@@ -235,7 +296,7 @@ class _Run:
         return ChainBounder(
             self.analysis,
             self.model,
-            certify=self.method == "exact",
+            certify=self.method == "exact" or self.certify,
             tol=self.tol,
             max_iter=max(self.max_iter, 500),
             method="lanczos",
@@ -282,6 +343,9 @@ class _Run:
 
     def chain(self, item: SeqChain) -> None:
         """The pair factors of a SeqLip chain of several maps."""
+        if self.certify:
+            self.certified_chain(item)
+            return
         svds = [self.svd(m) for m in item.maps]
         pairs = pair_matrices([s.factors() for s in svds])
         for i, (A, B) in enumerate(pairs):
@@ -289,6 +353,55 @@ class _Run:
             name = pair_name(item.maps[i].name, act, item.maps[i + 1].name)
             exact = svds[i].exact and svds[i + 1].exact
             self.layers.append(self.pair(name, A, B, lo, hi, exact))
+
+    def dense_map(self, chain: AffineChain) -> Tensor:
+        """The float64 matrix of one map (the model's own weight for a single dense layer)."""
+        a64 = self.bounder.analysis64
+        specs = [a64.specs[n] for n in chain.nodes]
+        if len(specs) == 1 and specs[0].weight is not None:
+            return specs[0].weight.detach().to(torch.float64)
+        return chain_linear_map(a64, chain).to_dense()
+
+    def certified_chain(self, item: SeqChain) -> None:
+        """Certified pair factors of a chain (:func:`certified_seqlip`), warm-started from
+        ``state`` (keys ``seqlip-certified:<first map>:<variant>:<pair>``)."""
+        names = [
+            pair_name(item.maps[i].name, act, item.maps[i + 1].name)
+            for i, (_, _, act) in enumerate(item.boxes)
+        ]
+        key = f"seqlip-certified:{item.maps[0].name}"
+        warm = {
+            e: [self.state[f"{key}:{e}:{k}"] for k in range(len(names))]
+            for e in ("merged", "seqlip", "optimised")
+            if all(f"{key}:{e}:{k}" in self.state for k in range(len(names)))
+        }
+        cert = certified_seqlip(
+            [self.dense_map(m) for m in item.maps],
+            [(lo, hi) for lo, hi, _ in item.boxes],
+            names=names,
+            end_names=(f"{item.maps[0].name} (input end)", f"{item.maps[-1].name} (output end)"),
+            warm=warm,
+        )
+        for f in cert.factors:
+            self.layers.append(
+                LayerBound(
+                    name=f.name,
+                    kind="seqlip-pair" if f.kind == "pair" else "seqlip-end",
+                    value=f.value,
+                    certified=True,
+                    upper=f.value,
+                    method=cert.method,
+                    extra=dict(f.extra),
+                )
+            )
+        for e, ts in cert.multipliers.items():
+            for k, t in enumerate(ts):
+                self.new_state[f"{key}:{e}:{k}"] = t
+        values = ", ".join(f"{e} {v:.6g}" for e, v in cert.values.items())
+        self.notes.append(
+            f"{item.maps[0].name} ... {item.maps[-1].name}: certified chained pairs ({values}); "
+            f"kept {cert.method} ({cert.seconds:.1f} s)."
+        )
 
     def pair(
         self, name: str, A: Tensor, B: Tensor, lo: float, hi: float, exact: bool
@@ -322,15 +435,15 @@ class _Run:
 
 
 def _result(run: _Run, start: float) -> LipschitzResult:
-    method, notes = run.method, run.notes
+    method, notes = ("certified" if run.certify else run.method), run.notes
     if method == "greedy":
         notes.append(
             "greedy SeqLip: each pair's value is attained by a feasible activation pattern, so "
             "it lies below exact SeqLip; it is an estimate, not a certified bound."
         )
-    kind = "upper" if run.certified and method == "exact" else "estimate"
-    if method == "exact" and not run.certified:
-        msg = "exact SeqLip used truncated SVDs or uncertified norms: reported as an estimate."
+    kind = "upper" if run.certified and method in ("exact", "certified") else "estimate"
+    if method in ("exact", "certified") and not run.certified:
+        msg = f"{method} SeqLip used truncated SVDs or uncertified norms: reported as an estimate."
         warnings.warn(msg, stacklevel=3)
         notes.append(msg)
     result = LipschitzResult(

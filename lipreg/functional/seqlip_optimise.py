@@ -29,6 +29,8 @@ __all__ = ["PairEval", "PairProblem", "optimise_metrics", "optimise_pair", "pair
 
 #: Largest side for which the pair value is an exact ``eigh`` at every optimiser step.
 DENSE_EIG = 128
+#: Early stop: no relative improvement of the best value above ``STALL_TOL`` in ``STALL`` steps.
+STALL, STALL_TOL = 40, 1e-7
 
 
 def sym(G: Tensor) -> Tensor:
@@ -161,7 +163,8 @@ def optimise_pair(
     """Multipliers ``t`` (and the estimate ``ρ̂``) approximately minimising ``ρ*(T)`` for fixed
     metrics.
 
-    Adam on ``θ = log t`` minimising ``log ρ*``; leaving the domain restores the last feasible
+    Adam on ``θ = log t`` minimising ``log ρ*`` (stopped early after ``STALL`` steps without
+    progress); leaving the domain restores the last feasible
     ``θ`` and halves the rate; the best ``t`` seen is returned. Start: ``t0`` if feasible (a
     warm start), else ``t = λ_max(G_out) 1`` (then ``S ⪰ tI`` and ``ρ* ≤ s² t ‖M‖²``, the
     product-of-norms point for ReLU).
@@ -177,7 +180,12 @@ def optimise_pair(
     assert ev is not None  # the default point is strictly feasible
     best_rho, best_t = ev.rho, t
     opt = _Adam([t.log()], [lr], steps)
-    for _ in range(steps):
+    mark, mark_it = best_rho, 0
+    for it in range(steps):
+        if best_rho < mark * (1 - STALL_TOL):
+            mark, mark_it = best_rho, it
+        elif it - mark_it >= STALL:
+            break
         (theta,) = opt.step([t * ev.grad_t / max(ev.rho, 1e-300)])  # ∇_θ log ρ
         out = pair_eval(pr, theta.exp(), ev.V, 2)
         if out is None:
@@ -237,7 +245,12 @@ def optimise_metrics(
         raise ValueError("optimise_metrics: the starting point is not feasible.")
     best, evs = first[0], first[1]
     best_params = params
-    for _ in range(steps):
+    mark, mark_it = best, 0
+    for it in range(steps):
+        if best < mark + math.log1p(-STALL_TOL):
+            mark, mark_it = best, it
+        elif it - mark_it >= STALL:
+            break
         grads = [ps_t.exp() * e.grad_t / e.rho for ps_t, e in zip(params[:K], evs, strict=True)]
         for j, L in enumerate(params[K:]):
             # G_{j+1} is the output of pair j and the input of pair j + 1.
