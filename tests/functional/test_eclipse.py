@@ -3,7 +3,6 @@ the values of the design note's independent prototype."""
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
@@ -11,26 +10,10 @@ import torch
 
 from lipreg.functional.eclipse import eclipse_fast
 from lipreg.models.benchmark_nets import load_glipsdp, load_lipsdp
+from tests.functional.chain_helpers import linear_weights, max_over_patterns
 
 W1 = torch.tensor([[1.0, 2.0], [-1.0, 1.0], [0.5, -2.0]], dtype=torch.float64)
 W2 = torch.tensor([[1.0, -1.0, 2.0]], dtype=torch.float64)
-
-
-def _linear_weights(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-
-
-def _max_over_patterns(ws: list[torch.Tensor], slopes: list[tuple[float, float]]) -> float:
-    """max over vertex patterns D_k ∈ {a_k, b_k}^{n_k} of ‖W_L D ⋯ D W_1‖ (the maximum of a convex
-    function of the D's over the box is at a vertex)."""
-    best = 0.0
-    choices = [itertools.product(ab, repeat=W.shape[0]) for W, ab in zip(ws, slopes, strict=False)]
-    for pattern in itertools.product(*choices):
-        J = ws[0].double()
-        for W, d in zip(ws[1:], pattern, strict=True):
-            J = W.double() @ (torch.tensor(d, dtype=torch.float64)[:, None] * J)
-        best = max(best, float(torch.linalg.matrix_norm(J, 2)))
-    return best
 
 
 def test_worked_example() -> None:
@@ -52,14 +35,14 @@ def test_float32_weights_are_converted_exactly() -> None:
 
 @pytest.mark.parametrize(("name", "expected"), [("random", 39.901501), ("mnist", 26.808870)])
 def test_lipsdp_nets_match_the_independent_prototype(name: str, expected: float) -> None:
-    ws = _linear_weights(load_lipsdp(name).model)
+    ws = linear_weights(load_lipsdp(name).model)
     cert = eclipse_fast(ws, [(0.0, 1.0)] * (len(ws) - 1))
     assert cert.value == pytest.approx(expected, rel=2e-7)
 
 
 @pytest.mark.parametrize(("arch", "expected"), [("fnn2", 5.906757), ("fnn3", 11.383195)])
 def test_glipsdp_seed0_matches_the_independent_prototype(arch: str, expected: float) -> None:
-    ws = _linear_weights(load_glipsdp(arch, 0).model)
+    ws = linear_weights(load_glipsdp(arch, 0).model)
     cert = eclipse_fast(ws, [(0.0, 1.0)] * (len(ws) - 1))
     assert cert.value == pytest.approx(expected, rel=2e-7)
 
@@ -74,7 +57,7 @@ def test_bounds_every_activation_pattern(slopes: tuple[float, float], seed: int)
         torch.randn(2, 3, generator=g, dtype=torch.float64),
     ]
     cert = eclipse_fast(ws, [slopes, slopes])
-    lower = _max_over_patterns(ws, [slopes, slopes])
+    lower = max_over_patterns(ws, [slopes, slopes])
     assert cert.value >= lower
     if slopes[0] == 0.0:
         # [0, b]: b × the ReLU recursion, which never exceeds the product of norms. (With

@@ -14,25 +14,9 @@ from lipreg.functional.chain_lmi import certify_multipliers, dense_chain, rho_st
 from lipreg.functional.eclipse import eclipse_fast
 from lipreg.functional.lipsdp import lipsdp_neuron
 from lipreg.models.benchmark_nets import load_glipsdp, load_glipsdp_summary, load_lipsdp
+from tests.functional.chain_helpers import linear_weights, max_over_patterns
 
 RELU = (0.0, 1.0)
-
-
-def _linear_weights(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-
-
-def _max_over_patterns(ws: list[torch.Tensor], slopes: list[tuple[float, float]]) -> float:
-    """max over D_k ∈ {a_k, b_k}^{n_k} of ‖W_L D ⋯ D W_1‖: the LMI bounds every diagonal D in the
-    box, and the maximum of this convex function of each D_k is at a vertex."""
-    best = 0.0
-    choices = [itertools.product(ab, repeat=W.shape[0]) for W, ab in zip(ws, slopes, strict=False)]
-    for pattern in itertools.product(*choices):
-        J = ws[0].double()
-        for W, d in zip(ws[1:], pattern, strict=True):
-            J = W.double() @ (torch.tensor(d, dtype=torch.float64)[:, None] * J)
-        best = max(best, float(torch.linalg.matrix_norm(J, 2)))
-    return best
 
 
 def test_design_note_tiny_net_is_tight() -> None:
@@ -41,7 +25,7 @@ def test_design_note_tiny_net_is_tight() -> None:
     W1 = torch.from_numpy(rng.standard_normal((4, 2)))
     W2 = torch.from_numpy(rng.standard_normal((1, 4)))
     cert = lipsdp_neuron([W1, W2], [RELU])
-    brute = _max_over_patterns([W1, W2], [RELU])
+    brute = max_over_patterns([W1, W2], [RELU])
     assert brute == pytest.approx(0.899764981, abs=1e-9)
     assert brute <= cert.value <= brute * 1.0005
     assert cert.method == "lipsdp-neuron"
@@ -66,7 +50,7 @@ def test_bounds_and_nearly_reaches_every_activation_pattern(
     ws = [torch.randn(m, n, generator=g, dtype=torch.float64) for n, m in itertools.pairwise(sizes)]
     sl = [slopes] * (len(ws) - 1)
     cert = lipsdp_neuron(ws, sl)
-    brute = _max_over_patterns(ws, sl)
+    brute = max_over_patterns(ws, sl)
     assert cert.value >= brute
     if slopes == (-1.0, 1.0):
         # s = a + b = 0 decouples the LMI: its optimum is the product of norms (with scalar T)
@@ -99,7 +83,7 @@ def test_certificate_rejects_rho_below_the_value_and_infeasible_multipliers() ->
 def test_published_lipsdp_networks(name: str, exact_or_lower: float) -> None:
     # random: the exact constant 36.48223 (5 decimals, so ≥ 36.482225); mnist: the lower bound
     loaded = load_lipsdp(name)
-    ws = _linear_weights(loaded.model)
+    ws = linear_weights(loaded.model)
     cert = lipsdp_neuron(ws, [RELU] * (len(ws) - 1))
     published = loaded.meta["published"]["lipsdp_neuron"]
     assert exact_or_lower <= cert.value <= 1.001 * published
@@ -110,7 +94,7 @@ def test_published_lipsdp_networks(name: str, exact_or_lower: float) -> None:
 @pytest.mark.parametrize("seed", [0, 5])
 def test_published_glipsdp_networks(arch: str, factor: float, seed: int) -> None:
     summary = load_glipsdp_summary()[arch]
-    ws = _linear_weights(load_glipsdp(arch, seed).model)  # logit 7
+    ws = linear_weights(load_glipsdp(arch, seed).model)  # logit 7
     cert = lipsdp_neuron(ws, [RELU] * (len(ws) - 1))
     published = float(summary["lipsdp"]["values"][seed])
     assert float(summary["lower_bound_sampled"]["values"][seed]) <= cert.value
@@ -119,7 +103,7 @@ def test_published_glipsdp_networks(arch: str, factor: float, seed: int) -> None
 
 
 def test_warm_start_is_as_good_and_cheaper() -> None:
-    ws = _linear_weights(load_glipsdp("fnn3", 1).model)
+    ws = linear_weights(load_glipsdp("fnn3", 1).model)
     sl = [RELU] * (len(ws) - 1)
     cold = lipsdp_neuron(ws, sl)
     warm = lipsdp_neuron(ws, sl, warm=cold.multipliers)

@@ -185,3 +185,17 @@ def test_badly_scaled_matrices(lmin: float, ok: bool) -> None:
     diag = [P[:20, :20].contiguous(), P[20:, 20:].contiguous()]
     low = [P[20:, :20].contiguous()]
     assert certify_block_tridiagonal_psd(diag, low) is ok
+
+
+def test_vector_diagonal_block_equals_the_matrix_form() -> None:
+    diag, low, dense = _block_tridiagonal([6, 4, 3], 7)
+    dense[:6, :6] = torch.eye(6, dtype=torch.float64)  # block 0 := I, given as a vector below
+    lmin = float(torch.linalg.eigvalsh(dense)[0])
+    for margin, ok in ((1e-6, True), (-1e-10, False)):
+        shift = lmin - margin  # the shifted matrix has λ_min = margin
+        rest = [D - shift * torch.eye(D.shape[0], dtype=torch.float64) for D in diag[1:]]
+        first = torch.full((6,), 1.0 - shift, dtype=torch.float64)
+        assert certify_block_tridiagonal_psd([first, *rest], low) is ok
+        assert certify_block_tridiagonal_psd([torch.diag(first), *rest], low) is ok
+        zero = [torch.zeros(6, dtype=torch.float64), *(torch.zeros_like(D) for D in rest)]
+        assert certify_block_tridiagonal_psd([first, *rest], low, zero, None) is ok
