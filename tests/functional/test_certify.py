@@ -191,3 +191,37 @@ def test_a_new_ladder_entry_is_tried_first_and_a_ladder_must_end_with_an_answer(
     assert fallback.value == pytest.approx(_dense_jacobian_norm(net, (2, 6, 6)), rel=1e-6)
     with pytest.raises(RuntimeError, match="no entry of the certificate ladder"):
         _ladder_bounds(net, (2, 6, 6), ladder=[])
+
+
+@pytest.mark.parametrize(
+    ("groups", "stride", "in_shape"), [(1, 1, (4, 6, 6)), (2, 2, (4, 7, 5)), (4, 1, (4, 5, 5))]
+)
+def test_batch_norm_merged_torus_bound_is_at_most_the_product(groups, stride, in_shape):
+    """BN → conv → BN folded into one kernel: its torus bound is ≥ the chain's exact norm and
+    ≤ max|s_out| · torus(w) · max|s_in| (the product certificate it replaces)."""
+    from lipreg.functional.conv_bounds import conv_operator_norm_bound
+    from lipreg.functional.conv_chain import merged_conv
+    from lipreg.functional.specs import Affine, ConvData
+
+    g = torch.Generator().manual_seed(groups)
+    w = torch.randn(8, 4 // groups, 3, 3, generator=g, dtype=F64)
+    s_in = torch.rand(4, generator=g, dtype=F64) * 3 - 1.5
+    s_out = torch.rand(8, generator=g, dtype=F64) * 3 - 1.5
+    data = ConvData(w, (stride, stride), (1, 1), (1, 1), groups, in_shape)
+
+    def conv(x):
+        return F.conv2d(x, w, None, data.stride, data.padding, data.dilation, groups)
+
+    def scaled(s):
+        return Affine(linear=lambda x: x * s[:, None, None], channel_scale=s)
+
+    merged = merged_conv([scaled(s_in), Affine(linear=conv, conv=data), scaled(s_out)])
+    assert merged is not None
+    spatial = in_shape[1:]
+    args = (data.stride, data.padding, data.dilation, groups)
+    new = conv_operator_norm_bound(merged.weight, spatial, *args)
+    old = float(s_in.abs().max() * s_out.abs().max()) * conv_operator_norm_bound(w, spatial, *args)
+    n = torch.tensor(in_shape).prod().item()
+    basis = torch.eye(n, dtype=F64).reshape(n, *in_shape)
+    chain = conv(basis * s_in[:, None, None]) * s_out[:, None, None]
+    assert exact_norm(chain.reshape(n, -1).T) <= new <= old * (1 + 1e-9)
