@@ -398,10 +398,11 @@ def lower_bound(
     )
     if n_anneal_steps > 0 and n_chains > 0:
         _anneal(search, all_x, all_s, std, n_anneal_steps, n_chains, progress=progress)
+    extra = None
     if n_ascent_steps > 0:
-        _run_ascent(search, model, all_x, all_s, std, n_ascent_steps, n_chains, progress)
+        extra = _run_ascent(search, model, all_x, all_s, std, n_ascent_steps, n_chains, progress)
     if n_walk_steps > 0:
-        _run_walk(search, model, n_walk_steps, progress)
+        _run_walk(search, model, n_walk_steps, extra, progress)
     pool = search.pool
     assert pool.x is not None and pool.v is not None and pool.sig is not None
     k = min(n_certify, pool.x.shape[0])
@@ -418,16 +419,17 @@ def _run_ascent(
     n_steps: int,
     n_chains: int,
     progress: bool,
-) -> None:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Smoothed ascent from the ``n_chains`` best starting points and as many random restarts
-    ``N(mean, std²)`` (fresh regions, where the best points may all sit on one plateau)."""
+    ``N(mean, std²)`` (fresh regions, where the best points may all sit on one plateau).
+    Returns the best point of each chain, its ``‖J v‖`` and ``v``."""
     k = max(1, min(n_chains, all_x.shape[0]))
     top = torch.argsort(all_s, descending=True, stable=True)[:k]
     mean = float(all_x.mean())
     rnd = mean + std * torch.randn(
         (k, *all_x.shape[1:]), generator=search.gen, dtype=search.dtype, device=search.device
     )
-    smoothed_ascent(
+    return smoothed_ascent(
         model,
         torch.cat([all_x[top], rnd]),
         search.evaluate,
@@ -438,15 +440,26 @@ def _run_ascent(
     )
 
 
-def _run_walk(search: _Search, model: nn.Module, n_steps: int, progress: bool) -> None:
-    """The pattern walk from every pooled point; a note when the model has no ``nn.ReLU``."""
+def _run_walk(
+    search: _Search,
+    model: nn.Module,
+    n_steps: int,
+    extra: tuple[Tensor, Tensor, Tensor] | None,
+    progress: bool,
+) -> None:
+    """The pattern walk from every pooled point and from the best point of each ascent chain
+    (``extra``: distinct regions, where the pool may hold one trajectory several times); a
+    note when the model has no ``nn.ReLU``."""
     pool = search.pool
     assert pool.x is not None and pool.sig is not None and pool.v is not None
+    x, sig, v = pool.x, pool.sig, pool.v
+    if extra is not None:
+        x, sig, v = (torch.cat([a, b.to(a.dtype)]) for a, b in zip((x, sig, v), extra, strict=True))
     ran = pattern_walk(
         model,
-        pool.x.clone(),
+        x.clone(),
         search.evaluate,
-        start=(pool.sig.clone(), pool.v.clone()),
+        start=(sig.clone(), v.clone()),
         n_steps=n_steps,
         progress=progress,
     )

@@ -133,15 +133,17 @@ def smoothed_ascent(
     beta_range: tuple[float, float] = (2.0, 300.0),
     eval_every: int = 10,
     progress: bool = False,
-) -> None:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Adam ascent of ``‖J_β(x)ᵀ u‖²`` from the points ``x0`` (one independent chain each).
 
     ``J_β`` is the Jacobian of the softplus-smoothed network (:class:`ReluProbe`), ``β``
     (relative to each layer's pre-activation scale) grows geometrically over ``beta_range``;
     ``u`` (output space) is refreshed every step by ``u ← J_β J_βᵀ u / ‖·‖`` (power iteration
     interleaved with the ascent). Every ``eval_every`` steps and at the end the points go to
-    ``evaluate`` (the real network), source ``"smoothed ascent"``. Guarantee: none by itself;
-    the value comes from the certified quotients of the pool.
+    ``evaluate`` (the real network), source ``"smoothed ascent"``. Returns, per chain, the
+    evaluated point of largest real ``‖J v‖`` with that value and ``v`` (starts for
+    :func:`pattern_walk`). Guarantee: none by itself; the value comes from the certified
+    quotients of the pool.
     """
     probe = ReluProbe(model, x0.dtype)
     probe.calibrate(x0)
@@ -152,6 +154,7 @@ def smoothed_ascent(
             torch.randn(out_shape, generator=generator, dtype=x.dtype, device=x.device)
         )
         opt = torch.optim.Adam([x], lr=lr)
+        best: list[Tensor] = []
         b0, b1 = beta_range
         for t in _steps(n_steps, "lower bound (smoothed ascent)", progress):
             probe.beta = b0 * (b1 / b0) ** (t / max(n_steps - 1, 1))
@@ -170,7 +173,18 @@ def smoothed_ascent(
             x.grad = -grad_x  # ascent
             opt.step()
             if (t + 1) % eval_every == 0 or t == n_steps - 1:
-                evaluate(x.detach().clone(), "smoothed ascent")
+                point = x.detach().clone()
+                sig, v = evaluate(point, "smoothed ascent")
+                better = sig > best[1] if best else torch.ones_like(sig, dtype=torch.bool)
+                best = [
+                    _where_rows(better, new, old)
+                    for new, old in zip((point, sig, v), best or (point, sig, v), strict=True)
+                ]
+    return best[0], best[1], best[2]
+
+
+def _where_rows(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    return torch.where(mask.reshape(-1, *([1] * (new.ndim - 1))), new, old)
 
 
 def _forward_tangents(
@@ -246,31 +260,33 @@ def _into_next_region(probe: ReluProbe, x: Tensor, step: Tensor, overshoot: floa
 
 
 def _flip_proposals(
-    probe: ReluProbe, x: Tensor, v: Tensor, n_flips: int, overshoot: float
+    probe: ReluProbe, x: Tensor, v: Tensor, n_flips: int, n_group: int, overshoot: float
 ) -> tuple[Tensor, Tensor]:
     """Points across the hyperplanes of the ``n_flips`` most beneficial flips of each chain
-    (one at a time), and across those of the best 2, 4, … at once (least-norm step on the
-    linearised pre-activations, ``G_S δ = −z_S``), each moved to the middle of the region it
+    (one at a time), and across those of the best 2, 4, …, ``n_group`` and of all beneficial
+    ones (up to ``n_group``; for the last ReLU layer that is the best response ``d_i = [a_i b_i
+    > 0]``) at once (least-norm step on the linearised pre-activations, ``G_S δ = −z_S``), each
+    moved to the middle of the region it
     enters (:func:`_into_next_region`). Returns the points ``(M, *shape)`` and the index of the
     chain each belongs to."""
     p = x.shape[0]
     gains, pre = _gate_gains(probe, x, v)
-    k = min(n_flips, gains.shape[1])
+    k = min(max(n_flips, n_group), gains.shape[1])
     top_gain, units = torch.topk(gains, k, dim=1)
     rows = torch.arange(p, device=x.device).repeat_interleave(k)
     grads = _unit_gradients(probe, x[rows], units.reshape(-1)).reshape(p, k, -1)
     z = pre.gather(1, units)  # (p, k)
     flat = x.reshape(p, -1)
     steps, owner = [], []
-    sizes = [2**i for i in range(1, 10) if 2**i < k] + [k]
     for c in range(p):
         useful = int((top_gain[c] > 0).sum())
-        for j in range(useful):  # one flip at a time
+        sizes = {2**i for i in range(1, 20) if 2**i < useful} | {useful}
+        for j in range(min(useful, n_flips)):  # one flip at a time
             nrm2 = float(grads[c, j].pow(2).sum())
             if nrm2 > 0:
                 steps.append(-z[c, j] / nrm2 * grads[c, j])
                 owner.append(c)
-        for size in sizes:  # the best `size` flips together
+        for size in sorted(sizes):  # the best `size` flips together
             if 1 < size <= useful:
                 step = torch.linalg.pinv(grads[c, :size]) @ (-z[c, :size])
                 if bool(torch.isfinite(step).all()):
@@ -291,6 +307,7 @@ def pattern_walk(
     start: tuple[Tensor, Tensor] | None = None,
     n_steps: int,
     n_flips: int = 8,
+    n_group: int = 32,
     overshoot: float = 0.05,
     progress: bool = False,
 ) -> bool:
@@ -316,7 +333,8 @@ def pattern_walk(
         if start is None:
             sig, v = evaluate(x, "pattern walk")
         sig, v = (sig, v) if start is None else start
-        _climb(probe, x, sig.clone(), v.clone(), evaluate, n_steps, n_flips, overshoot, progress)
+        budget = (n_steps, n_flips, n_group, overshoot)
+        _climb(probe, x, sig.clone(), v.clone(), evaluate, budget, progress)
     return True
 
 
@@ -326,18 +344,18 @@ def _climb(
     sig: Tensor,
     v: Tensor,
     evaluate: Evaluate,
-    n_steps: int,
-    n_flips: int,
-    overshoot: float,
+    budget: tuple[int, int, int, float],
     progress: bool,
 ) -> None:
-    """The loop of :func:`pattern_walk` (updates ``x``, ``sig``, ``v`` in place)."""
+    """The loop of :func:`pattern_walk` (updates ``x``, ``sig``, ``v`` in place); ``budget``
+    is ``(n_steps, n_flips, n_group, overshoot)``."""
+    n_steps, n_flips, n_group, overshoot = budget
     active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     for _ in _steps(n_steps, "lower bound (pattern walk)", progress):
         idx = torch.nonzero(active).reshape(-1)
         if idx.numel() == 0:
             break
-        props, owner = _flip_proposals(probe, x[idx], v[idx], n_flips, overshoot)
+        props, owner = _flip_proposals(probe, x[idx], v[idx], n_flips, n_group, overshoot)
         moved = torch.zeros_like(active)
         if props.shape[0]:
             s_new, v_new = evaluate(props, "pattern walk")
