@@ -241,15 +241,17 @@ def merged_conv_chain(ctx: ChainContext) -> LayerBound | None:
     if not scale > 0:  # a zero isometry: the closed form answered before this entry
         return None
     kernel_error = gamma(2 * (inner[-1] - inner[0] + 1) + 1)
-    core, method = merged_conv_value(ctx, conv, res.sigma / ctx.scale, kernel_error)
-    return _with_iterative(ctx, res, core * scale, upper=core * scale, method=method)
+    core, method, details = merged_conv_value(ctx, conv, res.sigma / ctx.scale, kernel_error)
+    bound = _with_iterative(ctx, res, core * scale, upper=core * scale, method=method)
+    bound.extra.update(details)
+    return bound
 
 
 def merged_conv_value(
     ctx: ChainContext, conv: ConvData, estimate: float, kernel_error: float
-) -> tuple[float, str]:
-    """Certified ``‖A‖`` of the merged convolution (``estimate``: its Lanczos value), by the
-    first that applies:
+) -> tuple[float, str, dict]:
+    """Certified ``‖A‖`` of the merged convolution (``estimate``: its Lanczos value), the
+    method and details (``gram_delta``, ``gram_side``, ``torus``), by the first that applies:
 
     * ``"conv-pointwise"``: a 1×1 kernel, ``max_g ‖W_g‖`` (dense certificate, exact);
     * ``"fft-merged"``: the torus bound of the merged kernel
@@ -267,14 +269,14 @@ def merged_conv_value(
     if all(k == 1 for k in conv.weight.shape[2:]):
         cert = certify_conv_norm(conv, estimate, kernel_error=kernel_error)
         assert cert is not None  # pointwise always answers
-        return cert.bound, cert.method
+        return cert.bound, cert.method, {}
     extra = kernel_error * abs_norm_bound(conv.weight, conv.groups)
     torus = conv_operator_norm_bound(
         conv.weight, conv.in_shape[1:], conv.stride, conv.padding, conv.dilation, conv.groups
     )
     torus = (torus + extra) * CLOSED_FORM_PAD
     if torus <= estimate * (1 + TORUS_ACCEPT):
-        return torus, "fft-merged"
+        return torus, "fft-merged", {"torus": torus}
     plan, budget = gram_plan(conv), current_budget()
     if plan.bytes > budget.limit_bytes:
         budget.record(
@@ -283,11 +285,15 @@ def merged_conv_value(
             f"{budget.limit_bytes / 2**20:.0f} MiB; used the merged torus bound ({torus:.6g}, "
             f"estimate {estimate:.6g}). Raise memory_limit_bytes for a tighter certificate."
         )
-        return torus, "fft-merged (memory budget)"
+        return torus, "fft-merged (memory budget)", {"torus": torus}
     cert = certify_conv_norm(conv, estimate, kernel_error=kernel_error)
     if cert is None:
-        return torus, "fft-merged (Gram test failed up to delta=1e-2: estimate not converged?)"
-    return (cert.bound, cert.method) if cert.bound <= torus else (torus, "fft-merged")
+        failed = "fft-merged (Gram test failed up to delta=1e-2: estimate not converged?)"
+        return torus, failed, {"torus": torus}
+    details = {"gram_delta": cert.delta, "gram_side": cert.side, "torus": torus}
+    if cert.bound <= torus:
+        return cert.bound, cert.method, details
+    return torus, "fft-merged", details
 
 
 def product_of_op_certificates(ctx: ChainContext) -> LayerBound | None:
