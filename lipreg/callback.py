@@ -14,6 +14,9 @@ key                                 meaning
 ``lipschitz/autolip_certified``     AutoLip with certified layer norms: a **guaranteed upper
                                     bound**; every ``certify_every_n_train_steps`` steps and
                                     at the end of every fit.
+``lipschitz/certified``             with it, the tightest certified bound (the smaller of the
+                                    above and the LMI block certificates of
+                                    :func:`lipreg.functional.tight.tighten`, warm-started).
 ``lipschitz/seqlip``                greedy SeqLip (an estimate) or exact SeqLip (certified),
                                     sequential networks only.
 ``lipschitz/seqlip_over_autolip``   ratio of the two.
@@ -88,7 +91,9 @@ from lipreg.callback_state import WarmState, read_state
 from lipreg.functional.autolip import AutoLip, autolip
 from lipreg.functional.chains import NotSequentialError
 from lipreg.functional.lower_bound import lower_bound
+from lipreg.functional.results import LipschitzResult
 from lipreg.functional.seqlip import seqlip
+from lipreg.functional.tight import tighten
 from lipreg.functional.trace import check_finite_parameters
 
 __all__ = ["FIT_END", "SCHEDULED", "LipschitzCallback", "layer_key", "lightning_step"]
@@ -231,6 +236,7 @@ class LipschitzCallback(Callback):
         # warm-start vectors, and the input shape they belong to
         self._autolip_state: dict[str, Tensor] = {}
         self._seqlip_state: dict[str, Tensor] = {}
+        self._tight_state: dict[str, Tensor] = {}  # LMI multipliers (not checkpointed)
         self._warm_shape: tuple[int, ...] | None = None
         self._last_step = -1
         self._done_at_last_step: set[str] = set()  # methods computed at self._last_step
@@ -427,8 +433,12 @@ class LipschitzCallback(Callback):
                 f"{PREFIX}the saved warm-start vectors are for input shape {self._warm_shape}, "
                 f"this fit's input shape is {self.input_shape}: dropped (cold start)."
             )
-            self._autolip_state, self._seqlip_state = {}, {}
+            self._autolip_state, self._seqlip_state, self._tight_state = {}, {}, {}
         self._warm_shape = self.input_shape
+
+    def _iterations(self) -> dict[str, Any]:
+        """The iteration options every AutoLip call of the callback shares."""
+        return {"tol": self.tol, "max_iter": self.max_iter, "seed": self.seed}
 
     def _prepare_autolip(self, network: nn.Module, requested: list[str] | None) -> None:
         """Trace once for AutoLip (and test SeqLip); on refusal fall back (see class doc)."""
@@ -442,10 +452,8 @@ class LipschitzCallback(Callback):
                 network,
                 self.input_shape,
                 certify=False,
-                tol=self.tol,
-                max_iter=self.max_iter,
-                seed=self.seed,
                 state=self._autolip_state,
+                **self._iterations(),
             )
             # raises for unsupported ops; reuses the estimator's trace
             analysis = analyse(network, self.input_shape, traced=self._estimator.traced)
@@ -617,18 +625,17 @@ class LipschitzCallback(Callback):
 
     def _certify(self, network: nn.Module) -> Computed | None:
         assert self._estimator is not None and self.input_shape is not None
+        shape, traced = self.input_shape, self._estimator.traced
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             cert = autolip(
                 network,
-                self.input_shape,
+                shape,
                 certify=True,
                 dense_limit=self.certify_dense_limit,
                 state=self._estimator.state,
-                tol=self.tol,
-                max_iter=self.max_iter,
-                seed=self.seed,
-                traced=self._estimator.traced,
+                traced=traced,
+                **self._iterations(),
             )
         if not cert.certified:  # say so rather than log an estimate under a "certified" key
             self._disabled.add("autolip_certified")
@@ -639,7 +646,33 @@ class LipschitzCallback(Callback):
                 "or register a rule with certify= for that layer); lipschitz/autolip goes on.",
             )
             return None
-        return Computed(cert.value)
+        return Computed(cert.value, extra=self._tighten(network, cert))
+
+    def _tighten(self, network: nn.Module, cert: LipschitzResult) -> dict[str, float]:
+        """``lipschitz/certified``: the tightest certified value it can afford (LMI blocks
+        warm-started from the last call); a failure is reported once and turns it off."""
+        if "certified" in self._disabled:
+            return {}
+        assert self._estimator is not None and self.input_shape is not None
+        try:
+            tight = tighten(
+                network,
+                self.input_shape,
+                cert,
+                state=self._tight_state,
+                traced=self._estimator.traced,
+                max_lmi_size=2048,
+            )
+        except Exception as exc:
+            self._disabled.add("certified")
+            self._report(
+                "failed:certified",
+                f"lipschitz/certified failed ({describe(exc)}); "
+                "it is off for this fit, lipschitz/autolip_certified goes on.",
+            )
+            return {}
+        self._tight_state = tight.state
+        return {"lipschitz/certified": tight.value}
 
     def _seqlip(self, network: nn.Module) -> Computed:
         assert self.input_shape is not None

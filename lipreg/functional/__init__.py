@@ -16,6 +16,7 @@ from lipreg.functional.specs import (
     Nonlinear,
     UnsupportedNodeError,
 )
+from lipreg.functional.tight import certified_bound
 from lipreg.functional.trace import TraceError, UnsupportedOperationError
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "UnsupportedNodeError",
     "UnsupportedOperationError",
     "autolip",
+    "certified_bound",
     "jacobian_norms",
     "lower_bound",
     "operator_norm",
