@@ -372,3 +372,38 @@ def test_relu_probe_records_and_smooths() -> None:
     assert torch.allclose(probe(x, "smooth"), net(x).detach(), atol=1e-5)
     probe.beta = 1.0
     assert not torch.allclose(probe(x, "smooth"), net(x).detach(), atol=1e-3)
+
+
+class FunctionalRelu(nn.Module):
+    """ReLU as a function call, not an ``nn.ReLU`` module: the strategies cannot see it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(1, 6, dtype=F64), nn.Linear(6, 2, dtype=F64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_functional_relu_is_reported_and_stays_sound() -> None:
+    model = init_weights(FunctionalRelu(), 600, scale=1.0)
+    exact = exact_lipschitz_1d(nn.Sequential(model.fc1, nn.ReLU(), model.fc2))
+    res = lipreg.lower_bound(model, (1,), n_random=64, batch_size=64, **STRATEGIES)
+    assert any("pattern walk skipped" in n for n in res.notes)
+    assert res.value <= exact * (1 + 1e-9)
+    assert_witnessed(model, res)
+
+
+def test_smooth_activation_net_is_witnessed_and_no_worse_than_the_default() -> None:
+    net = init_weights(
+        nn.Sequential(nn.Linear(3, 8, dtype=F64), nn.Tanh(), nn.Linear(8, 2, dtype=F64)),
+        601,
+        scale=1.5,
+    )
+    fast = dict(n_random=32, batch_size=32, n_anneal_steps=2)
+    default = lipreg.lower_bound(net, (3,), **fast)
+    res = lipreg.lower_bound(net, (3,), **fast, **STRATEGIES)
+    assert res.value >= default.value * (1 - 1e-12)
+    # tanh' ≤ 1: ‖W2‖‖W1‖ bounds L from above
+    assert res.value <= norm2(net[0].weight) * norm2(net[2].weight) * (1 + 1e-12)
+    assert_witnessed(net, res)
