@@ -241,14 +241,15 @@ def merged_conv_chain(ctx: ChainContext) -> LayerBound | None:
     if not scale > 0:  # a zero isometry: the closed form answered before this entry
         return None
     kernel_error = gamma(2 * (inner[-1] - inner[0] + 1) + 1)
-    core, method, details = merged_conv_value(ctx, conv, res.sigma / ctx.scale, kernel_error)
+    estimate = res.sigma / ctx.scale
+    core, method, details = merged_conv_value(ctx, conv, estimate, kernel_error, res.v)
     bound = _with_iterative(ctx, res, core * scale, upper=core * scale, method=method)
     bound.extra.update(details)
     return bound
 
 
 def merged_conv_value(
-    ctx: ChainContext, conv: ConvData, estimate: float, kernel_error: float
+    ctx: ChainContext, conv: ConvData, estimate: float, kernel_error: float, v0: Tensor
 ) -> tuple[float, str, dict]:
     """Certified ``‖A‖`` of the merged convolution (``estimate``: its Lanczos value), the
     method and details (``gram_delta``, ``gram_side``, ``torus``), by the first that applies:
@@ -258,7 +259,8 @@ def merged_conv_value(
       (:func:`~lipreg.functional.conv_bounds.conv_operator_norm_bound`, never above
       ``max|s| · torus(w)``), kept when within :data:`TORUS_ACCEPT` of the estimate;
     * ``"conv-gram"``: the block-banded Gram test (:mod:`lipreg.functional.banded_gram`),
-      ``σ̂ sqrt(1 + δ)`` with ``δ ≥ 1e-6``; when it needs more than the memory budget or no
+      ``σ̂ sqrt(1 + δ)`` with ``δ ≥ 1e-6`` and ``σ̂`` the estimate sharpened by a float64
+      Lanczos run warm-started from ``v0``; when it needs more than the memory budget or no
       ``δ ≤ 1e-2`` succeeds, the torus bound with the reason in the method (and a budget
       event).
 
@@ -286,7 +288,7 @@ def merged_conv_value(
             f"estimate {estimate:.6g}). Raise memory_limit_bytes for a tighter certificate."
         )
         return torus, "fft-merged (memory budget)", {"torus": torus}
-    cert = certify_conv_norm(conv, estimate, kernel_error=kernel_error)
+    cert = certify_conv_norm(conv, estimate, kernel_error=kernel_error, v0=v0)
     if cert is None:
         failed = "fft-merged (Gram test failed up to delta=1e-2: estimate not converged?)"
         return torus, failed, {"torus": torus}

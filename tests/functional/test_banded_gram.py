@@ -63,7 +63,7 @@ def test_certified_between_norm_and_one_plus_two_delta(case: str) -> None:
     """Given the exact norm as estimate, the certificate is sound and within (1 + 2δ)."""
     conv = _conv(*CASES[case])
     true = _norm(_dense(conv))
-    cert = certify_conv_norm(conv, true)
+    cert = certify_conv_norm(conv, true, refine=False)
     assert cert is not None and cert.method == "conv-gram"
     assert true <= cert.bound <= true * (1 + 2 * cert.delta)
     assert cert.delta == 1e-6
@@ -74,7 +74,7 @@ def test_estimate_below_the_norm_still_gives_a_bound(case: str) -> None:
     """A low estimate makes the test fail until δ is large enough: still ≥ the norm."""
     conv = _conv(*CASES[case], seed=1)
     true = _norm(_dense(conv))
-    cert = certify_conv_norm(conv, true * (1 - 3e-4))
+    cert = certify_conv_norm(conv, true * (1 - 3e-4), refine=False)
     assert cert is not None and cert.delta > 1e-6
     assert cert.bound >= true
 
@@ -84,7 +84,17 @@ def test_estimate_far_below_is_refused(case: str) -> None:
     """No δ ≤ max_delta can certify 0.9 × the norm: the Cholesky test must reject."""
     conv = _conv(*CASES[case], seed=2)
     true = _norm(_dense(conv))
-    assert certify_conv_norm(conv, 0.9 * true, max_delta=1e-2) is None
+    assert certify_conv_norm(conv, 0.9 * true, max_delta=1e-2, refine=False) is None
+
+
+@pytest.mark.parametrize("case", ["2d-mixed", "3d-stride2-groups"])
+def test_a_poor_estimate_is_refined_first(case: str) -> None:
+    """The float64 Lanczos refinement lifts a poor estimate: the first δ succeeds."""
+    conv = _conv(*CASES[case], seed=3)
+    true = _norm(_dense(conv))
+    cert = certify_conv_norm(conv, 0.5 * true)
+    assert cert is not None and cert.delta == 1e-6
+    assert true <= cert.bound <= true * (1 + 2e-6)
 
 
 @pytest.mark.parametrize(
