@@ -5,9 +5,9 @@ estimate, so that the certified AutoLip is at most 1.05 × the estimated one. Pr
 network (torchvision's own random initialisation, then batch-norm running statistics and affine
 parameters randomised so that batch norm is not the identity; evaluation mode; input 3×64×64):
 the estimate (product of the per-chain Lanczos values), the certified value, their ratio, the
-worst chain's ratio and name, how many chains each certificate answered, and the wall and CPU seconds
-of the certified run (one run, single thread; CPU seconds are the fairer figure on a shared
-machine). ``--old`` also runs the ladder without the merged
+worst chain's ratio and name, how many chains each certificate answered, and the wall and CPU
+seconds of the certified run (one run, single thread; CPU seconds are the fairer figure on a
+shared machine). ``--old`` also runs the ladder without the merged
 conv-chain entry (the previous certificates) for comparison.
 
     OMP_NUM_THREADS=1 python benchmarks/certified_gap.py [--networks resnet18 ...] [--old]
