@@ -42,13 +42,20 @@ import torch
 from _common import machine_load, print_footer, print_table, setup_threads
 from references.dense_chain import dense_chain
 from references.eclipse_reference import eclipse_fast_reference
-from references.lipsdp_cvxpy import lipsdp_neuron_cvxpy
+from references.lipsdp_cvxpy import (
+    chain_digest,
+    lipsdp_neuron_cvxpy,
+    load_solution,
+    save_solution,
+)
 from references.lipsdp_lmi import U, verified_rho, verify_lipsdp
 
 import lipreg
 from lipreg.models import PAPER_MODELS, load_glipsdp, load_glipsdp_summary, load_lipsdp
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tightness.md"
+#: Stored cvxpy solves (solver's ρ and multipliers; re-verified on every load).
+LIPSDP_CACHE = RESULTS.with_name("tightness_lipsdp_solves.json")
 NAN = float("nan")
 
 
@@ -63,6 +70,7 @@ class Net:
     shape: tuple[int, ...]
     lower_kwargs: dict[str, Any]
     known_lower: tuple[float, str] | None = None
+    seed: int = 0
 
 
 @dataclass
@@ -187,6 +195,7 @@ def glipsdp_nets(archs: list[str], seeds: list[int]) -> list[Net]:
                     shape,
                     {"inputs": inputs, "n_random": 256, "n_anneal_steps": 30},
                     (float(sampled[seed]), "published sampled LB"),
+                    seed,
                 )
             )
     return nets
@@ -322,12 +331,18 @@ EXACT_WIDTH_LIMIT = 20
 @dataclass
 class Options:
     """What to run: interleaved rounds of the cheap methods; the cvxpy reference (``cvxpy``),
-    and the largest LMI size it is given (Clarabel's memory grows as the fourth power)."""
+    the largest LMI side it is given, and the largest solved by Clarabel rather than SCS.
+    Clarabel's PSD-cone blocks are dense in the ``n(n+1)/2`` triangle, so its memory grows as
+    ``n⁴``: at ``n = 576`` (CNN-2) it asked for 138 GB and aborted the process (uncatchable).
+    """
 
     rounds: int
     cvxpy: bool
     cvxpy_max_size: int
     clarabel_max_size: int
+    refresh: bool = False
+    save: bool = True
+    cvxpy_cnn_seeds: tuple[int, ...] = (0,)
 
 
 def lmi_size(weights: list[Any]) -> int:
@@ -372,11 +387,17 @@ def lipsdp_cell(row: Row, chain: tuple[list[Any], list[Any]], opts: Options) -> 
         return Cell(text="n/a (cvxpy off)")
     if size > opts.cvxpy_max_size:
         return Cell(text=f"skipped (LMI {size} > {opts.cvxpy_max_size})")
-    try:
-        solver = "CLARABEL" if size <= opts.clarabel_max_size else "SCS"
-        sol = lipsdp_neuron_cvxpy(*chain, solver=solver)
-    except ImportError as exc:
-        return Cell(text=f"n/a ({exc})"[:80])
+    if row.net.group.startswith("glipsdp-cnn") and row.net.seed not in opts.cvxpy_cnn_seeds:
+        return Cell(text="skipped (--cvxpy-cnn-seeds)")
+    sol = None if opts.refresh else load_solution(LIPSDP_CACHE, row.net.name, *chain)
+    if sol is None:
+        try:
+            solver = "CLARABEL" if size <= opts.clarabel_max_size else "SCS"
+            sol = lipsdp_neuron_cvxpy(*chain, solver=solver)
+        except ImportError as exc:
+            return Cell(text=f"n/a ({exc})"[:80])
+        if opts.save:
+            save_solution(LIPSDP_CACHE, row.net.name, chain_digest(*chain), sol)
     v = sol.verified
     row.notes.append(
         f"LipSDP cvxpy {sol.solver} ({sol.status}, LMI {size}): solver √ρ = "
@@ -544,8 +565,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (3)")
     parser.add_argument("--no-cvxpy", action="store_true", help="skip the LipSDP reference")
     parser.add_argument("--cvxpy-max-size", type=int, default=1300, help="largest LMI side")
+    parser.add_argument("--cvxpy-cnn-seeds", default="0", help="CNN seeds given to cvxpy")
+    parser.add_argument("--refresh", action="store_true", help="re-solve stored cvxpy solves")
     parser.add_argument(
-        "--clarabel-max-size", type=int, default=400, help="larger LMIs are solved by SCS"
+        "--lipsdp-only", action="store_true", help="only solve and store the cvxpy references"
+    )
+    parser.add_argument(
+        "--clarabel-max-size",
+        type=int,
+        default=200,
+        help="larger LMIs are solved by SCS (Clarabel's memory: see Options)",
     )
     args = parser.parse_args()
     setup_threads()
@@ -555,7 +584,16 @@ def main() -> None:
         cvxpy=not args.no_cvxpy,
         cvxpy_max_size=args.cvxpy_max_size,
         clarabel_max_size=args.clarabel_max_size,
+        refresh=args.refresh,
+        save=not args.quick,
+        cvxpy_cnn_seeds=tuple(parse_seeds(args.cvxpy_cnn_seeds)),
     )
+    if args.lipsdp_only:
+        for net in networks(args):
+            row = Row(net)
+            lipsdp_cell(row, dense_chain(net.model, net.shape), opts)
+            print(f"{net.name}: {'; '.join(row.notes) or 'skipped'}", flush=True)
+        return
     columns = lipreg_columns()
     rows = []
     for net in networks(args):

@@ -8,17 +8,23 @@ of the paper's MLPs, badly) infeasible. So the multipliers are re-checked in flo
 explicit rounding margin (:func:`references.lipsdp_lmi.verified_rho`); ``ρ`` is raised
 minimally until the check passes and the raise is reported.
 
+Solves can be stored (:func:`save_solution`) and reused (:func:`load_solution`, which re-runs
+the verification, so a stored value is never trusted as such).
+
 cvxpy is an optional benchmark-only dependency (``pip install 'lipreg[bench]'``); it is
 imported on the first call, never by lipreg.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -123,4 +129,59 @@ def lipsdp_neuron_cvxpy(
         cpu_solve=cpu_solve,
         cpu_verify=cpu_verify,
         t=t_values,
+    )
+
+
+# --- a cache of solves: the SDP is the slow part, the verification is re-run on loading ----
+
+
+def chain_digest(weights: Sequence[np.ndarray], slopes: Slopes) -> str:
+    """SHA-256 of the float64 weights (shapes and bytes) and slopes: a cached solve is used
+    only for exactly the same chain."""
+    h = hashlib.sha256()
+    for w in weights:
+        w = np.ascontiguousarray(w, dtype=np.float64)
+        h.update(repr(w.shape).encode())
+        h.update(w.tobytes())
+    h.update(repr([tuple(map(float, s)) for s in slopes]).encode())
+    return h.hexdigest()
+
+
+def save_solution(path: Path, key: str, digest: str, sol: LipSDPSolution) -> None:
+    """Store the solver's raw output (``ρ``, multipliers, status, CPU) under ``key``."""
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[key] = {
+        "digest": digest,
+        "solver": sol.solver,
+        "status": sol.status,
+        "rho": sol.solver_value**2,
+        "cpu_solve": sol.cpu_solve,
+        "t": [tk.tolist() for tk in sol.t],
+    }
+    path.write_text(json.dumps(data, indent=0, sort_keys=True) + "\n")
+
+
+def load_solution(
+    path: Path, key: str, weights: Sequence[np.ndarray], slopes: Slopes
+) -> LipSDPSolution | None:
+    """A stored solve of exactly this chain, RE-VERIFIED now in float64 (the verification
+    never comes from the file), or ``None``. ``status`` is suffixed ``(cached)`` and
+    ``cpu_solve`` is the stored solve's CPU time."""
+    if not path.is_file():
+        return None
+    entry = json.loads(path.read_text()).get(key)
+    weights = [np.asarray(w, dtype=np.float64) for w in weights]
+    if entry is None or entry["digest"] != chain_digest(weights, slopes):
+        return None
+    t = [np.asarray(tk, dtype=np.float64) for tk in entry["t"]]
+    start = time.process_time()
+    verified = verified_rho(weights, slopes, t, float(entry["rho"]))
+    return LipSDPSolution(
+        solver_value=math.sqrt(float(entry["rho"])),
+        verified=verified,
+        solver=entry["solver"],
+        status=f"{entry['status']} (cached)",
+        cpu_solve=float(entry["cpu_solve"]),
+        cpu_verify=time.process_time() - start,
+        t=t,
     )
