@@ -60,8 +60,16 @@ class ReluProbe:
     def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
         # Outside inference mode: the copy's weights must be usable by autograd (the caller
         # may run under torch.inference_mode()).
-        with torch.inference_mode(False):
-            self.net = copy.deepcopy(model).to(dtype).eval()
+        try:
+            with torch.inference_mode(False):
+                self.net = copy.deepcopy(model).to(dtype).eval()
+        except Exception as exc:
+            raise RuntimeError(
+                "the lower bound's ascent and pattern walk run on a private copy of the model "
+                f"(copy.deepcopy(model).to({dtype}), hooks added to its nn.ReLU modules); that "
+                f"failed: {type(exc).__name__}: {exc}. Pass a model that can be deep-copied, or "
+                "leave n_ascent_steps and n_walk_steps at 0."
+            ) from exc
         for p in self.net.parameters():
             p.requires_grad_(False)
         self.relus = [m for m in self.net.modules() if isinstance(m, nn.ReLU)]

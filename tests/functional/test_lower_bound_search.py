@@ -407,3 +407,27 @@ def test_smooth_activation_net_is_witnessed_and_no_worse_than_the_default() -> N
     # tanh' ≤ 1: ‖W2‖‖W1‖ bounds L from above
     assert res.value <= norm2(net[0].weight) * norm2(net[2].weight) * (1 + 1e-12)
     assert_witnessed(net, res)
+
+
+class NoDeepCopy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2, dtype=F64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+    def __deepcopy__(self, memo: dict) -> NoDeepCopy:
+        raise TypeError("cannot copy this module")
+
+
+def test_a_model_that_cannot_be_copied_raises_clearly() -> None:
+    x0 = torch.zeros(2, 3, dtype=F64)
+
+    def evaluate(x: torch.Tensor, source: str):
+        raise AssertionError("never reached")
+
+    with pytest.raises(RuntimeError, match="deepcopy"):
+        pattern_walk(NoDeepCopy(), x0, evaluate, n_steps=1)
+    with pytest.raises(RuntimeError, match="deepcopy"):
+        smoothed_ascent(NoDeepCopy(), x0, evaluate, n_steps=1, lr=0.1, generator=gen(0))
