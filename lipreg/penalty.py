@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from lipreg.functional.analysis import analyse
+from lipreg.functional.chain_lmi import lipsdp_value
 from lipreg.functional.chains import (
     SeqChain,
     chain_linear_map,
@@ -49,6 +50,7 @@ from lipreg.functional.chains import (
     segment_chains,
 )
 from lipreg.functional.compose import output_value, propagate
+from lipreg.functional.lipsdp import lipsdp_neuron
 from lipreg.functional.power_iteration import operator_norm
 from lipreg.functional.seqlip_pairs import pair_matrices, pair_name, pair_norm_greedy
 from lipreg.functional.trace import check_input_shape, trace
@@ -91,8 +93,15 @@ class LipschitzPenalty(nn.Module):
             SeqLip chains are small enough to materialise (smaller side ``≤ dense_limit``):
             the penalty is then ``Σ log`` (or the product) of the SeqLip pair norms
             ``‖Σ̃ Vᵀ diag(σ*) U Σ̃‖`` through differentiable SVDs, with the activation
-            patterns ``σ*`` re-searched greedily (no gradient) at every training-mode call.
+            patterns ``σ*`` re-searched greedily (no gradient) at every training-mode call;
+            or ``"lipsdp"`` (same networks): each multi-layer chain contributes the
+            LipSDP-Neuron value ``√ρ*(T; W)`` (:func:`lipreg.functional.chain_lmi.lipsdp_value`,
+            the tight certificate of :func:`lipreg.certified_bound`) for multipliers ``T``
+            held fixed and re-optimised (warm, :func:`lipreg.functional.lipsdp.lipsdp_neuron`)
+            every ``refresh_every`` training-mode calls, or at once when the weights moved
+            out of ``T``'s feasible set.
         dense_limit: see ``method="seqlip"``.
+        refresh_every: see ``method="lipsdp"``.
         weight: multiplier of the penalty.
         target: required by ``form="hinge"``.
         form: ``"log"``, ``"linear"`` or ``"hinge"`` (see the module docstring).
@@ -113,8 +122,9 @@ class LipschitzPenalty(nn.Module):
         model: nn.Module,
         input_shape: Sequence[int],
         *,
-        method: Literal["autolip", "seqlip"] = "autolip",
+        method: Literal["autolip", "seqlip", "lipsdp"] = "autolip",
         dense_limit: int = 1024,
+        refresh_every: int = 20,
         weight: float = 1e-3,
         target: float | None = None,
         form: Literal["log", "linear", "hinge"] = "log",
@@ -123,8 +133,10 @@ class LipschitzPenalty(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if method not in ("autolip", "seqlip"):
-            raise ValueError(f"method must be 'autolip' or 'seqlip', got {method!r}.")
+        if method not in ("autolip", "seqlip", "lipsdp"):
+            raise ValueError(f"method must be 'autolip', 'seqlip' or 'lipsdp', got {method!r}.")
+        if not isinstance(refresh_every, int) or refresh_every < 1:
+            raise ValueError(f"refresh_every must be an int >= 1, got {refresh_every!r}.")
         if form not in _FORMS:
             raise ValueError(f"form must be one of {_FORMS}, got {form!r}.")
         if form == "hinge" and (target is None or not target > 0):
@@ -151,7 +163,10 @@ class LipschitzPenalty(nn.Module):
                 self.register_buffer(name, res.v.detach().clone())
         self.register_load_state_dict_pre_hook(_check_and_upgrade_state)
         self._seq_items: list = []
-        if method == "seqlip":
+        self.refresh_every = refresh_every
+        self._multipliers: dict[int, list[Tensor]] = {}  # LipSDP multipliers per SeqLip chain
+        self._calls = 0
+        if method in ("seqlip", "lipsdp"):
             self._init_seqlip(dense_limit)
 
     @property
@@ -254,7 +269,7 @@ class LipschitzPenalty(nn.Module):
                     op = chain_linear_map(self._analysis, m)
                     if min(op.in_features, op.out_features) > dense_limit:
                         raise ValueError(
-                            f"method='seqlip' materialises every map of a SeqLip chain; "
+                            f"method={self.method!r} materialises every map of a SeqLip chain; "
                             f"{m.name!r} is {op.out_features}x{op.in_features}, larger than "
                             f"dense_limit={dense_limit}. Use method='autolip' for this network."
                         )
@@ -282,10 +297,49 @@ class LipschitzPenalty(nn.Module):
                 factors[name] = torch.linalg.matrix_norm(pair, ord=2)
         return factors
 
+    def lipsdp_factors(self) -> dict[str, Tensor]:
+        """Differentiable LipSDP factors: ``√ρ*(T; W)`` per multi-layer SeqLip chain (``T``
+        fixed, refreshed as documented for ``method="lipsdp"``), single-map norms, constants."""
+        sigmas = self.layer_norms()
+        refresh = self.training and self._calls % self.refresh_every == 0
+        self._calls += int(self.training)
+        factors: dict[str, Tensor] = {}
+        for index, item in enumerate(self._seq_items):
+            if not isinstance(item, SeqChain):
+                factors[item.name] = torch.as_tensor(item.value, dtype=self._analysis.dtype)
+            elif len(item.maps) == 1:
+                factors[item.maps[0].name] = sigmas[item.maps[0].name]
+            else:
+                weights = [_dense(chain_linear_map(self._analysis, m)) for m in item.maps]
+                slopes = [(lo, hi) for lo, hi, _ in item.boxes]
+                name = " -> ".join(m.name for m in item.maps)
+                factors[name] = self._lipsdp_factor(index, weights, slopes, refresh)
+        return factors
+
+    def _lipsdp_factor(
+        self, index: int, weights: list[Tensor], slopes: list[tuple[float, float]], refresh: bool
+    ) -> Tensor:
+        value = None
+        if index in self._multipliers and not refresh:
+            value = lipsdp_value(weights, slopes, self._multipliers[index])
+        if value is None:  # first call, refresh due, or the weights left T's feasible set
+            with torch.no_grad():
+                cert = lipsdp_neuron(
+                    [w.detach() for w in weights],
+                    slopes,
+                    warm=self._multipliers.get(index),
+                    max_steps=50,
+                )
+            self._multipliers[index] = list(cert.multipliers)
+            value = lipsdp_value(weights, slopes, self._multipliers[index])
+        if value is None:  # a certified T is feasible for these very weights: unreachable
+            raise RuntimeError("LipschitzPenalty: freshly certified multipliers are infeasible.")
+        return value
+
     def forward(self) -> Tensor:
         """The weighted penalty, a differentiable scalar to add to the loss."""
-        if self.method == "seqlip":
-            factors = self.seqlip_factors()
+        if self.method in ("seqlip", "lipsdp"):
+            factors = self.seqlip_factors() if self.method == "seqlip" else self.lipsdp_factors()
             if self.form == "log":
                 value = sum(torch.log(f.clamp_min(1e-12)) for f in factors.values())
             else:

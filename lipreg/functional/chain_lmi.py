@@ -53,7 +53,10 @@ __all__ = [
     "SequenceCertificate",
     "certify_multipliers",
     "dense_chain",
+    "eliminate",
+    "lipsdp_value",
     "norm_multipliers",
+    "reduced_first",
     "rho_star",
     "smoothed_rho_star",
 ]
@@ -142,10 +145,7 @@ def dense_chain(weights: Sequence[Tensor], slopes: Sequence[tuple[float, float]]
         if not (math.isfinite(a) and math.isfinite(b) and a <= b):
             raise ValueError(f"slopes[{i}] must be a finite interval (a, b) with a <= b: {pair}")
         sl.append((a, b))
-    first = ws[0]
-    if len(ws) > 1 and first.shape[1] > first.shape[0]:
-        first = torch.linalg.qr(first.T, mode="reduced").R.T
-    return DenseChain(tuple(ws), tuple(sl), first)
+    return DenseChain(tuple(ws), tuple(sl), reduced_first(ws))
 
 
 def norm_multipliers(chain: DenseChain, theta: float = 1.0) -> list[Tensor]:
@@ -217,22 +217,10 @@ def smoothed_rho_star(
     allt = torch.cat(ts)
     if not bool((allt > 0).all() and torch.isfinite(allt).all()):
         return math.inf, math.inf, None
-    S = torch.diag(2.0 * ts[-1]) - ws[-1].T @ ws[-1]
-    factors: list[Tensor] = [torch.empty(0)] * len(ts)
-    for k in range(len(ws) - 1, 0, -1):  # hidden layer k (1-based), multipliers ts[k-1]
-        C, info = torch.linalg.cholesky_ex(S)
-        if int(info) != 0:
-            return math.inf, math.inf, None
-        factors[k - 1] = C
-        (a, b), t = sl[k - 1], ts[k - 1]
-        Wk = ws[k - 1] if k >= 2 else chain.reduced_first
-        TW = t[:, None] * Wk
-        Y = torch.linalg.solve_triangular(C, (a + b) * TW, upper=False)
-        S = Y.T @ Y
-        if a * b != 0.0:
-            S = S - 2.0 * a * b * (Wk.T @ TW)
-        if k >= 2:
-            S = torch.diag(2.0 * ts[k - 2]) - S
+    eliminated = eliminate(ws, chain.reduced_first, sl, ts)
+    if eliminated is None:
+        return math.inf, math.inf, None
+    S, factors = eliminated
     if not gradient:
         top = float(torch.linalg.eigvalsh(0.5 * (S + S.T))[-1])
         return max(top, 0.0), max(top, 0.0), None
@@ -253,6 +241,71 @@ def smoothed_rho_star(
         Z = (a + b) * torch.cholesky_solve(t[:, None] * Yk, factors[k - 1])
         grads.append(-2.0 * ((Z - a * Yk) * (Z - b * Yk)) @ w)
     return max(top, 0.0), f, grads
+
+
+def reduced_first(weights: Sequence[Tensor]) -> Tensor:
+    """``W_1``, or ``Rᵀ`` from ``W_1ᵀ = QR`` when ``W_1`` is wide (``n_0 > n_1``, chains of
+    two or more layers): ``W_1ᵀGW_1 = Q(RGRᵀ)Qᵀ`` has the spectrum of ``RGRᵀ`` plus zeros, so
+    the top eigenvalue is an ``n_1 × n_1`` problem. Differentiable."""
+    first = weights[0]
+    if len(weights) > 1 and first.shape[1] > first.shape[0]:
+        first = torch.linalg.qr(first.T, mode="reduced").R.T
+    return first
+
+
+def eliminate(
+    weights: Sequence[Tensor],
+    first: Tensor,
+    slopes: Sequence[tuple[float, float]],
+    ts: Sequence[Tensor],
+) -> tuple[Tensor, list[Tensor]] | None:
+    """The block elimination of the module docstring, from the output side: returns
+    ``M = s_1² F_1ᵀT_1S_1⁻¹T_1F_1 − 2p_1 F_1ᵀT_1F_1`` (so ``ρ*(T) = λ_max(M)``) and the Cholesky
+    factors of ``S_{L−1}, …, S_1`` (by hidden layer), or ``None`` when some ``S_k`` is not
+    positive definite. ``F_1`` is ``first``: ``W_1`` or any ``F`` with ``FᵀGF`` and
+    ``W_1ᵀGW_1`` of equal spectra. Plain torch operations: differentiable in the weights and
+    multipliers (:func:`lipsdp_value` uses that), float64 or not as given. Not certified.
+    """
+    S = torch.diag(2.0 * ts[-1]) - weights[-1].T @ weights[-1]
+    factors: list[Tensor] = [torch.empty(0)] * len(ts)
+    for k in range(len(weights) - 1, 0, -1):  # hidden layer k (1-based), multipliers ts[k-1]
+        C, info = torch.linalg.cholesky_ex(S)
+        if int(info) != 0:
+            return None
+        factors[k - 1] = C
+        (a, b), t = slopes[k - 1], ts[k - 1]
+        Wk = weights[k - 1] if k >= 2 else first
+        TW = t[:, None] * Wk
+        Y = torch.linalg.solve_triangular(C, (a + b) * TW, upper=False)
+        S = Y.T @ Y
+        if a * b != 0.0:
+            S = S - 2.0 * a * b * (Wk.T @ TW)
+        if k >= 2:
+            S = torch.diag(2.0 * ts[k - 2]) - S
+    return S, factors
+
+
+def lipsdp_value(
+    weights: Sequence[Tensor], slopes: Sequence[tuple[float, float]], ts: Sequence[Tensor]
+) -> Tensor | None:
+    """``√ρ*(T)`` for FIXED multipliers ``ts`` as a differentiable function of the weights (a
+    training penalty: :class:`lipreg.LipschitzPenalty` with ``method="lipsdp"``). At the
+    weights where ``ts`` was certified it is the certified bound up to rounding; elsewhere it
+    is ``√ρ*(T)`` of the new weights — still an upper bound of the exact-arithmetic Lipschitz
+    constant while every ``S_k ≻ 0`` (the theorem holds for any feasible ``T``), but not
+    checked in float64 (not a certificate). ``None`` when ``T`` is infeasible for these
+    weights (some ``S_k`` not positive definite): refresh the multipliers.
+    """
+    ws = list(weights)
+    first = reduced_first(ws)
+    ts = [t.detach().to(dtype=first.dtype, device=first.device) for t in ts]
+    if len(ws) == 1:
+        return torch.linalg.matrix_norm(first, 2)
+    eliminated = eliminate(ws, first, slopes, ts)
+    if eliminated is None:
+        return None
+    M = eliminated[0]
+    return torch.linalg.eigvalsh(0.5 * (M + M.T))[-1].clamp_min(0).sqrt()
 
 
 def _symmetric(G: Tensor) -> Tensor:
