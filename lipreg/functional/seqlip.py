@@ -34,7 +34,8 @@ test with an explicit rounding radius (no SVD, no enumeration: ``method``,
 ``exact_width_limit`` and ``n_restarts`` are not used, and ``top_k`` is refused). The smallest
 of its variants is kept (``"merged"``: the certified counterpart of exact SeqLip, within a
 few % of it; ``"optimised"``: the inner metrics optimised too, often well below exact
-SeqLip). A chain whose maps or pair LMIs do not fit ``dense_limit`` or the memory budget
+SeqLip; the ``"seqlip"`` ends variant, never below ``"merged"`` in our measurements, is not
+computed here). A chain whose maps or pair LMIs do not fit ``dense_limit`` or the memory budget
 (:func:`lipreg.functional.certify.memory_budget`, default 1 GiB) is refused with a
 ``ValueError`` before any work; single-map chains use the certified ladder. As for every dense
 certificate in lipreg, a chain of several nodes (e.g. conv → batch norm) is materialised in
@@ -372,7 +373,7 @@ class _Run:
         key = f"seqlip-certified:{item.maps[0].name}"
         warm = {
             e: [self.state[f"{key}:{e}:{k}"] for k in range(len(names))]
-            for e in ("merged", "seqlip", "optimised")
+            for e in ("merged", "optimised")
             if all(f"{key}:{e}:{k}" in self.state for k in range(len(names)))
         }
         cert = certified_seqlip(
@@ -381,6 +382,7 @@ class _Run:
             names=names,
             end_names=(f"{item.maps[0].name} (input end)", f"{item.maps[-1].name} (output end)"),
             warm=warm,
+            ends=("merged", "optimised"),  # "seqlip" ends: never below "merged" (measured)
         )
         for f in cert.factors:
             self.layers.append(

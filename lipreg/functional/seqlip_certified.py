@@ -48,7 +48,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -65,6 +64,7 @@ from lipreg.functional.seqlip_optimise import (
 from lipreg.functional.seqlip_pairs import ldexp_or_inf, pow2_normalise
 
 __all__ = [
+    "VARIANTS",
     "CertifiedFactor",
     "ChainedPairsCertificate",
     "certified_seqlip",
@@ -77,6 +77,8 @@ __all__ = [
 
 #: Relative shift that keeps every metric positive definite (``|W|`` is singular for wide ``W``).
 METRIC_EPS = 1e-9
+#: The choices of metrics, in the order they are computed ("optimised" starts from "merged").
+VARIANTS = ("merged", "seqlip", "optimised")
 
 
 @dataclass
@@ -356,7 +358,7 @@ def certified_seqlip(
     weights: Sequence[Tensor],
     slopes: Sequence[tuple[float, float]],
     *,
-    ends: Literal["merged", "seqlip", "optimised", "all"] = "all",
+    ends: str | Sequence[str] = "all",
     names: Sequence[str] | None = None,
     end_names: tuple[str, str] = ("input", "output"),
     warm: dict[str, list[Tensor]] | None = None,
@@ -369,11 +371,11 @@ def certified_seqlip(
         weights: ``W_1, …, W_L`` (``out × in``, at least two); converted to float64 (exact
             from lower precisions) and scaled by exact powers of two.
         slopes: ``L − 1`` slope intervals ``(a, b)``, ``a ≤ b``.
-        ends: the metrics: ``"merged"`` (SeqLip's, the certified counterpart of exact
-            SeqLip), ``"seqlip"`` (``|W|`` at the ends too), ``"optimised"`` (``"merged"``
-            then the inner metrics optimised jointly with the multipliers, see
-            :func:`~lipreg.functional.seqlip_optimise.optimise_metrics`), or ``"all"``; the
-            smallest certified value is returned.
+        ends: one variant, several, or ``"all"``: ``"merged"`` (SeqLip's metrics, the
+            certified counterpart of exact SeqLip), ``"seqlip"`` (``|W|`` at the ends too),
+            ``"optimised"`` (``"merged"`` then the inner metrics optimised jointly with the
+            multipliers, see :func:`~lipreg.functional.seqlip_optimise.optimise_metrics`);
+            the smallest certified value is returned.
         names: ``L − 1`` pair names (default ``"pair k"``); ``end_names``: the end factors.
         warm: ``multipliers`` of a previous certificate (tightness only: every value is
             re-certified).
@@ -392,7 +394,9 @@ def certified_seqlip(
     K = len(Ws) - 1
     pair_names = list(names) if names is not None else [f"pair {k + 1}" for k in range(K)]
     names3 = (pair_names, *end_names)
-    chosen = ["merged", "seqlip", "optimised"] if ends == "all" else [ends]
+    chosen = list(VARIANTS) if ends == "all" else [ends] if isinstance(ends, str) else list(ends)
+    if not chosen or any(e not in VARIANTS for e in chosen):
+        raise ValueError(f"ends must be 'all' or among {VARIANTS}, got {ends!r}.")
     if "optimised" in chosen and K < 2:
         chosen.remove("optimised")  # no inner metric: "merged" is already LipSDP-Neuron
         chosen += [] if "merged" in chosen else ["merged"]
@@ -403,7 +407,7 @@ def certified_seqlip(
     }
     cache: dict = {}
     by_ends, mults = {}, {}
-    for e in sorted(chosen, key=["merged", "seqlip", "optimised"].index):
+    for e in sorted(set(chosen), key=VARIANTS.index):
         w = (warm or {}).get(e)
         if e == "optimised":
             base_ts = (

@@ -180,11 +180,12 @@ def optimise_pair(
     assert ev is not None  # the default point is strictly feasible
     best_rho, best_t = ev.rho, t
     opt = _Adam([t.log()], [lr], steps)
-    mark, mark_it = best_rho, 0
+    # λ_max is not smooth at the optimum: progress comes in bursts, so a long patience.
+    mark, mark_it, patience = best_rho, 0, max(STALL, steps // 3)
     for it in range(steps):
         if best_rho < mark * (1 - STALL_TOL):
             mark, mark_it = best_rho, it
-        elif it - mark_it >= STALL:
+        elif it - mark_it >= patience:
             break
         (theta,) = opt.step([t * ev.grad_t / max(ev.rho, 1e-300)])  # ∇_θ log ρ
         out = pair_eval(pr, theta.exp(), ev.V, 2)
@@ -245,11 +246,12 @@ def optimise_metrics(
         raise ValueError("optimise_metrics: the starting point is not feasible.")
     best, evs = first[0], first[1]
     best_params = params
-    mark, mark_it = best, 0
+    # From a converged multiplier point Adam's first steps go uphill: a longer patience.
+    mark, mark_it, patience = best, 0, max(STALL, steps // 2)
     for it in range(steps):
         if best < mark + math.log1p(-STALL_TOL):
             mark, mark_it = best, it
-        elif it - mark_it >= STALL:
+        elif it - mark_it >= patience:
             break
         grads = [ps_t.exp() * e.grad_t / e.rho for ps_t, e in zip(params[:K], evs, strict=True)]
         for j, L in enumerate(params[K:]):
