@@ -166,6 +166,35 @@ def test_lipsdp_cvxpy_worked_example(refs: dict[str, ModuleType]) -> None:
     assert EXACT <= sol.verified.value <= EXACT * (1 + 1e-6)
 
 
+def test_stored_solve_is_reverified(refs: dict[str, ModuleType], tmp_path: Path) -> None:
+    """A stored solve is used only for the same chain and is verified again on loading: a
+    stored ρ below the true value comes back raised to a valid bound (no cvxpy needed: the
+    module imports it only to solve)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCHMARKS))
+        cvx = importlib.import_module("references.lipsdp_cvxpy")
+    lmi = refs["lipsdp_lmi"]
+    chain = ([W1, W2], [(0.0, 1.0)])
+    t = [np.full(3, FAST**2 / 9)]  # the ECLipsE-Fast point, ρ*(t) = 477/14
+    stored = cvx.LipSDPSolution(
+        solver_value=5.0,  # a "solver" claiming 5 < √29: below the Lipschitz constant
+        verified=lmi.VerifiedRho(True, 25.0, 5.0, 0.0),
+        solver="SCS",
+        status="optimal",
+        cpu_solve=1.0,
+        cpu_verify=0.0,
+        t=t,
+    )
+    path = tmp_path / "solves.json"
+    cvx.save_solution(path, "tiny", cvx.chain_digest(*chain), stored)
+    got = cvx.load_solution(path, "tiny", *chain)
+    assert got is not None and got.status == "optimal (cached)"
+    assert got.verified.passed and FAST <= got.verified.value <= FAST * (1 + 1e-9)
+    assert got.verified.inflation > 0.16  # from 5 up to √(477/14) ≈ 5.837
+    assert cvx.load_solution(path, "tiny", [W1, 2 * W2], chain[1]) is None
+    assert cvx.load_solution(path, "other", *chain) is None
+
+
 @pytest.mark.slow
 def test_tightness_quick_runs() -> None:
     """``benchmarks/tightness.py --quick --no-cvxpy`` prints its tables (≈ 10 s CPU)."""
