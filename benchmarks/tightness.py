@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import inspect
 import io
 import math
 import statistics
@@ -37,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from _common import machine_load, print_footer, print_table, setup_threads
 from references.dense_chain import dense_chain
@@ -48,7 +45,15 @@ from references.lipsdp_cvxpy import (
     load_solution,
     save_solution,
 )
-from references.lipsdp_lmi import U, verified_rho, verify_lipsdp
+from tightness_lipreg import (
+    LAST_CERTIFICATE,
+    NOT_YET,
+    REPO,
+    UPPER_COLUMNS,
+    certified_value,
+    cross_check,
+    lipreg_columns,
+)
 
 import lipreg
 from lipreg.models import PAPER_MODELS, load_glipsdp, load_glipsdp_summary, load_lipsdp
@@ -218,122 +223,8 @@ def mlp_nets() -> list[Net]:
     return nets
 
 
-# --- lipreg's columns: filled only when the function is committed in lipreg -------------
-
-NOT_YET = "n/a (not yet in lipreg)"
-REPO = Path(__file__).resolve().parents[1]
-
-
-def committed(path: str) -> bool:
-    """Whether ``path`` (relative to the repository) is tracked by git: a module another
-    helper is still writing (untracked) is not measured."""
-    out = subprocess.run(
-        ["git", "ls-files", "--error-unmatch", path], cwd=REPO, capture_output=True, check=False
-    )
-    return out.returncode == 0
-
-
-def lipreg_attr(module: str, name: str) -> Callable[..., Any] | None:
-    """``module.name`` if its file is committed and defines it, else ``None``."""
-    if not committed(module.replace(".", "/") + ".py"):
-        return None
-    return getattr(importlib.import_module(module), name, None)
-
-
-def certified_value(result: Any) -> float:
-    """The value of a lipreg result that claims to be certified; raise if it does not."""
-    if getattr(result, "certified", True) is not True:
-        raise RuntimeError(f"returned certified={result.certified} (value {result.value:.6g})")
-    return float(result.value)
-
-
-def torch_chain(weights: list[Any]) -> list[torch.Tensor]:
-    return [torch.as_tensor(w, dtype=torch.float64) for w in weights]
-
-
-#: The last certificate of each dense-chain column, re-checked by the reference verifier
-#: after the timed calls (:func:`cross_check`).
-LAST_CERTIFICATE: dict[str, Any] = {}
-
-
-def dense_certificate(key: str, fn: Callable[..., Any]) -> Callable[[Net, Any], float]:
-    """A column calling ``fn(weights, slopes)`` (a lipreg dense-chain certificate)."""
-
-    def run(_net: Net, chain: Any) -> float:
-        cert = fn(torch_chain(chain[0]), chain[1])
-        LAST_CERTIFICATE[key] = cert
-        return certified_value(cert)
-
-    return run
-
-
-def cross_check(key: str, chain: Any) -> str:
-    """Re-verify lipreg's certificate (its multipliers ``t`` and ``ρ = value²``) with the
-    reference's own float64 test; a note saying whether it passed."""
-    cert = LAST_CERTIFICATE.pop(key)
-    ts = [np.asarray(t.detach().cpu(), dtype=np.float64) for t in cert.multipliers]
-    if not ts:
-        return ""
-    rho = cert.value * cert.value * (1.0 - 4 * U)  # ≤ value², so a pass proves ≤ value
-    name = f"{UPPER_COLUMNS[key]} {cert.value:.8g} ({cert.method})"
-    if verify_lipsdp(chain[0], chain[1], ts, rho):
-        return f"{name}: re-verified by the reference test"
-    again = verified_rho(chain[0], chain[1], ts, rho)
-    if again.passed and again.inflation <= CROSS_CHECK_SLACK:
-        return (
-            f"{name}: the reference's (more conservative) test passes its multipliers at "
-            f"+{again.inflation:.1e} relative, within rounding margins"
-        )
-    extra = f"passes only at +{again.inflation:.2e}" if again.passed else again.reason
-    return f"{name}: the reference test REJECTS its multipliers ({extra})"
-
-
-#: A lipreg certificate whose multipliers the reference test accepts only after raising the
-#: value by more than this (relative) is flagged: far above the rounding margins (≈ n²u).
-CROSS_CHECK_SLACK = 1e-9
-
-
-def lipreg_columns() -> dict[str, Callable[[Net, Any], float] | None]:
-    """lipreg's upper-bound methods, each a ``(net, (weights, slopes)) -> value`` callable,
-    or ``None`` when not (yet) in lipreg. The dense-chain functions receive float64 torch
-    weights (``out × in``) and one ``(a, b)`` slope pair per hidden layer."""
-    lipsdp = lipreg_attr("lipreg.functional.lipsdp", "lipsdp_neuron")
-    eclipse = lipreg_attr("lipreg.functional.eclipse", "eclipse_fast")
-    seqlip_cert = committed("lipreg/functional/seqlip_certified.py") and (
-        "certify" in inspect.signature(lipreg.seqlip).parameters
-    )
-    bound = getattr(lipreg, "certified_bound", None)
-    if not committed("lipreg/functional/tight.py"):
-        bound = None
-    return {
-        "autolip": lambda n, _c: certified_value(
-            lipreg.autolip(n.model, n.shape, certify=True, dtype=torch.float64)
-        ),
-        "tight": None if lipsdp is None else dense_certificate("tight", lipsdp),
-        "eclipse": None if eclipse is None else dense_certificate("eclipse", eclipse),
-        "seqlip_cert": None
-        if not seqlip_cert
-        else lambda n, _c: certified_value(
-            lipreg.seqlip(n.model, n.shape, certify=True, dtype=torch.float64)
-        ),
-        "certified_bound": None
-        if bound is None
-        else lambda n, _c: certified_value(bound(n.model, n.shape)),
-    }
-
-
 # --- measuring one network ---------------------------------------------------------------
 
-UPPER_COLUMNS = {
-    "autolip": "AutoLip",
-    "tight": "lipreg LipSDP-Neuron",
-    "eclipse": "lipreg ECLipsE-Fast",
-    "seqlip_cert": "lipreg SeqLip (cert.)",
-    "certified_bound": "certified_bound",
-    "seqlip_exact": "SeqLip exact",
-    "eclipse_ref": "ECLipsE-Fast ref",
-    "lipsdp_ref": "LipSDP-Neuron cvxpy",
-}
 EXACT_WIDTH_LIMIT = 20
 
 
@@ -494,11 +385,65 @@ def table_text(headers: list[str], rows: list[list[str]]) -> str:
     return buffer.getvalue()
 
 
+LIPREG_UPPER = ("autolip", "tight", "eclipse", "seqlip_cert", "certified_bound")
+
+
+def best_lipreg(row: Row) -> tuple[str, Cell] | None:
+    """lipreg's tightest certified column on this row, or ``None``."""
+    found = [(k, row.cells[k]) for k in LIPREG_UPPER if math.isfinite(row.cells[k].value)]
+    return min(found, key=lambda kc: kc[1].value) if found else None
+
+
+def quotient(num: float, den: float) -> float:
+    return num / den if math.isfinite(num) and math.isfinite(den) and den > 0 else NAN
+
+
+def target_rows(rows: list[Row]) -> list[list[str]]:
+    """Per network group: lipreg's tightest certificate divided by each reference (median
+    (min–max) over seeds), and the CPU-time ratio cvxpy / that certificate (issue 9's
+    targets: ≤ 1.01 / 1.03 × LipSDP, ≥ 20× faster, never above ECLipsE-Fast)."""
+
+    def spread(values: list[float]) -> str:
+        if not values or not all(math.isfinite(v) for v in values):
+            return "–"
+        if len(values) == 1:
+            return f"{values[0]:.4f}"
+        return f"{statistics.median(values):.4f} ({min(values):.4f}–{max(values):.4f})"
+
+    out = []
+    for name, members in grouped(rows):
+        best = [best_lipreg(r) for r in members]
+        if any(b is None for b in best):
+            continue
+        keys = sorted({b[0] for b in best if b is not None})
+        vals = [b[1] for b in best if b is not None]
+        per_ref = [
+            spread(
+                [quotient(v.value, r.cells[ref].value) for v, r in zip(vals, members, strict=True)]
+            )
+            for ref in ("lipsdp_ref", "eclipse_ref", "seqlip_exact")
+        ]
+        cpu = [
+            quotient(r.cells["lipsdp_ref"].cpu, v.cpu) for v, r in zip(vals, members, strict=True)
+        ]
+        finite = [c for c in cpu if math.isfinite(c)]
+        speed = f"{statistics.median(finite):.3g}×" if finite else "–"
+        out.append([name, ", ".join(UPPER_COLUMNS[k] for k in keys), *per_ref, speed])
+    return out
+
+
 def report(rows: list[Row], header: str) -> str:
-    """The three tables (ratios per network/group, values, CPU seconds) and the notes."""
+    """The tables (issue-9 targets, ratios per network/group, values, CPU seconds) and the
+    notes."""
     uppers = list(UPPER_COLUMNS)
     labels = [UPPER_COLUMNS[k] for k in uppers]
     parts = [header]
+    targets = target_rows(rows)
+    if targets:
+        parts.append("\n### lipreg's tightest certified bound / references (issue 9 targets)\n\n")
+        heads = ["network", "lipreg's tightest", "÷ LipSDP cvxpy", "÷ ECLipsE-Fast ref"]
+        heads += ["÷ SeqLip exact", "CPU cvxpy ÷ lipreg (median)"]
+        parts.append(table_text(heads, targets))
     parts.append("\n### Upper bound / best lower bound (1 = tight)\n\n")
     ratio_rows = [[name] + [fmt_ratios(m, k) for k in uppers] for name, m in grouped(rows)]
     parts.append(table_text(["network", *labels], ratio_rows))
