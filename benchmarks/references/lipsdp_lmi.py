@@ -132,7 +132,8 @@ def certifies_pd(matrix: np.ndarray, radius: np.ndarray) -> bool:
     scaled = (d[:, None] * matrix) * d[None, :]
     err = (d[:, None] * radius) * d[None, :] * (1.0 + 4 * U) + gamma(3) * np.abs(scaled)
     g = gamma(n + 1)
-    c = 2.0 * g / (1.0 - g) * float(np.trace(scaled)) + float(np.abs(err).sum(axis=1).max())
+    row_sums = float(err.sum(axis=1).max()) * (1.0 + gamma(n + 2))  # the sums' own rounding
+    c = 2.0 * g / (1.0 - g) * float(np.trace(scaled)) + row_sums
     c = (c + U * float(np.diag(scaled).max()) + n * 2.0**-1000) * (1.0 + 8 * U)
     try:
         np.linalg.cholesky(scaled - c * np.eye(n))
