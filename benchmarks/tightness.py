@@ -497,7 +497,7 @@ def networks(args: argparse.Namespace) -> list[Net]:
     ]
 
 
-def header(columns: dict[str, Any], args: argparse.Namespace, load: str) -> str:
+def header(columns: dict[str, Any], rounds: int, load: str) -> str:
     head = subprocess.run(
         ["git", "log", "-1", "--format=%h %s"], cwd=REPO, capture_output=True, text=True
     ).stdout.strip()
@@ -511,6 +511,15 @@ def header(columns: dict[str, Any], args: argparse.Namespace, load: str) -> str:
         "Cholesky test with an explicit rounding margin accepted the multipliers). LipSDP-Neuron "
         "cvxpy shows the verified value (the solver's own value is in the notes). 'best LB' is "
         "the larger of lipreg's certified lower bound and a lower bound known on the same map.\n"
+        "\nColumns: AutoLip = `lipreg.autolip(certify=True)`; lipreg LipSDP-Neuron / ECLipsE-Fast "
+        "= `lipreg.functional.lipsdp.lipsdp_neuron` / `lipreg.functional.eclipse.eclipse_fast` "
+        "on the network's dense chain (CNNs: their exact dense conv matrices); lipreg SeqLip "
+        "(cert.) = `lipreg.seqlip(certify=True)`; certified_bound = `lipreg.certified_bound` "
+        "(default budget); SeqLip exact = `lipreg.seqlip(method='exact')` (hidden widths ≤ 20); "
+        "ECLipsE-Fast ref and LipSDP-Neuron cvxpy = `benchmarks/references` (independent of "
+        "lipreg; cvxpy solves stored in `results/tightness_lipsdp_solves.json` and re-verified "
+        "on every run, CPU = the stored solve's). CPU: `time.process_time`, one thread, median "
+        f"of {rounds} interleaved rounds (one run above {LONG_SECONDS:g} s).\n"
     )
 
 
@@ -555,7 +564,7 @@ def main() -> None:
     for net in networks(args):
         print(f"... {net.name}", file=sys.stderr, flush=True)
         rows.append(measure(net, columns, opts))
-    text = report(rows, header(columns, args, load))
+    text = report(rows, header(columns, opts.rounds, load))
     print(text)
     print_footer(
         load, "2 small networks, 1 round, small lower-bound search" if args.quick else None
