@@ -356,7 +356,7 @@ def lower_bound(
             0 (default) skips it; ~100 is a good budget for ReLU networks.
         n_walk_steps: steps of the walk over reachable activation patterns
             (:func:`~lipreg.functional.lower_bound_search.pattern_walk`) from the
-            ``max(n_chains, n_certify)`` best points, last. 0 (default) skips it; ~30 is a
+            ``n_chains`` best distinct points found so far, last. 0 (default) skips it; ~30 is a
             good budget. Needs ``nn.ReLU`` modules (a note says when there is none).
 
     Returns:
@@ -406,7 +406,7 @@ def lower_bound(
     if n_ascent_steps > 0:
         extra = _run_ascent(search, model, all_x, all_s, std, n_ascent_steps, n_chains, progress)
     if n_walk_steps > 0:
-        _run_walk(search, model, n_walk_steps, extra, progress)
+        _run_walk(search, model, n_walk_steps, n_chains, extra, progress)
     pool = search.pool
     assert pool.x is not None and pool.v is not None and pool.sig is not None
     k = min(n_certify, pool.x.shape[0])
@@ -448,17 +448,23 @@ def _run_walk(
     search: _Search,
     model: nn.Module,
     n_steps: int,
+    n_chains: int,
     extra: tuple[Tensor, Tensor, Tensor] | None,
     progress: bool,
 ) -> None:
-    """The pattern walk from every pooled point and from the best point of each ascent chain
-    (``extra``: distinct regions, where the pool may hold one trajectory several times); a
-    note when the model has no ``nn.ReLU``."""
+    """The pattern walk from the ``n_chains`` best distinct points among the pooled ones and
+    the best point of each ascent chain (``extra``: distinct regions, where the pool may hold
+    one trajectory several times); a note when the model has no ``nn.ReLU``."""
     pool = search.pool
     assert pool.x is not None and pool.sig is not None and pool.v is not None
     x, sig, v = pool.x, pool.sig, pool.v
     if extra is not None:
         x, sig, v = (torch.cat([a, b.to(a.dtype)]) for a, b in zip((x, sig, v), extra, strict=True))
+    keep: list[int] = []
+    for i in torch.argsort(sig, descending=True, stable=True).tolist():
+        if len(keep) < max(n_chains, 1) and not any(torch.equal(x[i], x[j]) for j in keep):
+            keep.append(i)
+    x, sig, v = x[keep], sig[keep], v[keep]
     ran = pattern_walk(
         model,
         x.clone(),

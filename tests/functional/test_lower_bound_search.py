@@ -287,7 +287,7 @@ def test_conv_net_stays_below_the_walked_piece_and_is_witnessed() -> None:
         scale=0.7,
     )
     res = lipreg.lower_bound(
-        net, (1, 4, 4), n_random=32, batch_size=32, n_anneal_steps=2, **STRATEGIES
+        net, (1, 4, 4), n_random=32, batch_size=32, n_anneal_steps=2, n_chains=8, **STRATEGIES
     )
     assert_witnessed(net, res)
     # ≤ the product of the conv's and the linear layer's norms (an upper bound of L)
