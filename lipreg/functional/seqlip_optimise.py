@@ -206,7 +206,7 @@ def optimise_metrics(
     ts: Sequence[Tensor],
     *,
     steps: int = 300,
-    lr: float = 0.05,
+    lr: float = 0.02,
 ) -> tuple[list[Tensor | None], list[Tensor], float]:
     """Jointly optimise the multipliers and the *inner* metrics ``G_1 … G_{L-2}`` of a chain
     (the end metrics ``metrics[0]`` and ``metrics[-1]`` stay fixed) to minimise
