@@ -20,16 +20,24 @@ terms ``t_i (Δv_i − aΔz_i)(bΔz_i − Δv_i)`` are ≥ 0). Chaining the pair
     L(f)^2 \\le λ_{\\max}(G_0) \\prod_k ρ_k \\; λ_{\\max}(G_{L-1}^{-1/2} W_L^\\top W_L
         G_{L-1}^{-1/2}).
 
-Two choices of metrics are computed (``ends``):
+Three choices of metrics (``ends``, :data:`VARIANTS`):
 
 * ``"merged"``: ``G_0 = I``, ``G_k = |W_{k+1}| + εI`` inside, ``G_{L-1} = W_L^\\top W_L + εI``
   (``|W| = (W^\\top W)^{1/2}``). If every pair LMI were tight, pair ``k`` would be exactly the
   pair factor of SeqLip (Scaman & Virmaux 2018, eq. 8, ``Σ̃ = Σ`` at the ends), which is what
   ``lipreg.seqlip(method="exact")`` enumerates: this is the certified counterpart of exact
-  SeqLip (for one hidden layer, it is LipSDP-Neuron).
+  SeqLip (for one hidden layer, it is LipSDP-Neuron). Measured on 36 random nets of widths
+  ≤ 16: 1.000–1.03 × exact SeqLip.
 * ``"seqlip"``: ``G_k = |W_{k+1}| + εI`` everywhere, i.e. ``Σ̃ = Σ^{1/2}`` at every pair and the
   ends ``‖W_1‖, ‖W_L‖`` as separate factors; never tighter than ``"merged"`` in exact
-  arithmetic, kept for comparison (design note §4).
+  arithmetic for exact pairs, kept for comparison (design note §4).
+* ``"optimised"``: ``"merged"``, then the inner metrics ``G_1 … G_{L-2}`` optimised jointly with
+  the multipliers (:func:`~lipreg.functional.seqlip_optimise.optimise_metrics`): the chain is
+  then no longer SeqLip's split of the network, and is often far below exact SeqLip
+  (0.61–1.0 ×, measured) and close to LipSDP-Neuron on deep nets.
+
+Cost per pair: Adam steps of one ``n × n`` Cholesky and a few products (``n`` the hidden width),
+then one ``eigvalsh`` (``m × m``) and a few Cholesky tests of the ``(m + n)²`` LMI.
 
 **Guarantee.** The metrics, multipliers and ``ρ`` are any float64 numbers, treated as exact data
 (the same float metric is used on both sides of each link, so SVD rounding costs tightness only).
