@@ -195,6 +195,25 @@ def test_stored_solve_is_reverified(refs: dict[str, ModuleType], tmp_path: Path)
     assert cvx.load_solution(path, "other", *chain) is None
 
 
+def test_input_reduction_keeps_the_lmi_value(refs: dict[str, ModuleType]) -> None:
+    """The cvxpy reference solves with a wide W_1 replaced by Rᵀ (W_1ᵀ = QR): for the same
+    multipliers the smallest feasible ρ is the same (brute force: ρ*(T) on both chains)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCHMARKS))
+        cvx = importlib.import_module("references.lipsdp_cvxpy")
+    lmi = refs["lipsdp_lmi"]
+    weights = random_chain(7, (9, 3, 4, 2))
+    slopes = [(0.0, 1.0), (0.1, 1.0)]
+    reduced = cvx.reduce_input(weights)
+    assert reduced[0].shape == (3, 3)
+    np.testing.assert_allclose(reduced[0] @ reduced[0].T, weights[0] @ weights[0].T, atol=1e-12)
+    s2 = np.linalg.norm(weights[2], 2) ** 2
+    t = [40 * s2 * np.linalg.norm(weights[1], 2) ** 2 * np.ones(3), 2 * s2 * np.ones(4)]
+    full = lmi.rho_star(weights, slopes, t)
+    assert math.isfinite(full)
+    assert lmi.rho_star(reduced, slopes, t) == pytest.approx(full, rel=1e-10)
+
+
 @pytest.mark.slow
 def test_tightness_quick_runs() -> None:
     """``benchmarks/tightness.py --quick --no-cvxpy`` prints its tables (≈ 10 s CPU)."""
