@@ -53,7 +53,7 @@ from torch import Tensor
 
 from lipreg.functional.certify import matrix_norm_certificate
 from lipreg.functional.linear_map import LinearMap
-from lipreg.functional.lmi import ETA, UNIT_ROUNDOFF, gamma, rump_shift, sqrt_up
+from lipreg.functional.lmi import ETA, UNIT_ROUNDOFF, gamma, product_radius, rump_shift, sqrt_up
 from lipreg.functional.power_iteration import operator_norm
 from lipreg.functional.specs import ConvData
 
@@ -66,6 +66,7 @@ __all__ = [
     "conv_linear_map",
     "gram_plan",
     "output_spatial",
+    "pointwise_product_bound",
 ]
 
 _CHUNK_BYTES = 8 * 2**20  # gathered kernel-pair matrices per index_add
@@ -392,3 +393,36 @@ def certify_conv_norm(
             return ConvNormCertificate(bound, "conv-gram", delta, plan.side)
         delta *= 4
     return None
+
+
+def pointwise_product_bound(weights: list[Tensor], kernel_errors: list[float]) -> float:
+    """Certified ``‖A‖`` of a chain of 1×1 convolutions (``groups = 1``, any strides and
+    paddings) with float64 kernel matrices ``Ŵ_1, …, Ŵ_m`` (application order, ``out × in``)
+    whose entries are within ``kernel_errors[i] · |Ŵ_i|`` of the exact ones.
+
+    Each 1×1 convolution is ``W_i ⊗ S_i`` with ``S_i`` a position map reading at most one input
+    per output and feeding at most one output per input (``‖S_i‖ ≤ 1``); they commute, so
+    ``A = (W_m ⋯ W_1) ⊗ (S_m ⋯ S_1)`` and ``‖A‖ ≤ ‖W_m ⋯ W_1‖``. The product ``M̂`` is formed in
+    float64 while an entrywise bound ``E ≥ |M̂ − W_m ⋯ W_1|`` is carried:
+    ``E' = |Ŵ|E + Err_Ŵ |M̂| + Err_Ŵ E + γ_{n+2}|Ŵ||M̂| + 2(n+1)η`` for each new factor
+    (:func:`~lipreg.functional.lmi.product_radius` for the rounding of ``Ŵ M̂``), every
+    non-negative product inflated by ``(1 + γ_{n+2})``. Then ``‖A‖ ≤ cert(M̂) + ‖E‖_F``, with
+    ``cert`` the dense certificate (:func:`~lipreg.functional.certify.matrix_norm_certificate`).
+    """
+
+    product = weights[0].detach().to(torch.float64)
+    err = kernel_errors[0] * product.abs()
+    for w, rel in zip(weights[1:], kernel_errors[1:], strict=True):
+        w = w.detach().to(torch.float64)
+        inflate = 1 + gamma(w.shape[1] + 2)
+        w_abs, w_err = w.abs(), rel * w.abs()
+        err = (
+            w_abs @ err * inflate
+            + w_err @ product.abs() * inflate
+            + w_err @ err * inflate
+            + product_radius(w, product)
+        ) * _SUM_SAFETY
+        product = w @ product
+    frob = sqrt_up(float((err * err).sum()) * _SUM_SAFETY)
+    cert = matrix_norm_certificate(product)
+    return (cert.bound + frob) * (1 + 4 * UNIT_ROUNDOFF)

@@ -15,7 +15,9 @@ entries, in order:
 5. :func:`merged_conv_chain` — ``[batch norm]* conv [batch norm]*``: the scales folded into
    the kernel (:func:`~lipreg.functional.conv_chain.merged_conv`), then the exact-up-to-rounding
    Gram test of the zero-padded convolution (:mod:`lipreg.functional.banded_gram`), or the
-   merged kernel's torus bound when that is already within 0.1 % of the estimate.
+   merged kernel's torus bound when that is already within 0.1 % of the estimate (or when the
+   Gram test exceeds the memory budget, said in ``method``); several 1×1 convolutions with
+   batch norms: the certified norm of the product of their kernel matrices.
 6. :func:`product_of_op_certificates` — ``‖A‖ ≤ Π_i ‖A_i‖`` with each ``‖A_i‖`` certified by
    the first entry of :data:`OP_LADDER` that answers (closed form, dense weight, the rule's
    own ``certify`` (FFT for convolutions), Schur test for non-negative maps, materialised
@@ -45,7 +47,12 @@ import torch
 from torch import Tensor, fx, nn
 
 from lipreg.functional.analysis import Analysis
-from lipreg.functional.banded_gram import abs_norm_bound, certify_conv_norm, gram_plan
+from lipreg.functional.banded_gram import (
+    abs_norm_bound,
+    certify_conv_norm,
+    gram_plan,
+    pointwise_product_bound,
+)
 from lipreg.functional.certify import (
     current_budget,
     dense_bytes,
@@ -75,6 +82,7 @@ __all__ = [
     "lone_weight_at_model_precision",
     "merged_conv_chain",
     "merged_conv_value",
+    "pointwise_factors",
     "product_of_op_certificates",
 ]
 
@@ -227,25 +235,49 @@ def merged_conv_chain(ctx: ChainContext) -> LayerBound | None:
     zero-padded convolution, reshapes at the ends): the isometries contribute their scalar
     (``‖Q A‖ = ‖A Q‖ = ‖A‖``), the rest is ONE convolution ``Â`` with the scales folded into
     its float64 kernel (:func:`~lipreg.functional.conv_chain.merged_conv`), certified by
-    :func:`merged_conv_value`. Certified."""
+    :func:`merged_conv_value`. Or, between the isometries, several 1×1 convolutions with
+    scales (:func:`pointwise_factors`): ``"conv-pointwise-product"``, the certified norm of
+    the product of their kernel matrices
+    (:func:`~lipreg.functional.banded_gram.pointwise_product_bound`). Certified."""
     b = ctx.bounder
     if not b.certify or not ctx.core:
         return None
     specs = ctx.bound_specs
     inner = [i for i, spec in enumerate(specs) if not spec.isometry]
-    conv = merged_conv(specs[inner[0] : inner[-1] + 1])
-    if conv is None:
+    span = specs[inner[0] : inner[-1] + 1]
+    conv = merged_conv(span)
+    factors = pointwise_factors(span) if conv is None else None
+    scale = ctx.scale * CLOSED_FORM_PAD if ctx.scale != 1.0 else 1.0
+    if (conv is None and factors is None) or not scale > 0:  # scale 0: closed form answered
         return None
     res = ctx.iterative()
-    scale = ctx.scale * CLOSED_FORM_PAD if ctx.scale != 1.0 else 1.0
-    if not scale > 0:  # a zero isometry: the closed form answered before this entry
-        return None
+    if factors is not None:
+        value = pointwise_product_bound(*factors) * scale
+        return _with_iterative(ctx, res, value, upper=value, method="conv-pointwise-product")
     kernel_error = gamma(2 * (inner[-1] - inner[0] + 1) + 1)
     estimate = res.sigma / ctx.scale
     core, method, details = merged_conv_value(ctx, conv, estimate, kernel_error, res.v)
     bound = _with_iterative(ctx, res, core * scale, upper=core * scale, method=method)
     bound.extra.update(details)
     return bound
+
+
+def pointwise_factors(specs: Sequence[Affine]) -> tuple[list[Tensor], list[float]] | None:
+    """A chain of several ``[scale]* conv1×1 [scale]*`` pieces (``groups = 1``; e.g. a
+    MobileNet projection followed by the next expansion) as its float64 kernel matrices and
+    their folding errors ``γ_{2m+1}`` (``m`` ops folded into each), or ``None``."""
+    convs = [i for i, spec in enumerate(specs) if spec.conv is not None]
+    if len(convs) < 2:
+        return None
+    starts = [0, *convs[1:]]
+    weights, errors = [], []
+    for start, stop in zip(starts, [*convs[1:], len(specs)], strict=True):
+        conv = merged_conv(specs[start:stop])
+        if conv is None or conv.groups != 1 or any(k != 1 for k in conv.weight.shape[2:]):
+            return None
+        weights.append(conv.weight.flatten(1))
+        errors.append(gamma(2 * (stop - start) + 1))
+    return weights, errors
 
 
 def merged_conv_value(

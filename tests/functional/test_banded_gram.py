@@ -17,6 +17,7 @@ from lipreg.functional.banded_gram import (
     certify_conv_norm,
     gram_plan,
     output_spatial,
+    pointwise_product_bound,
 )
 from lipreg.functional.specs import ConvData
 from tests.helpers import gen
@@ -155,3 +156,20 @@ def test_plan_picks_the_smaller_side() -> None:
     widening = _conv((2, 8, 8), (16, 2, 3, 3), (1, 1), (1, 1), (1, 1), 1)
     assert gram_plan(widening).side == "input"
     assert gram_plan(widening).size == 2 * 64 and gram_plan(widening).reach == 2
+
+
+@pytest.mark.parametrize("strides", [(1, 1), (2, 1), (1, 3)])
+def test_pointwise_product_is_the_product_matrix_norm(strides) -> None:
+    """Two 1×1 convolutions (paddings, strides) composed: the norm of W_b W_a, exactly."""
+    g = gen(7)
+    wa = torch.randn(6, 4, 1, 1, dtype=F64, generator=g)
+    wb = torch.randn(3, 6, 1, 1, dtype=F64, generator=g)
+    x_shape = (4, 7, 6)
+    n = math.prod(x_shape)
+    x = torch.eye(n, dtype=F64).reshape(n, *x_shape)
+    y = F.conv2d(F.conv2d(x, wa, None, strides[0], 1), wb, None, strides[1], 0)
+    true = _norm(y.reshape(n, -1).T)
+    bound = pointwise_product_bound([wa.flatten(1), wb.flatten(1)], [0.0, 0.0])
+    assert true <= bound <= true * (1 + 1e-8)  # the dense certificate pads by 1e-9
+    padded = pointwise_product_bound([wa.flatten(1), wb.flatten(1)], [1e-3, 1e-3])
+    assert padded > bound * (1 + 1e-4)  # the kernel errors are accounted for

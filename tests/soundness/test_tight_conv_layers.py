@@ -117,6 +117,27 @@ def test_tight_chains_never_exceed_the_old_product() -> None:
     assert new.value <= old.value
 
 
+def test_chain_of_pointwise_convolutions() -> None:
+    """A MobileNet-style projection (1×1 conv + BN) followed by the next expansion (1×1 conv +
+    BN), no activation between: one chain, certified as the product of the kernel matrices."""
+    model = nn.Sequential(
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 3, 1, bias=False),
+        nn.BatchNorm2d(3),
+        nn.Conv2d(3, 8, 1, stride=2, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU6(),
+    ).double()
+    init_weights(model, 6, scale=0.5, batchnorm_stats=True)
+    model.eval()
+    shape = (4, 7, 7)
+    result = lipreg.autolip(model, shape, dense_limit=0)
+    truth = _true_chain_norms(model, shape)
+    (layer,) = [layer for layer in result.layers if layer.method == "conv-pointwise-product"]
+    assert truth[layer.name] <= layer.value <= truth[layer.name] * (1 + 1e-8)
+
+
 def test_memory_budget_falls_back_to_the_merged_torus_bound() -> None:
     model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8)).double()
     init_weights(model, 5, scale=0.4, batchnorm_stats=True)
