@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import lipreg
+from lipreg.functional import ladder
 from lipreg.functional.analysis import analyse
 from lipreg.functional.chains import chain_linear_map, find_affine_chains
 from tests.helpers import init_weights
@@ -101,8 +102,6 @@ def test_tight_chains_never_exceed_the_old_product() -> None:
     """The new entry is at most the product of the op certificates it pre-empts."""
     model = _model(2, seed=4)
     new = lipreg.autolip(model, SHAPES[2], dense_limit=0)
-    from lipreg.functional import ladder
-
     old_ladder = [e for e in ladder.LADDER if e is not ladder.merged_conv_chain]
     old_values = {}
     original = list(ladder.LADDER)
