@@ -87,3 +87,24 @@ def test_certified_seqlip_is_sound(seed: int) -> None:
     label = f"{name} {sizes}"
     assert res.value >= oracle.lower * (1 - REL_TOL), (label, res.value, oracle.lower)
     assert res.value >= patterns * (1 - REL_TOL), (label, res.value, patterns)
+
+
+@pytest.mark.slow
+def test_certified_seqlip_small_cnn_is_sound() -> None:
+    """Convolutions are materialised (zero padding, a flatten merged into the linear layer)."""
+    g = torch.Generator().manual_seed(11)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(2, 2, 3, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(2 * 6 * 6, 3),
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    res = lipreg.seqlip(model, (1, 6, 6), certify=True)
+    assert res.certified and res.kind == "upper"
+    oracle = oracle_lower_bound(model, (1, 6, 6), seed=11)
+    assert res.value >= oracle.lower * (1 - REL_TOL), (res.value, oracle.lower)
