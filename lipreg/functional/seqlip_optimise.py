@@ -163,8 +163,7 @@ def optimise_pair(
     """Multipliers ``t`` (and the estimate ``ρ̂``) approximately minimising ``ρ*(T)`` for fixed
     metrics.
 
-    Adam on ``θ = log t`` minimising ``log ρ*`` (stopped early after ``STALL`` steps without
-    progress); leaving the domain restores the last feasible
+    Adam on ``θ = log t`` minimising ``log ρ*``; leaving the domain restores the last feasible
     ``θ`` and halves the rate; the best ``t`` seen is returned. Start: ``t0`` if feasible (a
     warm start), else ``t = λ_max(G_out) 1`` (then ``S ⪰ tI`` and ``ρ* ≤ s² t ‖M‖²``, the
     product-of-norms point for ReLU).
@@ -180,13 +179,9 @@ def optimise_pair(
     assert ev is not None  # the default point is strictly feasible
     best_rho, best_t = ev.rho, t
     opt = _Adam([t.log()], [lr], steps)
-    # λ_max is not smooth at the optimum: progress comes in bursts, so a long patience.
-    mark, mark_it, patience = best_rho, 0, max(STALL, steps // 3)
-    for it in range(steps):
-        if best_rho < mark * (1 - STALL_TOL):
-            mark, mark_it = best_rho, it
-        elif it - mark_it >= patience:
-            break
+    # No early stop: λ_max is not smooth at the optimum and progress comes in bursts as the
+    # rate decays (stopping after 100 idle steps cost 0.9 % at width 1000).
+    for _ in range(steps):
         (theta,) = opt.step([t * ev.grad_t / max(ev.rho, 1e-300)])  # ∇_θ log ρ
         out = pair_eval(pr, theta.exp(), ev.V, 2)
         if out is None:
