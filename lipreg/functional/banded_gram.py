@@ -409,7 +409,6 @@ def pointwise_product_bound(weights: list[Tensor], kernel_errors: list[float]) -
     non-negative product inflated by ``(1 + γ_{n+2})``. Then ``‖A‖ ≤ cert(M̂) + ‖E‖_F``, with
     ``cert`` the dense certificate (:func:`~lipreg.functional.certify.matrix_norm_certificate`).
     """
-
     product = weights[0].detach().to(torch.float64)
     err = kernel_errors[0] * product.abs()
     for w, rel in zip(weights[1:], kernel_errors[1:], strict=True):
