@@ -365,16 +365,20 @@ class _Run:
 
     def certified_chain(self, item: SeqChain) -> None:
         """Certified pair factors of a chain (:func:`certified_seqlip`), warm-started from
-        ``state`` (keys ``seqlip-certified:<first map>:<variant>:<pair>``)."""
+        ``state`` (keys ``seqlip-certified:<first map>:<variant>:<index>``)."""
         names = [
             pair_name(item.maps[i].name, act, item.maps[i + 1].name)
             for i, (_, _, act) in enumerate(item.boxes)
         ]
         key = f"seqlip-certified:{item.maps[0].name}"
-        warm = {
-            e: [self.state[f"{key}:{e}:{k}"] for k in range(len(names))]
-            for e in ("merged", "optimised")
-            if all(f"{key}:{e}:{k}" in self.state for k in range(len(names)))
+        warm = {  # multipliers per variant, and the optimised inner metrics
+            e: [self.state[f"{key}:{e}:{k}"] for k in range(size)]
+            for e, size in (
+                ("merged", len(names)),
+                ("optimised", len(names)),
+                ("optimised:metrics", len(names) - 1),
+            )
+            if all(f"{key}:{e}:{k}" in self.state for k in range(size))
         }
         cert = certified_seqlip(
             [self.dense_map(m) for m in item.maps],

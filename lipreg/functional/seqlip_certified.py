@@ -120,7 +120,8 @@ class ChainedPairsCertificate:
         values: certified value per choice of ends computed.
         factors: the factors of ``value`` (their product, rounded, is ``value``).
         factors_by_ends: the factors of every choice of ends.
-        multipliers: the multipliers ``t`` of every pair per ends (pass back as ``warm=``).
+        multipliers: the multipliers ``t`` of every pair per variant, and the optimised inner
+            metrics under ``"optimised:metrics"`` (pass the dict back as ``warm=``).
         seconds: wall time.
     """
 
@@ -386,7 +387,7 @@ def certified_seqlip(
             the smallest certified value is returned.
         names: ``L − 1`` pair names (default ``"pair k"``); ``end_names``: the end factors.
         warm: ``multipliers`` of a previous certificate (tightness only: every value is
-            re-certified).
+            re-certified; entries whose shapes do not match are ignored).
         steps: optimiser steps per pair (and for the joint metric optimisation).
 
     Returns:
@@ -418,21 +419,12 @@ def certified_seqlip(
     for e in sorted(set(chosen), key=VARIANTS.index):
         w = (warm or {}).get(e)
         if e == "optimised":
-            base_ts = (
-                mults.get("merged")
-                or _chain(
-                    Ws,
-                    exps,
-                    slopes,
-                    metrics["merged"],
-                    names3,
-                    (warm or {}).get("merged"),
-                    steps,
-                    cache,
-                )[1]
+            start_metrics, start_ts = _optimised_start(
+                Ws, exps, slopes, metrics["merged"], mults, warm or {}, (names3, steps, cache)
             )
-            metrics[e], w, _ = optimise_metrics(Ws, slopes, metrics["merged"], base_ts, steps=steps)
+            metrics[e], w, _ = optimise_metrics(Ws, slopes, start_metrics, start_ts, steps=steps)
             by_ends[e], mults[e] = _chain(Ws, exps, slopes, metrics[e], names3, w, 0, cache)
+            mults["optimised:metrics"] = list(metrics[e][1:-1])
         else:
             by_ends[e], mults[e] = _chain(Ws, exps, slopes, metrics[e], names3, w, steps, cache)
     values = {e: math.prod(x.value for x in f) for e, f in by_ends.items()}
@@ -446,6 +438,34 @@ def certified_seqlip(
         multipliers=mults,
         seconds=time.perf_counter() - start,
     )
+
+
+def _optimised_start(
+    Ws: list[Tensor],
+    exps: list[int],
+    slopes: Sequence[tuple[float, float]],
+    merged: list[Tensor | None],
+    mults: dict[str, list[Tensor]],
+    warm: dict[str, list[Tensor]],
+    run: tuple[tuple[list[str], str, str], int, dict],
+) -> tuple[list[Tensor | None], list[Tensor]]:
+    """Start of the metric optimisation: the previous optimised metrics and multipliers when
+    ``warm`` holds them with matching shapes, else the ``"merged"`` point (solved if needed)."""
+    inner, ts = warm.get("optimised:metrics"), warm.get("optimised")
+    sizes = [W.shape[0] for W in Ws[:-1]]
+    if (
+        inner is not None
+        and ts is not None
+        and [G.shape for G in inner] == [(n, n) for n in sizes[:-1]]
+        and [t.shape for t in ts] == [(n,) for n in sizes]
+    ):
+        return [merged[0], *[G.to(torch.float64) for G in inner], merged[-1]], list(ts)
+    if "merged" not in mults:
+        names3, steps, cache = run
+        mults["merged"] = _chain(
+            Ws, exps, slopes, merged, names3, warm.get("merged"), steps, cache
+        )[1]
+    return merged, mults["merged"]
 
 
 def _prepare(

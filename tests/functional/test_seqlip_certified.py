@@ -206,3 +206,10 @@ def test_refusals_say_what_to_do() -> None:
     conv = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
     with pytest.raises(ValueError, match="memory budget"):
         lipreg.seqlip(conv, (3, 32, 32), certify=True)
+
+
+def test_warm_start_with_other_shapes_is_ignored_and_still_sound() -> None:
+    Ws = random_weights([3, 4, 3, 2], seed=8)
+    other = certified_seqlip(random_weights([3, 5, 2, 2], seed=9), [(0.0, 1.0)] * 2, steps=50)
+    cert = certified_seqlip(Ws, [(0.0, 1.0)] * 2, warm=other.multipliers, steps=100)
+    assert cert.value >= brute_force(Ws, (0.0, 1.0)) * (1 - 1e-12)
