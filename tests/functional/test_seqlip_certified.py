@@ -186,15 +186,15 @@ def test_seqlip_certify_leaves_exact_and_greedy_unchanged() -> None:
 @pytest.mark.slow
 def test_wide_net_is_certified_in_reasonable_time() -> None:
     net = mlp([20, 200, 200, 10], [nn.ReLU], seed=3)
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: robust to a busy machine
     r = lipreg.seqlip(net, (20,), certify=True)
-    seconds = time.perf_counter() - start
+    seconds = time.process_time() - start
     assert r.certified
     norms = math.prod(
         float(torch.linalg.matrix_norm(net[i].weight.detach().double(), 2)) for i in (0, 2, 4)
     )
     assert max_jacobian_norm(net, 20, 16, seed=4) <= r.value < norms
-    assert seconds < 30  # ~5 s on one quiet core
+    assert seconds < 30  # ~5 s of CPU
 
 
 def test_refusals_say_what_to_do() -> None:
