@@ -61,7 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from lipreg.functional.jacobian import jacobian_norms
-from lipreg.functional.lower_bound_search import pattern_walk, smoothed_ascent
+from lipreg.functional.lower_bound_search import ascend_from_best, walk_from_best
 from lipreg.functional.results import LayerBound, LipschitzResult
 from lipreg.functional.trace import check_finite_parameters, check_input_shape, eval_function
 
@@ -404,7 +404,17 @@ def lower_bound(
         _anneal(search, all_x, all_s, std, n_anneal_steps, n_chains, progress=progress)
     extra = None
     if n_ascent_steps > 0:
-        extra = _run_ascent(search, model, all_x, all_s, std, n_ascent_steps, n_chains, progress)
+        extra = ascend_from_best(
+            model,
+            all_x,
+            all_s,
+            search.evaluate,
+            n_steps=n_ascent_steps,
+            n_chains=n_chains,
+            std=std,
+            generator=search.gen,
+            progress=progress,
+        )
     if n_walk_steps > 0:
         _run_walk(search, model, n_walk_steps, n_chains, extra, progress)
     pool = search.pool
@@ -412,36 +422,6 @@ def lower_bound(
     k = min(n_certify, pool.x.shape[0])
     cert = certifier(pool.x[:k], pool.v[:k])
     return _lower_bound_result(search, cert, how, start)
-
-
-def _run_ascent(
-    search: _Search,
-    model: nn.Module,
-    all_x: Tensor,
-    all_s: Tensor,
-    std: float,
-    n_steps: int,
-    n_chains: int,
-    progress: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Smoothed ascent from the ``n_chains`` best starting points and as many random restarts
-    ``N(mean, std²)`` (fresh regions, where the best points may all sit on one plateau).
-    Returns the best point of each chain, its ``‖J v‖`` and ``v``."""
-    k = max(1, min(n_chains, all_x.shape[0]))
-    top = torch.argsort(all_s, descending=True, stable=True)[:k]
-    mean = float(all_x.mean())
-    rnd = mean + std * torch.randn(
-        (k, *all_x.shape[1:]), generator=search.gen, dtype=search.dtype, device=search.device
-    )
-    return smoothed_ascent(
-        model,
-        torch.cat([all_x[top], rnd]),
-        search.evaluate,
-        n_steps=n_steps,
-        lr=0.2 * std,
-        generator=search.gen,
-        progress=progress,
-    )
 
 
 def _run_walk(
@@ -452,26 +432,16 @@ def _run_walk(
     extra: tuple[Tensor, Tensor, Tensor] | None,
     progress: bool,
 ) -> None:
-    """The pattern walk from the ``n_chains`` best distinct points among the pooled ones and
-    the best point of each ascent chain (``extra``: distinct regions, where the pool may hold
-    one trajectory several times); a note when the model has no ``nn.ReLU``."""
+    """The pattern walk from the pool and the ascent chains' bests (``extra``); a note when
+    the model has no ``nn.ReLU``."""
     pool = search.pool
     assert pool.x is not None and pool.sig is not None and pool.v is not None
-    x, sig, v = pool.x, pool.sig, pool.v
+    candidates = (pool.x, pool.sig, pool.v)
     if extra is not None:
-        x, sig, v = (torch.cat([a, b.to(a.dtype)]) for a, b in zip((x, sig, v), extra, strict=True))
-    keep: list[int] = []
-    for i in torch.argsort(sig, descending=True, stable=True).tolist():
-        if len(keep) < max(n_chains, 1) and not any(torch.equal(x[i], x[j]) for j in keep):
-            keep.append(i)
-    x, sig, v = x[keep], sig[keep], v[keep]
-    ran = pattern_walk(
-        model,
-        x.clone(),
-        search.evaluate,
-        start=(sig.clone(), v.clone()),
-        n_steps=n_steps,
-        progress=progress,
+        x, sig, v = (torch.cat([a, b.to(a.dtype)]) for a, b in zip(candidates, extra, strict=True))
+        candidates = (x, sig, v)
+    ran = walk_from_best(
+        model, candidates, search.evaluate, n_steps=n_steps, n_chains=n_chains, progress=progress
     )
     if not ran:
         search.notes.append(

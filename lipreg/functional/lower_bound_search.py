@@ -41,7 +41,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["Evaluate", "ReluProbe", "pattern_walk", "smoothed_ascent"]
+__all__ = [
+    "Evaluate",
+    "ReluProbe",
+    "ascend_from_best",
+    "pattern_walk",
+    "smoothed_ascent",
+    "walk_from_best",
+]
 
 Evaluate = Callable[[Tensor, str], tuple[Tensor, Tensor]]
 """``evaluate(x, source) -> (‖J(x_i) v_i‖, v_i)``: the real model's power iteration; it also
@@ -376,3 +383,61 @@ def _climb(
                     x[c], sig[c], v[c] = props[best], s_new[best], v_new[best]
                     moved[c] = True
         active &= moved
+
+
+def ascend_from_best(
+    model: nn.Module,
+    points: Tensor,
+    norms: Tensor,
+    evaluate: Evaluate,
+    *,
+    n_steps: int,
+    n_chains: int,
+    std: float,
+    generator: torch.Generator,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`smoothed_ascent` from the ``n_chains`` points of largest ``norms`` and as many
+    random restarts ``N(mean(points), std²)`` (fresh regions: the best points may all sit on
+    one plateau), with learning rate ``0.2·std``. Returns each chain's best ``(x, ‖J v‖, v)``."""
+    k = max(1, min(n_chains, points.shape[0]))
+    top = torch.argsort(norms, descending=True, stable=True)[:k]
+    rnd = float(points.mean()) + std * torch.randn(
+        (k, *points.shape[1:]), generator=generator, dtype=points.dtype, device=points.device
+    )
+    return smoothed_ascent(
+        model,
+        torch.cat([points[top], rnd]),
+        evaluate,
+        n_steps=n_steps,
+        lr=0.2 * std,
+        generator=generator,
+        progress=progress,
+    )
+
+
+def walk_from_best(
+    model: nn.Module,
+    candidates: tuple[Tensor, Tensor, Tensor],
+    evaluate: Evaluate,
+    *,
+    n_steps: int,
+    n_chains: int,
+    progress: bool = False,
+) -> bool:
+    """:func:`pattern_walk` from the ``n_chains`` distinct points of largest ``‖J v‖`` among
+    ``candidates = (x, ‖J v‖, v)`` (already evaluated: no second evaluation). Returns
+    :func:`pattern_walk`'s answer (``False``: no ``nn.ReLU``)."""
+    x, sig, v = candidates
+    keep: list[int] = []
+    for i in torch.argsort(sig, descending=True, stable=True).tolist():
+        if len(keep) < max(n_chains, 1) and not any(torch.equal(x[i], x[j]) for j in keep):
+            keep.append(i)
+    return pattern_walk(
+        model,
+        x[keep].clone(),
+        evaluate,
+        start=(sig[keep].clone(), v[keep].clone()),
+        n_steps=n_steps,
+        progress=progress,
+    )
