@@ -215,6 +215,9 @@ def _check_options(method: str, top_k: int | None, certify: bool = False) -> Non
         )
 
 
+#: Largest inner hidden width whose metric is optimised by ``seqlip(certify=True)``.
+METRIC_OPT_WIDTH = 512
+
 #: Float64 matrices of size ``(m + n)²`` alive at once in a pair certificate (the LMI, its
 #: radius, the shifted copy and its Cholesky factor, plus workspace).
 _PAIR_MATRICES = 6
@@ -371,6 +374,16 @@ class _Run:
             for i, (_, _, act) in enumerate(item.boxes)
         ]
         key = f"seqlip-certified:{item.maps[0].name}"
+        # "seqlip" ends: never below "merged" (measured). The metric optimisation has
+        # O(width^2) parameters; above METRIC_OPT_WIDTH it gained nothing (width 1000).
+        widths = [math.prod(self.analysis.shapes[m.nodes[-1]]) for m in item.maps[:-2]]
+        ends = ("merged", "optimised") if max(widths, default=0) <= METRIC_OPT_WIDTH else "merged"
+        if ends == "merged":
+            self.notes.append(
+                f"{item.maps[0].name} ... {item.maps[-1].name}: inner metrics not optimised "
+                f"(hidden width {max(widths)} > {METRIC_OPT_WIDTH}: it costs more than the pairs "
+                "and gained nothing at width 1000); SeqLip's metrics used."
+            )
         warm = {  # multipliers per variant, and the optimised inner metrics
             e: [self.state[f"{key}:{e}:{k}"] for k in range(size)]
             for e, size in (
@@ -386,7 +399,7 @@ class _Run:
             names=names,
             end_names=(f"{item.maps[0].name} (input end)", f"{item.maps[-1].name} (output end)"),
             warm=warm,
-            ends=("merged", "optimised"),  # "seqlip" ends: never below "merged" (measured)
+            ends=ends,
         )
         for f in cert.factors:
             self.layers.append(

@@ -213,3 +213,18 @@ def test_warm_start_with_other_shapes_is_ignored_and_still_sound() -> None:
     other = certified_seqlip(random_weights([3, 5, 2, 2], seed=9), [(0.0, 1.0)] * 2, steps=50)
     cert = certified_seqlip(Ws, [(0.0, 1.0)] * 2, warm=other.multipliers, steps=100)
     assert cert.value >= brute_force(Ws, (0.0, 1.0)) * (1 - 1e-12)
+
+
+def test_metric_optimisation_is_skipped_above_its_width(monkeypatch) -> None:
+    import importlib
+
+    seqlip_module = importlib.import_module("lipreg.functional.seqlip")
+    monkeypatch.setattr(seqlip_module, "METRIC_OPT_WIDTH", 4)
+    net = mlp([4, 6, 5, 2], [nn.ReLU], seed=6)
+    r = lipreg.seqlip(net, (4,), certify=True)
+    assert r.certified and all(lb.method == "pairs-merged" for lb in r.layers)
+    assert any("not optimised" in n for n in r.notes)
+    Ws = [net[i].weight.detach().double() for i in (0, 2, 4)]
+    assert (
+        brute_force(Ws, (0.0, 1.0)) * (1 - 1e-12) <= r.value <= 1.02 * exact_seqlip(Ws, (0.0, 1.0))
+    )
