@@ -25,7 +25,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["PairEval", "PairProblem", "optimise_metrics", "optimise_pair", "pair_eval", "sym"]
+__all__ = [
+    "PairEval",
+    "PairProblem",
+    "optimise_metrics",
+    "optimise_pair",
+    "pair_eval",
+    "sym",
+    "top_eig",
+]
 
 #: Largest side for which the pair value is an exact ``eigh`` at every optimiser step.
 DENSE_EIG = 128
