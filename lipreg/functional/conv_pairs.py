@@ -61,12 +61,21 @@ convolutions as matrices); ``L`` bounds that supremum, which can exceed the Lips
    ``L = sqrt_up(ρ_c)``. The result is the smaller of that and the product of the two
    convolutions' certified norms times ``max(|a|, |b|)``
    (:func:`~lipreg.functional.conv_bounds.conv_operator_norm_bound`); ``method`` says which.
+
+**Where it is tight.** The torus lets the fake hidden positions (where the real network has
+padding zeros) carry activations, so on tiny maps the bound is loose: 1.2–1.7× the exact
+``max_D ‖K2 D K1‖`` on 4×4–6×6 maps, where the dense per-position LMI is within 2 %; for such
+small layers the dense LipSDP block is the better certificate. On real layers (measured, ReLU,
+random weights): MNIST CNN-4/5 pairs 0.53–0.76× the product of the certified conv norms and
+1.13–1.29× a lower bound on ``max_D``; AlexNet conv3→conv4 at 13×13: 0.68× the product,
+1.15× the lower bound.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -437,6 +446,14 @@ def conv_pair_certificate(
         theta, rho0 = _initial_theta(prob, warm)
         theta = _optimise(prob, theta, rho0, max_steps, lr)
         cert = _certify(torus, torch.exp(theta).detach(), a, b)
+        if not math.isfinite(cert.value):
+            warnings.warn(
+                f"conv pair {tuple(first.weight.shape)} -> {tuple(second.weight.shape)}: the "
+                f"Fourier-block LMI did not pass the float64 certificate (estimate "
+                f"{cert.estimate:.6g}); returning the certified product of norms {product:.6g}. "
+                "More optimisation steps (max_steps) or complex128 may help.",
+                stacklevel=2,
+            )
     value, method = (
         (cert.value, "fourier-lmi") if cert.value <= product else (product, "norm-product")
     )
