@@ -39,6 +39,7 @@ pre-empt.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from functools import cached_property
@@ -322,6 +323,12 @@ def merged_conv_value(
         return torus, "fft-merged (memory budget)", {"torus": torus}
     cert = certify_conv_norm(conv, estimate, kernel_error=kernel_error, v0=v0)
     if cert is None:
+        warnings.warn(
+            f"{ctx.chain.name}: the Gram test could not certify sqrt(1 + delta) x the estimate "
+            f"{estimate:.6g} for any delta <= 1e-2 (the estimate is far below the norm); used "
+            f"the merged torus bound {torus:.6g}. Lower tol or raise max_iter.",
+            stacklevel=2,
+        )
         failed = "fft-merged (Gram test failed up to delta=1e-2: estimate not converged?)"
         return torus, failed, {"torus": torus}
     details = {"gram_delta": cert.delta, "gram_side": cert.side, "torus": torus}

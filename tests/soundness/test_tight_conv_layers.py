@@ -150,3 +150,19 @@ def test_memory_budget_falls_back_to_the_merged_torus_bound() -> None:
     (true,) = _true_chain_norms(model, shape).values()
     assert layer.certified and layer.value >= true
     assert math.isfinite(layer.value)
+
+
+def test_a_failed_gram_test_warns_and_keeps_the_torus_bound(monkeypatch) -> None:
+    """If the Gram test cannot certify (estimate far too low), the merged torus bound is used,
+    labelled, and a warning says so."""
+    monkeypatch.setattr(ladder, "certify_conv_norm", lambda *args, **kwargs: None)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5)).double()
+    init_weights(model, 8, scale=0.4, batchnorm_stats=True)
+    model.eval()
+    shape = (3, 5, 5)
+    with pytest.warns(UserWarning, match="Gram test could not certify"):
+        result = lipreg.autolip(model, shape, dense_limit=0)
+    (layer,) = [layer for layer in result.layers if layer.kind == "affine"]
+    assert layer.method.startswith("fft-merged (Gram test failed")
+    (true,) = _true_chain_norms(model, shape).values()
+    assert layer.certified and layer.value >= true
