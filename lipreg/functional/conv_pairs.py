@@ -96,7 +96,6 @@ from lipreg.functional.specs import ConvData
 
 __all__ = [
     "ConvPairCertificate",
-    "UnsupportedPairError",
     "chain_pair_certificate",
     "conv_pair_certificate",
 ]
@@ -422,7 +421,8 @@ def conv_pair_certificate(
             certificate is always complex128/float64.
 
     Raises:
-        UnsupportedPairError: mismatched shapes/channels or dimensions (the message says which).
+        UnsupportedPairError: (from :mod:`~lipreg.functional.conv_pair_fourier`, a
+            ``ValueError``) mismatched shapes/channels or dimensions (the message says which).
         ValueError: a malformed slope or warm start.
     """
     start = time.perf_counter()

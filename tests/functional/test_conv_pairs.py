@@ -19,12 +19,8 @@ from torch import nn
 
 from lipreg.functional.analysis import analyse
 from lipreg.functional.chains import find_affine_chains
-from lipreg.functional.conv_pair_fourier import conv_output_shape
-from lipreg.functional.conv_pairs import (
-    UnsupportedPairError,
-    chain_pair_certificate,
-    conv_pair_certificate,
-)
+from lipreg.functional.conv_pair_fourier import UnsupportedPairError, conv_output_shape
+from lipreg.functional.conv_pairs import chain_pair_certificate, conv_pair_certificate
 from lipreg.functional.specs import ConvData
 from tests.helpers import F64, dense_conv_matrix, dense_jacobian_norms, gen
 
