@@ -213,3 +213,23 @@ def test_chain_pair_certificate_merges_batchnorm() -> None:
     analysis = analyse(mlp, (2, 2, 2), dtype=F64)
     chains = list(find_affine_chains(analysis).values())
     assert chain_pair_certificate(analysis, chains[0], (0.0, 1.0), chains[-1]) is None
+
+
+def test_failed_certificate_warns_and_returns_the_labelled_product(monkeypatch) -> None:
+    """If no block passes the float64 test, the LMI value is never reported: a warning, and
+    the certified product of norms labelled as such."""
+    import lipreg.functional.conv_pairs as module
+
+    monkeypatch.setattr(module, "certify_hermitian_psd", lambda P, radius: False)
+    first, second = _pair(2, 3, 2, 6, 3, 3, 1, 1, 1, 1, seed=17)
+    with pytest.warns(UserWarning, match="did not pass the float64 certificate"):
+        cert = conv_pair_certificate(first, (0.0, 1.0), second, max_steps=5)
+    assert cert.method == "norm-product" and cert.value == cert.product_bound
+    assert cert.lmi_value == math.inf
+
+
+def test_zero_operator_gives_zero() -> None:
+    first, second = _pair(2, 3, 2, 6, 3, 3, 1, 1, 1, 1, seed=19)
+    zero = ConvData(torch.zeros_like(second.weight), (1, 1), (1, 1), (1, 1), 1, second.in_shape)
+    assert conv_pair_certificate(first, (0.0, 1.0), zero).value == 0.0
+    assert conv_pair_certificate(first, (0.0, 0.0), second).value == 0.0
