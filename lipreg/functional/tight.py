@@ -51,6 +51,7 @@ from lipreg.functional.chains import (
     segment_chains,
 )
 from lipreg.functional.results import LayerBound, LipschitzResult
+from lipreg.functional.rounding import materialisation_error, perturbed_bound
 from lipreg.functional.trace import trace
 
 __all__ = ["BLOCK_CERTIFICATES", "best_split", "certified_bound", "tighten"]
@@ -65,25 +66,28 @@ class _Run:
     max_steps: int | None
     state: dict[str, Tensor]
     new_state: dict[str, Tensor] = field(default_factory=dict)
-    dense_cache: dict[str, Tensor | None] = field(default_factory=dict)
+    norms: dict[str, float] = field(default_factory=dict)  # certified chain norms (AutoLip)
+    dense_cache: dict[str, tuple[Tensor, float] | None] = field(default_factory=dict)
 
     def fits(self, chain: AffineChain) -> bool:
         """The chain's float64 matrix fits the memory budget (twice, while assembled)."""
         op = chain_linear_map(self.analysis64, chain)
         return 16 * op.in_features * op.out_features <= current_budget().limit_bytes
 
-    def dense(self, chain: AffineChain) -> Tensor | None:
-        """The chain's float64 matrix (``out × in``), or ``None`` if it does not fit."""
+    def dense(self, chain: AffineChain) -> tuple[Tensor, float] | None:
+        """The chain's float64 matrix (``out × in``) and a bound on its rounding error
+        (:func:`~lipreg.functional.rounding.materialisation_error`; 0 for a lone weight, which
+        is the model's own), or ``None`` if it does not fit or its rounding is not bounded."""
         if chain.name not in self.dense_cache:
-            op = chain_linear_map(self.analysis64, chain)
             spec = self.analysis64.specs[chain.nodes[0]]
-            if not self.fits(chain):
-                matrix = None
-            elif len(chain.nodes) == 1 and getattr(spec, "weight", None) is not None:
-                matrix = spec.weight.detach().to(torch.float64)
-            else:
-                matrix = op.to_dense()
-            self.dense_cache[chain.name] = matrix
+            answer: tuple[Tensor, float] | None = None
+            if len(chain.nodes) == 1 and getattr(spec, "weight", None) is not None:
+                answer = spec.weight.detach().to(torch.float64), 0.0
+            elif self.fits(chain):
+                error = materialisation_error(self.analysis64, chain)
+                if error is not None:
+                    answer = chain_linear_map(self.analysis64, chain).to_dense(), error
+            self.dense_cache[chain.name] = answer
         return self.dense_cache[chain.name]
 
     def warm(self, key: str, count: int) -> list[Tensor] | None:
@@ -104,11 +108,12 @@ def lipsdp_block(run: _Run, seg: SeqChain, start: int, stop: int) -> LayerBound 
     from lipreg.functional.lipsdp import lipsdp_neuron
 
     chains = seg.maps[start : stop + 1]
-    weights = [run.dense(c) for c in chains]
-    if any(w is None for w in weights):
+    dense = [run.dense(c) for c in chains]
+    if any(d is None for d in dense):
         return None
-    sizes = sum(w.shape[1] for w in weights) + weights[-1].shape[0]  # type: ignore[union-attr]
-    if sizes > run.max_lmi_size:
+    weights = [d[0] for d in dense]  # type: ignore[index]
+    errors = [d[1] for d in dense]  # type: ignore[index]
+    if sum(w.shape[1] for w in weights) + weights[-1].shape[0] > run.max_lmi_size:
         return None
     slopes = [(a, b) for a, b, _ in seg.boxes[start:stop]]
     name = " -> ".join(c.name for c in chains)
@@ -116,7 +121,11 @@ def lipsdp_block(run: _Run, seg: SeqChain, start: int, stop: int) -> LayerBound 
     options = {} if run.max_steps is None else {"max_steps": run.max_steps}
     cert = lipsdp_neuron(weights, slopes, warm=run.warm(key, len(slopes)), **options)
     run.keep(key, cert.multipliers)
-    return _block(name, "lipsdp-block", cert.value, cert.estimate, cert.method, cert.seconds)
+    # widen to the exact matrices: ‖Â_j‖ ≤ ‖A_j‖ + e_j with ‖A_j‖ AutoLip's certified norm
+    norms = [run.norms[c.name] + e for c, e in zip(chains, errors, strict=True)]
+    lips = math.prod(max(abs(a), abs(b)) for a, b in slopes)
+    value = perturbed_bound(cert.value, norms, errors, lips)
+    return _block(name, "lipsdp-block", value, cert.estimate, cert.method, cert.seconds)
 
 
 def conv_pair_block(run: _Run, seg: SeqChain, start: int, stop: int) -> LayerBound | None:
@@ -343,6 +352,7 @@ def _sequential_candidate(
         notes.append("block certificates skipped: the graph is not one path (AutoLip only).")
         return None
     by_name = {lb.name: lb for lb in base.layers}
+    run.norms = {name: lb.value for name, lb in by_name.items() if lb.kind == "affine"}
     total, layers, used = 1.0, [], set()
     for item in items:
         if isinstance(item, LayerBound):
