@@ -113,7 +113,8 @@ class ConvPairCertificate:
     Attributes:
         value: the certified bound (``min(lmi_value, product_bound)``).
         multipliers: ``log t`` per hidden phase channel (float64), to warm-start the next call.
-        estimate: ``√ρ̂`` before the certificate's inflation (not certified).
+        estimate: ``√ρ̂`` before the certificate's inflation (not certified); ``value`` when
+            the product of norms is smaller.
         seconds: wall time of the call.
         method: ``"fourier-lmi"`` or ``"norm-product"`` (whichever gave ``value``).
         lmi_value: the Fourier-block LMI certificate (``inf`` if it could not be certified).
@@ -460,7 +461,7 @@ def conv_pair_certificate(
     return ConvPairCertificate(
         value=value,
         multipliers=theta.detach(),
-        estimate=cert.estimate,
+        estimate=min(cert.estimate, value),
         seconds=time.perf_counter() - start,
         method=method,
         lmi_value=cert.value,
