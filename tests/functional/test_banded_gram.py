@@ -18,6 +18,7 @@ from lipreg.functional.banded_gram import (
     gram_plan,
     output_spatial,
     pointwise_product_bound,
+    used_tap_pairs,
 )
 from lipreg.functional.specs import ConvData
 from tests.helpers import gen
@@ -173,3 +174,17 @@ def test_pointwise_product_is_the_product_matrix_norm(strides) -> None:
     assert true <= bound <= true * (1 + 1e-8)  # the dense certificate pads by 1e-9
     padded = pointwise_product_bound([wa.flatten(1), wb.flatten(1)], [1e-3, 1e-3])
     assert padded > bound * (1 + 1e-4)  # the kernel errors are accounted for
+
+
+def test_used_tap_pairs_of_a_strided_output_side() -> None:
+    """3×3, stride 2: output positions share an input only through taps of equal parity per
+    axis (3 × 3 + 2 = 5 pairs per axis, 25 in 2-D); the input side uses all 81."""
+    conv = _conv((2, 9, 9), (3, 2, 3, 3), (2, 2), (1, 1), (1, 1), 1)
+    out_pairs = {tuple(p) for p in used_tap_pairs(conv, "output").tolist()}
+    parity = {
+        (3 * a + b, 3 * c + d)
+        for a, b, c, d in itertools.product(range(3), repeat=4)
+        if (a - c) % 2 == 0 and (b - d) % 2 == 0
+    }
+    assert out_pairs == parity and len(out_pairs) == 25
+    assert used_tap_pairs(conv, "input").shape[0] == 81
