@@ -43,6 +43,9 @@ __all__ = ["abs_norm_bound", "materialisation_error", "merged_kernel_error", "pe
 
 _U = 2.0**-53
 _PAD = 1 + 1e-6  # covers the float64 rounding of the few products and sums below
+# A batch-norm scale γ/sqrt(var + ε) is itself computed: at most 4 roundings (add, sqrt,
+# divide, multiply), counted as that many more terms of the scaling's "inner product".
+_SCALE_ROUNDINGS = 4
 
 
 def _gamma(n: int) -> float:
@@ -65,8 +68,8 @@ def abs_norm_bound(analysis64: Analysis, node) -> tuple[float, int] | None:
     an op whose absolute matrix the specs do not describe (module docstring)."""
     spec = analysis64.specs[node]
     assert isinstance(spec, Affine)
-    if spec.channel_scale is not None:
-        return float(spec.channel_scale.detach().abs().max()) * _PAD, 1
+    if spec.channel_scale is not None:  # the scale is itself computed (γ/sqrt(var + ε))
+        return float(spec.channel_scale.detach().abs().max()) * _PAD, 1 + _SCALE_ROUNDINGS
     if spec.isometry and spec.norm is not None:
         return spec.norm * _PAD, 1
     if spec.weight is not None:
@@ -79,6 +82,8 @@ def abs_norm_bound(analysis64: Analysis, node) -> tuple[float, int] | None:
     if spec.nonnegative:
         op = node_linear_map(analysis64, node)
         return schur_bound(op) * _PAD, op.in_features
+    if spec.abs_norm is not None:
+        return spec.abs_norm()
     return None
 
 
@@ -98,13 +103,13 @@ def materialisation_error(analysis64: Analysis, chain: AffineChain) -> float | N
 
 def merged_kernel_error(data: ConvData, n_scalings: int) -> float:
     """A bound on ``‖A_exact − A_ŵ‖₂`` for a kernel ``ŵ`` computed by ``n_scalings``
-    float64 multiplications of every entry (batch-norm scales folded in,
-    :func:`lipreg.functional.conv_chain.merged_conv`): ``|ŵ − w| ≤ γ_k |w| ≤ γ_k/(1−γ_k)
-    |ŵ|`` entrywise, so the error is a convolution with a kernel bounded by that, of norm at
-    most ``2γ_k ‖|A_ŵ|‖₂``."""
+    float64 multiplications of every entry by computed batch-norm scales (each scale itself
+    ≤ 4 roundings; :func:`lipreg.functional.conv_chain.merged_conv`): with ``k`` the number of
+    roundings, ``|ŵ − w| ≤ γ_k |w| ≤ γ_k/(1−γ_k) |ŵ|`` entrywise, so the error is a
+    convolution with a kernel bounded by that, of norm at most ``2γ_k ‖|A_ŵ|‖₂``."""
     if n_scalings == 0:
         return 0.0
-    return 2 * _gamma(n_scalings) * _conv_abs_norm(data)
+    return 2 * _gamma(n_scalings * (1 + _SCALE_ROUNDINGS)) * _conv_abs_norm(data)
 
 
 def perturbed_bound(

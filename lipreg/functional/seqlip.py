@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 from lipreg.functional.analysis import Analysis, analyse
 from lipreg.functional.autolip import check_finite_result
-from lipreg.functional.certify import RELATIVE_MARGIN, current_budget
+from lipreg.functional.certify import RELATIVE_MARGIN, current_budget, matrix_norm_bound
 from lipreg.functional.chains import (
     AffineChain,
     SeqChain,
@@ -68,6 +68,7 @@ from lipreg.functional.chains import (
 from lipreg.functional.ladder import ChainBounder
 from lipreg.functional.power_iteration import top_singular_triplets
 from lipreg.functional.results import LayerBound, LipschitzResult
+from lipreg.functional.rounding import materialisation_error, perturbed_bound
 from lipreg.functional.seqlip_certified import certified_seqlip
 from lipreg.functional.seqlip_pairs import (
     ChainSVD,
@@ -354,11 +355,52 @@ class _Run:
             return
         svds = [self.svd(m) for m in item.maps]
         pairs = pair_matrices([s.factors() for s in svds])
+        start = len(self.layers)
         for i, (A, B) in enumerate(pairs):
             lo, hi, act = item.boxes[i]
             name = pair_name(item.maps[i].name, act, item.maps[i + 1].name)
             exact = svds[i].exact and svds[i + 1].exact
             self.layers.append(self.pair(name, A, B, lo, hi, exact))
+        if all(lb.certified for lb in self.layers[start:]):  # exact pairs of exact SVDs
+            self.widen(item, start, [float(s.S.max()) for s in svds])
+
+    def widen(self, item: SeqChain, start: int, norms: list[float]) -> None:
+        """The chain's factors (``self.layers[start:]``) bound the network of the float64
+        matrices as computed; a chain of several ops was materialised with a rounding error
+        (:func:`~lipreg.functional.rounding.materialisation_error`), so one more factor widens
+        the product to the exact maps (:func:`~lipreg.functional.rounding.perturbed_bound`;
+        ``norms``: the computed matrices' norms)."""
+        a64 = self.bounder.analysis64
+        errors = []
+        for chain in item.maps:
+            specs = [a64.specs[n] for n in chain.nodes]
+            lone = len(specs) == 1 and specs[0].weight is not None
+            errors.append(0.0 if lone else materialisation_error(a64, chain))
+        if not any(errors):
+            return
+        first, last = item.maps[0].name, item.maps[-1].name
+        if any(e is None for e in errors):
+            raise ValueError(
+                f"SeqLip chain {first} ... {last}: an op's float64 materialisation has no "
+                "rounding bound (its rule states neither a weight, a convolution, a scaling, "
+                "an isometry nor non-negativity); no certified SeqLip for this network. Use "
+                "lipreg.autolip or lipreg.certified_bound."
+            )
+        value = math.prod(lb.value for lb in self.layers[start:])
+        lips = math.prod(max(abs(lo), abs(hi)) for lo, hi, _ in item.boxes)
+        widened = perturbed_bound(value, [n * (1 + RELATIVE_MARGIN) for n in norms], errors, lips)
+        factor = widened / value * (1 + RELATIVE_MARGIN) if value > 0 else 1.0
+        self.layers.append(
+            LayerBound(
+                name=f"{first} ... {last} (float64 rounding of the materialised maps)",
+                kind="rounding",
+                value=factor,
+                certified=True,
+                upper=factor,
+                method="rounding",
+                extra={"errors": errors},
+            )
+        )
 
     def dense_map(self, chain: AffineChain) -> Tensor:
         """The float64 matrix of one map (the model's own weight for a single dense layer)."""
@@ -395,8 +437,10 @@ class _Run:
             )
             if all(f"{key}:{e}:{k}" in self.state for k in range(size))
         }
+        maps = [self.dense_map(m) for m in item.maps]
+        start = len(self.layers)
         cert = certified_seqlip(
-            [self.dense_map(m) for m in item.maps],
+            maps,
             [(lo, hi) for lo, hi, _ in item.boxes],
             names=names,
             end_names=(f"{item.maps[0].name} (input end)", f"{item.maps[-1].name} (output end)"),
@@ -418,6 +462,7 @@ class _Run:
         for e, ts in cert.multipliers.items():
             for k, t in enumerate(ts):
                 self.new_state[f"{key}:{e}:{k}"] = t
+        self.widen(item, start, [matrix_norm_bound(w)[0] for w in maps])
         values = ", ".join(f"{e} {v:.6g}" for e, v in cert.values.items())
         self.notes.append(
             f"{item.maps[0].name} ... {item.maps[-1].name}: certified chained pairs ({values}); "

@@ -98,6 +98,10 @@ class Affine:
         channel_scale: for a per-channel scaling ``x[:, c] ↦ s_c x[:, c]`` (batch norm in
             evaluation mode), the vector ``s``; lets a chain conv → scale be merged into one
             convolution (:mod:`lipreg.functional.conv_chain`).
+        abs_norm: for ops not described by the fields above, a callable returning ``(b, n)``
+            with ``b ≥ ‖|A|‖₂`` (the entrywise absolute matrix) and ``n`` the longest inner
+            product one output entry takes: what bounds the float64 rounding of a
+            materialised chain (:mod:`lipreg.functional.rounding`).
     """
 
     linear: Callable[[Tensor], Tensor]
@@ -108,6 +112,7 @@ class Affine:
     weight: Tensor | None = None
     conv: ConvData | None = None
     channel_scale: Tensor | None = None
+    abs_norm: Callable[[], tuple[float, int]] | None = None
 
 
 @dataclass(frozen=True)

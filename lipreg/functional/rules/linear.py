@@ -8,6 +8,7 @@ norm ``max_c |γ_c| / sqrt(var_c + ε)`` (``Affine.norm``).
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -48,8 +49,18 @@ def _dense(w: Tensor, ctx: NodeContext) -> Affine:
     """``x ↦ x Wᵀ``: its weight on a 1-d sample; a certified norm bound of ``W`` otherwise."""
     if len(ctx.in_shapes[0]) == 1:
         return Affine(linear=lambda x: F.linear(x, w), weight=w)
-    # On a (..., in) sample the map is I ⊗ W: same norm as W, but W is not its matrix.
-    return Affine(linear=lambda x: F.linear(x, w), certify=lambda: _matrix_norm_bound(w))
+
+    # On a (..., in) sample the map is I ⊗ W: same norm as W, but W is not its matrix;
+    # |I ⊗ W| = I ⊗ |W|, whose norm the Schur test bounds (rounding of materialised chains).
+    def abs_norm() -> tuple[float, int]:
+        a = w.detach().to(torch.float64).abs()
+        return math.sqrt(float(a.sum(0).max()) * float(a.sum(1).max())) * (1 + 1e-6), a.shape[1]
+
+    return Affine(
+        linear=lambda x: F.linear(x, w),
+        certify=lambda: _matrix_norm_bound(w),
+        abs_norm=abs_norm,
+    )
 
 
 def _linear_module(ctx: NodeContext) -> Affine:
