@@ -76,11 +76,13 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
+from lipreg.functional.analysis import Analysis
+from lipreg.functional.chains import AffineChain
 from lipreg.functional.conv_bounds import conv_operator_norm_bound
 from lipreg.functional.conv_chain import merged_conv
 from lipreg.functional.conv_pair_fourier import (
@@ -92,6 +94,7 @@ from lipreg.functional.conv_pair_fourier import (
     spectrum_error,
 )
 from lipreg.functional.lmi import UNIT_ROUNDOFF, certify_hermitian_psd, gamma, sqrt_up
+from lipreg.functional.rounding import merged_kernel_error, perturbed_bound
 from lipreg.functional.specs import ConvData
 
 __all__ = [
@@ -472,20 +475,42 @@ def conv_pair_certificate(
 
 
 def chain_pair_certificate(
-    analysis64: object,
-    chain1: object,
+    analysis64: Analysis,
+    chain1: AffineChain,
     slope: tuple[float, float],
-    chain2: object,
+    chain2: AffineChain,
     **kwargs: object,
 ) -> ConvPairCertificate | None:
     """:func:`conv_pair_certificate` for two affine chains (``[scale]* conv [scale]*`` each,
     merged by :func:`~lipreg.functional.conv_chain.merged_conv` from ``analysis64.specs``), or
     ``None`` when either chain is not one convolution. ``kwargs`` go to
-    :func:`conv_pair_certificate`."""
-    convs = [
-        merged_conv([analysis64.specs[n] for n in chain.nodes])  # type: ignore[attr-defined]
-        for chain in (chain1, chain2)
-    ]
+    :func:`conv_pair_certificate`.
+
+    The merged kernels are computed (batch-norm scales folded in, in float64): the value is
+    widened to the exact kernels by :func:`~lipreg.functional.rounding.perturbed_bound` with
+    :func:`~lipreg.functional.rounding.merged_kernel_error` and the certified torus norms of
+    the merged convolutions."""
+    convs = [merged_conv([analysis64.specs[n] for n in chain.nodes]) for chain in (chain1, chain2)]
     if convs[0] is None or convs[1] is None:
         return None
-    return conv_pair_certificate(convs[0], slope, convs[1], **kwargs)  # type: ignore[arg-type]
+    cert = conv_pair_certificate(convs[0], slope, convs[1], **kwargs)  # type: ignore[arg-type]
+    errors = [
+        merged_kernel_error(conv, len(chain.nodes) - 1)
+        for conv, chain in zip(convs, (chain1, chain2), strict=True)
+    ]
+    if not any(errors):
+        return cert
+    norms = [
+        conv_operator_norm_bound(
+            c.weight,
+            c.in_shape[1:],
+            stride=c.stride,
+            padding=c.padding,
+            dilation=c.dilation,
+            groups=c.groups,
+        )
+        for c in convs
+        if c is not None
+    ]
+    lip = max(abs(slope[0]), abs(slope[1]))
+    return replace(cert, value=perturbed_bound(cert.value, norms, errors, lip))
