@@ -655,14 +655,11 @@ class LipschitzCallback(Callback):
             return {}
         assert self._estimator is not None and self.input_shape is not None
         try:
-            tight = tighten(
-                network,
-                self.input_shape,
-                cert,
-                state=self._tight_state,
-                traced=self._estimator.traced,
-                max_lmi_size=2048,
-            )
+            # dense LipSDP blocks only (up to 2048 neurons: well under a second warm); the
+            # Fourier conv pairs cost seconds to minutes each (lipreg.certified_bound has them)
+            tight = tighten(network, self.input_shape, cert, methods=("lipsdp",),
+                            state=self._tight_state, traced=self._estimator.traced,
+                            max_lmi_size=2048)  # fmt: skip
         except Exception as exc:
             self._disabled.add("certified")
             self._report(
