@@ -55,6 +55,7 @@ from lipreg.functional.banded_gram import (
     pointwise_product_bound,
 )
 from lipreg.functional.certify import (
+    RELATIVE_MARGIN,
     current_budget,
     dense_bytes,
     dense_norm_bound,
@@ -66,9 +67,9 @@ from lipreg.functional.chains import AffineChain, chain_linear_map, node_linear_
 from lipreg.functional.conv_bounds import conv_operator_norm_bound
 from lipreg.functional.conv_chain import merged_conv
 from lipreg.functional.linear_map import LinearMap
-from lipreg.functional.lmi import gamma
 from lipreg.functional.power_iteration import OperatorNormResult, operator_norm
 from lipreg.functional.results import LayerBound
+from lipreg.functional.rounding import folded_kernel_error, materialisation_error
 from lipreg.functional.specs import Affine, ConvData
 
 __all__ = [
@@ -219,14 +220,23 @@ def lone_weight(ctx: ChainContext) -> LayerBound | None:
 
 
 def dense_chain(ctx: ChainContext) -> LayerBound | None:
-    """The chain materialised as a float64 matrix (when its smaller side is at most
+    """The chain materialised as a float64 matrix ``Â`` (when its smaller side is at most
     ``dense_limit`` and the matrix, its Gram certificate and the basis batches fit the memory
-    budget), then the dense certificate: the tightest certified value. Certified."""
+    budget), then the dense certificate of ``Â`` plus the bound on ``‖Â − A‖`` of
+    :func:`~lipreg.functional.rounding.materialisation_error` (not applicable when an op's
+    rounding is not described by its spec). Certified."""
     b = ctx.bounder
     if not b.certify or not b.dense_ok(ctx.op):
         return None
+    # ‖A‖ ≤ ‖Â‖ + ‖Â − A‖: the matrix is computed in float64 (rounding.py)
+    error = materialisation_error(b.analysis64, ctx.chain)
+    if error is None:
+        ctx.refusal = "an op's float64 materialisation has no rounding bound"
+        return None
     op64 = chain_linear_map(b.analysis64, ctx.chain)
     upper, v_exact = dense_norm_bound(op64, batch_size=b.dense_batch(op64))
+    if error:
+        upper = (upper + error) * (1 + RELATIVE_MARGIN)
     b.new_state[ctx.chain.name] = v_exact.to(b.analysis.dtype)
     return _affine(ctx, upper, certified=True, estimate=upper, upper=upper, method="dense")
 
@@ -255,7 +265,7 @@ def merged_conv_chain(ctx: ChainContext) -> LayerBound | None:
     if factors is not None:
         value = pointwise_product_bound(*factors) * scale
         return _with_iterative(ctx, res, value, upper=value, method="conv-pointwise-product")
-    kernel_error = gamma(2 * (inner[-1] - inner[0] + 1) + 1)
+    kernel_error = folded_kernel_error(inner[-1] - inner[0])  # scales folded into the kernel
     estimate = res.sigma / ctx.scale
     core, method, details = merged_conv_value(ctx, conv, estimate, kernel_error, res.v)
     bound = _with_iterative(ctx, res, core * scale, upper=core * scale, method=method)
@@ -266,7 +276,8 @@ def merged_conv_chain(ctx: ChainContext) -> LayerBound | None:
 def pointwise_factors(specs: Sequence[Affine]) -> tuple[list[Tensor], list[float]] | None:
     """A chain of several ``[scale]* conv1×1 [scale]*`` pieces (``groups = 1``; e.g. a
     MobileNet projection followed by the next expansion) as its float64 kernel matrices and
-    their folding errors ``γ_{2m+1}`` (``m`` ops folded into each), or ``None``."""
+    their folding errors (:func:`~lipreg.functional.rounding.folded_kernel_error`), or
+    ``None``."""
     convs = [i for i, spec in enumerate(specs) if spec.conv is not None]
     if len(convs) < 2:
         return None
@@ -277,7 +288,7 @@ def pointwise_factors(specs: Sequence[Affine]) -> tuple[list[Tensor], list[float
         if conv is None or conv.groups != 1 or any(k != 1 for k in conv.weight.shape[2:]):
             return None
         weights.append(conv.weight.flatten(1))
-        errors.append(gamma(2 * (stop - start) + 1))
+        errors.append(folded_kernel_error(stop - start - 1))
     return weights, errors
 
 
@@ -297,8 +308,8 @@ def merged_conv_value(
       ``δ ≤ 1e-2`` succeeds, the torus bound with the reason in the method (and a budget
       event).
 
-    Folding ``m`` scales rounds each kernel entry ``m`` times: ``|w' − ŵ| ≤ γ_{2m+1} |ŵ|`` =
-    ``kernel_error · |ŵ|``, so ``kernel_error · ‖|Â|‖``
+    Folding ``m`` computed scales into the kernel: ``|w' − ŵ| ≤ kernel_error · |ŵ|``
+    (:func:`~lipreg.functional.rounding.folded_kernel_error`), so ``kernel_error · ‖|Â|‖``
     (:func:`~lipreg.functional.banded_gram.abs_norm_bound`) is added to every value.
     """
     if all(k == 1 for k in conv.weight.shape[2:]):

@@ -35,11 +35,18 @@ from collections.abc import Sequence
 import torch
 
 from lipreg.functional.analysis import Analysis
+from lipreg.functional.banded_gram import abs_norm_bound as conv_abs_norm
 from lipreg.functional.certify import RELATIVE_MARGIN, schur_bound
 from lipreg.functional.chains import AffineChain, node_linear_map
 from lipreg.functional.specs import Affine, ConvData
 
-__all__ = ["abs_norm_bound", "materialisation_error", "merged_kernel_error", "perturbed_bound"]
+__all__ = [
+    "abs_norm_bound",
+    "folded_kernel_error",
+    "materialisation_error",
+    "merged_kernel_error",
+    "perturbed_bound",
+]
 
 _U = 2.0**-53
 _PAD = 1 + 1e-6  # covers the float64 rounding of the few products and sums below
@@ -50,17 +57,6 @@ _SCALE_ROUNDINGS = 4
 
 def _gamma(n: int) -> float:
     return n * _U / (1 - n * _U) * _PAD
-
-
-def _conv_abs_norm(conv: ConvData) -> float:
-    """``‖|A|‖₂`` of a convolution: every output reads at most all taps of one group
-    (``Σ_{c,t} |w[o,c,t]|``), every input is read by at most every ``(o, t)`` of its group
-    (``Σ_{o,t} |w[o,c,t]|``); the Schur test multiplies the two maxima."""
-    w = conv.weight.detach().to(torch.float64).abs()
-    rows = w.flatten(1).sum(1).max()
-    per_group = w.reshape(conv.groups, -1, *w.shape[1:])  # (g, c_out/g, c_in/g, *k)
-    cols = per_group.sum(dim=(1, *range(3, per_group.dim()))).max()
-    return math.sqrt(float(rows) * float(cols)) * _PAD
 
 
 def abs_norm_bound(analysis64: Analysis, node) -> tuple[float, int] | None:
@@ -78,7 +74,7 @@ def abs_norm_bound(analysis64: Analysis, node) -> tuple[float, int] | None:
         return norm, int(w.shape[1])
     if spec.conv is not None:
         k = math.prod(spec.conv.weight.shape[1:])
-        return _conv_abs_norm(spec.conv), int(k)
+        return conv_abs_norm(spec.conv.weight, spec.conv.groups), int(k)
     if spec.nonnegative:
         op = node_linear_map(analysis64, node)
         return schur_bound(op) * _PAD, op.in_features
@@ -101,6 +97,12 @@ def materialisation_error(analysis64: Analysis, chain: AffineChain) -> float | N
     return (growth - 1) * product * _PAD
 
 
+def folded_kernel_error(n_scalings: int) -> float:
+    """``κ`` with ``|w − ŵ| ≤ κ |ŵ|`` entrywise for a kernel ``ŵ`` computed by folding
+    ``n_scalings`` computed batch-norm scales into it (see :func:`merged_kernel_error`)."""
+    return 2 * _gamma(n_scalings * (1 + _SCALE_ROUNDINGS)) if n_scalings else 0.0
+
+
 def merged_kernel_error(data: ConvData, n_scalings: int) -> float:
     """A bound on ``‖A_exact − A_ŵ‖₂`` for a kernel ``ŵ`` computed by ``n_scalings``
     float64 multiplications of every entry by computed batch-norm scales (each scale itself
@@ -109,7 +111,7 @@ def merged_kernel_error(data: ConvData, n_scalings: int) -> float:
     convolution with a kernel bounded by that, of norm at most ``2γ_k ‖|A_ŵ|‖₂``."""
     if n_scalings == 0:
         return 0.0
-    return 2 * _gamma(n_scalings * (1 + _SCALE_ROUNDINGS)) * _conv_abs_norm(data)
+    return folded_kernel_error(n_scalings) * conv_abs_norm(data.weight, data.groups)
 
 
 def perturbed_bound(

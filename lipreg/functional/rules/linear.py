@@ -152,6 +152,25 @@ def _conv_data(
     )
 
 
+def _conv_abs_norm(w: Tensor, groups: int, copies: int) -> Callable[[], tuple[float, int]]:
+    """``Affine.abs_norm`` of a convolution (any padding mode, or transposed): Schur test on
+    ``|A|``: a row of ``|A|`` sums at most every ``|w|`` of one output channel (over the group's
+    input channels and taps), a column at most ``copies`` (entries duplicated by the padding)
+    times every ``|w|`` reading one input channel; an output entry is an inner product of at
+    most ``w.numel()`` terms. Evaluated when a chain is materialised (rounding.py)."""
+
+    def abs_norm() -> tuple[float, int]:
+        a = w.detach().to(torch.float64).abs()
+        rows = float(a.flatten(1).sum(1).max())
+        per_group = a.reshape(groups, -1, *a.shape[1:])
+        cols = float(per_group.sum(dim=(1, *range(3, per_group.dim()))).max())
+        rows_t = float(a.transpose(0, 1).flatten(1).sum(1).max())  # transposed use
+        bound = math.sqrt(max(rows, cols * copies) * max(cols * copies, rows, rows_t))
+        return bound * (1 + 1e-6), a.numel()
+
+    return abs_norm
+
+
 def _conv_module(ctx: NodeContext) -> Affine:
     m, d, w, in_spatial = _conv_layer(ctx)
     conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
@@ -171,7 +190,10 @@ def _conv_module(ctx: NodeContext) -> Affine:
     data = None
     if m.padding_mode == "zeros":
         data = _conv_data(ctx, w, m.stride, m.padding, m.dilation, m.groups)
-    return Affine(linear=linear, certify=certify, conv=data)
+    # reflect/replicate/circular padding copies an entry at most (1 + 2p) times per axis
+    copies = math.prod(1 + 2 * p for p in _as_tuple(m.padding, d) or (0,) * d)
+    abs_norm = _conv_abs_norm(w, m.groups, copies)
+    return Affine(linear=linear, certify=certify, conv=data, abs_norm=abs_norm)
 
 
 def _conv_transpose_module(ctx: NodeContext) -> Affine:
@@ -194,7 +216,7 @@ def _conv_transpose_module(ctx: NodeContext) -> Affine:
         return convt(x, w, None, m.stride, m.padding, out_pad, m.groups, m.dilation)
 
     certify = _module_certificate(m, in_spatial, transposed=True, output_padding=out_pad)
-    return Affine(linear=linear, certify=certify)
+    return Affine(linear=linear, certify=certify, abs_norm=_conv_abs_norm(w, m.groups, 1))
 
 
 def _conv_function(d: int) -> RuleFn:
@@ -219,7 +241,8 @@ def _conv_function(d: int) -> RuleFn:
             )
 
         data = _conv_data(ctx, w, stride, padding, dilation, groups)
-        return Affine(linear=linear, certify=certify, conv=data)
+        abs_norm = _conv_abs_norm(w, groups if isinstance(groups, int) else 1, 1)
+        return Affine(linear=linear, certify=certify, conv=data, abs_norm=abs_norm)
 
     return rule
 
