@@ -21,14 +21,18 @@ class LayerBound:
     Attributes:
         name: the nodes it covers, e.g. ``"features.0"`` or ``"layer1.0[conv1+bn1]"`` (an
             affine chain's name, see :mod:`lipreg.functional.chains`).
-        kind: ``"affine"``, ``"activation"``, ``"nonlinear"``, ``"seqlip-pair"``, ...
+        kind: ``"affine"``, ``"activation"``, ``"nonlinear"``, ``"seqlip-pair"``,
+            ``"lipsdp-block"``, ``"conv-pair"``, ``"rounding"`` (a widening for the float64
+            rounding of materialised maps), ...
         value: the factor used in the network's number.
         certified: ``value`` is a guaranteed upper bound on this factor.
         estimate: the iterative (power/Lanczos, greedy) value, a lower estimate of the exact
             factor; ``None`` when not computed.
         upper: a certified upper bound on the factor, ``None`` when none was computed.
         method: how ``value`` was obtained (``"lanczos"``, ``"dense"``, ``"fft"``,
-            ``"schur"``, ``"closed-form"``, ``"exact"``, ``"greedy"`` ...).
+            ``"schur"``, ``"closed-form"``, ``"conv-gram"``, ``"conv-pointwise"``,
+            ``"fft-merged"``, ``"lipsdp-neuron"``, ``"fourier-lmi"``, ``"exact"``,
+            ``"greedy"`` ...).
         n_iter: Gram-operator products (forward+backward passes) spent on it.
         extra: method-specific details (``converged``, ``residual``, ``blocks`` ...).
     """
@@ -68,7 +72,8 @@ class LipschitzResult:
             ``"estimate"`` — no guarantee either way (power iteration stopped at a tolerance,
             greedy or truncated SeqLip); ``"lower"`` — a certified lower bound.
         certified: ``True`` only when ``value`` is a guaranteed upper bound.
-        method: ``"autolip"``, ``"seqlip-exact"``, ``"seqlip-greedy"``, ``"lower_bound"``.
+        method: ``"autolip"``, ``"seqlip-exact"``, ``"seqlip-greedy"``, ``"certified"``
+            (``seqlip(certify=True)``), ``"certified_bound (<winner>)"``, ``"lower_bound"``.
         layers: per-factor breakdown (:class:`LayerBound`).
         nodes: per-node bound carried through the graph (AutoLip), by node name.
         estimate: the same estimator evaluated with iterative layer norms instead of certified
