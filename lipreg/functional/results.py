@@ -72,8 +72,8 @@ class LipschitzResult:
             ``"estimate"`` — no guarantee either way (power iteration stopped at a tolerance,
             greedy or truncated SeqLip); ``"lower"`` — a certified lower bound.
         certified: ``True`` only when ``value`` is a guaranteed upper bound.
-        method: ``"autolip"``, ``"seqlip-exact"``, ``"seqlip-greedy"``, ``"certified"``
-            (``seqlip(certify=True)``), ``"certified_bound (<winner>)"``, ``"lower_bound"``.
+        method: ``"autolip"``, ``"seqlip-exact"``, ``"seqlip-greedy"``, ``"seqlip-certified"``
+            (``certify=True``), ``"certified_bound (<winner>)"``, ``"lower_bound"``.
         layers: per-factor breakdown (:class:`LayerBound`).
         nodes: per-node bound carried through the graph (AutoLip), by node name.
         estimate: the same estimator evaluated with iterative layer norms instead of certified
