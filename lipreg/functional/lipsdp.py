@@ -8,7 +8,13 @@ its value function ``ρ*(T)`` and the certificate are in :mod:`lipreg.functional
 1. Starts: the ECLipsE-Fast multipliers ``T_E`` (when every ``a_k b_k ≥ 0``), product-of-norms
    multipliers (always feasible, three margins) and the caller's ``warm`` multipliers; the one
    with the smallest ``ρ*`` is used.
-2. L-BFGS on ``θ = log t`` minimising ``log f_μ(e^θ)``, where ``f_μ ≥ ρ*`` is the
+2. Optimisation. On small LMIs (side ``N ≤ 400``) a primal-dual interior-point method on the
+   SDP ``min ρ s.t. P(T, ρ) ⪰ 0, T ≥ 0``
+   (:func:`~lipreg.functional.lipsdp_ipm.interior_point_multipliers`): it reaches the
+   optimum to the relative gap ``tol`` in 7–30 Newton steps where L-BFGS stalled (9 % above
+   cvxpy's optimum on the paper's 2-20-20-20-20-1 MLP: ``ρ*`` has a multiple top eigenvalue
+   at the optimum). On larger LMIs, or if that method breaks down: L-BFGS on
+   ``θ = log t`` minimising ``log f_μ(e^θ)``, where ``f_μ ≥ ρ*`` is the
    log-sum-exp smoothing of the top eigenvalue (``ρ*`` is convex in ``t`` but not smooth where
    ``λ_max`` is multiple, which stalls quasi-Newton steps), with ``μ = 1e-3 ρ`` then
    ``1e-5 ρ``; the point with the smallest true ``ρ*`` is kept. Few variables (``Σ n_k``).
@@ -44,6 +50,7 @@ from lipreg.functional.chain_lmi import (
     smoothed_rho_star,
 )
 from lipreg.functional.eclipse import eclipse_fast_multipliers
+from lipreg.functional.lipsdp_ipm import interior_point_multipliers
 
 __all__ = ["SequenceCertificate", "lipsdp_neuron"]
 
@@ -51,6 +58,8 @@ _THETAS = (1.0, 0.1, 1e-3)  # margins of the product-of-norms starts
 _BLENDS = (1e-6, 1e-4, 1e-2, 0.1, 0.5)
 _MEMORY = 10  # L-BFGS pairs
 _WINDOW = 5  # iterations over which the relative improvement is measured
+_DENSE_SIDE = 400  # largest LMI side given to the dense interior-point method (N³ per step)
+_COLD_SLACK, _WARM_SLACK = 1.5, 1.02  # the interior-point method's first ρ, relative to ρ*(T_0)
 _SMOOTHING = (1e-3, 1e-5)  # log-sum-exp temperatures, relative to ρ (measured: 4 stages
 # 1e-3..1e-6 are 20 % slower for the same values on the benchmark MLPs)
 
@@ -137,20 +146,42 @@ def _lbfgs(
 
 
 def _minimise(
-    chain: DenseChain, start: list[Tensor], max_steps: int, tol: float
+    chain: DenseChain,
+    start: list[Tensor],
+    max_steps: int,
+    tol: float,
+    smoothing: tuple[float, ...] = _SMOOTHING,
 ) -> tuple[list[Tensor], int]:
     """Continuation over the smoothing ``μ = ρ · (1e-3, 1e-5)``; each stage is an
     L-BFGS run warm-started from the previous one. Returns the best ``t`` (true ``ρ*``)."""
     x = torch.log(torch.cat(start))
     best = _Best(math.inf, x)
     total = 0
-    for rel in _SMOOTHING:
+    for rel in smoothing:
         rho = rho_star(chain, list(torch.split(torch.exp(x), list(chain.hidden_sizes))))[0]
         x, steps = _lbfgs(chain, x, rel * rho, max_steps - total, max(tol, 0.1 * rel), best)
         total += steps
         if total >= max_steps:
             break
     return list(torch.split(torch.exp(best.x), list(chain.hidden_sizes))), total
+
+
+def _optimise(
+    chain: DenseChain, start: list[Tensor], rho0: float, label: str, max_steps: int, tol: float
+) -> tuple[list[Tensor], int]:
+    """The interior-point method on small LMIs (side ``≤ _DENSE_SIDE``); L-BFGS on larger
+    ones or if the interior-point method broke down. A warm start is near the optimum: its
+    dual start gets less slack (``ρ = 1.02 ρ*`` rather than ``1.5 ρ*``: 7 steps instead of 9
+    on FNN-3, fresh or after a weight update)."""
+    side = min(chain.weights[0].shape) + sum(chain.hidden_sizes)
+    if side <= _DENSE_SIDE:
+        slack = _WARM_SLACK if label == "warm" else _COLD_SLACK
+        found = interior_point_multipliers(
+            chain, start, rho0, max_steps=max_steps, gap=tol, slack=slack
+        )
+        if found is not None:
+            return found
+    return _minimise(chain, start, max_steps, tol)
 
 
 def _starts(
@@ -214,8 +245,9 @@ def lipsdp_neuron(
         warm: Multipliers of a previous call (``SequenceCertificate.multipliers``) to start
             from; used only if better than the built-in starts. A stale warm start can only
             cost tightness, never soundness.
-        max_steps: L-BFGS iteration cap.
-        tol: Stop when ``ρ*`` improves by less than this relative amount over 5 iterations.
+        max_steps: Iteration cap (interior-point steps, or L-BFGS iterations).
+        tol: Interior-point method: stop at this relative duality gap; L-BFGS: stop when
+            ``ρ*`` improves by less than this relative amount over 5 iterations.
 
     Returns:
         A :class:`~lipreg.functional.chain_lmi.SequenceCertificate`; ``method`` is
@@ -236,7 +268,7 @@ def lipsdp_neuron(
     rho0, start, label = min(cands, key=lambda c: c[0])
     if not math.isfinite(rho0):
         raise ValueError("no start is feasible (unexpected: the product-of-norms start is)")
-    ts, steps = _minimise(chain, start, max_steps, tol)
+    ts, steps = _optimise(chain, start, rho0, label, max_steps, tol)
     rho_opt = rho_star(chain, ts)[0]
     if not rho_opt <= rho0:
         ts, rho_opt = start, rho0
