@@ -107,6 +107,18 @@ def _max_step(L: Tensor, dX: Tensor) -> float:
     return 1.0 if lam >= -_FRACTION else _FRACTION / -lam
 
 
+def _step_by_cholesky(X: Tensor, dX: Tensor, bound: float) -> float:
+    """A step ``α ≤ bound`` with ``X + α dX ⪰ (1 − fraction) X``, by Cholesky tests on the
+    grid ``bound · 0.6^j`` (within a factor 0.6 of the largest such step; ~4x cheaper than
+    :func:`_max_step` when the first tries pass)."""
+    alpha = bound
+    for _ in range(12):
+        if int(torch.linalg.cholesky_ex(X + (alpha / _FRACTION) * dX).info) == 0:
+            return alpha
+        alpha *= 0.6
+    return 0.0
+
+
 def _max_step_vec(x: Tensor, dx: Tensor) -> float:
     """The same for the cone ``x ≥ 0``."""
     neg = dx < 0
@@ -184,11 +196,16 @@ def _hkm(
     return dy, dZ, 0.5 * (dX + dX.T), dx
 
 
-def _steps(s: _State, dy: Tensor, dZ: Tensor, dX: Tensor, dx: Tensor) -> tuple[float, float]:
-    """Primal and dual step lengths (fraction to the boundary of every cone)."""
-    alpha = min(_max_step(s.LX, dX), _max_step_vec(s.x, dx))
-    beta = min(_max_step(s.LZ, dZ), _max_step_vec(s.y[:-1], dy[:-1]))
-    return alpha, beta
+def _steps(
+    s: _State, dy: Tensor, dZ: Tensor, dX: Tensor, dx: Tensor, exact: bool
+) -> tuple[float, float]:
+    """Primal and dual step lengths (fraction to the boundary of every cone); ``exact=False``
+    gives the cheaper estimate of :func:`_step_by_cholesky` (enough for Mehrotra's σ)."""
+    alpha = _max_step_vec(s.x, dx)
+    beta = _max_step_vec(s.y[:-1], dy[:-1])
+    if exact:
+        return min(alpha, _max_step(s.LX, dX)), min(beta, _max_step(s.LZ, dZ))
+    return _step_by_cholesky(s.X, dX, alpha), _step_by_cholesky(s.Z, dZ, beta)
 
 
 def interior_point_multipliers(
@@ -248,14 +265,14 @@ def _step(lmi: DenseLMI, s: _State, mu: float) -> None:
     ag = lmi.apply(s.G)
     ag[:-1] += 1.0 / t
     dy, dZ, dX, dx = _hkm(lmi, s, M, ag, 0.0, None)  # predictor: affine scaling (μ = 0)
-    alpha, beta = _steps(s, dy, dZ, dX, dx)
+    alpha, beta = _steps(s, dy, dZ, dX, dx, False)  # only for σ: estimates do
     n = s.X.shape[0] + t.numel()
     gap_aff = float(((s.X + alpha * dX) * (s.Z + beta * dZ)).sum())
     gap_aff += float((s.x + alpha * dx) @ (t + beta * dy[:-1]))
     sigma = min(1.0, max(_SIGMA_MIN, (gap_aff / n / mu) ** 3))  # Mehrotra's heuristic
     corr = (-(dX @ dZ @ s.G), -dx * dy[:-1] / t)
     dy, dZ, dX, dx = _hkm(lmi, s, M, ag, sigma * mu, corr)
-    alpha, beta = _steps(s, dy, dZ, dX, dx)
+    alpha, beta = _steps(s, dy, dZ, dX, dx, True)
     if not (math.isfinite(alpha) and math.isfinite(beta)):
         raise RuntimeError("non-finite step")
     s.X, s.x, s.y = s.X + alpha * dX, s.x + alpha * dx, s.y + beta * dy
