@@ -10,9 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from lipreg.functional.chain_lmi import certify_multipliers, dense_chain, rho_star
+from lipreg.functional.chain_lmi import (
+    certify_multipliers,
+    dense_chain,
+    norm_multipliers,
+    rho_star,
+)
 from lipreg.functional.eclipse import eclipse_fast
 from lipreg.functional.lipsdp import lipsdp_neuron
+from lipreg.functional.lipsdp_ipm import dense_lmi, interior_point_multipliers
 from lipreg.models import PAPER_MODELS
 from lipreg.models.benchmark_nets import load_glipsdp, load_glipsdp_summary, load_lipsdp
 from tests.functional.chain_helpers import linear_weights, max_over_patterns
@@ -159,3 +165,22 @@ def test_deep_paper_mlp_reaches_the_cvxpy_value() -> None:
     x.requires_grad_(True)
     (grad,) = torch.autograd.grad(model(x).sum(), x)
     assert float(grad.norm(dim=1).max()) <= cert.value
+
+
+@pytest.mark.parametrize("slopes", [(0.0, 1.0), (-0.1, 1.1), (-1.0, 1.0), (0.5, 0.5)])
+def test_dense_lmi_is_singular_exactly_at_the_value_function(slopes: tuple[float, float]) -> None:
+    # The interior-point method's dense matrix Z(t, ρ) against the block elimination of
+    # chain_lmi (an independent formula): Z(t, ρ*(t)) is singular and PSD, Z(t, 1.01ρ*) ≻ 0.
+    g = torch.Generator().manual_seed(3)
+    sizes = (5, 4, 3, 2)  # wide first layer: the reduced first block is used
+    ws = [torch.randn(m, n, generator=g, dtype=torch.float64) for n, m in itertools.pairwise(sizes)]
+    chain = dense_chain(ws, [slopes] * 2)
+    lmi = dense_lmi(chain)
+    ts = [2.0 * t for t in norm_multipliers(chain, 1.0)]  # feasible for any slopes
+    rho, _ = rho_star(chain, ts)
+    assert math.isfinite(rho)
+    t = torch.cat(ts)
+    assert abs(float(torch.linalg.eigvalsh(lmi.matrix(t, rho))[0])) <= 1e-9 * rho
+    assert float(torch.linalg.eigvalsh(lmi.matrix(t, 1.01 * rho))[0]) > 0
+    with pytest.raises(ValueError, match="slack"):
+        interior_point_multipliers(chain, ts, rho, max_steps=5, gap=1e-6, slack=1.0)
