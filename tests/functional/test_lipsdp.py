@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import lipreg.functional.lipsdp as lipsdp_module
 from lipreg.functional.chain_lmi import (
     certify_multipliers,
     dense_chain,
@@ -184,3 +185,20 @@ def test_dense_lmi_is_singular_exactly_at_the_value_function(slopes: tuple[float
     assert float(torch.linalg.eigvalsh(lmi.matrix(t, 1.01 * rho))[0]) > 0
     with pytest.raises(ValueError, match="slack"):
         interior_point_multipliers(chain, ts, rho, max_steps=5, gap=1e-6, slack=1.0)
+
+
+@pytest.mark.parametrize("sizes", [(3, 4, 3, 2), (2, 3, 2, 3, 1)])
+def test_first_order_path_is_sound_and_close_to_the_interior_point_one(
+    sizes: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Larger LMIs use L-BFGS: forced here on tiny nets, it must stay above brute force and near
+    # the interior-point optimum (which reaches cvxpy's optimum on the benchmark MLPs).
+    g = torch.Generator().manual_seed(sum(sizes))
+    ws = [torch.randn(m, n, generator=g, dtype=torch.float64) for n, m in itertools.pairwise(sizes)]
+    sl = [RELU] * (len(ws) - 1)
+    ipm = lipsdp_neuron(ws, sl)
+    monkeypatch.setattr(lipsdp_module, "_DENSE_SIDE", 0)
+    first_order = lipsdp_neuron(ws, sl)
+    assert first_order.value >= max_over_patterns(ws, sl)
+    assert ipm.value <= first_order.value * (1 + 1e-6)
+    assert first_order.value <= ipm.value * 1.01
