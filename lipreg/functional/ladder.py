@@ -481,11 +481,15 @@ class ChainBounder:
     generator: torch.Generator
     dense_limit: int
     ladder: Sequence[LadderEntry] | None = None
+    # a float64 analysis of the same graph made by the caller (reused across calls), else
+    # derived on first use
+    given_analysis64: Analysis | None = None
     new_state: dict[str, Tensor] = field(default_factory=dict, init=False)
     _analysis64: Analysis | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.ladder = list(LADDER if self.ladder is None else self.ladder)
+        self._analysis64 = self.given_analysis64
 
     @property
     def analysis64(self) -> Analysis:
