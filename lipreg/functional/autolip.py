@@ -46,7 +46,7 @@ from lipreg.functional.certify import (
 )
 from lipreg.functional.chains import AffineChain, find_affine_chains
 from lipreg.functional.compose import output_value, propagate
-from lipreg.functional.ladder import ChainBounder
+from lipreg.functional.ladder import ChainBounder, LadderEntry
 from lipreg.functional.power_iteration import check_iteration_options
 from lipreg.functional.results import LayerBound, LipschitzResult
 from lipreg.functional.specs import Affine, Elementwise, Nonlinear
@@ -69,6 +69,7 @@ def autolip(
     dense_limit: int = 2048,
     traced: fx.GraphModule | None = None,
     memory_limit_bytes: float | None = None,
+    ladder: Sequence[LadderEntry] | None = None,
 ) -> LipschitzResult:
     """AutoLip upper bound of ``model`` (in evaluation mode) for the l2 norm.
 
@@ -93,6 +94,11 @@ def autolip(
             buffers))``). Maps whose exact certificate needs more get a looser certified bound
             (row blocks, Frobenius/Schur, im2col for convolutions), said in ``notes``, in the
             layer's ``method`` and by a warning; the result stays certified.
+        ladder: the chain certificates to try, in order (default
+            :data:`lipreg.functional.ladder.LADDER`); e.g. ``[my_entry, *LADDER]`` puts a
+            caller's entry first. Each entry is responsible for its own soundness: a
+            ``certified`` answer must be a guaranteed upper bound. The last entry must always
+            answer (:func:`lipreg.functional.ladder.estimate`).
 
     Raises:
         ValueError: a non-finite (NaN/Inf) value anywhere in the result (message mentions
@@ -126,6 +132,7 @@ def autolip(
             state=dict(state or {}),
             generator=torch.Generator(device=analysis.device).manual_seed(seed),
             dense_limit=dense_limit,
+            ladder=ladder,
         )
         result = _autolip(analysis, bounder)
     if budget.events:

@@ -968,3 +968,30 @@ def test_chain_names_are_the_common_module_path_and_the_members():
     assert {k for k in r.state if "#" not in k} == {"stem[0+1]", "head[0+1]"}
     s = lipreg.seqlip(net, (1, 6, 6))
     assert s.layers[0].name == "stem[0+1] | act | head[0+1]"
+
+
+# --------------------------------------------------------------------------------------------
+# Caller's certificate ladder (ladder=)
+# --------------------------------------------------------------------------------------------
+
+
+def test_ladder_keyword_puts_a_callers_entry_first():
+    from lipreg.functional.ladder import LADDER
+
+    m = init_(nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 2)).double(), 3)
+    seen: list[str] = []
+
+    def declines(ctx):  # records the chain and lets the default ladder answer
+        seen.append(ctx.chain.name)
+        return None
+
+    r = lipreg.autolip(m, (5,), dtype=F64, ladder=[declines, *LADDER])
+    assert seen == ["0", "2"]
+    assert r.certified and r.value == lipreg.autolip(m, (5,), dtype=F64).value
+
+    def answers(ctx):  # an uncertified constant: used, and the result becomes an estimate
+        return lipreg.LayerBound(name=ctx.chain.name, kind="affine", value=2.0, certified=False)
+
+    with pytest.warns(UserWarning, match="could not certify"):
+        r = lipreg.AutoLip(m, (5,), dtype=F64, ladder=[answers])()
+    assert r.value == pytest.approx(4.0) and not r.certified
