@@ -1,0 +1,396 @@
+"""Incremental certificates: a certified AutoLip bound at step ``t`` from the certificate of an
+anchor step ``s`` and the weight change (``docs/design/issue10/incremental.md``, item 2 of
+issue 10).
+
+For every affine chain ``A`` certified at the anchor (``σ_cert(A_s) ≥ ‖A_s‖₂``, a
+``LayerBound`` of a certified :func:`~lipreg.functional.autolip.autolip` result), the triangle
+inequality (Weyl)
+
+.. math:: ‖A_t‖_2 \\le ‖A_s‖_2 + ‖A_t − A_s‖_2 \\le σ_{cert}(A_s) + β(A_t − A_s)      \\qquad (1)
+
+is certified as soon as ``β ≥ ‖A_t − A_s‖₂`` is (:mod:`lipreg.functional.incremental_bounds`),
+and AutoLip's walk over the per-chain factors stays a certified Lipschitz bound (activations'
+constants do not change). Two kinds of chains get an increment, everything else is certified
+in full by the normal ladder:
+
+* **dense**: isometries around ONE dense weight ``W`` (``‖A‖ = c · ‖W‖``, ``c`` the product of
+  the isometries' closed-form scales): ``value = σ_cert + c · β(W_t − W_s)``;
+* **merged-conv**: isometries around ``[scale]* conv [scale]*`` (batch norms folded into one
+  kernel by :func:`~lipreg.functional.conv_chain.merged_conv`): with the computed float64
+  merged kernels ``K̂_s``, ``K̂_t`` and their folding errors ``e_s``, ``e_t``
+  (:func:`~lipreg.functional.rounding.folded_kernel_error` × the kernel's absolute norm, as the
+  ladder's ``merged_conv_value``),
+  ``‖A_t‖ ≤ c (‖M_s‖ + e_s + ‖A_{K̂_t − K̂_s}‖ + e_t)``, so
+  ``value = σ_cert + c · (β(K̂_t − K̂_s) + e_s + e_t)``. Differencing the merged kernels
+  (incremental.md §3) handles moving running statistics and ``γ = 0`` channels alike.
+
+``c`` is the same at ``s`` and ``t`` only if every isometry's scale is bit-identical: each is
+an exact bijective isometry times its scale, so ``‖A‖ = c‖core‖`` at both steps; any change of
+a scale, of the chain's ops, shapes, kernel geometry or rule is refused (``None``: the full
+certificate answers), never treated as unchanged. ``W_t − W_s`` is formed in float64
+(relative error ``u``, covered by a factor ``1 + 2u``); the final sum is rounded up.
+
+**Precondition.** The anchor's certificate must be of the model *at the anchor's weights*:
+:func:`make_anchor` copies the weights when it is called, so call it with the result of a
+certificate of the current weights (or use :func:`certified_anchor`, which does both).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, fx, nn
+
+from lipreg.functional.analysis import Analysis, analyse
+from lipreg.functional.autolip import autolip
+from lipreg.functional.banded_gram import abs_norm_bound
+from lipreg.functional.chains import AffineChain, find_affine_chains
+from lipreg.functional.conv_chain import merged_conv
+from lipreg.functional.incremental_bounds import conv_increment_bound, dense_increment_bound
+from lipreg.functional.ladder import CLOSED_FORM_PAD, LADDER, ChainContext, LadderEntry
+from lipreg.functional.lmi import UNIT_ROUNDOFF
+from lipreg.functional.results import LayerBound, LipschitzResult
+from lipreg.functional.rounding import folded_kernel_error
+from lipreg.functional.specs import Affine
+
+__all__ = [
+    "ChainAnchor",
+    "CoreMap",
+    "IncrementalAnchor",
+    "certified_anchor",
+    "chain_core",
+    "chain_signature",
+    "incremental_autolip",
+    "incremental_entry",
+    "make_anchor",
+    "slack",
+]
+
+# fl(W_t − W_s) = (W_t − W_s)(1 + δ), |δ| ≤ u: a bound on the computed difference, times this,
+# bounds the exact one.
+_DIFFERENCE_PAD = 1.0 + 2.0 * UNIT_ROUNDOFF
+METHOD_PREFIX = "incremental"
+
+
+@dataclass(frozen=True)
+class CoreMap:
+    """The non-isometric part of a chain that an increment can be taken of.
+
+    ``rule`` is ``"dense"`` (``weight`` the float64 ``(out, in)`` matrix) or ``"merged-conv"``
+    (``weight`` the float64 merged kernel, ``geometry`` ``(stride, padding, dilation, groups,
+    in_shape)``, ``kernel_error`` its :func:`~lipreg.functional.rounding.folded_kernel_error`).
+    """
+
+    rule: str
+    weight: Tensor
+    geometry: tuple = ()
+    kernel_error: float = 0.0
+
+    def folding_error(self) -> float:
+        """``kernel_error · ‖|A_K̂|‖₂`` (0 without folded scales)."""
+        if not self.kernel_error:
+            return 0.0
+        groups = self.geometry[3]
+        return math.nextafter(self.kernel_error * abs_norm_bound(self.weight, groups), math.inf)
+
+
+def chain_core(specs: Sequence[Affine]) -> CoreMap | None:
+    """The chain's core (``specs`` float64, in application order) as a :class:`CoreMap`, or
+    ``None`` when no increment rule applies (no non-isometric op, a closed-form op, several
+    weights, anything :func:`~lipreg.functional.conv_chain.merged_conv` refuses)."""
+    inner = [i for i, s in enumerate(specs) if not s.isometry]
+    if not inner:
+        return None
+    core = [specs[i] for i in inner]
+    if len(core) == 1 and core[0].norm is not None:
+        return None  # closed form: exact, the ladder answers it
+    if len(core) == 1 and core[0].weight is not None:
+        return CoreMap("dense", core[0].weight.detach().to(torch.float64))
+    span = specs[inner[0] : inner[-1] + 1]
+    conv = merged_conv(span)
+    if conv is None:
+        return None
+    geometry = (conv.stride, conv.padding, conv.dilation, conv.groups, conv.in_shape)
+    weight = conv.weight.detach().to(torch.float64)
+    return CoreMap("merged-conv", weight, geometry, folded_kernel_error(len(span) - 1))
+
+
+def chain_signature(analysis: Analysis, chain: AffineChain) -> tuple:
+    """What must not change between anchor and step for an increment to apply: per node its
+    label, shapes and which spec fields are set (an architecture change changes it)."""
+    items: list[tuple] = [(analysis.label(chain.source), analysis.shapes[chain.source])]
+    for node in chain.nodes:
+        spec = analysis.specs[node]
+        assert isinstance(spec, Affine)
+        fields = (
+            spec.isometry,
+            spec.norm is not None,
+            spec.weight is not None,
+            spec.conv is not None,
+            spec.channel_scale is not None,
+            spec.nonnegative,
+        )
+        items.append((analysis.label(node), analysis.shapes[node], fields))
+    return tuple(items)
+
+
+def isometry_scales(specs: Sequence[Affine]) -> tuple[float, ...]:
+    """The closed-form scales of the chain's isometries, in order (compared bit for bit)."""
+    return tuple(float(s.norm) for s in specs if s.isometry)  # type: ignore[arg-type]
+
+
+@dataclass
+class ChainAnchor:
+    """One chain at the anchor: its certified factor ``sigma`` and what the increment needs
+    (``core``: the weight or merged kernel, stored in float32 when that is exact)."""
+
+    name: str
+    sigma: float
+    signature: tuple
+    scales: tuple[float, ...]
+    core: CoreMap
+    method: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return self.core.weight.numel() * self.core.weight.element_size()
+
+
+@dataclass
+class IncrementalAnchor:
+    """The anchor of incremental certificates: per chain name a :class:`ChainAnchor`, the
+    network-level certified ``value`` and the training ``step`` (if known). ``skipped``:
+    chains of the network without an increment rule, with the reason."""
+
+    chains: dict[str, ChainAnchor]
+    value: float
+    step: int | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the weight copies."""
+        return sum(c.nbytes for c in self.chains.values())
+
+
+def _compact_copy(weight: Tensor) -> Tensor:
+    """A private copy of a float64 tensor (never a view of a live parameter), in float32 when
+    the conversion is exact (half the memory; the increment converts back exactly)."""
+    w = weight.detach().to(torch.float64)
+    low = w.to(torch.float32)  # a new tensor: w is float64
+    return low if torch.equal(low.to(torch.float64), w) else w.clone()
+
+
+def make_anchor(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    certified: LipschitzResult,
+    *,
+    traced: fx.GraphModule | None = None,
+    analysis64: Analysis | None = None,
+    step: int | None = None,
+) -> IncrementalAnchor:
+    """Anchor incremental certificates at the model's CURRENT weights, whose certified AutoLip
+    result is ``certified`` (module docstring: precondition).
+
+    Every chain whose factor in ``certified.layers`` is certified and which has an increment
+    rule (:func:`chain_core`) is kept, with a copy of its weight or merged kernel. A float64
+    ``analysis64`` of the current weights may be passed (else one is made).
+
+    Raises:
+        ValueError: ``certified`` is not a certified upper bound.
+    """
+    if certified.kind != "upper":
+        raise ValueError(
+            f"make_anchor needs a certified AutoLip result (kind 'upper'), got kind "
+            f"{certified.kind!r}; run lipreg.autolip(model, shape, certify=True) first."
+        )
+    if analysis64 is None:
+        analysis64 = analyse(model, input_shape, dtype=torch.float64, traced=traced)
+    layers = {lb.name: lb for lb in certified.layers if lb.kind == "affine" and lb.certified}
+    anchor = IncrementalAnchor(chains={}, value=float(certified.value), step=step)
+    for chain in find_affine_chains(analysis64).values():
+        lb = layers.get(chain.name)
+        specs = [analysis64.specs[n] for n in chain.nodes]
+        core = chain_core(specs)  # type: ignore[arg-type]
+        if lb is None or core is None:
+            why = "not a certified factor of the result" if lb is None else "no increment rule"
+            anchor.skipped[chain.name] = why
+            continue
+        stored = CoreMap(core.rule, _compact_copy(core.weight), core.geometry, core.kernel_error)
+        anchor.chains[chain.name] = ChainAnchor(
+            name=chain.name,
+            sigma=float(lb.value),
+            signature=chain_signature(analysis64, chain),
+            scales=isometry_scales(specs),  # type: ignore[arg-type]
+            core=stored,
+            method=lb.method,
+        )
+    if not anchor.chains:
+        warnings.warn(
+            "make_anchor: no chain of this network has an increment rule (dense weight or "
+            "merged convolution) and a certified factor; every later certificate is a full one.",
+            stacklevel=2,
+        )
+    return anchor
+
+
+def certified_anchor(
+    model: nn.Module, input_shape: Sequence[int], *, step: int | None = None, **autolip_options
+) -> tuple[IncrementalAnchor, LipschitzResult]:
+    """Certify the current weights (:func:`~lipreg.functional.autolip.autolip`,
+    ``certify=True``) and anchor at them: the safe way to satisfy the precondition."""
+    if not autolip_options.pop("certify", True):
+        raise ValueError("certified_anchor certifies: certify=False is not allowed.")
+    result = autolip(model, input_shape, certify=True, **autolip_options)
+    anchor = make_anchor(
+        model, input_shape, result, traced=autolip_options.get("traced"), step=step
+    )
+    return anchor, result
+
+
+def _increment(anchor: ChainAnchor, core: CoreMap) -> tuple[float, float, str] | None:
+    """``(β, folding errors, which bound)`` in core units, or ``None`` when the core's rule,
+    shape or geometry differs from the anchor's."""
+    old = anchor.core
+    if core.rule != old.rule or core.weight.shape != old.weight.shape:
+        return None
+    if core.geometry != old.geometry or core.kernel_error != old.kernel_error:
+        return None
+    folding = 0.0
+    if core.kernel_error:
+        folding = math.nextafter(old.folding_error() + core.folding_error(), math.inf)
+    if torch.equal(core.weight, old.weight.to(torch.float64)):
+        return 0.0, folding, "unchanged"
+    delta = core.weight - old.weight.to(torch.float64)
+    if core.rule == "dense":
+        beta, which = dense_increment_bound(delta)
+    else:
+        stride, _, dilation, groups, _ = core.geometry
+        beta, which = conv_increment_bound(delta, stride, dilation, groups)
+    return math.nextafter(beta * _DIFFERENCE_PAD, math.inf), folding, which
+
+
+def incremental_entry(anchor: IncrementalAnchor, *, estimate: bool = True) -> LadderEntry:
+    """A certificate-ladder entry (:mod:`lipreg.functional.ladder`) answering, for the chains
+    of ``anchor`` whose structure, isometry scales and rule are unchanged,
+    ``σ_cert(A_s) + c·(β + folding errors)`` rounded up (module docstring), with
+    ``method="incremental (<rule>: <bound>)"`` and ``extra`` ``anchor`` (σ_s), ``increment``
+    (``c·β``), ``folding`` (``c·(e_s + e_t)``); ``None`` for every other chain.
+
+    With ``estimate=True`` (default) the chain's warm Lanczos estimate is also run and reported
+    as ``estimate`` (what :func:`slack` compares with); else ``estimate`` is ``None``."""
+
+    def entry(ctx: ChainContext) -> LayerBound | None:
+        if not ctx.bounder.certify:
+            return None
+        chain_anchor = anchor.chains.get(ctx.chain.name)
+        if chain_anchor is None:
+            return None
+        specs = ctx.bound_specs
+        if chain_signature(ctx.bounder.analysis64, ctx.chain) != chain_anchor.signature:
+            return None
+        if isometry_scales(specs) != chain_anchor.scales:
+            return None
+        core = chain_core(specs)
+        answer = None if core is None else _increment(chain_anchor, core)
+        if answer is None:
+            return None
+        return _incremental_bound(ctx, chain_anchor, answer, estimate)
+
+    entry.__name__ = entry.__qualname__ = "incremental_entry"
+    return entry
+
+
+def _incremental_bound(
+    ctx: ChainContext, anchor: ChainAnchor, answer: tuple[float, float, str], estimate: bool
+) -> LayerBound:
+    """The certified factor ``σ_s + c·(β + folding)`` as a :class:`LayerBound`."""
+    beta, folding, which = answer
+    scale = math.prod(anchor.scales)
+    # the product of float64 scales is rounded: padded as the ladder pads closed forms
+    scale = scale * CLOSED_FORM_PAD if scale != 1.0 else 1.0
+    increment = math.nextafter(scale * beta, math.inf) if beta else 0.0
+    widening = math.nextafter(scale * folding, math.inf) if folding else 0.0
+    value = anchor.sigma
+    if increment or widening:
+        value = math.nextafter((value + increment + widening) * (1 + 2 * UNIT_ROUNDOFF), math.inf)
+    sigma_est, n_iter = None, 0
+    if estimate:
+        res = ctx.iterative()
+        sigma_est, n_iter = res.sigma, res.n_iter
+    return LayerBound(
+        name=ctx.chain.name,
+        kind="affine",
+        value=value,
+        certified=True,
+        estimate=sigma_est,
+        upper=value,
+        method=f"{METHOD_PREFIX} ({anchor.core.rule}: {which})",
+        n_iter=n_iter,
+        extra={"anchor": anchor.sigma, "increment": increment, "folding": widening},
+    )
+
+
+def incremental_autolip(
+    model: nn.Module, input_shape: Sequence[int], anchor: IncrementalAnchor, **autolip_options
+) -> LipschitzResult:
+    """A certified AutoLip bound of the current weights with the anchor's chains certified
+    incrementally (:func:`incremental_entry` first, then the full :data:`~lipreg.functional.
+    ladder.LADDER` for the others): ``autolip(model, input_shape, certify=True,
+    ladder=[incremental_entry(anchor), *LADDER], **autolip_options)``.
+
+    ``notes`` gain one line: the value relative to the anchor's, and the chains certified in
+    full (no anchor, or a changed structure / isometry scale / rule). Per-chain increments are
+    in each layer's ``extra``.
+
+    Raises:
+        ValueError: ``certify=False`` or ``ladder=`` given (this function sets both).
+    """
+    if not autolip_options.pop("certify", True) or "ladder" in autolip_options:
+        raise ValueError(
+            "incremental_autolip always certifies with its own ladder: do not pass "
+            "certify=False or ladder=."
+        )
+    ladder = [incremental_entry(anchor), *LADDER]
+    result = autolip(model, input_shape, certify=True, ladder=ladder, **autolip_options)
+    result.notes.append(_increment_note(result, anchor))
+    return result
+
+
+def _increment_note(result: LipschitzResult, anchor: IncrementalAnchor) -> str:
+    affine = [lb for lb in result.layers if lb.kind == "affine"]
+    incremental = [lb for lb in affine if lb.method.startswith(METHOD_PREFIX)]
+    full = [lb.name for lb in affine if not lb.method.startswith(METHOD_PREFIX)]
+    step = "" if anchor.step is None else f" (step {anchor.step})"
+    change = result.value / anchor.value - 1 if anchor.value > 0 else math.inf
+    full_text = f"; certified in full: {full}" if full else ""
+    return (
+        f"incremental certificate: {len(incremental)} of {len(affine)} affine chains from the "
+        f"anchor{step} of value {anchor.value:.6g}; value {result.value:.6g} "
+        f"({change:+.3%} vs the anchor){full_text}."
+    )
+
+
+def slack(result: LipschitzResult) -> float:
+    """``result.value / result.estimate − 1``: the estimate (Lanczos values, below the true
+    norms) is from the same call, so this over-states the true slack ``value/L − 1`` and never
+    under-states it (the re-anchor trigger of incremental.md §7).
+
+    Raises:
+        ValueError: no estimate, or an affine factor without its own estimate (its value would
+            stand in for it and hide slack).
+    """
+    missing = [lb.name for lb in result.layers if lb.kind == "affine" and lb.estimate is None]
+    if result.estimate is None or missing:
+        raise ValueError(
+            f"slack needs a result whose every affine factor has an estimate; missing for "
+            f"{missing or 'the total'}. Use incremental_entry(anchor, estimate=True)."
+        )
+    if result.estimate <= 0:
+        return 0.0 if result.value <= 0 else math.inf
+    return result.value / result.estimate - 1.0

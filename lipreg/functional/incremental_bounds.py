@@ -1,0 +1,200 @@
+"""Certified bounds on ``‖Δ‖₂`` for a weight change ``Δ``: the increments of incremental
+certificates (:mod:`lipreg.functional.incremental`, ``docs/design/issue10/incremental.md``
+§1–§2).
+
+Every function takes a float64 tensor and returns a float64 number ``≥`` the spectral norm of
+the linear operator it describes, **including** the rounding of its own evaluation: a float64
+sum of ``n`` non-negative terms has relative error at most ``γ_n`` (any summation order,
+Higham ASNA §3.5), so each sum is multiplied by ``1 + γ_{n+2}`` (one more rounding for the
+squares or the product) and rounded up with ``nextafter``; square roots go through
+:func:`~lipreg.functional.lmi.sqrt_up`. No accumulation happens in float32.
+
+Dense matrices ``Δ`` (``m × n``):
+
+* :func:`frobenius_bound`: ``‖Δ‖₂² = λ_max(ΔᵀΔ) ≤ tr(ΔᵀΔ) = ‖Δ‖_F²``;
+* :func:`schur_bound_matrix`: ``‖Δ‖₂ ≤ sqrt(‖Δ‖₁ ‖Δ‖_∞)`` (Schur test with unit weights);
+* :func:`gram_iteration_bound`: ``‖Δ‖₂ = ‖G_k‖₂^{1/2^k}`` with ``G_0 = Δ``,
+  ``G_{i+1} = G_iᵀ G_i`` and ``‖G_k‖₂ ≤ ‖G_k‖_F`` (Delattre et al. 2023), each product's
+  rounding ``|fl(GᵀG) − GᵀG| ≤ γ_p |G|ᵀ|G|`` carried back as ``‖·‖₂ ≤ γ_p ‖G‖_F²``.
+
+Convolutions with kernel ``Δ`` (``c_out × c_in/groups × k_1 × … × k_d``, any stride,
+dilation and zero padding; the operator is linear in the kernel, so this bounds
+``‖A_{K_t} − A_{K_s}‖₂`` for ``Δ = K_t − K_s``) — :func:`conv_increment_bound`:
+
+* **im2col**: per group ``A = Δ_mat ∘ U`` with ``U`` copying each input entry into at most
+  ``c`` patches (:func:`window_copies`), so ``‖A‖ ≤ √c · ‖Δ_mat‖₂`` bounded by the dense
+  bounds above; groups act on disjoint channels, so the maximum over groups;
+* **Young/Schur on the operator**: every row ``(o, y)`` has absolute sum at most
+  ``R = max_o Σ_{c,τ} |Δ[o,c,τ]|``, every column ``(c, x)`` at most
+  ``C = max_{c, φ} Σ_{o ∈ group(c)} Σ_{τ : τd ≡ φ (mod s)} |Δ[o,c,τ]|`` (an input position is
+  read by tap ``τ`` only in one stride-phase class, and by each tap at most once), so
+  ``‖A‖ ≤ sqrt(R C)``.
+
+Zero padding only deletes columns (reads of the padding) of the operator on the padded input,
+so both bounds, proved for that operator, hold for the zero-padded convolution.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lipreg.functional.lmi import ETA, gamma, sqrt_up
+
+__all__ = [
+    "GRAM_ITERATION_FLOPS",
+    "conv_increment_bound",
+    "dense_increment_bound",
+    "frobenius_bound",
+    "gram_iteration_bound",
+    "schur_bound_matrix",
+    "sum_up",
+    "window_copies",
+]
+
+#: Gram iteration runs only when its products cost at most this many multiply-adds (convolution
+#: kernels, small dense layers); a 1000 × 1000 layer would cost ≈ 9 training steps.
+GRAM_ITERATION_FLOPS = 5e7
+
+
+def sum_up(total: float, n: int) -> float:
+    """An upper bound on the exact value of a float64 sum of ``n`` non-negative terms (each
+    itself one rounded product) computed as ``total``: ``total · (1 + γ_{n+2})``, rounded up."""
+    return math.nextafter(total * (1.0 + gamma(n + 2)), math.inf)
+
+
+def _mul_up(a: float, b: float) -> float:
+    return math.nextafter(a * b, math.inf)
+
+
+def frobenius_bound(D: Tensor) -> float:
+    """``‖D‖_F`` rounded up (an upper bound on ``‖D‖₂`` of a float64 matrix)."""
+    if D.numel() == 0:
+        return 0.0
+    return sqrt_up(sum_up(float((D * D).sum()), D.numel()))
+
+
+def schur_bound_matrix(D: Tensor) -> float:
+    """``sqrt(max_i Σ_j |D_ij| · max_j Σ_i |D_ij|)`` rounded up, an upper bound on ``‖D‖₂``
+    of a float64 matrix (Schur test with unit weights)."""
+    if D.numel() == 0:
+        return 0.0
+    A = D.abs()
+    rows = sum_up(float(A.sum(1).max()), D.shape[1])
+    cols = sum_up(float(A.sum(0).max()), D.shape[0])
+    return sqrt_up(_mul_up(rows, cols))
+
+
+def gram_iteration_bound(D: Tensor, k: int = 2) -> float:
+    """Upper bound on ``‖D‖₂`` by ``k`` Gram squarings (module docstring).
+
+    Each step scales ``G`` by an exact power of two (no overflow), forms ``fl(GᵀG)`` on the
+    smaller side and records ``e = γ_p ‖G‖_F² + p²·2(p+1)η`` (``p`` the inner length;
+    ``η`` covers underflow); then from ``U_k ≥ ‖G_k‖_F`` back to
+    ``‖G_i‖₂ ≤ sqrt(U_{i+1} + e_i)``, unscaled exactly."""
+    G = D if D.shape[0] >= D.shape[1] else D.T
+    scales: list[int] = []
+    errors: list[float] = []
+    for _ in range(k):
+        f = float((G * G).sum())
+        if f == 0.0:
+            return 0.0
+        e = math.frexp(math.sqrt(f))[1]
+        G = torch.ldexp(G, torch.tensor(-e, dtype=torch.int64))  # exact power of two
+        p, side = G.shape[0], G.shape[1]
+        fro2 = sum_up(float((G * G).sum()), G.numel())
+        errors.append(_mul_up(gamma(p), fro2) + side * side * 2.0 * (p + 1) * ETA)
+        scales.append(e)
+        G = G.T @ G
+    bound = frobenius_bound(G)
+    for e, err in zip(reversed(scales), reversed(errors), strict=True):
+        bound = math.ldexp(sqrt_up(math.nextafter(bound + err, math.inf)), e)
+    return bound
+
+
+def dense_increment_bound(D: Tensor, *, gram: bool = True) -> tuple[float, str]:
+    """``(bound ≥ ‖D‖₂, which)``: the smallest of Frobenius, Schur and (when ``gram`` and
+    its cost is at most :data:`GRAM_ITERATION_FLOPS`) two Gram squarings."""
+    if not bool(D.any()):
+        return 0.0, "zero"
+    candidates = {"frobenius": frobenius_bound(D), "schur": schur_bound_matrix(D)}
+    m, n = D.shape
+    if gram and m * n * min(m, n) <= GRAM_ITERATION_FLOPS:
+        candidates["gram-iteration"] = gram_iteration_bound(D, 2)
+    which = min(candidates, key=candidates.__getitem__)
+    return candidates[which], which
+
+
+def window_copies(kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int]) -> int:
+    """The largest number of (output position, tap) pairs that read one input position of a
+    convolution: per axis, the taps ``τ`` with ``τd ≡ r (mod s)`` for one residue ``r``, at
+    most ``⌈k / (s / gcd(s, d))⌉``; the product over the axes."""
+    copies = 1
+    for k, s, d in zip(kernel, stride, dilation, strict=True):
+        period = s // math.gcd(s, d)
+        copies *= -(-k // period)
+    return copies
+
+
+def _phase_column_sums(A: Tensor, stride: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    """``Σ_{τ : τd ≡ φ (mod s)} A[o, c, τ]`` for every phase ``φ`` (one axis at a time):
+    shape ``(c_out, c_in_g, s_1, …, s_d)``."""
+    out = A
+    for axis, (s, d) in enumerate(zip(stride, dilation, strict=True)):
+        dim = 2 + axis
+        k = out.shape[dim]
+        phase = (torch.arange(k) * d) % s
+        onehot = torch.zeros(k, s, dtype=out.dtype)
+        onehot[torch.arange(k), phase] = 1.0
+        out = torch.movedim(torch.movedim(out, dim, -1) @ onehot, -1, dim)
+    return out
+
+
+def young_bound(D: Tensor, stride: Sequence[int], dilation: Sequence[int], groups: int) -> float:
+    """``sqrt(R · C)`` of the module docstring (row sums and stride-phase column sums)."""
+    A = D.abs()
+    c_out, c_in_g = A.shape[:2]
+    taps = math.prod(A.shape[2:])
+    rows = sum_up(float(A.flatten(1).sum(1).max()), c_in_g * taps)
+    phased = _phase_column_sums(A, stride, dilation).flatten(2)  # (c_out, c_in_g, phases)
+    per_group = phased.reshape(groups, c_out // groups, c_in_g, -1).sum(1)
+    cols = sum_up(float(per_group.max()), (c_out // groups) * taps)
+    return sqrt_up(_mul_up(rows, cols))
+
+
+def im2col_bound(D: Tensor, copies: int, groups: int) -> tuple[float, str]:
+    """``√c · max_g ‖Δ_g‖₂`` with ``‖Δ_g‖₂`` bounded per group by the smaller of Frobenius
+    and Schur (and Gram iteration when there is one group)."""
+    c_out = D.shape[0]
+    mats = D.reshape(groups, c_out // groups, -1)
+    if groups == 1:
+        norm, which = dense_increment_bound(mats[0])
+    else:
+        A = mats.abs()
+        n_cols, n_rows = mats.shape[2], mats.shape[1]
+        fro = (mats * mats).sum((1, 2)).max()
+        rows = A.sum(2).max(1).values
+        cols = A.sum(1).max(1).values
+        frob = sqrt_up(sum_up(float(fro), n_cols * n_rows))
+        # per group, then the worst group; each factor's sum and the product's rounding
+        # (covered by the two extra terms of each γ) widened by sum_up
+        schur_each = float((rows * cols).max())
+        schur = sqrt_up(sum_up(sum_up(schur_each, n_cols), n_rows))
+        norm, which = (frob, "frobenius") if frob <= schur else (schur, "schur")
+    return _mul_up(sqrt_up(float(copies)), norm), f"im2col-{which}"
+
+
+def conv_increment_bound(
+    D: Tensor, stride: Sequence[int], dilation: Sequence[int], groups: int
+) -> tuple[float, str]:
+    """``(bound ≥ ‖A_D‖₂, which)`` for the convolution with float64 kernel ``D`` (any zero
+    padding and input size): the smaller of im2col and Young/Schur (module docstring)."""
+    if not bool(D.any()):
+        return 0.0, "zero"
+    copies = window_copies(D.shape[2:], stride, dilation)
+    im2col, which = im2col_bound(D, copies, groups)
+    young = young_bound(D, stride, dilation, groups)
+    return (im2col, which) if im2col <= young else (young, "young")
