@@ -6,10 +6,15 @@ statements whose times are compared are timed in interleaved rounds (a, b, c, a,
 that a change in the machine's load hits them alike; each one's figure is the median over all
 rounds (``Measurement.merge``). The machine is shared: the scripts print its load next to the
 figures.
+
+Every script takes ``--device`` (:func:`add_device_argument`, default ``cpu``): models and data
+are created on that device, and every timer synchronises it (``torch.cuda.synchronize``) before
+reading the clock, so the ratios printed on a GPU mean the same as on a CPU.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from collections.abc import Callable
@@ -23,6 +28,44 @@ from torch.utils.benchmark import Measurement, Timer
 def setup_threads() -> None:
     """Pin the thread count (OMP_NUM_THREADS, default 1): this machine is shared and noisy."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--device`` option shared by the scripts (``cpu`` by default, ``cuda`` when there
+    is one); :func:`resolve_device` turns its value into a ``torch.device``."""
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where models, data and computations live: cpu (default), cuda or cuda:N",
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    """``torch.device(name)``, refusing a CUDA device this machine does not have (a clear exit
+    rather than a stack trace from the first ``.to(device)``)."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            f"--device {name}: torch.cuda.is_available() is False on this machine "
+            "(CPU-only torch build or no GPU); run with --device cpu."
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {name}: only cpu and cuda are supported, got {device.type}.")
+    return device
+
+
+def synchronize(device: torch.device | None) -> None:
+    """Wait for the device's queued kernels (CUDA runs asynchronously: without this a timer
+    reads the launch time, not the run time). A no-op on the CPU."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clock_name(device: torch.device) -> str:
+    """What :func:`cost_run` measures on ``device``, for the scripts' footers."""
+    if device.type == "cuda":
+        return f"synchronized wall time on {device}"
+    return "CPU time of the process (time.process_time)"
 
 
 def machine_load() -> str:
@@ -67,8 +110,8 @@ def interleaved_medians(
     }
 
 
-def single_run(fn: Callable[[], Any]) -> tuple[float, Any]:
-    """Wall time of ONE call and its output.
+def single_run(fn: Callable[[], Any], device: torch.device | None = None) -> tuple[float, Any]:
+    """Wall time of ONE call and its output (``device`` synchronised before and after).
 
     For runs of seconds to minutes (a certified bound, a greedy SeqLip, a whole fit)
     ``torch.utils.benchmark`` does not fit: ``blocked_autorange`` first calls the statement to
@@ -76,16 +119,30 @@ def single_run(fn: Callable[[], Any]) -> tuple[float, Any]:
     two calls; and a fit cannot be re-run on the same Trainer. The callers repeat such runs
     themselves, interleaved, and report medians.
     """
+    synchronize(device)
     start = time.perf_counter()
     out = fn()
+    synchronize(device)
     return time.perf_counter() - start, out
 
 
+def cost_run(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """The cost of ONE call and its output: CPU time (``time.process_time``) on the CPU, which
+    leaves out the time the process waited for a core on a shared machine; synchronised wall
+    time on CUDA (the GPU's work is not CPU time)."""
+    if device.type == "cuda":
+        return single_run(fn, device)
+    start = time.process_time()
+    out = fn()
+    return time.process_time() - start, out
+
+
 def forward_backward_step(
-    model: torch.nn.Module, input_shape: tuple[int, ...]
+    model: torch.nn.Module, input_shape: tuple[int, ...], device: torch.device | None = None
 ) -> Callable[[], None]:
-    """One forward + backward pass on ONE sample (grads freed first), the benchmarks' unit."""
-    x = torch.randn(1, *input_shape)
+    """One forward + backward pass on ONE sample (grads freed first), the benchmarks' unit.
+    The sample lives on ``device`` (default: the CPU), where the model must be."""
+    x = torch.randn(1, *input_shape, device=device)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
@@ -94,11 +151,17 @@ def forward_backward_step(
     return step
 
 
-def print_footer(load_before: str, quick_note: str | None) -> None:
-    """The machine load before and after the run, under the table, and the ``--quick`` warning
-    (``quick_note``: what the quick run did, or ``None`` for a full run)."""
+def print_footer(
+    load_before: str, quick_note: str | None, device: torch.device | None = None
+) -> None:
+    """The machine load before and after the run, under the table, the device when one is
+    given, and the ``--quick`` warning (``quick_note``: what the quick run did, or ``None`` for
+    a full run)."""
     print()
     print(f"Machine load before: {load_before}; after: {machine_load()}.")
+    if device is not None:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        print(f"Device: {device} ({name}), {torch.get_num_threads()} CPU thread(s).")
     if quick_note is not None:
         print(f"--quick: {quick_note}, not for published figures.")
 
@@ -106,7 +169,7 @@ def print_footer(load_before: str, quick_note: str | None) -> None:
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:
     """A GitHub-flavoured Markdown table on stdout."""
     cells = [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in cells:
