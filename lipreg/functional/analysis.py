@@ -38,6 +38,8 @@ from lipreg.functional.probe import (
     ProbeRun,
     check_graph_reproduces_model,
     cuda_devices,
+    is_shape_query,
+    tensors_in,
 )
 from lipreg.functional.rules import (
     lookup_rule,
@@ -104,6 +106,8 @@ class Analysis:
     pieces: set[fx.Node] = field(default_factory=set)
     model_name: str = "model"
     refusals: dict[fx.Node, str] = field(default_factory=dict)
+    # constants that forward() computes from the model's state (probe values, frozen here)
+    derived_constants: list[str] = field(default_factory=list)
 
     def _materialise(self, ctx: NodeContext) -> None:
         """Constant arguments as the rules see them: parameters read from the live model
@@ -286,6 +290,7 @@ def analyse(
         model, gm, input_node, input_shape, probe, dtype, device, differentiable
     )
     _collect_refusals(analysis, run)
+    analysis.derived_constants = state_derived_nodes(gm, probe)
     if differentiable:
         _check_no_parameter_math(gm, probe)
     analysis.refresh_specs()
@@ -351,6 +356,26 @@ def _first_mixing_node(order: list[fx.Node], a: Probe, b: Probe, kept: int) -> f
         if not torch.allclose(u, v, rtol=1e-4, atol=1e-6 * (1.0 + scale), equal_nan=True):
             return node
     return None
+
+
+def state_derived_nodes(gm: fx.GraphModule, probe: Probe) -> list[str]:
+    """Names of the nodes whose probe value the analysis keeps although it may change with
+    the model's state: input-independent calls that return a tensor (``self.w * 2``,
+    ``torch.randn(3)``) or whose arguments come from a parameter, buffer or tensor attribute
+    (``self.w.sum().item()``) or from such a node. Shape queries (``x.size(0)``,
+    ``self.w.shape``) read metadata only and are not derived. An analysis with such nodes
+    must be rebuilt (new probe) whenever the weights may have changed."""
+    derived: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node in probe.variable or node.op not in ("call_module", "call_method", "call_function"):
+            continue
+        if is_shape_query(node):
+            continue
+        from_state = any(a.op == "get_attr" or a in derived for a in node.all_input_nodes)
+        holds_tensor = bool(tensors_in(probe.values.get(node)))
+        if from_state or holds_tensor or node.op == "call_module":
+            derived.add(node)
+    return [n.name for n in gm.graph.nodes if n in derived]
 
 
 def _check_no_parameter_math(gm: fx.GraphModule, probe: Probe) -> None:

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from lipreg.functional.analysis import Analysis, analyse
+from lipreg.functional.analysis_cache import AnalysisCache, check_cache_matches
 from lipreg.functional.certify import (
     DEFAULT_MEMORY_LIMIT_BYTES,
     default_memory_limit,
@@ -70,6 +71,7 @@ def autolip(
     traced: fx.GraphModule | None = None,
     memory_limit_bytes: float | None = None,
     ladder: Sequence[LadderEntry] | None = None,
+    analysis: AnalysisCache | None = None,
 ) -> LipschitzResult:
     """AutoLip upper bound of ``model`` (in evaluation mode) for the l2 norm.
 
@@ -99,6 +101,10 @@ def autolip(
             caller's entry first. Each entry is responsible for its own soundness: a
             ``certified`` answer must be a guaranteed upper bound. The last entry must always
             answer (:func:`lipreg.functional.ladder.estimate`).
+        analysis: an :class:`~lipreg.functional.analysis_cache.AnalysisCache` of this
+            ``model`` and ``input_shape`` (what :class:`AutoLip` holds): its trace and probe
+            are reused while the model's structure is unchanged, and every spec re-reads the
+            current weights, so the result equals the one without it.
 
     Raises:
         ValueError: a non-finite (NaN/Inf) value anywhere in the result (message mentions
@@ -119,22 +125,21 @@ def autolip(
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}.")
     check_iteration_options(tol, max_iter, method)
     with memory_budget(_memory_limit(model, memory_limit_bytes)) as budget:
-        if traced is None:  # trace once: the float64 analysis of the certificates reuses it
-            traced = trace(model)
-        analysis = analyse(model, input_shape, dtype=dtype, traced=traced)
+        current, analysis64 = _analyses(model, input_shape, dtype, certify, traced, analysis)
         bounder = ChainBounder(
-            analysis,
+            current,
             model,
             certify=certify,
             tol=tol,
             max_iter=max_iter,
             method=method,
             state=dict(state or {}),
-            generator=torch.Generator(device=analysis.device).manual_seed(seed),
+            generator=torch.Generator(device=current.device).manual_seed(seed),
             dense_limit=dense_limit,
             ladder=ladder,
+            given_analysis64=analysis64,
         )
-        result = _autolip(analysis, bounder)
+        result = _autolip(current, bounder)
     if budget.events:
         msg = "memory budget: " + " | ".join(budget.events)
         warnings.warn(msg, stacklevel=2)
@@ -142,6 +147,24 @@ def autolip(
     check_finite_result(result)
     result.time_s = time.perf_counter() - start
     return result
+
+
+def _analyses(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    dtype: torch.dtype,
+    certify: bool,
+    traced: fx.GraphModule | None,
+    cache: AnalysisCache | None,
+) -> tuple[Analysis, Analysis | None]:
+    """The analysis at ``dtype`` and, for certificates, at float64 (both from ``cache`` when
+    given, else one trace and one probe; ``None``: the bounder derives it on demand)."""
+    if cache is None:
+        if traced is None:  # trace once: the float64 analysis of the certificates reuses it
+            traced = trace(model)
+        return analyse(model, input_shape, dtype=dtype, traced=traced), None
+    check_cache_matches(cache, model, input_shape, traced)
+    return cache.get(dtype), cache.get(torch.float64) if certify else None
 
 
 def check_finite_result(result: LipschitzResult) -> None:
@@ -250,9 +273,13 @@ def _certification_notes(certify: bool, layers: list[LayerBound]) -> list[str]:
 class AutoLip:
     """A reusable AutoLip estimator that warm-starts itself across calls.
 
-    It traces the model once and keeps the power-iteration vectors between calls, so that
+    It traces and probes the model once (an
+    :class:`~lipreg.functional.analysis_cache.AnalysisCache`, ``self.analysis``: re-analysed
+    only when the model's structure changed, e.g. a module or a parameter replaced, a dtype
+    change, a hook added) and keeps the power-iteration vectors between calls, so that
     re-estimating after a few optimizer steps costs a few iterations per layer. Every call
-    still reads the current weights. This is what :class:`lipreg.LipschitzCallback` uses.
+    reads the current weights: the result equals a fresh :func:`autolip` with the same
+    ``state``. This is what :class:`lipreg.LipschitzCallback` uses.
 
     Example:
         >>> import torch, lipreg
@@ -264,19 +291,26 @@ class AutoLip:
     """
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int], **options) -> None:
-        from lipreg.functional.trace import check_input_shape, trace
-
         self.model = model
-        self.input_shape = check_input_shape(input_shape)
         self.options = options
         self.state: dict[str, Tensor] = dict(options.pop("state", None) or {})
-        self.traced = trace(model)  # the graph, reused by every call
+        # the trace, probe and node contexts, reused by every call while the model's
+        # structure is unchanged (lipreg.functional.analysis_cache says what is checked)
+        self.analysis = AnalysisCache(model, input_shape)
+        self.input_shape = self.analysis.input_shape
+
+    @property
+    def traced(self) -> fx.GraphModule:
+        """The current graph of the model (re-traced when its structure changed)."""
+        return self.analysis.traced
 
     def __call__(self, **overrides) -> LipschitzResult:
         """Estimate with the current weights; ``overrides`` replace constructor options
         (``state={}`` forces a cold start)."""
         state = overrides.pop("state", self.state)
         options = {**self.options, **overrides}
-        result = autolip(self.model, self.input_shape, state=state, traced=self.traced, **options)
+        result = autolip(
+            self.model, self.input_shape, state=state, analysis=self.analysis, **options
+        )
         self.state = result.state
         return result

@@ -36,6 +36,8 @@ __all__ = [
     "ProbeRun",
     "check_graph_reproduces_model",
     "cuda_devices",
+    "is_shape_query",
+    "tensors_in",
 ]
 
 #: Samples in a probe batch (two, so that an op mixing samples shows).
@@ -76,7 +78,7 @@ def cuda_devices(device: torch.device) -> list[int]:
     return [device.index or 0] if device.type == "cuda" else []
 
 
-def _is_shape_query(node: fx.Node) -> bool:
+def is_shape_query(node: fx.Node) -> bool:
     """Ops that read a tensor's metadata only (their result is a constant of the input)."""
     if node.op == "call_method":
         return node.target in _SHAPE_METHODS
@@ -91,7 +93,7 @@ def _storage(t: Tensor) -> int | None:
     return t.untyped_storage().data_ptr()
 
 
-def _tensors_in(values: Any) -> list[Tensor]:
+def tensors_in(values: Any) -> list[Tensor]:
     """The tensors inside nested tuples, lists and dicts of arguments."""
     found: list[Tensor] = []
     fx.node.map_aggregate(values, lambda a: found.append(a) if isinstance(a, Tensor) else None)
@@ -163,7 +165,7 @@ class ProbeInterpreter(GraphInterpreter):
             value = super().run_node(node)
         else:
             args, kwargs = self.fetch_args_kwargs_from_env(node)
-            tensors = _tensors_in((args, kwargs))
+            tensors = tensors_in((args, kwargs))
             versions = [_version(t) for t in tensors]
             try:
                 value = getattr(self, node.op)(node.target, args, kwargs)
@@ -187,7 +189,7 @@ class ProbeInterpreter(GraphInterpreter):
         sample's value (for the batch-mixing check) and non-finite values."""
         probe = self.record
         depends = node is self.input_node or (
-            any(n in probe.variable for n in node.all_input_nodes) and not _is_shape_query(node)
+            any(n in probe.variable for n in node.all_input_nodes) and not is_shape_query(node)
         )
         finite = not (isinstance(value, Tensor) and value.is_floating_point()) or bool(
             all_finite(value)

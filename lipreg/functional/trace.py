@@ -37,6 +37,7 @@ __all__ = [
     "graph_root",
     "has_forward",
     "input_placeholder",
+    "nonfinite_names",
     "resolve_attr",
     "sub_networks",
     "trace",
@@ -126,20 +127,42 @@ def all_finite(t: Tensor) -> Tensor:
         return torch.stack([torch.isfinite(c).all() for c in flat.split(_FINITE_CHUNK)]).all()
 
 
+def nonfinite_names(named: Sequence[tuple[str, Tensor]]) -> list[str]:
+    """The names of the tensors of ``named`` that hold a NaN or an Inf.
+
+    One host sync when all are finite: the per-tensor sums ``s_i = Σ t_i`` are computed on
+    the device and tested together. NaN and ±Inf propagate through a sum (``Inf − Inf`` is
+    NaN), so a finite ``s_i`` proves every element of ``t_i`` finite. A non-finite ``s_i``
+    may also be an overflow of finite elements (or a half-precision sum): only those tensors
+    then get the exact element-wise test (:func:`all_finite`), which names the culprits.
+    Half-precision tensors are summed in float32 (their range overflows quickly)."""
+    named = [(n, t) for n, t in named if t.is_floating_point() and t.numel()]
+    if not named:
+        return []
+    device = named[0][1].device
+    with torch.no_grad():
+        sums = torch.stack([_finite_probe_sum(t).to(device) for _, t in named])
+        ok = torch.isfinite(sums)
+        if bool(ok.all()):  # the one sync of the common case
+            return []
+        suspects = [named[i] for i in (~ok).nonzero().flatten().tolist()]
+        return [name for name, t in suspects if not bool(all_finite(t))]
+
+
+def _finite_probe_sum(t: Tensor) -> Tensor:
+    t = t.detach()
+    return t.sum(dtype=torch.float32) if t.element_size() < 4 else t.sum()
+
+
 def check_finite_parameters(model: nn.Module) -> None:
-    """Raise if any floating parameter or buffer holds NaN or Inf."""
+    """Raise if any floating parameter or buffer holds NaN or Inf (naming them); one host
+    sync when all are finite (:func:`nonfinite_names`), as this runs at every estimate."""
     named = [
         (name, t)
         for name, t in list(model.named_parameters()) + list(model.named_buffers())
-        if t is not None and t.is_floating_point() and t.numel()
+        if t is not None
     ]
-    if not named:
-        return
-    with torch.no_grad():  # one device sync for all tensors (this runs at every estimate)
-        finite = torch.stack([all_finite(t).to(named[0][1].device) for _, t in named])
-    if bool(finite.all()):
-        return
-    bad = [name for (name, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
+    bad = nonfinite_names(named)
     if bad:
         raise ValueError(
             f"the model has non-finite (NaN/Inf) values in {bad}: no Lipschitz bound exists "
