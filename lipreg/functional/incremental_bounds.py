@@ -70,48 +70,77 @@ def _mul_up(a: float, b: float) -> float:
     return math.nextafter(a * b, math.inf)
 
 
+def normalised(D: Tensor) -> tuple[Tensor, int, float]:
+    """``(D', e, r)`` with ``D' = 2^{−e} D`` (an exact power of two), ``max |D'| ∈ [½, 1)``,
+    and ``r`` an absolute bound on the entrywise error of ``D'`` (entries of ``D`` that become
+    subnormal when scaled down lose bits: at most ``η`` each; otherwise ``r = 0``). Squares and
+    products of ``D'`` neither overflow nor, except negligible terms, underflow."""
+    top = float(D.abs().max())
+    if not math.isfinite(top):
+        raise ValueError(f"a weight change is not finite (max |Δ| = {top}): no bound.")
+    e = math.frexp(top)[1]
+    scaled = torch.ldexp(D, torch.tensor(-e, dtype=torch.int64))
+    return scaled, e, (ETA if e > 0 else 0.0)
+
+
+def _frobenius_scaled(D: Tensor, r: float) -> float:
+    """``‖D_exact‖_F`` for ``|D_exact − D| ≤ r`` entrywise (``max |D| ≤ 1``): the sum of
+    squares plus ``η`` per square for underflow, then ``+ r √n``."""
+    n = D.numel()
+    total = sum_up(float((D * D).sum()) + n * ETA, n)
+    return math.nextafter(sqrt_up(total) + r * sqrt_up(float(n)), math.inf)
+
+
 def frobenius_bound(D: Tensor) -> float:
     """``‖D‖_F`` rounded up (an upper bound on ``‖D‖₂`` of a float64 matrix)."""
-    if D.numel() == 0:
+    if D.numel() == 0 or not bool(D.any()):
         return 0.0
-    return sqrt_up(sum_up(float((D * D).sum()), D.numel()))
+    scaled, e, r = normalised(D)
+    return math.ldexp(_frobenius_scaled(scaled, r), e)
 
 
 def schur_bound_matrix(D: Tensor) -> float:
     """``sqrt(max_i Σ_j |D_ij| · max_j Σ_i |D_ij|)`` rounded up, an upper bound on ``‖D‖₂``
     of a float64 matrix (Schur test with unit weights)."""
-    if D.numel() == 0:
+    if D.numel() == 0 or not bool(D.any()):
         return 0.0
-    A = D.abs()
-    rows = sum_up(float(A.sum(1).max()), D.shape[1])
-    cols = sum_up(float(A.sum(0).max()), D.shape[0])
-    return sqrt_up(_mul_up(rows, cols))
+    scaled, e, r = normalised(D)
+    A = scaled.abs()
+    rows = sum_up(float(A.sum(1).max()) + D.shape[1] * r, D.shape[1])
+    cols = sum_up(float(A.sum(0).max()) + D.shape[0] * r, D.shape[0])
+    return math.ldexp(sqrt_up(_mul_up(rows, cols)), e)
 
 
 def gram_iteration_bound(D: Tensor, k: int = 2) -> float:
     """Upper bound on ``‖D‖₂`` by ``k`` Gram squarings (module docstring).
 
-    Each step scales ``G`` by an exact power of two (no overflow), forms ``fl(GᵀG)`` on the
-    smaller side and records ``e = γ_p ‖G‖_F² + p²·2(p+1)η`` (``p`` the inner length;
-    ``η`` covers underflow); then from ``U_k ≥ ‖G_k‖_F`` back to
-    ``‖G_i‖₂ ≤ sqrt(U_{i+1} + e_i)``, unscaled exactly."""
+    Each step scales ``G`` by an exact power of two (:func:`normalised`: ``max|G| < 1``, no
+    overflow), forms ``fl(GᵀG)`` on the smaller side and records
+    ``e = γ_p ‖G‖_F² + q²·2(p+1)η`` (``p`` the inner length, ``q`` the Gram side; ``η``
+    covers underflow) plus the scaling's own error ``r`` (``‖G‖₂ ≤ ‖G'‖₂ + r√(pq)``); then
+    from ``U_k ≥ ‖G_k‖_F`` back to ``‖G_i‖₂ ≤ sqrt(U_{i+1} + e_i) + r_i√(p_i q_i)``, unscaled
+    exactly."""
+    if D.numel() == 0 or not bool(D.any()):
+        return 0.0
     G = D if D.shape[0] >= D.shape[1] else D.T
-    scales: list[int] = []
-    errors: list[float] = []
+    steps: list[tuple[int, float, float]] = []  # (exponent, product error, scaling error)
     for _ in range(k):
-        f = float((G * G).sum())
-        if f == 0.0:
-            return 0.0
-        e = math.frexp(math.sqrt(f))[1]
-        G = torch.ldexp(G, torch.tensor(-e, dtype=torch.int64))  # exact power of two
-        p, side = G.shape[0], G.shape[1]
-        fro2 = sum_up(float((G * G).sum()), G.numel())
-        errors.append(_mul_up(gamma(p), fro2) + side * side * 2.0 * (p + 1) * ETA)
-        scales.append(e)
+        if not bool(G.any()):
+            return _unroll(0.0, steps)
+        G, e, r = normalised(G)
+        p, q = G.shape
+        fro2 = sum_up(float((G * G).sum()) + G.numel() * ETA, G.numel())
+        product = _mul_up(gamma(p), fro2) + q * q * 2.0 * (p + 1) * ETA
+        steps.append((e, product, r * sqrt_up(float(p * q))))
         G = G.T @ G
-    bound = frobenius_bound(G)
-    for e, err in zip(reversed(scales), reversed(errors), strict=True):
-        bound = math.ldexp(sqrt_up(math.nextafter(bound + err, math.inf)), e)
+    return _unroll(frobenius_bound(G), steps)
+
+
+def _unroll(bound: float, steps: list[tuple[int, float, float]]) -> float:
+    """From a bound on ``‖G_k‖₂`` back to one on ``‖G_0‖₂`` (:func:`gram_iteration_bound`)."""
+    for e, product, scaling in reversed(steps):
+        norm = sqrt_up(math.nextafter(bound + product, math.inf))
+        bound = math.ldexp(math.nextafter(norm + scaling, math.inf), e)
     return bound
 
 
@@ -153,9 +182,9 @@ def _phase_column_sums(A: Tensor, stride: Sequence[int], dilation: Sequence[int]
     return out
 
 
-def young_bound(D: Tensor, stride: Sequence[int], dilation: Sequence[int], groups: int) -> float:
-    """``sqrt(R · C)`` of the module docstring (row sums and stride-phase column sums)."""
-    A = D.abs()
+def young_bound(A: Tensor, stride: Sequence[int], dilation: Sequence[int], groups: int) -> float:
+    """``sqrt(R · C)`` of the module docstring (row sums and stride-phase column sums) for a
+    kernel whose absolute values are at most ``A`` (non-negative, float64)."""
     c_out, c_in_g = A.shape[:2]
     taps = math.prod(A.shape[2:])
     rows = sum_up(float(A.flatten(1).sum(1).max()), c_in_g * taps)
@@ -165,23 +194,26 @@ def young_bound(D: Tensor, stride: Sequence[int], dilation: Sequence[int], group
     return sqrt_up(_mul_up(rows, cols))
 
 
-def im2col_bound(D: Tensor, copies: int, groups: int) -> tuple[float, str]:
-    """``√c · max_g ‖Δ_g‖₂`` with ``‖Δ_g‖₂`` bounded per group by the smaller of Frobenius
-    and Schur (and Gram iteration when there is one group)."""
+def im2col_bound(D: Tensor, r: float, copies: int, groups: int) -> tuple[float, str]:
+    """``√c · max_g ‖Δ_g‖₂`` for a kernel within ``r`` (entrywise) of ``D``, with ``‖Δ_g‖₂``
+    bounded per group by the smaller of Frobenius and Schur (and Gram iteration when there is
+    one group)."""
     c_out = D.shape[0]
     mats = D.reshape(groups, c_out // groups, -1)
     if groups == 1:
         norm, which = dense_increment_bound(mats[0])
+        if r:
+            norm = math.nextafter(norm + r * sqrt_up(float(D.numel())), math.inf)
     else:
-        A = mats.abs()
+        A = mats.abs() + r
         n_cols, n_rows = mats.shape[2], mats.shape[1]
-        fro = (mats * mats).sum((1, 2)).max()
+        fro = float((A * A).sum((1, 2)).max()) + n_cols * n_rows * ETA  # η: underflow
+        frob = sqrt_up(sum_up(fro, n_cols * n_rows))
         rows = A.sum(2).max(1).values
         cols = A.sum(1).max(1).values
-        frob = sqrt_up(sum_up(float(fro), n_cols * n_rows))
         # per group, then the worst group; each factor's sum and the product's rounding
         # (covered by the two extra terms of each γ) widened by sum_up
-        schur_each = float((rows * cols).max())
+        schur_each = float((rows * cols).max()) + ETA
         schur = sqrt_up(sum_up(sum_up(schur_each, n_cols), n_rows))
         norm, which = (frob, "frobenius") if frob <= schur else (schur, "schur")
     return _mul_up(sqrt_up(float(copies)), norm), f"im2col-{which}"
@@ -191,10 +223,13 @@ def conv_increment_bound(
     D: Tensor, stride: Sequence[int], dilation: Sequence[int], groups: int
 ) -> tuple[float, str]:
     """``(bound ≥ ‖A_D‖₂, which)`` for the convolution with float64 kernel ``D`` (any zero
-    padding and input size): the smaller of im2col and Young/Schur (module docstring)."""
+    padding and input size): the smaller of im2col and Young/Schur (module docstring),
+    evaluated on ``D`` scaled by an exact power of two (:func:`normalised`)."""
     if not bool(D.any()):
         return 0.0, "zero"
+    scaled, e, r = normalised(D)
     copies = window_copies(D.shape[2:], stride, dilation)
-    im2col, which = im2col_bound(D, copies, groups)
-    young = young_bound(D, stride, dilation, groups)
-    return (im2col, which) if im2col <= young else (young, "young")
+    im2col, which = im2col_bound(scaled, r, copies, groups)
+    young = young_bound(scaled.abs() + r, stride, dilation, groups)
+    best, which = (im2col, which) if im2col <= young else (young, "young")
+    return math.ldexp(best, e), which
