@@ -1,0 +1,114 @@
+"""Incremental certificates in the soundness harness: the harness's random architectures (every
+rule family) and a few torchvision networks are anchored (certified AutoLip + weight copies),
+their weights and batch-norm statistics perturbed, and the incremental certificate of the new
+weights checked against the independent oracle's certified lower bound (and, for chains small
+enough, against the exact float64 norm of each incremental factor). Bounding must leave the
+model bit-identical."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lipreg
+from lipreg.functional.analysis import analyse
+from lipreg.functional.chains import chain_linear_map, find_affine_chains
+from lipreg.functional.incremental import IncrementalAnchor, certified_anchor, incremental_autolip
+from tests.soundness.generator import generate
+from tests.soundness.harness import REL_TOL
+from tests.soundness.oracle import fingerprint_diff, model_fingerprint, oracle_lower_bound
+from tests.soundness.zoo import autolip_options, build, input_shape
+
+SEEDS = range(0, 292, 6)  # every family appears as a first block about once
+HOWS = ("random", "large", "sign")
+DENSE_CHECK_LIMIT = 600  # chains with both sides at most this get an exact SVD check
+
+
+def perturb(model: nn.Module, how: str, seed: int) -> None:
+    """Change every floating parameter (relative noise, or a sign flip) and the batch-norm
+    running statistics, in place, from a private generator."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    rel = {"random": 1e-2, "large": 0.5, "sign": 0.0}[how]
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.is_floating_point():
+                continue
+            if how == "sign":
+                p.neg_()
+            else:
+                noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+                p.add_(rel * (float(p.abs().mean()) + 1e-3) * noise)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
+                m.running_var.mul_(0.5 + torch.rand(m.running_var.shape, generator=g))
+                m.running_mean.add_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+
+
+def exact_chain_norms(model: nn.Module, shape: tuple[int, ...]) -> dict[str, float]:
+    """Float64 SVD of every chain small enough to materialise (the chain's own ops applied to
+    the identity; independent of the certificates)."""
+    analysis = analyse(model, shape, dtype=torch.float64)
+    norms = {}
+    for chain in find_affine_chains(analysis).values():
+        op = chain_linear_map(analysis, chain)
+        if max(op.in_features, op.out_features) <= DENSE_CHECK_LIMIT:
+            norms[chain.name] = float(torch.linalg.matrix_norm(op.to_dense(), 2))
+    return norms
+
+
+def check_incremental(
+    model: nn.Module,
+    shape: tuple[int, ...],
+    how: str,
+    seed: int,
+    options: dict | None = None,
+    oracle_options: dict | None = None,
+) -> IncrementalAnchor | None:
+    """Anchor, perturb, certify incrementally and judge (module docstring); ``None`` when
+    lipreg refuses the network (the plain harness checks refusals)."""
+    options = options or {}
+    try:
+        anchor, _ = certified_anchor(model, shape, **options)
+    except (lipreg.UnsupportedOperationError, lipreg.TraceError):
+        return None
+    perturb(model, how, seed)
+    before = model_fingerprint(model)
+    result = incremental_autolip(model, shape, anchor, **options)
+    assert not fingerprint_diff(before, model_fingerprint(model))
+    assert result.certified and result.kind == "upper"
+    assert math.isfinite(result.value)
+    oracle = oracle_lower_bound(model, shape, seed=seed, **(oracle_options or {}))
+    assert result.value >= oracle.lower * (1 - REL_TOL), (result.value, oracle.lower)
+    incremental = {lb.name: lb for lb in result.layers if lb.method.startswith("incremental")}
+    assert set(incremental) <= set(anchor.chains)
+    if anchor.chains:
+        assert incremental, "no anchored chain was certified incrementally"
+    if oracle_options is None:  # small networks: every incremental factor vs its exact norm
+        exact = exact_chain_norms(model, shape)
+        for name, lb in incremental.items():
+            if name in exact:
+                assert lb.value >= exact[name], (name, lb.value, exact[name], lb.method)
+    return anchor
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_architecture_incremental(seed: int) -> None:
+    g = generate(seed)
+    check_incremental(g.model, g.input_shape, HOWS[seed % len(HOWS)], seed)
+
+
+ZOO_SAMPLE = ["shufflenet_v2_x0_5", "squeezenet1_0", "resnet18", "mobilenet_v2", "mnasnet0_5"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ZOO_SAMPLE)
+def test_zoo_incremental(name: str) -> None:
+    model = build(name)
+    oracle = {"n_random": 2, "scales": (0.01, 1.0), "n_ascent": 0}
+    anchor = check_incremental(
+        model, input_shape(name), "random", 0, autolip_options(name), oracle_options=oracle
+    )
+    assert anchor is not None and anchor.chains
