@@ -190,7 +190,7 @@ class AnalysisCache:
         traced: the current graph (re-traced when the fingerprint changed).
         last_reason: why the last :meth:`get` re-analysed (``None`` when it reused).
         notes: what the caller should know (e.g. why this model is never cached).
-        builds: how many times the structure was (re)built.
+        reasons: why each (re)build happened, oldest first (``builds`` is its length).
     """
 
     def __init__(
@@ -214,7 +214,13 @@ class AnalysisCache:
         self._pending: str | None = "first call"
         self.last_reason: str | None = None
         self.notes: list[str] = []
-        self.builds = 0
+        self.reasons: list[str] = []
+        self._last: Analysis | None = None
+
+    @property
+    def builds(self) -> int:
+        """How many times the structure was (re)built (traced or not, probed)."""
+        return len(self.reasons)
 
     def invalidate(self, reason: str = "invalidate() was called") -> None:
         """Forget the structure: the next :meth:`get` re-traces and re-probes."""
@@ -233,13 +239,31 @@ class AnalysisCache:
             if nonfinite_names(named):  # the full analysis raises with its own message
                 reason = "a parameter, buffer or tensor attribute is not finite"
         if reason is not None:
-            return self._build(live, fingerprint, dtype, reason)
+            self._last = self._build(live, fingerprint, dtype, reason)
+            return self._last
         self.last_reason = None
+        self._last = self._refreshed(next(iter(self._by_dtype.values())), dtype, None)
+        return self._last
+
+    def also_at(self, dtype: torch.dtype) -> Analysis:
+        """The analysis that the last :meth:`get` returned, at another ``dtype``, with
+        specs read now (the same nodes; no new check, trace or probe): call it right after
+        :meth:`get`, as :func:`~lipreg.functional.autolip.autolip` does for the float64
+        specs of its certificates."""
+        if self._last is None:
+            raise RuntimeError("AnalysisCache.also_at() needs a get() first.")
+        if not self._reusable:
+            return self._last.at_dtype(dtype)
+        return self._refreshed(self._last, dtype, self._last)
+
+    def _refreshed(self, base: Analysis, dtype: torch.dtype, fresh: Analysis | None) -> Analysis:
+        """The kept analysis at ``dtype`` with specs read now (made from ``base``, same nodes,
+        if this dtype was never asked for; ``fresh`` was refreshed a moment ago)."""
         analysis = self._by_dtype.get(dtype)
-        if analysis is None:  # another dtype of the same structure: no new trace or probe
-            analysis = next(iter(self._by_dtype.values())).at_dtype(dtype)
+        if analysis is None:
+            analysis = base.at_dtype(dtype)  # computes its specs
             self._by_dtype[dtype] = analysis
-        else:
+        elif analysis is not fresh:
             analysis.refresh_specs()
         return analysis
 
@@ -268,7 +292,7 @@ class AnalysisCache:
         self._reusable, self._by_dtype = False, {}
         self._pending = f"the last analysis raised ({reason})"  # until it succeeds
         self.last_reason = reason
-        self.builds += 1
+        self.reasons.append(reason)
         log.info("lipreg: analysing %s (%s)", type(live).__name__, reason)
         analysis = analyse(self.model, self.input_shape, dtype=dtype, traced=self.traced)
         self._traced_for, self._pending = fingerprint, None

@@ -164,7 +164,8 @@ def _analyses(
             traced = trace(model)
         return analyse(model, input_shape, dtype=dtype, traced=traced), None
     check_cache_matches(cache, model, input_shape, traced)
-    return cache.get(dtype), cache.get(torch.float64) if certify else None
+    current = cache.get(dtype)
+    return current, cache.also_at(torch.float64) if certify else None
 
 
 def check_finite_result(result: LipschitzResult) -> None:

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from lipreg.functional.analysis import Analysis, analyse
+from lipreg.functional.analysis_cache import AnalysisCache, check_cache_matches
 from lipreg.functional.autolip import autolip
 from lipreg.functional.certify import current_budget, default_memory_limit, memory_budget
 from lipreg.functional.chains import (
@@ -246,7 +247,8 @@ def certified_bound(
     start_time = time.perf_counter()
     _check_methods(methods)
     limit = memory_limit_bytes or default_memory_limit(model)
-    traced = trace(model)
+    # one trace and one probe for both: AutoLip's float64 analysis is the blocks'
+    cache = AnalysisCache(model, input_shape)
     base = autolip(
         model,
         input_shape,
@@ -254,8 +256,8 @@ def certified_bound(
         state=state,
         seed=seed,
         dense_limit=dense_limit,
-        traced=traced,
         memory_limit_bytes=limit,
+        analysis=cache,
     )
     blocks = [m for m in methods if m in BLOCK_CERTIFICATES]
     result = tighten(
@@ -268,7 +270,7 @@ def certified_bound(
         max_steps=max_steps,
         memory_limit_bytes=limit,
         state=state,
-        traced=traced,
+        analysis=cache,
     )
     result.time_s = time.perf_counter() - start_time
     return result
@@ -295,11 +297,17 @@ def tighten(
     memory_limit_bytes: float | None = None,
     state: dict[str, Tensor] | None = None,
     traced: fx.GraphModule | None = None,
+    analysis: AnalysisCache | None = None,
 ) -> LipschitzResult:
     """The best of a certified AutoLip result ``base`` (of the same model and input shape)
     and the block certificates ``methods`` (see :func:`certified_bound`, which calls this;
     the callback calls it after its own certified AutoLip). Returns ``base``'s value when
-    nothing is tighter; the multipliers found are in ``state`` (``base.state`` included)."""
+    nothing is tighter; the multipliers found are in ``state`` (``base.state`` included).
+
+    ``analysis``: the :class:`~lipreg.functional.analysis_cache.AnalysisCache` that made
+    ``base`` (e.g. ``AutoLip.analysis``, or the one passed to ``autolip(analysis=...)``):
+    its float64 analysis is reused (specs re-read from the current weights, no new trace or
+    probe). Otherwise the model is analysed again at float64 (on ``traced`` if given)."""
     start_time = time.perf_counter()
     candidates: list[tuple[float, str, list[LayerBound]]] = []
     if use_autolip and base.certified:
@@ -310,7 +318,7 @@ def tighten(
         limit = memory_limit_bytes or default_memory_limit(model)
         with memory_budget(limit):
             run = _Run(
-                analyse(model, input_shape, dtype=torch.float64, traced=traced or trace(model)),
+                _analysis64(model, input_shape, traced, analysis),
                 max_lmi_size,
                 max_steps,
                 dict(state or {}),
@@ -339,6 +347,20 @@ def tighten(
         time_s=time.perf_counter() - start_time,
         notes=notes + base.notes,
     )
+
+
+def _analysis64(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    traced: fx.GraphModule | None,
+    cache: AnalysisCache | None,
+) -> Analysis:
+    """The float64 analysis of the blocks: from ``cache`` (checked to be this model's),
+    else a new one."""
+    if cache is None:
+        return analyse(model, input_shape, dtype=torch.float64, traced=traced or trace(model))
+    check_cache_matches(cache, model, input_shape, traced)
+    return cache.get(torch.float64)
 
 
 def _sequential_candidate(
