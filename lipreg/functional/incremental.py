@@ -51,6 +51,7 @@ from lipreg.functional.banded_gram import abs_norm_bound
 from lipreg.functional.chains import AffineChain, find_affine_chains
 from lipreg.functional.conv_chain import merged_conv
 from lipreg.functional.incremental_bounds import conv_increment_bound, dense_increment_bound
+from lipreg.functional.incremental_ritz import RitzAnchor, ritz_anchor, ritz_bound
 from lipreg.functional.ladder import CLOSED_FORM_PAD, LADDER, ChainContext, LadderEntry
 from lipreg.functional.lmi import UNIT_ROUNDOFF
 from lipreg.functional.results import LayerBound, LipschitzResult
@@ -154,10 +155,12 @@ class ChainAnchor:
     scales: tuple[float, ...]
     core: CoreMap
     method: str = ""
+    ritz: RitzAnchor | None = None
 
     @property
     def nbytes(self) -> int:
-        return self.core.weight.numel() * self.core.weight.element_size()
+        ritz = 0 if self.ritz is None else self.ritz.V.numel() * 8
+        return self.core.weight.numel() * self.core.weight.element_size() + ritz
 
 
 @dataclass
@@ -193,13 +196,19 @@ def make_anchor(
     traced: fx.GraphModule | None = None,
     analysis64: Analysis | None = None,
     step: int | None = None,
+    ritz: int = 16,
 ) -> IncrementalAnchor:
     """Anchor incremental certificates at the model's CURRENT weights, whose certified AutoLip
     result is ``certified`` (module docstring: precondition).
 
     Every chain whose factor in ``certified.layers`` is certified and which has an increment
     rule (:func:`chain_core`) is kept, with a copy of its weight or merged kernel. A float64
-    ``analysis64`` of the current weights may be passed (else one is made).
+    ``analysis64`` of the current weights may be passed (else one is made). With ``ritz > 0``
+    dense weights whose smaller side is above ``ritz`` (and at most
+    :data:`~lipreg.functional.incremental_ritz.RITZ_MAX_SIDE`) also get the anchor of the
+    second-order bound (5) (:func:`~lipreg.functional.incremental_ritz.ritz_anchor`: their top
+    ``ritz`` singular vectors and a certified bound on the rest of the spectrum; one
+    eigendecomposition and one Cholesky test of the Gram matrix per layer).
 
     Raises:
         ValueError: ``certified`` is not a certified upper bound.
@@ -222,13 +231,15 @@ def make_anchor(
             anchor.skipped[chain.name] = why
             continue
         stored = CoreMap(core.rule, _compact_copy(core.weight), core.geometry, core.kernel_error)
+        scales = isometry_scales(specs)  # type: ignore[arg-type]
         anchor.chains[chain.name] = ChainAnchor(
             name=chain.name,
             sigma=float(lb.value),
             signature=chain_signature(analysis64, chain),
-            scales=isometry_scales(specs),  # type: ignore[arg-type]
+            scales=scales,
             core=stored,
             method=lb.method,
+            ritz=_ritz_anchor(core, float(lb.value), scales, ritz),
         )
     if not anchor.chains:
         warnings.warn(
@@ -239,17 +250,34 @@ def make_anchor(
     return anchor
 
 
+def _ritz_anchor(
+    core: CoreMap, sigma: float, scales: tuple[float, ...], k: int
+) -> RitzAnchor | None:
+    """The anchor of bound (5) for a dense core, with ``‖W_s‖ ≤ σ_cert / c`` (``c`` the
+    isometries' scale, its float64 product widened by a few ulps)."""
+    scale = math.prod(scales)
+    if k <= 0 or core.rule != "dense" or not scale > 0:
+        return None
+    norm_s = math.nextafter(sigma / scale * (1 + 16 * UNIT_ROUNDOFF), math.inf)
+    return ritz_anchor(core.weight, norm_s, k)
+
+
 def certified_anchor(
-    model: nn.Module, input_shape: Sequence[int], *, step: int | None = None, **autolip_options
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    step: int | None = None,
+    ritz: int = 16,
+    **autolip_options,
 ) -> tuple[IncrementalAnchor, LipschitzResult]:
     """Certify the current weights (:func:`~lipreg.functional.autolip.autolip`,
-    ``certify=True``) and anchor at them: the safe way to satisfy the precondition."""
+    ``certify=True``) and anchor at them (:func:`make_anchor`): the safe way to satisfy the
+    precondition."""
     if not autolip_options.pop("certify", True):
         raise ValueError("certified_anchor certifies: certify=False is not allowed.")
     result = autolip(model, input_shape, certify=True, **autolip_options)
-    anchor = make_anchor(
-        model, input_shape, result, traced=autolip_options.get("traced"), step=step
-    )
+    traced = autolip_options.get("traced")
+    anchor = make_anchor(model, input_shape, result, traced=traced, step=step, ritz=ritz)
     return anchor, result
 
 
@@ -278,9 +306,12 @@ def _increment(anchor: ChainAnchor, core: CoreMap) -> tuple[float, float, str] |
 def incremental_entry(anchor: IncrementalAnchor, *, estimate: bool = True) -> LadderEntry:
     """A certificate-ladder entry (:mod:`lipreg.functional.ladder`) answering, for the chains
     of ``anchor`` whose structure, isometry scales and rule are unchanged,
-    ``σ_cert(A_s) + c·(β + folding errors)`` rounded up (module docstring), with
+    ``σ_cert(A_s) + c·(β + folding errors)`` rounded up (module docstring), or for dense
+    weights with a Ritz anchor the smaller of that and ``c ×`` the second-order bound (5)
+    (:func:`~lipreg.functional.incremental_ritz.ritz_bound`), with
     ``method="incremental (<rule>: <bound>)"`` and ``extra`` ``anchor`` (σ_s), ``increment``
-    (``c·β``), ``folding`` (``c·(e_s + e_t)``); ``None`` for every other chain.
+    (``c·β``), ``folding`` (``c·(e_s + e_t)``), ``first_order`` (bound (1)) and ``ritz``
+    (bound (5), when computed); ``None`` for every other chain.
 
     With ``estimate=True`` (default) the chain's warm Lanczos estimate is also run and reported
     as ``estimate`` (what :func:`slack` compares with); else ``estimate`` is ``None``."""
@@ -300,16 +331,25 @@ def incremental_entry(anchor: IncrementalAnchor, *, estimate: bool = True) -> La
         answer = None if core is None else _increment(chain_anchor, core)
         if answer is None:
             return None
-        return _incremental_bound(ctx, chain_anchor, answer, estimate)
+        second = None
+        if chain_anchor.ritz is not None and answer[0] > 0:
+            assert core is not None
+            second = ritz_bound(core.weight, chain_anchor.ritz, answer[0])
+        return _incremental_bound(ctx, chain_anchor, answer, second, estimate)
 
     entry.__name__ = entry.__qualname__ = "incremental_entry"
     return entry
 
 
 def _incremental_bound(
-    ctx: ChainContext, anchor: ChainAnchor, answer: tuple[float, float, str], estimate: bool
+    ctx: ChainContext,
+    anchor: ChainAnchor,
+    answer: tuple[float, float, str],
+    second: float | None,
+    estimate: bool,
 ) -> LayerBound:
-    """The certified factor ``σ_s + c·(β + folding)`` as a :class:`LayerBound`."""
+    """The certified factor ``σ_s + c·(β + folding)`` (or ``c × second`` when smaller) as a
+    :class:`LayerBound`."""
     beta, folding, which = answer
     scale = math.prod(anchor.scales)
     # the product of float64 scales is rounded: padded as the ladder pads closed forms
@@ -319,6 +359,13 @@ def _incremental_bound(
     value = anchor.sigma
     if increment or widening:
         value = math.nextafter((value + increment + widening) * (1 + 2 * UNIT_ROUNDOFF), math.inf)
+    extra = {"anchor": anchor.sigma, "increment": increment, "folding": widening}
+    extra["first_order"] = value
+    if second is not None:
+        second = math.nextafter(scale * second, math.inf)
+        extra["ritz"] = second
+        if second < value:
+            value, which = second, "ritz"
     sigma_est, n_iter = None, 0
     if estimate:
         res = ctx.iterative()
@@ -332,7 +379,7 @@ def _incremental_bound(
         upper=value,
         method=f"{METHOD_PREFIX} ({anchor.core.rule}: {which})",
         n_iter=n_iter,
-        extra={"anchor": anchor.sigma, "increment": increment, "folding": widening},
+        extra=extra,
     )
 
 

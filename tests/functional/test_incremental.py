@@ -344,3 +344,67 @@ def test_gamma_zero_channels_switching_on_and_off() -> None:
             assert lb.method.startswith("incremental")
             assert lb.value >= _chain_truth(model, lb.name, shape), lb.name
     _check_network(model, shape, result)
+
+
+# ---------------------------------------------------------------- second-order bound (5)
+def _ritz_case(shape: tuple[int, int], how: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W_s, W_t)``: a random matrix and an (adversarial) change."""
+    g = gen(seed)
+    W = torch.randn(*shape, generator=g, dtype=F64) / math.sqrt(shape[1])
+    U, S, Vh = torch.linalg.svd(W)
+    if how == "rotate-top":  # the top singular pair turns towards a direction outside V
+        step = 0.05 * S[0] * torch.outer(U[:, 0], Vh[-1])
+    elif how == "new-top":  # a direction outside the top-16 space overtakes the top
+        step = 2.0 * S[0] * torch.outer(U[:, -1], Vh[-1])
+    elif how == "sign":
+        step = -2.0 * W
+    elif how == "large":
+        step = torch.randn(*shape, generator=g, dtype=F64)
+    else:
+        step = {"tiny": 1e-7, "small": 1e-3}[how] * torch.randn(*shape, generator=g, dtype=F64)
+    return W, W + step
+
+
+@pytest.mark.parametrize("how", ["tiny", "small", "rotate-top", "new-top", "sign", "large"])
+@pytest.mark.parametrize("shape", [(50, 40), (30, 60)])
+def test_ritz_bound_above_exact_norm(how: str, shape: tuple[int, int]) -> None:
+    from lipreg.functional.incremental_bounds import dense_increment_bound
+    from lipreg.functional.incremental_ritz import ritz_anchor, ritz_bound
+
+    W, W_t = _ritz_case(shape, how, seed=len(how))
+    sigma = spectral_norm(W) * (1 + 1e-12)
+    anchor = ritz_anchor(W, sigma, k=16)
+    assert anchor is not None and anchor.eps < 1e-12
+    beta, _ = dense_increment_bound(W_t - W)
+    bound = ritz_bound(W_t, anchor, beta * (1 + 1e-15))
+    true = spectral_norm(W_t)
+    assert bound is not None and bound >= true, (bound, true)
+    if how in ("tiny", "small"):  # second order: far below the first-order slack
+        assert bound - true <= 0.05 * (sigma + beta - true)
+
+
+def _wide_mlp() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(30, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 20)
+    )
+
+
+@pytest.mark.parametrize("how", ["tiny", "random", "aligned", "sign", "large"])
+def test_ritz_factors_in_networks(how: str) -> None:
+    model = _wide_mlp()
+    init_weights(model, 2, scale=0.2)
+    model.eval()
+    anchor, _ = certified_anchor(model, (30,))
+    assert all(c.ritz is not None for c in anchor.chains.values())
+    _perturb(model, how, seed=2)
+    result = incremental_autolip(model, (30,), anchor)
+    for lb in result.layers:
+        if lb.kind != "affine":
+            continue
+        assert "ritz" in lb.extra and lb.value == min(lb.extra["ritz"], lb.extra["first_order"])
+        assert lb.value >= _chain_truth(model, lb.name, (30,)), (lb.name, lb.extra)
+        if how == "tiny":
+            assert lb.method.endswith("ritz)")
+    _check_network(model, (30,), result)
+    no_ritz, _ = certified_anchor(copy.deepcopy(model), (30,), ritz=0)
+    assert all(c.ritz is None for c in no_ritz.chains.values())
