@@ -44,8 +44,9 @@ axis)·channels`` rows (:func:`gram_plan`).
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,8 @@ __all__ = [
     "axis_incidences",
     "certify_conv_norm",
     "conv_linear_map",
+    "conv_matrix",
+    "conv_pass_flops",
     "gram_plan",
     "output_spatial",
     "pointwise_product_bound",
@@ -88,12 +91,17 @@ class ConvNormCertificate:
             dense kernel-matrix certificate; ``… (memory budget)`` if that fell back).
         delta: the ``δ`` of the successful Gram test (0 for pointwise).
         side: ``"input"`` or ``"output"`` (which Gram matrix was tested), ``""`` for pointwise.
+        estimate: the ``σ̂`` of the successful test (0 for pointwise).
+        v: the float64 Lanczos vector when the estimate had to be refined, else ``None``
+            (a warm start for the next refinement).
     """
 
     bound: float
     method: str
     delta: float = 0.0
     side: str = ""
+    estimate: float = 0.0
+    v: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -210,16 +218,70 @@ def axis_incidences(
     return i, j, t1, t2
 
 
-def abs_norm_bound(weight: Tensor, groups: int) -> float:
-    """An upper bound on ``‖|A|‖_2`` for the convolution with kernel ``weight`` (any geometry):
-    ``sqrt(max_c Σ_{o,t}|w[o,c,t]| · max_o Σ_{c,t}|w[o,c,t]|)`` (Schur test on ``|A|``), the
-    column sums taken per group."""
+def abs_norm_bound(weight: Tensor, groups: int, *, copies: int = 1) -> float:
+    """An upper bound on ``‖|A|‖_2`` for the convolution with kernel ``weight`` (any geometry,
+    any stride, dilation and zero padding; forward or transposed):
+    ``sqrt(max_o Σ_{c,t}|w[o,c,t]| · copies · max_c Σ_{o∈g(c),t}|w[o,c,t]|)`` (Schur test
+    ``‖|A|‖² ≤ ‖|A|‖_∞ ‖|A|‖_1`` on ``|A|``), the column sums taken per group.
+
+    A row of ``|A|`` (an output entry of channel ``o``) meets each ``(c, t)`` of its group at
+    most once; a column (an input entry of channel ``c``) meets each ``(o, t)`` of its group at
+    most ``copies`` times: 1 for zero padding, the largest number of times a padding mode
+    duplicates one entry (reflect/replicate/circular). A transposed convolution with this
+    weight (``(c_in, c_out/groups, *k)``) is the adjoint of the forward convolution with the
+    same weight, and ``‖|Aᵀ|‖ = ‖|A|‖``: the same bound (``copies=1``). The bound does not
+    depend on the spatial size."""
     w = weight.detach().to(torch.float64).abs()
     c_out = w.shape[0]
     per_out = w.flatten(1).sum(1)  # Σ_{c,t} per output channel
     cols = w.reshape(groups, c_out // groups, w.shape[1], -1).sum(dim=(1, 3))  # (g, c_in_g)
-    value = float(per_out.max()) * float(cols.max()) * _SUM_SAFETY**2
+    value = float(per_out.max()) * float(cols.max()) * copies * _SUM_SAFETY**2
     return sqrt_up(value) * (1 + 4 * UNIT_ROUNDOFF)
+
+
+def conv_matrix(conv: ConvData) -> Tensor:
+    """The zero-padded convolution's matrix ``A`` (``(c_out·Πout, c_in·Πin)``, float64, rows and
+    columns in the C order of ``(channel, *spatial)``), built by scattering the kernel:
+    ``A[(o, q), (c, p)] = w[o, c − g(o) c_g, t]`` for the (at most one) tap ``t`` with
+    ``p = q s − pad + t d`` on every axis, zero elsewhere. **Exact**: every entry is a kernel
+    value or zero, with no arithmetic (the same matrix as the convolution applied in float64
+    to the identity, at a fraction of its cost: no rounding term is needed for it)."""
+    w = conv.weight.detach().to(torch.float64)
+    g, kernel = conv.groups, tuple(w.shape[2:])
+    c_out, c_in_g = w.shape[0], w.shape[1]
+    c_out_g, out_sp, in_sp = c_out // g, output_spatial(conv), tuple(conv.in_shape[1:])
+    n_q, n_p = math.prod(out_sp), math.prod(in_sp)
+    # per axis and tap: the outputs q reading a valid input p = q s − pad + t d
+    per_axis = []
+    for n_in, n_out, k, s, pad, d in zip(
+        in_sp, out_sp, kernel, conv.stride, conv.padding, conv.dilation, strict=True
+    ):
+        q = torch.arange(n_out)
+        pos = q[None, :] * s - pad + torch.arange(k)[:, None] * d  # (t, q) -> p
+        per_axis.append(
+            [(q[(row >= 0) & (row < n_in)], row[(row >= 0) & (row < n_in)]) for row in pos]
+        )
+    matrix = w.new_zeros(g, c_out_g, n_q, g, c_in_g, n_p)
+    # the group-diagonal blocks, written through a (c_out_g, n_q, c_in_g, n_p, g) view
+    diagonal = torch.diagonal(matrix, dim1=0, dim2=3)
+    w_taps = w.reshape(g, c_out_g, c_in_g, -1).permute(1, 2, 0, 3)  # (c_out_g, c_in_g, g, t)
+    for flat, taps in enumerate(itertools.product(*(range(k) for k in kernel))):
+        q_idx = p_idx = torch.zeros(1, dtype=torch.long)
+        for (qa, pa), n_out, n_in in zip(
+            (axis[t] for axis, t in zip(per_axis, taps, strict=True)), out_sp, in_sp, strict=True
+        ):
+            q_idx = (q_idx[:, None] * n_out + qa[None, :]).flatten()
+            p_idx = (p_idx[:, None] * n_in + pa[None, :]).flatten()
+        if q_idx.numel():  # distinct taps give distinct (q, p): plain assignment, no sums
+            diagonal[:, q_idx, :, p_idx] = w_taps[..., flat]
+    return matrix.reshape(c_out * n_q, g * c_in_g * n_p)
+
+
+def conv_pass_flops(conv: ConvData) -> float:
+    """Flops of one forward+backward of the convolution on one sample: ``6 ×`` its
+    multiply-adds ``Πout · c_out · c_in/groups · Πk`` (forward, input and weight gradients)."""
+    w = conv.weight
+    return 6.0 * math.prod(output_spatial(conv)) * w.shape[0] * math.prod(w.shape[1:])
 
 
 def used_tap_pairs(conv: ConvData, side: str) -> Tensor:
@@ -383,48 +445,70 @@ def certify_conv_norm(
     kernel_error: float = 0.0,
     v0: Tensor | None = None,
     refine: bool = True,
+    delta0: float = 1e-6,
 ) -> ConvNormCertificate | None:
     """Certified ``‖A‖_2`` of the zero-padded convolution ``conv`` close to ``estimate``.
 
     ``bound = (sqrt(σ̂²(1+δ)) + kernel_error · ‖|Â|‖)(1 + 4u)`` with the smallest tried ``δ``
-    (1e-6, ×4 each retry, at most ``max_delta``) for which the Gram test succeeds (module
-    docstring); 1×1 kernels: ``max_g ‖W_g‖`` certified densely. ``kernel_error`` is the
-    relative entrywise error of ``conv.weight`` against the exact kernel (0 if exact). With
-    ``refine``, ``estimate`` is first raised to a float64 Lanczos value (tolerance
-    :data:`REFINE_TOL`, warm-started from ``v0``): the test's outcome, not the estimate, is
-    what is trusted.
+    (``delta0``, default 1e-6, ×4 each retry, at most ``max_delta``) for which the Gram test
+    succeeds (module docstring); 1×1 kernels: ``max_g ‖W_g‖`` certified densely.
+    ``kernel_error`` is the relative entrywise error of ``conv.weight`` against the exact
+    kernel (0 if exact).
+
+    The test first runs once at ``delta0`` with the caller's ``estimate`` (a float32 Lanczos
+    value is usually accurate enough); only if that fails and ``refine`` is set, ``estimate``
+    is raised to a float64 Lanczos value (tolerance :data:`REFINE_TOL`, warm-started from
+    ``v0``; its vector is returned in ``v`` for the next call) before the ``δ`` search. The
+    test's outcome, not the estimate, is what is trusted: any ``estimate`` is sound.
 
     The caller checks the memory (:func:`gram_plan` ``.bytes``). Returns ``None`` when no
     ``δ ≤ max_delta`` succeeds (``estimate`` too far below the norm).
     """
     extra = kernel_error * abs_norm_bound(conv.weight, conv.groups) if kernel_error else 0.0
     if all(k == 1 for k in conv.weight.shape[2:]):
-        w = conv.weight.detach().flatten(1)
-        per_group = w.shape[0] // conv.groups
-        certs = [
-            matrix_norm_certificate(w[g * per_group : (g + 1) * per_group])
-            for g in range(conv.groups)
-        ]
-        top = max(certs, key=lambda cert: cert.bound)
-        method = "conv-pointwise" + ("" if top.method == "dense" else " (memory budget)")
-        return ConvNormCertificate((top.bound + extra) * (1 + 4 * UNIT_ROUNDOFF), method)
-    if refine:
-        start = v0.detach().to(torch.float64) if v0 is not None else None
-        refined = operator_norm(conv_linear_map(conv), v0=start, tol=REFINE_TOL, max_iter=300)
-        estimate = max(estimate, refined.sigma)
+        return _pointwise_certificate(conv, extra)
     if not (estimate > 0 and math.isfinite(estimate)):
         return None
     plan = gram_plan(conv)
     builder = _BlockBuilder(conv, plan)
-    delta = 1e-6
-    while delta <= max_delta:
-        mu = estimate * estimate * (1 + delta)
+
+    def test(sigma: float, delta: float) -> ConvNormCertificate | None:
+        mu = sigma * sigma * (1 + delta)
         shift = rump_shift(plan.size, plan.size * mu, mu, _gram_radius(conv, plan, mu))
-        if _block_cholesky_succeeds(builder, mu, shift):
-            bound = (sqrt_up(mu) + extra) * (1 + 4 * UNIT_ROUNDOFF)
-            return ConvNormCertificate(bound, "conv-gram", delta, plan.side)
+        if not _block_cholesky_succeeds(builder, mu, shift):
+            return None
+        bound = (sqrt_up(mu) + extra) * (1 + 4 * UNIT_ROUNDOFF)
+        return ConvNormCertificate(bound, "conv-gram", delta, plan.side, estimate=sigma)
+
+    refined = None
+    if refine:  # one factorisation with the caller's estimate, then sharpen it if needed
+        cert = test(estimate, delta0)
+        if cert is not None:
+            return cert
+        start = v0.detach().to(torch.float64) if v0 is not None else None
+        refined = operator_norm(conv_linear_map(conv), v0=start, tol=REFINE_TOL, max_iter=300)
+        if refined.sigma <= estimate:  # nothing gained: the search below starts one step up
+            delta0 *= 4
+        estimate = max(estimate, refined.sigma)
+    delta = delta0
+    while delta <= max_delta:
+        cert = test(estimate, delta)
+        if cert is not None:
+            return replace(cert, v=None if refined is None else refined.v)
         delta *= 4
     return None
+
+
+def _pointwise_certificate(conv: ConvData, extra: float) -> ConvNormCertificate:
+    """A 1×1 convolution: ``max_g ‖W_g‖`` (dense certificate of each group's kernel matrix)."""
+    w = conv.weight.detach().flatten(1)
+    per_group = w.shape[0] // conv.groups
+    certs = [
+        matrix_norm_certificate(w[g * per_group : (g + 1) * per_group]) for g in range(conv.groups)
+    ]
+    top = max(certs, key=lambda cert: cert.bound)
+    method = "conv-pointwise" + ("" if top.method == "dense" else " (memory budget)")
+    return ConvNormCertificate((top.bound + extra) * (1 + 4 * UNIT_ROUNDOFF), method)
 
 
 def pointwise_product_bound(weights: list[Tensor], kernel_errors: list[float]) -> float:

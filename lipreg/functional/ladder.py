@@ -15,9 +15,11 @@ entries, in order:
 5. :func:`merged_conv_chain` — ``[batch norm]* conv [batch norm]*``: the scales folded into
    the kernel (:func:`~lipreg.functional.conv_chain.merged_conv`), then the exact-up-to-rounding
    Gram test of the zero-padded convolution (:mod:`lipreg.functional.banded_gram`), or the
-   merged kernel's torus bound when that is already within 0.1 % of the estimate (or when the
-   Gram test exceeds the memory budget, said in ``method``); several 1×1 convolutions with
-   batch norms: the certified norm of the product of their kernel matrices.
+   merged kernel's torus bound when that is already within 0.1 % of the estimate, or when the
+   Gram test exceeds the cost budget (:data:`GRAM_COST_RATIO`, :data:`GRAM_FREE_COST`) or the
+   memory budget (both said in ``method``); several 1×1 convolutions with batch norms: the
+   certified norm of the product of their kernel matrices. :data:`TIGHTEST_LADDER` runs the
+   Gram test whatever its cost (for the tightest value).
 6. :func:`product_of_op_certificates` — ``‖A‖ ≤ Π_i ‖A_i‖`` with each ``‖A_i‖`` certified by
    the first entry of :data:`OP_LADDER` that answers (closed form, dense weight, the rule's
    own ``certify`` (FFT for convolutions), Schur test for non-negative maps, materialised
@@ -49,8 +51,11 @@ from torch import Tensor, fx, nn
 
 from lipreg.functional.analysis import Analysis
 from lipreg.functional.banded_gram import (
+    ConvNormCertificate,
     abs_norm_bound,
     certify_conv_norm,
+    conv_matrix,
+    conv_pass_flops,
     gram_plan,
     pointwise_product_bound,
 )
@@ -73,8 +78,11 @@ from lipreg.functional.rounding import folded_kernel_error, materialisation_erro
 from lipreg.functional.specs import Affine, ConvData
 
 __all__ = [
+    "GRAM_COST_RATIO",
+    "GRAM_FREE_COST",
     "LADDER",
     "OP_LADDER",
+    "TIGHTEST_LADDER",
     "ChainBounder",
     "ChainContext",
     "closed_form",
@@ -83,6 +91,7 @@ __all__ = [
     "lone_weight",
     "lone_weight_at_model_precision",
     "merged_conv_chain",
+    "merged_conv_chain_tightest",
     "merged_conv_value",
     "pointwise_factors",
     "product_of_op_certificates",
@@ -90,6 +99,18 @@ __all__ = [
 
 # A merged kernel's torus bound this close to the estimate is kept (no Gram test).
 TORUS_ACCEPT = 1e-3
+# The cost budget of the Gram test (banded_gram.certify_conv_norm) in the default ladder: it
+# runs when its predicted cost (GramPlan.cost) is at most GRAM_FREE_COST + GRAM_COST_RATIO ×
+# the flops of one forward+backward of the convolution (conv_pass_flops); otherwise the merged
+# torus bound is kept, method "fft-merged (cost budget)". Measured (prototypes/h1b_gram_cost.py):
+# the test takes about (cost / pass flops) forward+backward passes of the convolution, 170 to
+# 2,700 on the layers of real CNNs (16-256 channels on 4×4 to 32×32 maps), and ~4 ms at least
+# (Python overhead); GRAM_FREE_COST ≈ 3-5 ms of test, about the Lanczos estimate's own
+# overhead on one chain, so small convolutions always get the exact-up-to-rounding value.
+# Raise GRAM_COST_RATIO (or ChainBounder.gram_cost_ratio, or use TIGHTEST_LADDER) for the
+# tightest certificate whatever it costs.
+GRAM_COST_RATIO = 20.0
+GRAM_FREE_COST = 1e8
 # Closed forms evaluated in float64 are exact up to a few ulps: they are padded by 4 ulps.
 CLOSED_FORM_PAD = 1 + 4 * torch.finfo(torch.float64).eps
 
@@ -131,6 +152,21 @@ class ChainContext:
     def op(self) -> LinearMap:
         """The chain's linear map at the analysis precision (iterations, size checks)."""
         return chain_linear_map(self.bounder.analysis, self.chain)
+
+    @cached_property
+    def merged(self) -> tuple[ConvData, float, bool] | None:
+        """The chain ``[isometry]* [scale]* conv [scale]* [isometry]*`` as ``(merged float64
+        convolution, its kernel_error, no leading isometry)``
+        (:func:`~lipreg.functional.conv_chain.merged_conv`,
+        :func:`~lipreg.functional.rounding.folded_kernel_error`), else ``None``."""
+        specs = self.bound_specs
+        inner = [i for i, spec in enumerate(specs) if not spec.isometry]
+        if not inner:
+            return None
+        conv = merged_conv(specs[inner[0] : inner[-1] + 1])
+        if conv is None:
+            return None
+        return conv, folded_kernel_error(inner[-1] - inner[0]), inner[0] == 0
 
     def iterative(self) -> OperatorNormResult:
         """Lanczos/power iteration on the chain (warm-started from ``state``), run once; its
@@ -222,23 +258,48 @@ def lone_weight(ctx: ChainContext) -> LayerBound | None:
 def dense_chain(ctx: ChainContext) -> LayerBound | None:
     """The chain materialised as a float64 matrix ``Â`` (when its smaller side is at most
     ``dense_limit`` and the matrix, its Gram certificate and the basis batches fit the memory
-    budget), then the dense certificate of ``Â`` plus the bound on ``‖Â − A‖`` of
-    :func:`~lipreg.functional.rounding.materialisation_error` (not applicable when an op's
-    rounding is not described by its spec). Certified."""
+    budget), then the dense certificate of ``Â`` (its ``estimate`` is the certificate's own
+    ``‖Â v‖``: no iterative run) plus a bound on ``‖Â − A‖``:
+
+    * a merged convolution (``ctx.merged``): ``Â`` is its kernel scattered into the matrix
+      (:func:`~lipreg.functional.banded_gram.conv_matrix`, exact: no arithmetic), so the only
+      error is that of the folded batch-norm scales, ``kernel_error · ‖|Â|‖``
+      (:func:`~lipreg.functional.banded_gram.abs_norm_bound`); isometries contribute their
+      scalar;
+    * any other chain: applied in float64 to the identity, with the bound of
+      :func:`~lipreg.functional.rounding.materialisation_error` (not applicable when an op's
+      rounding is not described by its spec).
+
+    Certified."""
     b = ctx.bounder
-    if not b.certify or not b.dense_ok(ctx.op):
+    if not b.certify or not b.dense_ok(ctx.op, scattered=ctx.merged is not None):
         return None
-    # ‖A‖ ≤ ‖Â‖ + ‖Â − A‖: the matrix is computed in float64 (rounding.py)
-    error = materialisation_error(b.analysis64, ctx.chain)
-    if error is None:
-        ctx.refusal = "an op's float64 materialisation has no rounding bound"
-        return None
-    op64 = chain_linear_map(b.analysis64, ctx.chain)
-    upper, v_exact = dense_norm_bound(op64, batch_size=b.dense_batch(op64))
+    scale, factor, v_in_chain_basis = 1.0, 1.0, True
+    if ctx.merged is not None:
+        conv, kernel_error, v_in_chain_basis = ctx.merged
+        matrix = conv_matrix(conv)
+        error = kernel_error * abs_norm_bound(conv.weight, conv.groups) if kernel_error else 0.0
+        factor = ctx.scale
+        scale = ctx.scale * CLOSED_FORM_PAD if ctx.scale != 1.0 else 1.0
+    else:
+        # ‖A‖ ≤ ‖Â‖ + ‖Â − A‖: the matrix is computed in float64 (rounding.py)
+        error = materialisation_error(b.analysis64, ctx.chain)
+        if error is None:
+            ctx.refusal = "an op's float64 materialisation has no rounding bound"
+            return None
+        op64 = chain_linear_map(b.analysis64, ctx.chain)
+        matrix = op64.to_dense(batch_size=b.dense_batch(op64))
+    cert = matrix_norm_certificate(matrix, name=ctx.chain.name)
+    del matrix
+    upper = cert.bound
     if error:
         upper = (upper + error) * (1 + RELATIVE_MARGIN)
-    b.new_state[ctx.chain.name] = v_exact.to(b.analysis.dtype)
-    return _affine(ctx, upper, certified=True, estimate=upper, upper=upper, method="dense")
+    upper *= scale
+    if v_in_chain_basis:  # a warm start in the chain's input basis
+        b.new_state[ctx.chain.name] = cert.v.to(b.analysis.dtype)
+    method = "dense" if cert.method == "dense" else f"{cert.method} (memory budget)"
+    estimate = cert.estimate * factor
+    return _affine(ctx, upper, certified=True, estimate=estimate, upper=upper, method=method)
 
 
 def merged_conv_chain(ctx: ChainContext) -> LayerBound | None:
@@ -246,28 +307,40 @@ def merged_conv_chain(ctx: ChainContext) -> LayerBound | None:
     zero-padded convolution, reshapes at the ends): the isometries contribute their scalar
     (``‖Q A‖ = ‖A Q‖ = ‖A‖``), the rest is ONE convolution ``Â`` with the scales folded into
     its float64 kernel (:func:`~lipreg.functional.conv_chain.merged_conv`), certified by
-    :func:`merged_conv_value`. Or, between the isometries, several 1×1 convolutions with
-    scales (:func:`pointwise_factors`): ``"conv-pointwise-product"``, the certified norm of
-    the product of their kernel matrices
+    :func:`merged_conv_value` within the Gram test's cost budget
+    (:attr:`ChainBounder.gram_cost_ratio`). Or, between the isometries, several 1×1
+    convolutions with scales (:func:`pointwise_factors`): ``"conv-pointwise-product"``, the
+    certified norm of the product of their kernel matrices
     (:func:`~lipreg.functional.banded_gram.pointwise_product_bound`). Certified."""
+    return _merged_conv_chain(ctx, ctx.bounder.gram_cost_ratio)
+
+
+def merged_conv_chain_tightest(ctx: ChainContext) -> LayerBound | None:
+    """:func:`merged_conv_chain` with no cost budget: the Gram test runs whatever it costs
+    (the memory budget still applies). Used by :data:`TIGHTEST_LADDER`."""
+    return _merged_conv_chain(ctx, math.inf)
+
+
+def _merged_conv_chain(ctx: ChainContext, cost_ratio: float | None) -> LayerBound | None:
     b = ctx.bounder
     if not b.certify or not ctx.core:
         return None
     specs = ctx.bound_specs
     inner = [i for i, spec in enumerate(specs) if not spec.isometry]
-    span = specs[inner[0] : inner[-1] + 1]
-    conv = merged_conv(span)
-    factors = pointwise_factors(span) if conv is None else None
+    factors = pointwise_factors(specs[inner[0] : inner[-1] + 1]) if ctx.merged is None else None
     scale = ctx.scale * CLOSED_FORM_PAD if ctx.scale != 1.0 else 1.0
-    if (conv is None and factors is None) or not scale > 0:  # scale 0: closed form answered
+    if (ctx.merged is None and factors is None) or not scale > 0:  # 0: closed form answered
         return None
     res = ctx.iterative()
     if factors is not None:
         value = pointwise_product_bound(*factors) * scale
         return _with_iterative(ctx, res, value, upper=value, method="conv-pointwise-product")
-    kernel_error = folded_kernel_error(inner[-1] - inner[0])  # scales folded into the kernel
+    assert ctx.merged is not None
+    conv, kernel_error, _ = ctx.merged
     estimate = res.sigma / ctx.scale
-    core, method, details = merged_conv_value(ctx, conv, estimate, kernel_error, res.v)
+    core, method, details = merged_conv_value(
+        ctx, conv, estimate, kernel_error, res.v, cost_ratio=cost_ratio
+    )
     bound = _with_iterative(ctx, res, core * scale, upper=core * scale, method=method)
     bound.extra.update(details)
     return bound
@@ -293,20 +366,33 @@ def pointwise_factors(specs: Sequence[Affine]) -> tuple[list[Tensor], list[float
 
 
 def merged_conv_value(
-    ctx: ChainContext, conv: ConvData, estimate: float, kernel_error: float, v0: Tensor
+    ctx: ChainContext,
+    conv: ConvData,
+    estimate: float,
+    kernel_error: float,
+    v0: Tensor,
+    *,
+    cost_ratio: float | None = None,
 ) -> tuple[float, str, dict]:
     """Certified ``‖A‖`` of the merged convolution (``estimate``: its Lanczos value), the
-    method and details (``gram_delta``, ``gram_side``, ``torus``), by the first that applies:
+    method and details (``gram_delta``, ``gram_side``, ``torus``, ``gram_cost``), by the first
+    that applies:
 
     * ``"conv-pointwise"``: a 1×1 kernel, ``max_g ‖W_g‖`` (dense certificate, exact);
     * ``"fft-merged"``: the torus bound of the merged kernel
       (:func:`~lipreg.functional.conv_bounds.conv_operator_norm_bound`, never above
       ``max|s| · torus(w)``), kept when within :data:`TORUS_ACCEPT` of the estimate;
+    * ``"fft-merged (cost budget)"``: the same bound when the Gram test's predicted cost
+      exceeds :data:`GRAM_FREE_COST` + ``cost_ratio`` × one forward+backward of the
+      convolution (``cost_ratio``: default ``ctx.bounder.gram_cost_ratio``; ``math.inf``
+      never falls back);
     * ``"conv-gram"``: the block-banded Gram test (:mod:`lipreg.functional.banded_gram`),
-      ``σ̂ sqrt(1 + δ)`` with ``δ ≥ 1e-6`` and ``σ̂`` the estimate sharpened by a float64
-      Lanczos run warm-started from ``v0``; when it needs more than the memory budget or no
-      ``δ ≤ 1e-2`` succeeds, the torus bound with the reason in the method (and a budget
-      event).
+      ``σ̂ sqrt(1 + δ)``: first with the estimate at the chain's last successful ``δ``
+      (``state[f"{name}#gram_delta"]``, else 1e-6), then, if that fails, with ``σ̂`` sharpened
+      by a float64 Lanczos run warm-started from ``state[f"{name}#gram_v"]`` (else ``v0``);
+      the ``δ`` and the refined vector go to ``new_state`` under the same keys. When it needs
+      more than the memory budget or no ``δ ≤ 1e-2`` succeeds, the torus bound with the reason
+      in the method (and a budget event).
 
     Folding ``m`` computed scales into the kernel: ``|w' − ŵ| ≤ kernel_error · |ŵ|``
     (:func:`~lipreg.functional.rounding.folded_kernel_error`), so ``kernel_error · ‖|Â|‖``
@@ -324,6 +410,10 @@ def merged_conv_value(
     if torus <= estimate * (1 + TORUS_ACCEPT):
         return torus, "fft-merged", {"torus": torus}
     plan, budget = gram_plan(conv), current_budget()
+    ratio = ctx.bounder.gram_cost_ratio if cost_ratio is None else cost_ratio
+    if plan.cost * conv.groups > GRAM_FREE_COST + ratio * conv_pass_flops(conv):
+        details = {"torus": torus, "gram_cost": plan.cost * conv.groups}
+        return torus, "fft-merged (cost budget)", details
     if plan.bytes > budget.limit_bytes:
         budget.record(
             f"{ctx.chain.name}: the Gram test of this convolution needs "
@@ -332,7 +422,7 @@ def merged_conv_value(
             f"estimate {estimate:.6g}). Raise memory_limit_bytes for a tighter certificate."
         )
         return torus, "fft-merged (memory budget)", {"torus": torus}
-    cert = certify_conv_norm(conv, estimate, kernel_error=kernel_error, v0=v0)
+    cert = _warm_gram_test(ctx, conv, estimate, kernel_error, v0)
     if cert is None:
         warnings.warn(
             f"{ctx.chain.name}: the Gram test could not certify sqrt(1 + delta) x the estimate "
@@ -346,6 +436,25 @@ def merged_conv_value(
     if cert.bound <= torus:
         return cert.bound, cert.method, details
     return torus, "fft-merged", details
+
+
+def _warm_gram_test(
+    ctx: ChainContext, conv: ConvData, estimate: float, kernel_error: float, v0: Tensor
+) -> ConvNormCertificate | None:
+    """:func:`~lipreg.functional.banded_gram.certify_conv_norm` started from the chain's last
+    successful ``δ`` and refined vector (``state``), which it updates in ``new_state``."""
+    b, name = ctx.bounder, ctx.chain.name
+    last_delta, last_v = b.state.get(f"{name}#gram_delta"), b.state.get(f"{name}#gram_v")
+    delta0 = min(max(float(last_delta), 1e-6), 1e-2) if last_delta is not None else 1e-6
+    start = last_v if last_v is not None and last_v.numel() == math.prod(conv.in_shape) else v0
+    cert = certify_conv_norm(conv, estimate, kernel_error=kernel_error, v0=start, delta0=delta0)
+    if cert is not None:
+        b.new_state[f"{name}#gram_delta"] = torch.tensor(cert.delta, dtype=torch.float64)
+        if cert.v is not None:
+            b.new_state[f"{name}#gram_v"] = cert.v
+        elif last_v is not None:
+            b.new_state[f"{name}#gram_v"] = last_v
+    return cert
 
 
 def product_of_op_certificates(ctx: ChainContext) -> LayerBound | None:
@@ -413,6 +522,13 @@ LADDER: list[LadderEntry] = [
 ]
 """The chain certificates, tried in order (module docstring); the last always answers."""
 
+TIGHTEST_LADDER: list[LadderEntry] = [
+    merged_conv_chain_tightest if entry is merged_conv_chain else entry for entry in LADDER
+]
+""":data:`LADDER` with the Gram test of merged convolutions run whatever its cost
+(``lipreg.autolip(..., ladder=TIGHTEST_LADDER)``): the tightest certified AutoLip, at up to
+thousands of forward+backward passes on CNNs (docs/design/issue10/profile.md)."""
+
 
 # ---------------------------------------------------------------- the op ladder
 def op_closed_form(ctx: ChainContext, node: fx.Node, spec: Affine) -> tuple[float, str] | None:
@@ -467,7 +583,10 @@ class ChainBounder:
     collected in ``new_state`` (keyed by chain name), starting from ``state``. ``certify=False``
     skips the certified entries (closed forms still apply); ``ladder=`` replaces
     :data:`LADDER`. ``tol``, ``max_iter``, ``method`` and ``generator`` drive the iterative
-    estimate; ``dense_limit`` caps the smaller side of a materialised map.
+    estimate; ``dense_limit`` caps the smaller side of a materialised map;
+    ``gram_cost_ratio`` is the Gram test's cost budget in forward+backward passes of the
+    convolution (:func:`merged_conv_value`; default :data:`GRAM_COST_RATIO`, ``math.inf`` for
+    the tightest value whatever it costs).
     """
 
     analysis: Analysis
@@ -484,6 +603,7 @@ class ChainBounder:
     # a float64 analysis of the same graph made by the caller (reused across calls), else
     # derived on first use
     given_analysis64: Analysis | None = None
+    gram_cost_ratio: float = field(default_factory=lambda: GRAM_COST_RATIO)
     new_state: dict[str, Tensor] = field(default_factory=dict, init=False)
     _analysis64: Analysis | None = field(default=None, init=False, repr=False)
 
@@ -518,12 +638,15 @@ class ChainBounder:
             t.dtype == torch.float64 for t in (*self.model.parameters(), *self.model.buffers())
         )
 
-    def dense_ok(self, op: LinearMap) -> bool:
+    def dense_ok(self, op: LinearMap, *, scattered: bool = False) -> bool:
         """The map may be materialised: small enough a side, and the dense matrix (twice,
-        while it is assembled), its Gram certificate and the basis batches fit the budget."""
-        if min(op.in_features, op.out_features) > self.dense_limit:
+        while it is assembled), its Gram certificate and the basis batches (none when a
+        convolution's kernel is ``scattered`` into the matrix) fit the budget."""
+        n, m = op.in_features, op.out_features
+        if min(n, m) > self.dense_limit:
             return False
-        return self.dense_bytes(op) <= current_budget().limit_bytes
+        needed = 16 * n * m + dense_bytes(min(n, m)) if scattered else self.dense_bytes(op)
+        return needed <= current_budget().limit_bytes
 
     def dense_batch(self, op: LinearMap) -> int:
         """Basis vectors per pass of ``to_dense``: autograd keeps about three activations of
