@@ -9,12 +9,11 @@ an *estimate* of AutoLip, not a bound. This module supplies numbers that are gua
   Let ``s`` be its smaller side, ``l`` the larger, ``u = 2⁻⁵³``.
 
   - ``"dense"``: the ``s × s`` Gram matrix ``Ĝ`` is accumulated chunk by chunk (never a float64
-    copy of ``W``). Entrywise ``|Ĝ − G| ≤ γ_l |W|ᵀ|W|``, so ``λ_max(G) ≤ λ_max(Ĝ) + γ_l ‖W‖_F²``.
-    For ``s ≤ 1024`` the top eigenvalue comes from ``eigh`` (backward stable: add
-    ``(4s + 16) u ‖Ĝ‖``). Larger: Lanczos gives ``λ̂`` and a successful Cholesky factorisation
-    of ``μI − Ĝ``, ``μ = λ̂(1 + δ)``, proves ``λ_max(Ĝ) ≤ μ (1 + 1.02 s (s+1) u + 2u)`` (Demmel:
-    the factorisation is exact for ``μI − Ĝ + E`` with ``‖E‖ ≤ γ_{s+1} trace(μI − Ĝ + E)``);
-    ``δ`` starts at 1e-9 and grows tenfold until it succeeds.
+    copy of ``W``), on one triangle by block rows. Entrywise ``|Ĝ − G| ≤ γ_l |W|ᵀ|W|``, so
+    ``‖Ĝ − G‖_2 ≤ γ_l ‖W‖_F²``. Lanczos on ``Ĝ`` (warm from ``v0`` when given) gives ``λ̂``;
+    one Rump/Cholesky test of ``μI − Ĝ`` at ``μ = λ̂(1 + δ)``, with that radius, proves
+    ``λ_max(G) < μ`` (:mod:`lipreg.functional.gram`; ``δ ≈ 1e-10 + 2 × Rump's margin``, about
+    ``s² u``, tenfold on failure). No ``eigh``: its cost is 5–17× a Cholesky.
   - ``"row-blocks"`` (when the Gram matrix exceeds the budget): split the smaller side into
     ``p`` blocks ``W_i`` of ``g`` lines each; ``‖W x‖² = Σ ‖W_i x‖²`` (row blocks) or
     ``‖W x‖ ≤ Σ ‖W_i x_i‖`` (column blocks, then Cauchy–Schwarz) gives
@@ -61,8 +60,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lipreg.functional.gram import certified_top_eigenvalue, gram_lower
 from lipreg.functional.linear_map import LinearMap
-from lipreg.functional.power_iteration import operator_norm
 
 __all__ = [
     "DEFAULT_MEMORY_LIMIT_BYTES",
@@ -84,7 +83,10 @@ DEFAULT_MEMORY_LIMIT_BYTES = 2**30
 """Absolute cap of every certificate's extra memory (1 GiB)."""
 MIN_DEFAULT_MEMORY_BYTES = 256 * 2**20
 _U = 2.0**-53
-_EIGH_LIMIT = 1024  # Gram sides up to this use eigh, larger ones Lanczos + Cholesky
+# Gram sides up to this are still budgeted as an eigh (48 s² bytes) although every side now
+# uses Lanczos + one Cholesky (≤ 24 s² + the basis): a conservative estimate that keeps the
+# memory-budget decisions of earlier versions unchanged.
+_EIGH_LIMIT = 1024
 _LANCZOS_ITER = 300
 
 
@@ -174,10 +176,12 @@ class MatrixNormCertificate:
     blocks: int = 1
 
 
-def matrix_norm_bound(W: torch.Tensor) -> tuple[float, torch.Tensor]:
+def matrix_norm_bound(
+    W: torch.Tensor, *, v0: torch.Tensor | None = None
+) -> tuple[float, torch.Tensor]:
     """Certified ``‖W‖_2`` and an approximate top right singular vector, within the current
-    memory budget (see :func:`matrix_norm_certificate`)."""
-    cert = matrix_norm_certificate(W)
+    memory budget (see :func:`matrix_norm_certificate`; ``v0``: optional warm start)."""
+    cert = matrix_norm_certificate(W, v0=v0)
     return cert.bound, cert.v
 
 
@@ -229,7 +233,11 @@ class _Scaled:
 
 
 def matrix_norm_certificate(
-    W: torch.Tensor, *, memory_limit_bytes: float | None = None, name: str = "matrix"
+    W: torch.Tensor,
+    *,
+    memory_limit_bytes: float | None = None,
+    name: str = "matrix",
+    v0: torch.Tensor | None = None,
 ) -> MatrixNormCertificate:
     """Certified ``‖W‖_2`` of an explicit matrix within a memory budget (module docstring).
 
@@ -237,6 +245,11 @@ def matrix_norm_certificate(
         W: a real ``(out, in)`` matrix of any float dtype and device.
         memory_limit_bytes: extra memory allowed; default: the current :func:`memory_budget`.
         name: how fallbacks name the matrix in their messages.
+        v0: optional warm start, an approximate top right singular vector of ``W`` (e.g. the
+            ``v`` of a previous certificate): the dense certificate is then one Gram product,
+            a few Lanczos products and one Cholesky test. It only speeds the search for ``μ``;
+            the bound is proved by the test whatever ``v0`` is (ignored when the shape does
+            not match or it is zero/non-finite).
 
     Returns:
         :class:`MatrixNormCertificate` with ``bound ≥ ‖W‖_2``.
@@ -264,7 +277,7 @@ def matrix_norm_certificate(
         )
     dense_budget = limit - chunk_budget
     if dense_bytes(s) <= dense_budget:
-        lam, top = _block_top_eig(sc, slice(0, s))
+        lam, top = _block_top_eig(sc, slice(0, s), _gram_side_start(sc, v0))
         v = top if sc.transposed else _rmatvec(sc, top)  # right vector of W
         v = v / v.norm().clamp_min(1e-300)
         bound = sc.unscale(_sqrt_up(lam) * (1 + RELATIVE_MARGIN))
@@ -299,6 +312,17 @@ def matrix_norm_certificate(
     )
 
 
+def _gram_side_start(sc: _Scaled, v0: torch.Tensor | None) -> torch.Tensor | None:
+    """A right vector ``v0`` of ``W`` moved to the Gram side ``M Mᵀ``: itself when
+    ``M = Wᵀ``, else ``M v0`` (one chunked product). ``None`` when it does not fit."""
+    if v0 is None:
+        return None
+    v0 = v0.detach().reshape(-1).to(dtype=torch.float64, device=sc.M.device)
+    if v0.numel() != sc.W.shape[1]:
+        return None
+    return v0 if sc.transposed else _matvec(sc, v0)
+
+
 def _sqrt_up(x: float) -> float:
     """``sqrt(max(x, 0))`` padded by 2 ulps (the rounding of ``math.sqrt``)."""
     return math.sqrt(max(x, 0.0)) * (1 + 4 * _U) + 1e-300
@@ -315,54 +339,20 @@ def _largest_side(budget_bytes: int) -> int:
     return lo
 
 
-def _block_top_eig(sc: _Scaled, rows: slice) -> tuple[float, torch.Tensor]:
+def _block_top_eig(
+    sc: _Scaled, rows: slice, v0: torch.Tensor | None = None
+) -> tuple[float, torch.Tensor]:
     """A proven upper bound on ``λ_max(M_r M_rᵀ)`` for the row block ``M_r`` of the scaled
-    matrix, and an approximate top eigenvector (float64, on ``M``'s device)."""
+    matrix, and an approximate top eigenvector (float64, on ``M``'s device): the Gram matrix on
+    one triangle (:func:`~lipreg.functional.gram.gram_lower`), then Lanczos (warm from ``v0``,
+    a vector on the Gram side) and one Rump/Cholesky test
+    (:func:`~lipreg.functional.gram.certified_top_eigenvalue`)."""
     g = rows.stop - rows.start
     l = sc.M.shape[1]
-    G = torch.zeros(g, g, dtype=torch.float64, device=sc.M.device)
-    frob2 = 0.0
-    for cols in sc.columns(g):
-        block = sc.block(rows, cols)
-        G.addmm_(block, block.T)
-        flat = block.view(-1)
-        frob2 += float(torch.dot(flat, flat))
-        del block
-    frob2 *= 1 + (g * l + 8) * 2 * _U
-    gram_error = (l + 2) * _U * 1.01 * frob2  # γ_l ‖M_r‖_F², the entrywise rounding of Ĝ
-    if g <= _EIGH_LIMIT:
-        evals, evecs = torch.linalg.eigh(G)
-        lam = max(float(evals[-1]), 0.0) + (4 * g + 16) * _U * 1.01 * (frob2 + gram_error)
-        return lam + gram_error, evecs[:, -1]
-    mu, top = _cholesky_certified_top(G)
-    return mu + gram_error, top
-
-
-def _cholesky_certified_top(G: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """A proven ``μ' ≥ λ_max(G)`` of a symmetric PSD matrix, and an approximate top vector.
-
-    ``G`` is overwritten (it becomes ``μI − G``).
-    """
-    n = G.shape[0]
-    op = LinearMap(lambda x: x @ G, (n,), (n,), G.dtype, G.device, "Gram")
-    est = operator_norm(op, tol=1e-12, max_iter=_LANCZOS_ITER)  # σ_max(G) = λ_max(G)
-    lam = est.sigma
-    diag = G.diagonal().clone()
-    G.neg_()  # exact
-    delta = 1e-9
-    while True:
-        mu = lam * (1 + delta) + torch.finfo(G.dtype).tiny
-        G.diagonal().copy_(mu - diag)  # each entry rounded once: covered by the 2u term
-        _, info = torch.linalg.cholesky_ex(G)
-        if int(info) == 0:
-            return mu * (1 + 1.02 * n * (n + 1) * _U + 2 * _U), est.v
-        if delta > 1e3:  # unreachable for a PSD G: λ̂ ≤ λ_max ≤ trace
-            break
-        delta *= 10
-    G.neg_()
-    G.diagonal().copy_(diag)
-    frob = float(G.norm())  # λ_max(G) ≤ ‖G‖_2 ≤ ‖G‖_F for any symmetric G
-    return frob * (1 + (n * n + 8) * 2 * _U), est.v
+    G, frob2 = gram_lower((sc.block(rows, cols) for cols in sc.columns(g)), g, sc.M.device)
+    frob2 *= 1 + (g * l + 8) * 2 * _U  # fl(Σ m²) ≥ Σ m² / (1 + γ_{gl}): an upper bound
+    cert = certified_top_eigenvalue(G, frob2, l, v0=v0, max_iter=_LANCZOS_ITER)
+    return cert.bound, cert.vector
 
 
 def _entry_sums(sc: _Scaled) -> tuple[float, torch.Tensor, torch.Tensor]:
@@ -423,15 +413,19 @@ def _power_direction(sc: _Scaled, n_iter: int = 10) -> tuple[torch.Tensor, float
     return v, sc.unscale(estimate)
 
 
-def dense_norm_bound(op: LinearMap, *, batch_size: int = 256) -> tuple[float, torch.Tensor]:
+def dense_norm_bound(
+    op: LinearMap, *, batch_size: int = 256, v0: torch.Tensor | None = None
+) -> tuple[float, torch.Tensor]:
     """Certified ``‖A‖_2`` by materialising ``A`` (``op`` must compute in float64).
 
     Materialising takes ``8 · in · out`` bytes plus the operator's activations for
-    ``batch_size`` basis vectors: the caller checks the budget (``autolip`` does).
+    ``batch_size`` basis vectors: the caller checks the budget (``autolip`` does). ``v0``:
+    optional warm start (a previous top right singular vector, see
+    :func:`matrix_norm_certificate`).
     """
     if op.dtype != torch.float64:
         raise ValueError(f"dense_norm_bound needs a float64 operator, got {op.dtype}.")
-    cert = matrix_norm_certificate(op.to_dense(batch_size=batch_size), name=op.name)
+    cert = matrix_norm_certificate(op.to_dense(batch_size=batch_size), name=op.name, v0=v0)
     return cert.bound, cert.v
 
 

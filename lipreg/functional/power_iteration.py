@@ -13,7 +13,7 @@
 from below. It is an *estimate* of the norm, not an upper bound; see
 :mod:`lipreg.functional.certify` for certified upper bounds.
 
-Lanczos (with full re-orthogonalisation) reaches a relative tolerance of 1e-4 in far fewer
+Lanczos (with full re-orthogonalisation, :mod:`lipreg.functional.lanczos`) reaches a relative tolerance of 1e-4 in far fewer
 Gram products than the power method when the top singular values are clustered, which is the
 common case for randomly initialised layers. It stops on a residual bound that involves no
 spectral gap, so it does not "converge" on ``σ_2`` because the gap to ``σ_3`` looks wide.
@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lipreg.functional.lanczos import lanczos_top, non_finite_message
 from lipreg.functional.linear_map import LinearMap
 
 __all__ = [
@@ -158,11 +159,7 @@ def _gram(op: LinearMap, v: Tensor) -> tuple[Tensor, Tensor]:
     """``op.gram_matvec(v)``, raising ``ValueError`` ("non-finite") on NaN/Inf results."""
     g, a = op.gram_matvec(v)
     if not (bool(torch.isfinite(g).all()) and bool(torch.isfinite(a).all())):
-        raise ValueError(
-            f"{op.name}: the product AᵀA v is non-finite (NaN/Inf) in {op.dtype}: the map holds "
-            "a non-finite number or its norm overflows (squares beyond the dtype's range); no "
-            "norm is reported. Check the weights, or compute in float64 (dtype=torch.float64)."
-        )
+        raise ValueError(non_finite_message(op.name, op.dtype))
     return g, a
 
 
@@ -217,63 +214,30 @@ def _power(op: LinearMap, v: Tensor, tol: float, max_iter: int) -> OperatorNormR
 
 
 def _lanczos(op: LinearMap, q: Tensor, tol: float, max_iter: int) -> OperatorNormResult:
-    n = op.in_features
-    max_iter = min(max_iter, n)  # the Krylov space cannot grow beyond n
+    """Lanczos on ``AᵀA`` (:func:`lipreg.functional.lanczos.lanczos_top`: preallocated basis,
+    bounded re-orthogonalisation, one host sync per step) with the gap-free rule
+    ``r/(2θ) ≤ tol`` of :func:`_error_estimate`, i.e. ``r ≤ 2 tol θ``."""
     # Below a few units of roundoff the residual is rounding noise: a finer tolerance is met
     # at working precision.
     tol = max(tol, 4.0 * torch.finfo(op.dtype).eps)
-    basis: list[Tensor] = []
-    images: list[Tensor] = []  # A q_j, so that A x for the Ritz vector x needs no extra pass
-    alphas: list[float] = []
-    betas: list[float] = []
-    prev, rel, gap = 0.0, math.inf, math.nan
-    converged = False
-    n_iter = 0
-    for n_iter in range(1, max_iter + 1):
-        basis.append(q)
-        w, aq = _gram(op, q[None])
-        w, aq = w[0], aq[0]
-        images.append(aq)
-        alphas.append(float(torch.dot(q, w)))
-        # Full re-orthogonalisation, twice ("twice is enough", Kahan/Parlett): keeps the
-        # Ritz values honest Rayleigh quotients in finite precision.
-        Q = torch.stack(basis)
-        w = w - Q.T @ (Q @ w)
-        w = w - Q.T @ (Q @ w)
-        beta = float(w.norm())
-        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if betas:
-            off = torch.tensor(betas, dtype=torch.float64)
-            T = T + torch.diag(off, 1) + torch.diag(off, -1)
-        evals, evecs = torch.linalg.eigh(T)
-        theta = max(float(evals[-1]), 0.0)
-        theta_vec = evecs[:, -1]
-        sigma = math.sqrt(theta)
-        rel = abs(sigma - prev) / max(sigma, 1e-300)
-        if len(alphas) > 1:  # reported only: never used to stop (see _error_estimate)
-            gap = max(theta - float(evals[-2]), 0.0) / max(theta, 1e-300)
-        # Residual of the top Ritz pair from the Lanczos relation: ‖B x − θ x‖ = β_j |s_j|.
-        # An invariant subspace (β ≈ 0) makes it ≈ 0: the Ritz values are then eigenvalues.
-        error = _error_estimate(theta, beta * abs(float(theta_vec[-1])))
-        # After n products the basis spans the whole space: T is AᵀA in that basis and its
-        # top eigenvalue is σ_max² up to rounding, whatever the residual.
-        if sigma == 0.0 or error <= tol or n_iter == n:
-            converged = True
-            break
-        prev = sigma
-        if n_iter == max_iter:
-            break
-        betas.append(beta)
-        q = w / beta
-    s = theta_vec.to(dtype=op.dtype, device=op.device)
-    x = s @ torch.stack(basis)
-    xnorm = x.norm()
-    ax = (s @ torch.stack(images)) / xnorm
-    x = x / xnorm
+
+    def apply(v: Tensor) -> tuple[Tensor, Tensor]:
+        g, a = op.gram_matvec(v[None])
+        return g[0], a[0]
+
+    run = lanczos_top(
+        apply, q, rtol=2.0 * tol, max_iter=max_iter, image_features=op.out_features, name=op.name
+    )
+    ax = run.image
+    assert ax is not None  # image_features > 0
     sigma = float(ax.norm())
-    residual = (beta * abs(float(theta_vec[-1]))) / max(sigma**2, 1e-300)
+    if not math.isfinite(sigma):  # the images were not checked step by step
+        raise ValueError(non_finite_message(op.name, op.dtype))
+    residual = run.residual / max(sigma**2, 1e-300)
     u = ax / sigma if sigma > 0 else ax
-    return OperatorNormResult(sigma, x, u, n_iter, converged, rel, residual, gap)
+    return OperatorNormResult(
+        sigma, run.x, u, run.n_iter, run.converged, run.rel_change, residual, run.gap
+    )
 
 
 @dataclass
