@@ -13,10 +13,11 @@
 from below. It is an *estimate* of the norm, not an upper bound; see
 :mod:`lipreg.functional.certify` for certified upper bounds.
 
-Lanczos (with full re-orthogonalisation, :mod:`lipreg.functional.lanczos`) reaches a relative tolerance of 1e-4 in far fewer
-Gram products than the power method when the top singular values are clustered, which is the
-common case for randomly initialised layers. It stops on a residual bound that involves no
-spectral gap, so it does not "converge" on ``σ_2`` because the gap to ``σ_3`` looks wide.
+Lanczos (with full re-orthogonalisation, :mod:`lipreg.functional.lanczos`) reaches a relative
+tolerance of 1e-4 in far fewer Gram products than the power method when the top singular values
+are clustered, which is the common case for randomly initialised layers. It stops on a
+residual bound that involves no spectral gap, so it does not "converge" on ``σ_2`` because the
+gap to ``σ_3`` looks wide.
 Like any Krylov method it can still be misled by a start vector (nearly) orthogonal to the
 top singular vector, which a random start makes unlikely (the residual exposes a component
 of ``|c|`` on a top vector ``δ`` away once ``|c| δ`` exceeds about ``2 tol σ̂²``). Both
