@@ -1,0 +1,129 @@
+"""The benchmark scripts' own machinery (``benchmarks/scaling.py``, ``benchmarks/_common.py``)
+against independent ground truths, and smoke runs of ``scaling.py`` and ``speed.py`` with
+``--quick`` on their smallest networks.
+
+``training_overhead.py --quick`` is NOT run here: it fits three networks with Lightning several
+times (minutes of CPU), too long for the suite; run it by hand.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def scaling() -> ModuleType:
+    """``benchmarks/scaling.py`` imported with ``benchmarks/`` on ``sys.path`` meanwhile."""
+    import importlib
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCHMARKS))
+        return importlib.import_module("scaling")
+
+
+def test_fit_exponents_recovers_a_power_law(scaling: ModuleType) -> None:
+    """Exact data ``t = 3 d^1.5 w^2.25`` on a grid: the least-squares exponents are 1.5 and
+    2.25 (closed form), and a size that does not vary gets none."""
+    points = [
+        ({"depth": d, "width": w, "input": 7}, 3.0 * d**1.5 * w**2.25)
+        for d in (10, 30, 100)
+        for w in (256, 1024)
+    ]
+    fitted = scaling.fit_exponents(points)
+    assert fitted is not None
+    exponents, count = fitted
+    assert count == 6
+    assert set(exponents) == {"depth", "width"}
+    assert exponents["depth"] == pytest.approx(1.5, abs=1e-9)
+    assert exponents["width"] == pytest.approx(2.25, abs=1e-9)
+    assert scaling.fit_exponents(points[:1]) is None  # one point: nothing to fit
+
+
+def test_time_cap_interrupts_a_long_call(scaling: ModuleType) -> None:
+    """A CPU-bound loop under a 0.05 s cap raises OverCap after about 0.05 s of CPU time, and
+    the timer is disarmed afterwards (a later long call is not interrupted)."""
+    cpu = torch.device("cpu")
+    start = time.process_time()
+    with pytest.raises(scaling.OverCap), scaling.time_cap(0.05, cpu):
+        while time.process_time() - start < 10:
+            sum(range(10_000))
+    assert time.process_time() - start < 5
+    with scaling.time_cap(0.05, cpu):
+        pass
+    later = time.process_time()
+    while time.process_time() - later < 0.1:  # past the old deadline: nothing fires
+        sum(range(10_000))
+
+
+def test_dominates_orders_networks_of_one_family(scaling: ModuleType) -> None:
+    """A network dominates another when it is of the same family and no size is smaller."""
+    net = scaling.Network
+    small = net("MLP", {"depth": 10, "width": 256}, (256,), list)
+    deep = net("MLP", {"depth": 30, "width": 256}, (256,), list)
+    wide = net("MLP", {"depth": 10, "width": 512}, (512,), list)
+    cnn = net("small CNN", {"width": 16, "input": 32}, (3, 32, 32), list)
+    assert deep.dominates(small) and wide.dominates(small) and small.dominates(small)
+    assert not small.dominates(deep) and not deep.dominates(wide) and not wide.dominates(deep)
+    assert not cnn.dominates(small)
+    over = {"cold certificate": [deep], "warm estimate": []}
+    bigger = net("MLP", {"depth": 100, "width": 256}, (256,), list)
+    assert scaling.skipped_columns(bigger, over) == {"cold certificate"}
+    assert scaling.skipped_columns(wide, over) == set()
+
+
+def run_script(args: list[str], timeout: float) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_scaling_quick_runs() -> None:
+    """``scaling.py --quick --families mlp`` prints the table, exponents and footer (≈ 15 s)."""
+    stdout = run_script([str(BENCHMARKS / "scaling.py"), "--quick", "--families", "mlp"], 120)
+    assert "| MLP" in stdout and "depth 30, width 256" in stdout
+    assert "Growth exponents" in stdout
+    assert "CPU time of the process" in stdout
+    assert "--quick" in stdout
+    rows = [line for line in stdout.splitlines() if line.startswith("| MLP ")]
+    cold = [float(r.split("|")[5]) for r in rows[:2]]  # cold estimate multiples
+    assert all(math.isfinite(c) and c > 0 for c in cold)
+
+
+@pytest.mark.slow
+def test_speed_quick_runs() -> None:
+    """``speed.py --quick --networks mnist`` prints every row of the MNIST CNN (≈ 20 s)."""
+    stdout = run_script([str(BENCHMARKS / "speed.py"), "--quick", "--networks", "mnist"], 180)
+    assert "AutoLip certified" in stdout and "SeqLip greedy" in stdout
+    assert "Device: cpu" in stdout
+
+
+def test_cuda_device_is_refused_without_a_gpu(scaling: ModuleType) -> None:
+    """``--device cuda`` on a machine without CUDA exits with a message, not a stack trace
+    (``_common.resolve_device``, as the scripts use it)."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit, match=r"torch\.cuda\.is_available"):
+        scaling.resolve_device("cuda")
+    assert scaling.resolve_device("cpu") == torch.device("cpu")
