@@ -54,6 +54,7 @@ from __future__ import annotations
 import enum
 import logging
 import types
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,6 +91,8 @@ _ATOMS = (
     torch.memory_format,
     enum.Enum,
 )
+_ATOM_TYPES = frozenset(t for t in _ATOMS if t is not enum.Enum)
+_CONTAINERS = frozenset({dict, OrderedDict, list, tuple, set, frozenset})
 _MAX_NESTING = 20
 _BY_IDENTITY = (
     type,
@@ -101,28 +104,44 @@ _BY_IDENTITY = (
 
 
 def _freeze(value: Any, depth: int = 0, nesting: int = 0) -> Any:
-    """A comparable snapshot of a plain attribute (see the module docstring)."""
-    if isinstance(value, _ATOMS):
-        return (type(value), value)
+    """A comparable snapshot of a plain attribute (see the module docstring); the type is
+    kept so that ``1``, ``1.0`` and ``True`` differ."""
+    kind = type(value)
+    if kind in _ATOM_TYPES or isinstance(value, _ATOMS):
+        return (kind, value)
+    if kind in _CONTAINERS and not value:  # most hook dictionaries: the common case
+        return (kind,)
     if nesting > _MAX_NESTING:  # a self-containing container: compared by identity
         return ("identity", id(value))
     if isinstance(value, tuple | list):
-        return (type(value), tuple(_freeze(v, depth, nesting + 1) for v in value))
+        return (kind, tuple(_freeze(v, depth, nesting + 1) for v in value))
     if isinstance(value, dict):
         items = value.items()
-        return (
-            type(value),
-            tuple((_freeze(k, depth), _freeze(v, depth, nesting + 1)) for k, v in items),
-        )
+        return (kind, tuple((_freeze(k, depth), _freeze(v, depth, nesting + 1)) for k, v in items))
     if isinstance(value, set | frozenset):
-        return (type(value), tuple(sorted(repr(_freeze(v, depth, nesting + 1)) for v in value)))
+        return (kind, tuple(sorted(repr(_freeze(v, depth, nesting + 1)) for v in value)))
     if isinstance(value, Tensor):
         return ("tensor", *_tensor_key(value), value._version)
     if isinstance(value, _BY_IDENTITY) or (callable(value) and not hasattr(value, "__dict__")):
         return ("identity", id(value))
     # any other object: identity, type, and its own attributes one level down
     inner = vars(value) if hasattr(value, "__dict__") and depth == 0 else {}
-    return ("object", id(value), type(value), _freeze(dict(inner), depth + 1) if inner else ())
+    return ("object", id(value), kind, _freeze(dict(inner), depth + 1) if inner else ())
+
+
+def _attributes(m: nn.Module) -> tuple:
+    """The snapshot of a module's plain attributes (:func:`_freeze`, with the two common
+    cases inline: this runs at every call)."""
+    snapshot = []
+    for k, v in vars(m).items():
+        kind = type(v)
+        if kind in _ATOM_TYPES:
+            snapshot.append((k, kind, v))
+        elif kind in _CONTAINERS and not v:
+            snapshot.append((k, kind))
+        elif k not in _COVERED:
+            snapshot.append((k, _freeze(v)))
+    return tuple(snapshot)
 
 
 def _tensor_key(t: Tensor) -> tuple:
@@ -135,29 +154,21 @@ def model_fingerprint(
 ) -> dict[str, tuple]:
     """Everything the cached structure depends on, by section (the module docstring lists
     them); two fingerprints are equal iff every section is."""
-    modules = tuple(
-        (
-            name,
-            id(m),
-            type(m),
-            m.training,
-            has_module_rule(m),
-            bool(overriding_methods(m)),
-            tuple((k, _freeze(v)) for k, v in vars(m).items() if k not in _COVERED),
-        )
-        for name, m in model.named_modules(remove_duplicate=False)
-    )
-    tensors = tuple(
-        (name, *_tensor_key(t))
-        for name, t in [
-            *model.named_parameters(remove_duplicate=False),
-            *model.named_buffers(remove_duplicate=False),
-        ]
-    )
+    modules, tensors = [], []
+    for prefix, m in model.named_modules(remove_duplicate=False):
+        attributes = _attributes(m)
+        rule = (has_module_rule(m), bool(overriding_methods(m)))
+        modules.append((prefix, id(m), type(m), m.training, rule, attributes))
+        dot = f"{prefix}." if prefix else ""
+        # every parameter and buffer under every name (as named_parameters(remove_duplicate=
+        # False)), None entries included: a registered-but-None buffer is structure too
+        for section in (m._parameters, m._buffers):
+            for k, t in section.items():
+                tensors.append((dot + k, None if t is None else _tensor_key(t)))
     return {
         "input shape": tuple(input_shape),
-        "submodules, their flags, attributes and hooks": modules,
-        "parameters and buffers": tensors,
+        "submodules, their flags, attributes and hooks": tuple(modules),
+        "parameters and buffers": tuple(tensors),
         "tensor attributes read by the graph": _attr_keys(model, gm),
     }
 
@@ -166,12 +177,15 @@ def _attr_tensors(model: nn.Module, gm: fx.GraphModule | None) -> list[tuple[str
     """The tensors the graph's ``get_attr`` nodes read, from the live model."""
     if gm is None:
         return []
+    targets = gm.__dict__.get("_lipreg_get_attr_targets")
+    if targets is None:  # the probe may rewire uses, never add get_attr nodes: list once
+        targets = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"]
+        gm.__dict__["_lipreg_get_attr_targets"] = targets
     found = []
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            value = resolve_attr(gm, model, node.target)
-            if isinstance(value, Tensor):
-                found.append((str(node.target), value))
+    for target in targets:
+        value = resolve_attr(gm, model, target)
+        if isinstance(value, Tensor):
+            found.append((target, value))
     return found
 
 
