@@ -1,9 +1,10 @@
 """Lightning callback that monitors the Lipschitz constant while a network trains.
 
-Add ``LipschitzCallback()`` to a ``Trainer`` and every ``every_n_train_steps`` optimizer steps,
-and once more at the end of the fit, it logs through every logger of the Trainer (W&B,
-TensorBoard, CSV) and into ``trainer.callback_metrics`` (so that ``ModelCheckpoint`` /
-``EarlyStopping`` can monitor them):
+Add ``LipschitzCallback()`` to a ``Trainer`` and every ``every_n_train_steps`` optimizer steps
+(expensive bounds less often, within a cost budget: ``max_overhead``), and once more at the
+end of the fit, it logs through every logger of the Trainer (W&B, TensorBoard, CSV) and into
+``trainer.callback_metrics`` (so that ``ModelCheckpoint`` / ``EarlyStopping`` can monitor
+them):
 
 =================================== ==========================================================
 key                                 meaning
@@ -26,8 +27,8 @@ key                                 meaning
                                     is the chain's ``LayerBound.name`` unchanged (its module
                                     path, e.g. ``features.0`` or ``layer2.0.downsample[0+1]``),
                                     the same string as in tables built from ``LayerBound``.
-``lipschitz/<method>_iterations``,  cost of each estimate.
-``lipschitz/<method>_time_s``
+``lipschitz/<method>_iterations``,  cost of each estimate (the time, on the callback's
+``lipschitz/<method>_time_s``       clock, is what the cost budget predicts from).
 =================================== ==========================================================
 
 **Steps.** The values of optimizer step ``k`` are logged under Lightning's own step index
@@ -54,8 +55,6 @@ weights, same seeded start vectors) and rank 0's are broadcast, so all ranks see
 from __future__ import annotations
 
 import math
-import time
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,6 +63,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from lipreg.callback_budget import CostBudget
 from lipreg.callback_inputs import (
     SwitchOff,
     at_path,
@@ -75,6 +75,7 @@ from lipreg.callback_inputs import (
     find_network,
     infer_input,
 )
+from lipreg.callback_methods import FIT_END, METHOD_TABLE, SCHEDULED, MethodWork
 from lipreg.callback_options import (
     PREFIX,
     check_bool,
@@ -86,20 +87,16 @@ from lipreg.callback_options import (
     check_model_attr,
     check_number,
 )
-from lipreg.callback_records import Computed, Method, layer_key, lightning_step, metric_values
+from lipreg.callback_records import Method, layer_key, lightning_step
 from lipreg.callback_state import WarmState, read_state
-from lipreg.functional.autolip import AutoLip, autolip
+from lipreg.functional.autolip import AutoLip
 from lipreg.functional.chains import NotSequentialError
-from lipreg.functional.lower_bound import lower_bound
-from lipreg.functional.results import LipschitzResult
-from lipreg.functional.seqlip import seqlip
-from lipreg.functional.tight import tighten
 from lipreg.functional.trace import check_finite_parameters
 
 __all__ = ["FIT_END", "SCHEDULED", "LipschitzCallback", "layer_key", "lightning_step"]
 
 
-class LipschitzCallback(Callback):
+class LipschitzCallback(MethodWork, Callback):
     """Monitor AutoLip / SeqLip / a lower bound of the model during training.
 
     **Which network.** ``model_attr=None`` bounds the LightningModule's own ``forward``;
@@ -128,6 +125,19 @@ class LipschitzCallback(Callback):
     differentiable network. With explicit ``methods`` the refused ones are switched off (one
     warning) and the others run. ``methods=["lower_bound"]`` never traces the network.
 
+    **Cost budget.** The callback times everything it does (one clock, ``budget.clock``) and
+    the training between its hooks, and keeps its own time under ``max_overhead`` times the
+    training time. The warm AutoLip estimate (every monitoring step) always runs and is
+    counted; certificates, SeqLip and the lower bound (``Method.budgeted`` in
+    :data:`lipreg.callback_methods.METHOD_TABLE`) run at a step their cadence selects only if
+    their predicted cost (median of their last runs; a generous guess before the first)
+    fits: the callback must not be in debt and the run, plus the fit-end certificate set
+    aside, must fit the budget of the planned fit (``trainer.estimated_stepping_batches``),
+    so that a long fit gets its first certificate early and later ones about every
+    ``cost / (max_overhead * step time)`` steps. The first stretch of each method is said
+    once (``rank_zero_info``: cost, step time, effective cadence, how to change it). The exact
+    rule: :class:`lipreg.callback_budget.CostBudget`. Under DDP rank 0 decides for all.
+
     **Resuming.** ``input_shape`` (when not passed) and the default methods are re-derived at
     every fit, so a run resumed on data of another size bounds the new size; warm-start
     vectors of another input shape are dropped with a note (cold start).
@@ -144,11 +154,12 @@ class LipschitzCallback(Callback):
             network to bound; ``None`` bounds the LightningModule's own ``forward``.
         tol, max_iter: Lanczos tolerance (``> 0``) and iteration cap (``>= 1``) per layer.
         certify_every_n_train_steps: cadence of ``lipschitz/autolip_certified`` (default 10
-            times ``every_n_train_steps``; ``0`` disables it; epoch-end estimates and the
-            fit end always certify). Certificates cost more than warm estimates.
+            times ``every_n_train_steps``; ``0`` disables it; epoch ends selected by
+            ``every_n_epochs`` certify too, and the fit end always does). Certificates cost
+            more than warm estimates: an upper limit, stretched by ``max_overhead``.
         seqlip_every_n_train_steps: cadence of SeqLip (default 10 times
             ``every_n_train_steps``): a greedy search over activation patterns costs far more
-            than a warm AutoLip estimate.
+            than a warm AutoLip estimate. An upper limit, stretched by ``max_overhead``.
         seqlip_method: ``"greedy"`` (estimate) or ``"exact"`` (certified, small widths).
         seqlip_top_k: top-``k`` truncation for SeqLip on large layers (``None``: automatic).
         seqlip_max_iter: local-search rounds per pair of greedy SeqLip (default 30).
@@ -160,7 +171,11 @@ class LipschitzCallback(Callback):
         compute_at_fit_end: at the end of every fit, compute :data:`FIT_END` (the AutoLip
             estimate and certified bound) unless done at the final step (default ``True``):
             every fit ends with a certified bound. SeqLip (minutes on a large network) and
-            the lower bound keep their cadences. Independent of :meth:`should_compute`.
+            the lower bound keep their cadences. Independent of :meth:`should_compute`; never
+            skipped by the budget (its cost is counted, and set aside in advance).
+        max_overhead: the callback's time stays under this fraction of the training time
+            (default ``0.05``; ``None``: no budget, the step cadences alone). See **Cost
+            budget** above.
         on_nonfinite: ``"warn"`` (log NaN, warn once, keep training) or ``"raise"``
             (``FloatingPointError``) when the weights or a bound are not finite.
         seed: seed (an int ``>= 0``) of the private generators.
@@ -189,6 +204,7 @@ class LipschitzCallback(Callback):
         certify_dense_limit: int = 2048,
         log_layers: bool = True,
         compute_at_fit_end: bool = True,
+        max_overhead: float | None = 0.05,
         on_nonfinite: str = "warn",
         seed: int = 0,
     ) -> None:
@@ -211,6 +227,7 @@ class LipschitzCallback(Callback):
         check_int("certify_dense_limit", certify_dense_limit, minimum=0)
         check_bool("log_layers", log_layers)
         check_bool("compute_at_fit_end", compute_at_fit_end)
+        check_number("max_overhead", max_overhead, allow_none=True, example=0.05)
         check_choice("on_nonfinite", on_nonfinite, ("warn", "raise"))
         check_int("seed", seed, minimum=0)
 
@@ -231,6 +248,9 @@ class LipschitzCallback(Callback):
         self.certify_dense_limit = certify_dense_limit
         self.log_layers = log_layers
         self.compute_at_fit_end = compute_at_fit_end
+        self.max_overhead = None if max_overhead is None else float(max_overhead)
+        #: Measured costs and training time; ``budget.clock`` is the clock of every timing.
+        self.budget = CostBudget(self.max_overhead)
         self.on_nonfinite = on_nonfinite
         self.seed = seed
         # warm-start vectors, and the input shape they belong to
@@ -256,6 +276,7 @@ class LipschitzCallback(Callback):
         self._reported: set[str] = set()  # causes already warned about
         self._input_path: tuple[Any, ...] | None = None
         self._last_batch: Tensor | None = None
+        self.budget.start_fit()
 
     @property
     def last_step(self) -> int:
@@ -308,8 +329,11 @@ class LipschitzCallback(Callback):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self.budget.start is None:
+            self.budget.begin_training(trainer.global_step, planned_steps(trainer))
         if not self._prepared:
-            self._prepare_safely(pl_module, batch)
+            with self.budget.counting():
+                self._prepare_safely(pl_module, batch)
         if self._off or "lower_bound" not in self._active():
             return
         x = at_path(batch, self._input_path) if self._input_path is not None else None
@@ -329,12 +353,17 @@ class LipschitzCallback(Callback):
             return
         due = {m for m in SCHEDULED if self.should_compute(m, step, trainer.current_epoch)}
         if due:
-            self._compute_and_log(trainer, step, due, in_batch=True)
+            with self.budget.counting():
+                due = self._affordable(trainer, due, step)
+                self._compute_and_log(trainer, step, due, in_batch=True)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         n = self.every_n_epochs
-        if n and (trainer.current_epoch + 1) % n == 0 and trainer.global_step != self._last_step:
-            self._compute_and_log(trainer, trainer.global_step, set(SCHEDULED), in_batch=False)
+        step = trainer.global_step
+        if n and (trainer.current_epoch + 1) % n == 0 and step != self._last_step:
+            with self.budget.counting():
+                due = self._affordable(trainer, set(SCHEDULED), step)
+                self._compute_and_log(trainer, step, due, in_batch=False)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """``compute_at_fit_end``: the :data:`FIT_END` methods not yet computed at the final
@@ -345,7 +374,8 @@ class LipschitzCallback(Callback):
         step = trainer.global_step
         due = set(FIT_END) - (self._done_at_last_step if step == self._last_step else set())
         if due:
-            self._compute_and_log(trainer, step, due, in_batch=False)
+            with self.budget.counting():
+                self._compute_and_log(trainer, step, due, in_batch=False)
 
     def should_compute(self, method: str, step: int, epoch: int) -> bool:
         """Whether ``method`` runs after optimizer step ``step`` of epoch ``epoch``.
@@ -353,13 +383,28 @@ class LipschitzCallback(Callback):
         The one gate of the step schedule: ``method`` is one of :data:`SCHEDULED`
         (``"autolip"``, ``"autolip_certified"``, ``"seqlip"``, ``"lower_bound"``). The
         default follows the step cadences of the constructor; override it for any other
-        schedule (after optimizer steps the callback computes exactly what it returns
-        ``True`` for). Two documented additions run besides it: epoch ends selected by
-        ``every_n_epochs`` compute every method, and ``compute_at_fit_end`` computes, at the
-        end of the fit, the :data:`FIT_END` methods not yet computed at the final step.
+        schedule (after optimizer steps the callback computes what it returns ``True`` for,
+        less what the cost budget cannot afford; exactly that with ``max_overhead=None``).
+        Two documented additions run besides it: epoch ends selected by ``every_n_epochs``
+        compute every method (the budget permitting), and ``compute_at_fit_end`` computes, at
+        the end of the fit, the :data:`FIT_END` methods not yet computed at the final step.
         """
-        cadence = getattr(self, _METHOD_TABLE[method].cadence)
+        cadence = getattr(self, METHOD_TABLE[method].cadence)
         return step > 0 and bool(cadence) and step % cadence == 0
+
+    def _affordable(self, trainer: Trainer, due: set[str], step: int) -> set[str]:
+        """What of ``due`` the cost budget affords at ``step`` (:class:`CostBudget`); under
+        DDP, rank 0's choice (every rank reaches this line at the same steps)."""
+        if self.max_overhead is None:
+            return due
+        tasks = [m for m in METHOD_TABLE.values() if m.name in due and self._runnable(m)]
+        promised = [METHOD_TABLE[m] for m in FIT_END] if self.compute_at_fit_end else []
+        reserve = [m for m in promised if self._runnable(m)]
+        cadences = {m.name: getattr(self, m.cadence) or 0 for m in tasks}
+        chosen = self.budget.choose(tasks, step, reserve, cadences)
+        if trainer.world_size > 1:
+            chosen = trainer.strategy.broadcast(chosen, src=0)
+        return set(chosen)
 
     def _active(self) -> list[str]:
         return [m for m in (self.methods or ()) if m not in self._disabled]
@@ -435,10 +480,6 @@ class LipschitzCallback(Callback):
             )
             self._autolip_state, self._seqlip_state, self._tight_state = {}, {}, {}
         self._warm_shape = self.input_shape
-
-    def _iterations(self) -> dict[str, Any]:
-        """The iteration options every AutoLip call of the callback shares."""
-        return {"tol": self.tol, "max_iter": self.max_iter, "seed": self.seed}
 
     def _prepare_autolip(self, network: nn.Module, requested: list[str] | None) -> None:
         """Trace once for AutoLip (and test SeqLip); on refusal fall back (see class doc)."""
@@ -550,7 +591,7 @@ class LipschitzCallback(Callback):
     def _compute(self, network: nn.Module, step: int, due: set[str]) -> dict[str, float]:
         """Every due and runnable method of :data:`_METHOD_TABLE`, in its order; a failing
         method is switched off (warned once), non-finite values are logged as NaN."""
-        tasks = [m for m in _METHOD_TABLE.values() if m.name in due and self._runnable(m)]
+        tasks = [m for m in METHOD_TABLE.values() if m.name in due and self._runnable(m)]
         if not tasks:
             return {}
         try:
@@ -583,123 +624,6 @@ class LipschitzCallback(Callback):
             self._nonfinite(f"non-finite Lipschitz values at step {step}: {bad}. {detail}")
         return metrics
 
-    def _run(self, method: Method, network: nn.Module) -> dict[str, float]:
-        """Run one method and name its metrics; if it fails while warm-started, retry it once
-        from a cold start (warm vectors that no longer fit the network must not switch a
-        method off)."""
-        compute = getattr(self, method.compute)
-        start = time.perf_counter()
-        try:
-            result = compute(network)
-        except Exception as exc:
-            if not self._is_warm(method.warm) or "non-finite" in str(exc):
-                raise
-            rank_zero_info(
-                f"{PREFIX}{method.name} failed with the warm-start vectors "
-                f"({describe(exc, 300)}); they were dropped and it is retried from a cold start."
-            )
-            self._drop_warm(method.warm)
-            start = time.perf_counter()
-            result = compute(network)
-        if result is None:
-            return {}
-        return metric_values(method.name, result, time.perf_counter() - start)
-
-    def _is_warm(self, kind: str | None) -> bool:
-        if kind == "seqlip":
-            return bool(self._seqlip_state)
-        return kind == "autolip" and self._estimator is not None and bool(self._estimator.state)
-
-    def _drop_warm(self, kind: str | None) -> None:
-        if kind == "seqlip":
-            self._seqlip_state = {}
-        elif kind == "autolip" and self._estimator is not None:
-            self._estimator.state = {}
-
-    # ------------------------------------------------------------------ the methods
-    def _autolip_estimate(self, network: nn.Module) -> Computed:
-        assert self._estimator is not None
-        al = self._estimator()
-        layers = {layer_key(lb.name): lb.value for lb in al.layers if lb.kind == "affine"}
-        return Computed(al.value, al.n_iter, layers if self.log_layers else {})
-
-    def _certify(self, network: nn.Module) -> Computed | None:
-        assert self._estimator is not None and self.input_shape is not None
-        shape, traced = self.input_shape, self._estimator.traced
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            cert = autolip(
-                network,
-                shape,
-                certify=True,
-                dense_limit=self.certify_dense_limit,
-                state=self._estimator.state,
-                traced=traced,
-                **self._iterations(),
-            )
-        if not cert.certified:  # say so rather than log an estimate under a "certified" key
-            self._disabled.add("autolip_certified")
-            self._report(
-                "not_certified",
-                f"AutoLip could not be certified: {' '.join(cert.notes)} "
-                "lipschitz/autolip_certified is off for this fit (raise certify_dense_limit, "
-                "or register a rule with certify= for that layer); lipschitz/autolip goes on.",
-            )
-            return None
-        return Computed(cert.value, extra=self._tighten(network, cert))
-
-    def _tighten(self, network: nn.Module, cert: LipschitzResult) -> dict[str, float]:
-        """``lipschitz/certified``: the tightest certified value it can afford (LMI blocks
-        warm-started from the last call); a failure is reported once and turns it off."""
-        if "certified" in self._disabled:
-            return {}
-        assert self._estimator is not None and self.input_shape is not None
-        try:
-            # dense LipSDP blocks only (up to 2048 neurons: well under a second warm); the
-            # Fourier conv pairs cost seconds to minutes each (lipreg.certified_bound has them)
-            tight = tighten(network, self.input_shape, cert, methods=("lipsdp",),
-                            state=self._tight_state, traced=self._estimator.traced,
-                            max_lmi_size=2048)  # fmt: skip
-        except Exception as exc:
-            self._disabled.add("certified")
-            self._report(
-                "failed:certified",
-                f"lipschitz/certified failed ({describe(exc)}); "
-                "it is off for this fit, lipschitz/autolip_certified goes on.",
-            )
-            return {}
-        self._tight_state = tight.state
-        return {"lipschitz/certified": tight.value}
-
-    def _seqlip(self, network: nn.Module) -> Computed:
-        assert self.input_shape is not None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sl = seqlip(
-                network,
-                self.input_shape,
-                method=self.seqlip_method,  # type: ignore[arg-type]
-                top_k=self.seqlip_top_k,
-                state=self._seqlip_state,
-                seed=self.seed,
-                max_iter=self.seqlip_max_iter,
-            )
-        self._seqlip_state = sl.state
-        return Computed(sl.value, sl.n_iter)
-
-    def _lower_bound(self, network: nn.Module) -> Computed:
-        assert self.input_shape is not None
-        lb = lower_bound(
-            network,
-            self.input_shape,
-            inputs=self._last_batch,
-            n_random=self.lower_bound_points,
-            n_anneal_steps=10,
-            n_chains=4,
-            seed=self.seed,
-        )
-        return Computed(lb.value)
-
     def _nonfinite(self, message: str) -> None:
         if self.on_nonfinite == "raise":
             raise FloatingPointError(PREFIX + message)
@@ -711,21 +635,10 @@ class LipschitzCallback(Callback):
         )
 
 
-#: The callback's computations, in the order they run at one step (the certificate after the
-#: estimate, so that it starts from the estimate's warm vectors). Columns: name, the entry of
-#: methods= it belongs to, its cadence attribute, its warm-start vectors, the work.
-_METHOD_TABLE: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("autolip", "autolip", "every_n_train_steps", "autolip", "_autolip_estimate"),
-        Method(
-            "autolip_certified", "autolip", "certify_every_n_train_steps", "autolip", "_certify"
-        ),
-        Method("seqlip", "seqlip", "seqlip_every_n_train_steps", "seqlip", "_seqlip"),
-        Method("lower_bound", "lower_bound", "every_n_train_steps", None, "_lower_bound"),
-    )
-}
-#: What :meth:`LipschitzCallback.should_compute` schedules, one name per computation.
-SCHEDULED = tuple(_METHOD_TABLE)
-#: What ``compute_at_fit_end`` adds at the end of a fit: the certified bound and its estimate.
-FIT_END = ("autolip", "autolip_certified")
+def planned_steps(trainer: Trainer) -> float | None:
+    """``trainer.estimated_stepping_batches`` (optimizer steps planned for the whole run),
+    or ``None`` when Lightning cannot tell (the budget then lends nothing ahead)."""
+    try:
+        return float(trainer.estimated_stepping_batches)
+    except Exception:  # an unsized loader without max_steps, or an older Lightning
+        return None

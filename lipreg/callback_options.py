@@ -52,9 +52,12 @@ def check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> 
         raise ValueError(f"{PREFIX}{name} must be {accepted}, got {value!r}.")
 
 
-def check_number(name: str, value: Any) -> None:
-    """``value`` is a positive finite int or float (not a bool)."""
-    accepted = "a positive finite number (e.g. 1e-4)"
+def check_number(name: str, value: Any, allow_none: bool = False, example: float = 1e-4) -> None:
+    """``value`` is a positive finite int or float (not a bool), or ``None`` when
+    ``allow_none``; ``example`` is quoted in the message."""
+    accepted = f"a positive finite number (e.g. {example:g})" + (" or None" if allow_none else "")
+    if value is None and allow_none:
+        return
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise TypeError(
             f"{PREFIX}{name} must be {accepted}, got {value!r} ({type(value).__name__})."

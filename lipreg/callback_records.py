@@ -36,6 +36,10 @@ class Method:
     cold once if it fails with them); ``compute``: the name of the callback's method doing
     the work (looked up on the instance, so that a subclass may override it), which takes the
     network and returns a :class:`Computed`, or ``None`` when it has nothing honest to log.
+    ``budgeted``: whether the cost budget (``max_overhead``) may skip it at a step its cadence
+    selects (``False``: it always runs, and its cost is counted); ``prior``: the cost assumed
+    before its first run, in multiples of the warm AutoLip estimate's measured cost
+    (:class:`lipreg.callback_budget.CostBudget`).
     """
 
     name: str
@@ -43,6 +47,8 @@ class Method:
     cadence: str
     warm: str | None
     compute: str
+    budgeted: bool = False
+    prior: float = 0.0
 
 
 def metric_values(name: str, computed: Computed, seconds: float) -> dict[str, float]:

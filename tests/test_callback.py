@@ -57,7 +57,11 @@ N_AFFINE = 3  # make_mlp(): three Linear layers
 # A warm Lanczos restart converges in a few products per layer: the residual stopping rule
 # (power_iteration.py) needs about three after a small weight change.
 WARM_PRODUCTS = 3 * N_AFFINE
+# max_overhead=None: the step cadences alone (every test of a schedule turns the cost budget
+# off: a few-step fit of a tiny MLP cannot afford a certificate within 5 % of its time; the
+# budget has its own tests in test_callback_budget.py)
 EVERY_METHOD_EVERY_3_STEPS = {
+    "max_overhead": None,
     "methods": ["autolip", "seqlip", "lower_bound"],
     "every_n_train_steps": 3,
     "certify_every_n_train_steps": 3,
@@ -100,7 +104,10 @@ def test_an_overridden_schedule_is_the_only_gate(tmp_path):
     every_n_train_steps=5) computes exactly the methods the override returns True for."""
     # compute_at_fit_end (a documented addition beside the gate) is off: the gate alone
     callback = AtStepSeven(
-        every_n_train_steps=5, methods=["autolip", "seqlip"], compute_at_fit_end=False
+        every_n_train_steps=5,
+        methods=["autolip", "seqlip"],
+        compute_at_fit_end=False,
+        max_overhead=None,
     )
     logger = CSVLogger(tmp_path, name="csv")
     trainer = make_trainer(tmp_path, [callback], max_steps=10, logger=logger, log_every_n_steps=50)
@@ -116,7 +123,9 @@ def test_an_overridden_schedule_is_the_only_gate(tmp_path):
 def test_cadence_keys_and_direct_logging(tmp_path):
     """Rows exactly at steps 3, 6, 9 and at the fit end (10) of a 10-step run although
     log_every_n_steps=50 (at Lightning's step index of those optimizer steps)."""
-    callback = LipschitzCallback(every_n_train_steps=3, seqlip_every_n_train_steps=3)
+    callback = LipschitzCallback(
+        every_n_train_steps=3, seqlip_every_n_train_steps=3, max_overhead=None
+    )
     logger = CSVLogger(tmp_path, name="csv")
     trainer = make_trainer(tmp_path, [callback], max_steps=10, logger=logger, log_every_n_steps=50)
     trainer.fit(RegressionModule(), loader())
@@ -160,7 +169,7 @@ def test_cadence_keys_and_direct_logging(tmp_path):
 
 
 def test_lower_bound_method_logs_its_key(tmp_path):
-    callback = LipschitzCallback(methods=["lower_bound"], every_n_train_steps=3)
+    callback = LipschitzCallback(methods=["lower_bound"], every_n_train_steps=3, max_overhead=None)
     logger = CSVLogger(tmp_path, name="csv")
     module = RegressionModule()
     trainer = make_trainer(tmp_path, [callback], max_steps=6, logger=logger)
@@ -228,7 +237,7 @@ def test_final_values_match_product_of_spectral_norms(tmp_path):
 
 
 def test_every_n_epochs(tmp_path):
-    callback = LipschitzCallback(every_n_train_steps=None, every_n_epochs=1)
+    callback = LipschitzCallback(every_n_train_steps=None, every_n_epochs=1, max_overhead=None)
     logger = CSVLogger(tmp_path, name="csv")
     module = RegressionModule()
     trainer = make_trainer(tmp_path, [callback], max_epochs=2, logger=logger)
@@ -262,6 +271,7 @@ def _seeded_run(root: Path, with_callback: bool) -> tuple[dict[str, torch.Tensor
             every_n_train_steps=2,
             certify_every_n_train_steps=2,
             lower_bound_points=4,
+            max_overhead=None,
         )
         callbacks.append(callback)
     trainer = make_trainer(root, callbacks, max_epochs=2)
@@ -529,7 +539,14 @@ def test_ddp_spawn_two_cpu_ranks_agree(tmp_path):
     env["OMP_NUM_THREADS"] = "1"
     for var in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
         env.pop(var, None)
-    code = f"import _lightning_helpers as h; h.run_ddp({str(tmp_path)!r})"
+    # run_ddp (tests/_lightning_helpers.py) asserts the step cadences of a 6-step fit: the cost
+    # budget is turned off there (the constructor's default, changed before run_ddp builds
+    # the callback; ddp_spawn pickles the instance, so every rank has max_overhead=None)
+    code = (
+        "import lipreg.callback as c; "
+        "c.LipschitzCallback.__init__.__kwdefaults__['max_overhead'] = None; "
+        f"import _lightning_helpers as h; h.run_ddp({str(tmp_path)!r})"
+    )
     proc = subprocess.Popen(
         [sys.executable, "-c", code],
         cwd=tmp_path,
@@ -678,6 +695,7 @@ def test_refused_model_warns_once_and_keeps_the_lower_bound(tmp_path, net, cause
         every_n_train_steps=2,
         input_shape=input_shape,
         lower_bound_points=4,
+        max_overhead=None,
     )
     module = RegressionModule(net())
     trainer = make_trainer(tmp_path, [callback], max_steps=4)
@@ -695,7 +713,7 @@ def test_refused_model_warns_once_and_keeps_the_lower_bound(tmp_path, net, cause
 
 
 def test_refused_model_at_zero_config_falls_back_to_the_lower_bound(tmp_path):
-    callback = LipschitzCallback(every_n_train_steps=2, lower_bound_points=4)
+    callback = LipschitzCallback(every_n_train_steps=2, lower_bound_points=4, max_overhead=None)
     trainer = make_trainer(tmp_path, [callback], max_steps=4)
     (message,) = fit_recording(trainer, RegressionModule(Normed()), loader())
     assert "LayerNorm" in message and "Falling back to lipschitz/lower_bound" in message
@@ -721,7 +739,9 @@ def test_lower_bound_alone_never_traces(tmp_path, monkeypatch):
         raise AssertionError("AutoLip was prepared although only the lower bound was asked")
 
     monkeypatch.setattr("lipreg.callback.AutoLip", no_autolip)
-    callback = LipschitzCallback(methods="lower_bound", every_n_train_steps=2, lower_bound_points=4)
+    callback = LipschitzCallback(
+        methods="lower_bound", every_n_train_steps=2, lower_bound_points=4, max_overhead=None
+    )
     trainer = make_trainer(tmp_path, [callback], max_steps=4)
     module = RegressionModule(PerSampleLoop())
     assert fit_recording(trainer, module, loader()) == []
@@ -736,13 +756,14 @@ def test_a_failing_method_is_reported_once_and_the_others_go_on(tmp_path, monkey
         calls.append(1)
         raise RuntimeError("simulated SeqLip bug")
 
-    monkeypatch.setattr("lipreg.callback.seqlip", broken_seqlip)
+    monkeypatch.setattr("lipreg.callback_methods.seqlip", broken_seqlip)
     callback = LipschitzCallback(
         methods=["autolip", "seqlip", "lower_bound"],
         every_n_train_steps=2,
         seqlip_every_n_train_steps=2,
         certify_every_n_train_steps=2,  # everything at step 6: no separate fit-end row
         lower_bound_points=4,
+        max_overhead=None,
     )
     logger = CSVLogger(tmp_path, name="csv")
     module = RegressionModule()
@@ -879,7 +900,9 @@ class StepLoggingModule(RegressionModule):
 def test_lipschitz_values_share_lightnings_step_index(tmp_path):
     """Each Lipschitz row has the ``step`` of the row where Lightning wrote the loss of the
     same optimizer step, so merging metrics.csv by ``step`` puts them side by side."""
-    callback = LipschitzCallback(every_n_train_steps=3, certify_every_n_train_steps=3)
+    callback = LipschitzCallback(
+        every_n_train_steps=3, certify_every_n_train_steps=3, max_overhead=None
+    )
     logger = CSVLogger(tmp_path, name="csv")
     trainer = make_trainer(tmp_path, [callback], max_steps=9, logger=logger, log_every_n_steps=1)
     trainer.fit(StepLoggingModule(), loader())
@@ -942,7 +965,9 @@ def test_the_fit_end_adds_only_what_the_last_step_lacks(tmp_path, monkeypatch):
         return original(self, network)
 
     monkeypatch.setattr(LipschitzCallback, "_seqlip", counted)
-    callback = LipschitzCallback(every_n_train_steps=3, seqlip_every_n_train_steps=3)
+    callback = LipschitzCallback(
+        every_n_train_steps=3, seqlip_every_n_train_steps=3, max_overhead=None
+    )
     logger = CSVLogger(tmp_path, name="csv")
     trainer = make_trainer(tmp_path, [callback], max_steps=9, logger=logger)
     trainer.fit(RegressionModule(), loader())

@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-import lipreg.callback as callback_module
+import lipreg.callback_methods as methods_module
 from lipreg import LipschitzCallback
 from tests._lightning_helpers import D_IN, RegressionModule, callback_warnings, loader, make_trainer
 from tests.helpers import dense_jacobian_norms
@@ -34,7 +34,7 @@ def test_a_failing_tight_certificate_never_breaks_the_fit(tmp_path, monkeypatch)
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(callback_module, "tighten", broken)
+    monkeypatch.setattr(methods_module, "tighten", broken)
     callback = LipschitzCallback(
         every_n_train_steps=2, certify_every_n_train_steps=2, model_attr="net"
     )

@@ -1,0 +1,216 @@
+"""The cost budget of :class:`lipreg.LipschitzCallback`: what it measures and what it may run.
+
+The callback's own time (preparation, every method, broadcasting and logging) is kept under
+``max_overhead`` times the training time of the fit. :class:`CostBudget` measures both with one
+clock and decides, at every step where the step cadences select some methods, which of the
+*budgeted* ones (certificates, SeqLip, the lower bound: ``Method.budgeted``) are affordable.
+Unbudgeted methods (the warm AutoLip estimate, the price of monitoring at all) always run and
+are counted. The policy is stated in full in :class:`CostBudget`'s docstring; the callback's
+class docstring summarises it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+from lightning.pytorch.utilities import rank_zero_info
+
+from lipreg.callback_options import PREFIX
+from lipreg.callback_records import Method
+
+__all__ = ["COST_WINDOW", "CostBudget"]
+
+#: A method's predicted cost is the median of its last ``COST_WINDOW`` measured runs (the
+#: median: a run slowed down by a busy machine or a cold start does not set the cadence).
+COST_WINDOW = 5
+
+
+class CostBudget:
+    """Measured costs and the budget of one fit.
+
+    Notation at optimizer step ``s`` of a fit that started at step ``s0`` (``k = s - s0``
+    steps done in this fit), with ``e = max_overhead``:
+
+    * ``T``: training seconds of the fit, the wall time since its first batch started minus
+      the callback's own time ``S`` (everything between its hooks: data loading, forward,
+      backward, optimizer, validation, checkpoints), and ``t = T / k`` per step;
+    * ``c(m)``: predicted cost of method ``m``, the median of its last :data:`COST_WINDOW`
+      runs in this fit; before its first run, ``Method.prior`` times the AutoLip estimate's
+      predicted cost (times ``t`` when no estimate was measured yet). Priors are generous on
+      purpose: one that is too high only delays a first run, one too low overruns once;
+    * ``E = e * T``: the budget earned so far; ``P = e * t * N``: the budget of the planned
+      fit of ``N`` steps (``trainer.estimated_stepping_batches - s0``; ``P = E`` when the
+      length is unknown or infinite);
+    * ``R``: the reserve, the predicted cost of what the callback promises at the end of the
+      fit (``compute_at_fit_end``); it is set aside from ``P``.
+
+    At a step where the cadences select some methods, the unbudgeted ones count first
+    (``S`` grows by their predicted cost), then each budgeted one, in the order of the
+    callback's method table, runs if and only if
+
+    1. ``S <= E``: the callback is not in debt now;
+    2. ``S + c(m) + R <= max(P, E)``: the run and the reserve fit the planned budget;
+    3. ``k - k_m >= c(m) / (e t)`` steps passed since its last run at ``k_m`` (if any): runs
+       of one method are spaced by at least their own share of the budget, so that a budget
+       saved up while a first run waited does not come out as a burst of runs,
+
+    and ``S`` grows by ``c(m)`` before the next one is examined. So a long planned fit may
+    borrow one run ahead of what it has earned (its first certificate comes early, not after
+    ``c / (e t)`` steps), never beyond its planned total, and the debt of one run is repaid
+    before the next: in the steady state a method of cost ``c`` runs about every
+    ``c / (e t - a)`` steps, ``a`` being the always-run methods' cost per step. Step
+    cadences stay upper limits: a skipped method is not made up later. ``max_overhead=None``
+    keeps no budget (every selected method runs), but costs are still measured.
+
+    The decision is local (each DDP rank measures its own clock); the callback broadcasts
+    rank 0's choice so that every rank runs the same methods. Costs are per fit and are not
+    checkpointed (they belong to the machine, not to the run): a resumed fit re-measures.
+    """
+
+    def __init__(
+        self,
+        max_overhead: float | None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.max_overhead = max_overhead
+        #: The clock of every measurement (seconds); tests inject a fake one.
+        self.clock = clock
+        self.start_fit()
+
+    def start_fit(self) -> None:
+        """Forget the previous fit's measurements (a new fit may train another network)."""
+        self.costs: dict[str, deque[float]] = {}
+        self.always = 0.0  # seconds of the always-run (unbudgeted) methods in this fit
+        self.runs: dict[str, int] = {}  # runs of each method in this fit
+        self.last_chosen: dict[str, int] = {}  # k_m: the fit's step of each method's last run
+        self.own = 0.0  # S: the callback's seconds in this fit
+        self.start: float | None = None  # the clock at the first batch of the fit
+        self.start_step = 0
+        self.planned_steps: int | None = None
+        self.announced: set[str] = set()
+        self._depth = 0
+
+    # ------------------------------------------------------------------ measuring
+    def begin_training(self, step: int, planned_total: float | None) -> None:
+        """The first batch of the fit starts at optimizer step ``step``; ``planned_total`` is
+        ``trainer.estimated_stepping_batches`` (``None`` when Lightning could not tell)."""
+        if self.start is not None:
+            return
+        self.start, self.start_step = self.clock(), step
+        finite = planned_total is not None and math.isfinite(planned_total)
+        remaining = int(planned_total) - step if finite else 0  # type: ignore[arg-type]
+        self.planned_steps = remaining if remaining > 0 else None
+
+    @contextmanager
+    def counting(self) -> Iterator[None]:
+        """Count the enclosed time as the callback's own (nested uses count once)."""
+        if self._depth:
+            yield
+            return
+        self._depth, begin = 1, self.clock()
+        try:
+            yield
+        finally:
+            self._depth = 0
+            self.own += self.clock() - begin
+
+    def record(self, method: Method, seconds: float) -> None:
+        """One measured run of ``method``."""
+        self.costs.setdefault(method.name, deque(maxlen=COST_WINDOW)).append(seconds)
+        self.runs[method.name] = self.runs.get(method.name, 0) + 1
+        if not method.budgeted:
+            self.always += seconds
+
+    def measured(self, name: str) -> float | None:
+        """Median of the last runs of ``name`` in this fit (``None`` before the first)."""
+        runs = self.costs.get(name)
+        return statistics.median(runs) if runs else None
+
+    def training_seconds(self) -> float:
+        """``T``: wall time since the fit's first batch minus the callback's own time."""
+        if self.start is None:
+            return 0.0
+        return max(self.clock() - self.start - self.own, 0.0)
+
+    def predicted(self, method: Method, per_step: float | None) -> float | None:
+        """``c(m)``: measured median, else the prior (``None``: nothing to scale it by)."""
+        cost = self.measured(method.name)
+        if cost is not None:
+            return cost
+        unit = self.measured("autolip") or per_step
+        return method.prior * unit if unit is not None else None
+
+    # ------------------------------------------------------------------ deciding
+    def choose(
+        self,
+        due: Sequence[Method],
+        step: int,
+        reserve: Sequence[Method],
+        cadences: dict[str, int],
+    ) -> list[str]:
+        """The names of ``due`` (in order) that run at ``step`` (policy: class docstring);
+        ``reserve`` are the methods promised at the fit end, ``cadences`` the step cadence of
+        each method (for the note a stretched method gets once)."""
+        if self.max_overhead is None:
+            return [m.name for m in due]
+        k, train = step - self.start_step, self.training_seconds()
+        per_step = train / k if k > 0 and train > 0 else None
+        spent = self.own + sum(self.measured(m.name) or 0.0 for m in due if not m.budgeted)
+        earned = self.max_overhead * train
+        plan = earned
+        if per_step is not None and self.planned_steps is not None:
+            plan = max(plan, self.max_overhead * per_step * self.planned_steps)
+        set_aside = sum(self.predicted(m, per_step) or 0.0 for m in reserve)
+        chosen: list[str] = []
+        for method in due:
+            if not method.budgeted:
+                chosen.append(method.name)
+                continue
+            cost = self.predicted(method, per_step)
+            if cost is None or per_step is None:
+                continue
+            last = self.last_chosen.get(method.name)
+            spaced = last is None or (k - last) * self.max_overhead * per_step >= cost
+            if spaced and spent <= earned and spent + cost + set_aside <= plan:
+                chosen.append(method.name)
+                self.last_chosen[method.name] = k
+                spent += cost
+            elif self.measured("autolip") is not None or all(m.name != "autolip" for m in due):
+                # (not on a guess scaled by the step time while the estimate is about to be
+                # measured: the note would quote a cost that is guessed twice)
+                self._announce(method, cost, per_step, k, cadences.get(method.name, 0))
+        return chosen
+
+    def _announce(self, method: Method, cost: float, per_step: float, k: int, cadence: int) -> None:
+        """Say once per method and fit that the budget stretches its cadence, and by how much."""
+        if method.name in self.announced:
+            return
+        self.announced.add(method.name)
+        assert self.max_overhead is not None
+        runs = len(self.costs.get(method.name, ()))
+        source = (
+            f"median of its last {runs} run(s)"
+            if runs
+            else f"guessed at {method.prior:g}x the AutoLip estimate before its first run; "
+            "measured once it has run"
+        )
+        free = self.max_overhead * per_step - self.always / k
+        if free > 0:
+            every = max(math.ceil(cost / free), cadence or 1)
+            if cadence:
+                every = cadence * math.ceil(every / cadence)
+            stretched = f"about every {every} steps"
+        else:
+            stretched = "never (the always-run AutoLip estimate alone uses the budget)"
+        rank_zero_info(
+            f"{PREFIX}lipschitz/{method.name} costs {cost:.3g} s ({source}) and training "
+            f"{per_step:.3g} s per step: under max_overhead={self.max_overhead:g} (the callback "
+            f"takes at most {self.max_overhead:.0%} of the training time) it runs {stretched} "
+            f"instead of every {cadence} (step cadences are upper limits). To change this, "
+            "raise max_overhead, or set max_overhead=None for the step cadences alone."
+        )
