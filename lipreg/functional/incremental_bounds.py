@@ -70,17 +70,36 @@ def _mul_up(a: float, b: float) -> float:
     return math.nextafter(a * b, math.inf)
 
 
-def normalised(D: Tensor) -> tuple[Tensor, int, float]:
+def times_pow2(D: Tensor, k: int) -> Tensor:
+    """``D · 2^k`` (exact unless an entry becomes subnormal), as one or two multiplications
+    by a power of two (``2.0**k`` alone overflows for ``|k| > 1023``)."""
+    if -1000 <= k <= 1000:
+        return D * (2.0**k)
+    half = k // 2
+    return (D * (2.0**half)) * (2.0 ** (k - half))
+
+
+def normalised(D: Tensor) -> tuple[Tensor, int, float] | None:
     """``(D', e, r)`` with ``D' = 2^{−e} D`` (an exact power of two), ``max |D'| ∈ [½, 1)``,
     and ``r`` an absolute bound on the entrywise error of ``D'`` (entries of ``D`` that become
-    subnormal when scaled down lose bits: at most ``η`` each; otherwise ``r = 0``). Squares and
-    products of ``D'`` neither overflow nor, except negligible terms, underflow."""
+    subnormal when scaled down lose bits: at most ``η`` each; otherwise ``r = 0``); ``None``
+    when ``D`` is zero. Squares and products of ``D'`` neither overflow nor, except negligible
+    terms, underflow.
+
+    Raises:
+        ValueError: a non-finite entry.
+    """
+    if D.numel() == 0:
+        return None
     top = float(D.abs().max())
     if not math.isfinite(top):
         raise ValueError(f"a weight change is not finite (max |Δ| = {top}): no bound.")
+    if top == 0.0:
+        return None
     e = math.frexp(top)[1]
-    scaled = torch.ldexp(D, torch.tensor(-e, dtype=torch.int64))
-    return scaled, e, (ETA if e > 0 else 0.0)
+    if e == 0:
+        return D, 0, 0.0
+    return times_pow2(D, -e), e, (ETA if e > 0 else 0.0)
 
 
 def _frobenius_scaled(D: Tensor, r: float) -> float:
@@ -91,24 +110,25 @@ def _frobenius_scaled(D: Tensor, r: float) -> float:
     return math.nextafter(sqrt_up(total) + r * sqrt_up(float(n)), math.inf)
 
 
+def _schur_scaled(D: Tensor, r: float) -> float:
+    """``sqrt(‖D_exact‖₁ ‖D_exact‖_∞)`` bound for ``|D_exact − D| ≤ r`` (``max |D| ≤ 1``)."""
+    A = D.abs()
+    rows = sum_up(float(A.sum(1).max()) + D.shape[1] * r, D.shape[1])
+    cols = sum_up(float(A.sum(0).max()) + D.shape[0] * r, D.shape[0])
+    return sqrt_up(_mul_up(rows, cols))
+
+
 def frobenius_bound(D: Tensor) -> float:
     """``‖D‖_F`` rounded up (an upper bound on ``‖D‖₂`` of a float64 matrix)."""
-    if D.numel() == 0 or not bool(D.any()):
-        return 0.0
-    scaled, e, r = normalised(D)
-    return math.ldexp(_frobenius_scaled(scaled, r), e)
+    scaled = normalised(D)
+    return 0.0 if scaled is None else math.ldexp(_frobenius_scaled(scaled[0], scaled[2]), scaled[1])
 
 
 def schur_bound_matrix(D: Tensor) -> float:
     """``sqrt(max_i Σ_j |D_ij| · max_j Σ_i |D_ij|)`` rounded up, an upper bound on ``‖D‖₂``
     of a float64 matrix (Schur test with unit weights)."""
-    if D.numel() == 0 or not bool(D.any()):
-        return 0.0
-    scaled, e, r = normalised(D)
-    A = scaled.abs()
-    rows = sum_up(float(A.sum(1).max()) + D.shape[1] * r, D.shape[1])
-    cols = sum_up(float(A.sum(0).max()) + D.shape[0] * r, D.shape[0])
-    return math.ldexp(sqrt_up(_mul_up(rows, cols)), e)
+    scaled = normalised(D)
+    return 0.0 if scaled is None else math.ldexp(_schur_scaled(scaled[0], scaled[2]), scaled[1])
 
 
 def gram_iteration_bound(D: Tensor, k: int = 2) -> float:
@@ -120,14 +140,13 @@ def gram_iteration_bound(D: Tensor, k: int = 2) -> float:
     covers underflow) plus the scaling's own error ``r`` (``‖G‖₂ ≤ ‖G'‖₂ + r√(pq)``); then
     from ``U_k ≥ ‖G_k‖_F`` back to ``‖G_i‖₂ ≤ sqrt(U_{i+1} + e_i) + r_i√(p_i q_i)``, unscaled
     exactly."""
-    if D.numel() == 0 or not bool(D.any()):
-        return 0.0
     G = D if D.shape[0] >= D.shape[1] else D.T
     steps: list[tuple[int, float, float]] = []  # (exponent, product error, scaling error)
     for _ in range(k):
-        if not bool(G.any()):
+        scaled = normalised(G)
+        if scaled is None:
             return _unroll(0.0, steps)
-        G, e, r = normalised(G)
+        G, e, r = scaled
         p, q = G.shape
         fro2 = sum_up(float((G * G).sum()) + G.numel() * ETA, G.numel())
         product = _mul_up(gamma(p), fro2) + q * q * 2.0 * (p + 1) * ETA
@@ -146,15 +165,19 @@ def _unroll(bound: float, steps: list[tuple[int, float, float]]) -> float:
 
 def dense_increment_bound(D: Tensor, *, gram: bool = True) -> tuple[float, str]:
     """``(bound ≥ ‖D‖₂, which)``: the smallest of Frobenius, Schur and (when ``gram`` and
-    its cost is at most :data:`GRAM_ITERATION_FLOPS`) two Gram squarings."""
-    if not bool(D.any()):
+    its cost is at most :data:`GRAM_ITERATION_FLOPS`) two Gram squarings, evaluated on ``D``
+    scaled by an exact power of two (:func:`normalised`)."""
+    scaled = normalised(D)
+    if scaled is None:
         return 0.0, "zero"
-    candidates = {"frobenius": frobenius_bound(D), "schur": schur_bound_matrix(D)}
+    S, e, r = scaled
+    candidates = {"frobenius": _frobenius_scaled(S, r), "schur": _schur_scaled(S, r)}
     m, n = D.shape
     if gram and m * n * min(m, n) <= GRAM_ITERATION_FLOPS:
-        candidates["gram-iteration"] = gram_iteration_bound(D, 2)
+        extra = r * sqrt_up(float(m * n))  # ‖D_exact − S‖ ≤ ‖·‖_F
+        candidates["gram-iteration"] = math.nextafter(gram_iteration_bound(S, 2) + extra, math.inf)
     which = min(candidates, key=candidates.__getitem__)
-    return candidates[which], which
+    return math.ldexp(candidates[which], e), which
 
 
 def window_copies(kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int]) -> int:
@@ -225,9 +248,10 @@ def conv_increment_bound(
     """``(bound ≥ ‖A_D‖₂, which)`` for the convolution with float64 kernel ``D`` (any zero
     padding and input size): the smaller of im2col and Young/Schur (module docstring),
     evaluated on ``D`` scaled by an exact power of two (:func:`normalised`)."""
-    if not bool(D.any()):
+    normal = normalised(D)
+    if normal is None:
         return 0.0, "zero"
-    scaled, e, r = normalised(D)
+    scaled, e, r = normal
     copies = window_copies(D.shape[2:], stride, dilation)
     im2col, which = im2col_bound(scaled, r, copies, groups)
     young = young_bound(scaled.abs() + r, stride, dilation, groups)

@@ -19,11 +19,12 @@ vanishes; the test carries the rounding of ``Ĝ_s`` and ``V̂V̂ᵀ`` as an entr
 so ``σ(M_t)² ≤ λ_max([[a, g], [g, b]]) = (a + b + √((a − b)² + 4g²))/2``. Its excess over
 ``σ(M_t)²`` is about ``g²/(a − b)``: second order in the rotation of the top singular space.
 
-Rounding: ``Ŷ = fl(M_tV)`` has entrywise error ``R_1 = γ|M_t||V|``
-(:func:`~lipreg.functional.lmi.product_radius`), so ``‖M_tV‖ ≤ ‖Ŷ‖ + ‖R_1‖_F`` with
+Rounding: ``Ŷ = fl(M_tV)`` has error ``‖E_1‖_F ≤ r_1 = γ_{n+2}‖M_t‖_F‖V‖_F + (underflow)``
+(entrywise ``γ_n|M_t||V|``, and ``‖|A||B|‖_F ≤ ‖A‖_F‖B‖_F``), so ``‖M_tV‖ ≤ ‖Ŷ‖ + r_1`` with
 ``‖Ŷ‖² ≤ λ`` certified by a Rump test of ``λI − fl(ŶᵀŶ)``; ``G_tV = M_tᵀŶ − M_tᵀE_1`` with
-``‖M_tᵀE_1‖ ≤ ‖M_t‖ ‖R_1‖_F``, and the products ``fl(M_tᵀŶ)``, ``fl(VC)`` and the difference
-carry their own radii in the Frobenius norm that bounds ``g``.
+``‖M_tᵀE_1‖ ≤ ‖M_t‖ r_1``, and the products ``fl(M_tᵀŶ)``, ``fl(VC)`` and the difference
+carry their own error bounds in the Frobenius norm that bounds ``g``. Any non-finite
+intermediate (weights near the float64 range) gives ``None``: the first-order bound stays.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lipreg.functional.lmi import UNIT_ROUNDOFF, certify_psd, product_radius, sqrt_up
+from lipreg.functional.lmi import ETA, UNIT_ROUNDOFF, certify_psd, gamma, product_radius, sqrt_up
 
 __all__ = ["RITZ_MAX_SIDE", "RitzAnchor", "ritz_anchor", "ritz_bound"]
 
@@ -50,6 +51,15 @@ def _fro_up(X: Tensor) -> float:
     """``‖X‖_F`` rounded up (``X`` float64, entries far from under/overflow or exactly 0)."""
     n = X.numel()
     return sqrt_up(_up(float((X * X).sum()), (n + 2) * UNIT_ROUNDOFF * 1.01) + n * 2.0**-1074)
+
+
+def _product_error(A: Tensor, B: Tensor, fro_a: float, fro_b: float) -> float:
+    """``‖fl(AB) − AB‖_F ≤ γ_{n+2} ‖A‖_F ‖B‖_F + 2(n+1)η √(mp)`` (entrywise
+    ``|fl(AB) − AB| ≤ γ_n |A||B| + nη`` and ``‖|A||B|‖_F ≤ ‖A‖_F ‖B‖_F``); ``fro_a ≥ ‖A‖_F``,
+    ``fro_b ≥ ‖B‖_F``. Cheaper than the entrywise radius (no product of absolute values)."""
+    n = A.shape[1]
+    cells = sqrt_up(float(A.shape[0] * B.shape[1]))
+    return _up(gamma(n + 2) * fro_a * fro_b + 2.0 * (n + 1) * ETA * cells)
 
 
 def gram_side(W: Tensor) -> Tensor:
@@ -77,34 +87,37 @@ def _symmetric_upper(P: Tensor) -> Tensor:
 
 def ritz_anchor(W: Tensor, norm_s: float, k: int = 16) -> RitzAnchor | None:
     """The anchor data of bound (5) for the float64 weight ``W`` with ``‖W‖ ≤ norm_s``
-    (module docstring), or ``None`` when the smaller side is ``≤ k`` or above
-    :data:`RITZ_MAX_SIDE`, or the Cholesky test fails for ``b_s`` up to 1 % above the
-    ``(k+1)``-th eigenvalue plus ``1e-6 λ_max``."""
+    (module docstring), with ``min(k, p − 1)`` Ritz vectors for the smaller side ``p``; or
+    ``None`` when ``p < 2`` or ``p >`` :data:`RITZ_MAX_SIDE`, or the Cholesky test fails for
+    ``b_s`` up to 1 % above the next eigenvalue plus ``1e-4 λ_max``.
+
+    The radius of the test is a scalar: ``|fl(MᵀM) − MᵀM| ≤ γ_{n+2} |M|ᵀ|M| + 2(n+1)η`` and
+    ``(|M|ᵀ|M|)_ij ≤ max_i ‖M_{:,i}‖²`` (Cauchy–Schwarz), likewise for ``V̂V̂ᵀ`` with the rows of
+    ``V``; plus the rounding of forming ``b I − Ĝ + τ V̂V̂ᵀ`` (entrywise)."""
     M = gram_side(W)
-    p = M.shape[1]
-    if p <= k or p > RITZ_MAX_SIDE:
+    n, p = M.shape
+    k = min(k, p - 1)
+    if k < 1 or p > RITZ_MAX_SIDE:
         return None
-    G = M.T @ M
-    G = _symmetric_upper(G)
+    G = _symmetric_upper(M.T @ M)
     evals, evecs = torch.linalg.eigh(G)
     V = evecs[:, -k:].contiguous()
-    top = float(evals[-1])
-    VVt = V @ V.T
-    # entrywise radius of fl(MᵀM) and of τ·fl(VVᵀ), then of forming b I − Ĝ + τ V̂V̂ᵀ
-    radius_g = product_radius(M.T.contiguous(), M)
-    radius_g = torch.maximum(radius_g, radius_g.T)
-    radius_v = product_radius(V, V.T.contiguous())
-    radius_v = torch.maximum(radius_v, radius_v.T)
-    tau = 2.0 * top + 1.0
     eps = _orthonormality(V)
     if not eps < 0.5:
         return None
+    top = float(evals[-1])
+    tau = 2.0 * top + 1.0
+    VVt = V @ V.T
+    column = _up(float((M * M).sum(0).max()), (n + 2) * UNIT_ROUNDOFF * 1.01)
+    row = _up(float((V * V).sum(1).max()), (k + 2) * UNIT_ROUNDOFF * 1.01)
+    scalar = gamma(n + 2) * column + 2.0 * (n + 1) * ETA
+    scalar += tau * (gamma(k + 2) * row + 2.0 * (k + 1) * ETA) * (1 + 4 * UNIT_ROUNDOFF)
+    rounding = 3 * UNIT_ROUNDOFF * (G.abs() + tau * VVt.abs())
     gap = max(float(evals[-k - 1]), 0.0)
     for slack in (1e-6, 1e-4, 1e-2):
         b_s = gap * (1 + slack) + slack * 1e-2 * top
         P = b_s * torch.eye(p, dtype=torch.float64) - G + tau * VVt
-        rounding = 3 * UNIT_ROUNDOFF * (b_s + G.abs() + tau * VVt.abs())
-        radius = radius_g + tau * radius_v * (1 + 4 * UNIT_ROUNDOFF) + rounding
+        radius = rounding + (_up(scalar) + 3 * UNIT_ROUNDOFF * b_s)
         if certify_psd(_symmetric_upper(P), radius):
             return RitzAnchor(V=V, eps=eps, b_s=_up(b_s), norm_s=norm_s)
     return None
@@ -140,7 +153,8 @@ def ritz_bound(W_t: Tensor, anchor: RitzAnchor, beta: float) -> float | None:
     M = gram_side(W_t)
     V, one_minus = anchor.V, 1.0 - anchor.eps
     Y = M @ V
-    r1 = _fro_up(product_radius(M, V))  # ‖fl(MV) − MV‖_F
+    fro_m, fro_v = _fro_up(M), _fro_up(V)
+    r1 = _product_error(M, V, fro_m, fro_v)  # ‖fl(MV) − MV‖_F
     C = Y.T @ Y
     lam = _certified_top(C, product_radius(Y.T.contiguous(), Y))
     if lam is None:
@@ -151,13 +165,15 @@ def ritz_bound(W_t: Tensor, anchor: RitzAnchor, beta: float) -> float | None:
     VC = V @ C
     residual = GV - VC
     radii = (
-        _fro_up(product_radius(M.T.contiguous(), Y))  # fl(MᵀŶ)
+        _product_error(M.T, Y, fro_m, _fro_up(Y))  # fl(MᵀŶ)
         + _fro_up(product_radius(V, C))  # fl(VC)
         + UNIT_ROUNDOFF * _fro_up(residual) * 2  # the subtraction
         + _up(norm_t * r1)  # Mᵀ E_1
     )
     g = _up(_up(_fro_up(residual) + _up(radii)) / math.sqrt(one_minus) * (1 + 4 * UNIT_ROUNDOFF))
     b = _up(anchor.b_s + _up(2 * anchor.norm_s * beta) + _up(beta * beta))
+    if not all(math.isfinite(x) for x in (a, g, b)):
+        return None
     disc = sqrt_up(_up((a - b) ** 2 + 4 * g * g))
     lam_max = _up((a + b + disc) / 2)
     return sqrt_up(lam_max)

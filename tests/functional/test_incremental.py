@@ -366,7 +366,7 @@ def _ritz_case(shape: tuple[int, int], how: str, seed: int) -> tuple[torch.Tenso
 
 
 @pytest.mark.parametrize("how", ["tiny", "small", "rotate-top", "new-top", "sign", "large"])
-@pytest.mark.parametrize("shape", [(50, 40), (30, 60)])
+@pytest.mark.parametrize("shape", [(50, 40), (30, 60), (6, 50)])  # (6, 50): 5 Ritz vectors
 def test_ritz_bound_above_exact_norm(how: str, shape: tuple[int, int]) -> None:
     from lipreg.functional.incremental_bounds import dense_increment_bound
     from lipreg.functional.incremental_ritz import ritz_anchor, ritz_bound
@@ -375,6 +375,7 @@ def test_ritz_bound_above_exact_norm(how: str, shape: tuple[int, int]) -> None:
     sigma = spectral_norm(W) * (1 + 1e-12)
     anchor = ritz_anchor(W, sigma, k=16)
     assert anchor is not None and anchor.eps < 1e-12
+    assert anchor.V.shape[1] == min(16, min(shape) - 1)
     beta, _ = dense_increment_bound(W_t - W)
     bound = ritz_bound(W_t, anchor, beta * (1 + 1e-15))
     true = spectral_norm(W_t)
@@ -385,8 +386,9 @@ def test_ritz_bound_above_exact_norm(how: str, shape: tuple[int, int]) -> None:
 
 def _wide_mlp() -> nn.Sequential:
     return nn.Sequential(
-        nn.Linear(30, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 20)
-    )
+        nn.Linear(30, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 20), nn.ReLU(),
+        nn.Linear(20, 3),
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("how", ["tiny", "random", "aligned", "sign", "large"])
