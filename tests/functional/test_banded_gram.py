@@ -15,6 +15,8 @@ from lipreg.functional.banded_gram import (
     abs_norm_bound,
     axis_incidences,
     certify_conv_norm,
+    conv_matrix,
+    conv_pass_flops,
     gram_plan,
     output_spatial,
     pointwise_product_bound,
@@ -188,3 +190,77 @@ def test_used_tap_pairs_of_a_strided_output_side() -> None:
     }
     assert out_pairs == parity and len(out_pairs) == 25
     assert used_tap_pairs(conv, "input").shape[0] == 81
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_conv_matrix_is_the_convolution_applied_to_the_identity(case: str) -> None:
+    """The scattered kernel equals, bit for bit, the float64 convolution of every basis vector
+    (whose outputs are single kernel values: exact)."""
+    conv = _conv(*CASES[case])
+    expected = _dense(conv)
+    matrix = conv_matrix(conv)
+    assert matrix.shape == expected.shape and matrix.dtype == F64
+    assert torch.equal(matrix, expected)
+
+
+def test_conv_pass_flops_counts_the_multiply_adds() -> None:
+    conv = _conv(*CASES["2d-groups-stride2"])  # 4×7×9 → 6 channels, groups 2, stride 2, pad 1
+    outputs = 4 * 5  # ⌊(7 + 2 − 3)/2⌋ + 1 by ⌊(9 + 2 − 3)/2⌋ + 1
+    assert conv_pass_flops(conv) == 6 * outputs * 6 * 2 * 9
+
+
+@pytest.mark.parametrize(
+    ("mode", "padding", "stride", "groups"),
+    [("reflect", 1, 1, 1), ("replicate", 2, 2, 2), ("circular", 1, 1, 3), ("zeros", 1, 2, 3)],
+)
+def test_abs_norm_bound_with_copies_dominates_padded_convolutions(mode, padding, stride, groups):
+    """Padding modes that duplicate entries: ``copies = Π(1 + 2p)`` covers them (dense |A| of
+    the module, float64)."""
+    conv = torch.nn.Conv2d(6, 12, 3, stride, padding, groups=groups, padding_mode=mode)
+    conv = conv.double().requires_grad_(False)
+    torch.nn.init.normal_(conv.weight, generator=gen(4))
+    n = 6 * 7 * 8
+    matrix = conv(torch.eye(n, dtype=F64).reshape(n, 6, 7, 8)) - conv.bias[:, None, None]
+    absolute = matrix.reshape(n, -1).T.abs()
+    copies = (1 + 2 * padding) ** 2 if mode != "zeros" else 1
+    assert abs_norm_bound(conv.weight, groups, copies=copies) >= _norm(absolute)
+
+
+@pytest.mark.parametrize(("stride", "padding", "out_pad", "groups"), [(1, 1, 0, 1), (2, 1, 1, 2)])
+def test_abs_norm_bound_dominates_transposed_convolutions(stride, padding, out_pad, groups):
+    w = torch.randn(4, 3, 3, 3, dtype=F64, generator=gen(5))  # (c_in, c_out/groups, k, k)
+    n = 4 * 5 * 6
+    eye = torch.eye(n, dtype=F64).reshape(n, 4, 5, 6)
+    out = F.conv_transpose2d(eye, w, None, stride, padding, out_pad, groups)
+    assert abs_norm_bound(w, groups) >= _norm(out.reshape(n, -1).T.abs())
+
+
+@pytest.mark.parametrize("case", ["2d-groups-stride2", "1d-dilated", "3d"])
+def test_a_good_estimate_needs_no_refinement(case: str) -> None:
+    """The float32-accurate estimate is tried first: no float64 Lanczos vector comes back."""
+    conv = _conv(*CASES[case], seed=6)
+    true = _norm(_dense(conv))
+    cert = certify_conv_norm(conv, true * (1 - 1e-8))
+    assert cert is not None and cert.v is None and cert.delta == 1e-6
+    assert cert.bound >= true
+
+
+@pytest.mark.parametrize("case", ["2d-s1-p1", "3d-stride2-groups"])
+def test_a_failed_first_test_refines_and_returns_the_vector(case: str) -> None:
+    conv = _conv(*CASES[case], seed=7)
+    true = _norm(_dense(conv))
+    cert = certify_conv_norm(conv, 0.99 * true)
+    assert cert is not None and cert.v is not None
+    assert cert.v.shape == (math.prod(conv.in_shape),)
+    assert true <= cert.bound <= true * (1 + 2e-6)
+    # the returned vector warm-starts the next refinement: still sound
+    again = certify_conv_norm(conv, 0.99 * true, v0=cert.v)
+    assert again is not None and again.bound >= true
+
+
+def test_the_search_starts_at_delta0() -> None:
+    conv = _conv(*CASES["2d-mixed"], seed=8)
+    true = _norm(_dense(conv))
+    cert = certify_conv_norm(conv, true, refine=False, delta0=4e-4)
+    assert cert is not None and cert.delta == 4e-4
+    assert true <= cert.bound <= true * (1 + 2 * 4e-4)

@@ -166,3 +166,91 @@ def test_a_failed_gram_test_warns_and_keeps_the_torus_bound(monkeypatch) -> None
     assert layer.method.startswith("fft-merged (Gram test failed")
     (true,) = _true_chain_norms(model, shape).values()
     assert layer.certified and layer.value >= true
+
+
+def _conv_bn(groups: int = 1, stride: int = 1, dilation: int = 1) -> nn.Module:
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3, stride=stride, padding=1, dilation=dilation, groups=groups),
+        nn.BatchNorm2d(8),
+    ).double()
+    init_weights(model, 11, scale=0.4, batchnorm_stats=True)
+    return model.eval()
+
+
+def test_cost_budget_keeps_the_torus_bound_and_says_so(monkeypatch) -> None:
+    """A Gram test over the cost budget is not run: the merged torus bound, named in the
+    method; TIGHTEST_LADDER (or a raised budget) still runs it."""
+    monkeypatch.setattr(ladder, "GRAM_FREE_COST", 0.0)
+    monkeypatch.setattr(ladder, "GRAM_COST_RATIO", 0.0)
+    model, shape = _conv_bn(), (4, 6, 5)
+    (true,) = _true_chain_norms(model, shape).values()
+    result = lipreg.autolip(model, shape, dense_limit=0)
+    (layer,) = [layer for layer in result.layers if layer.kind == "affine"]
+    assert layer.method == "fft-merged (cost budget)"
+    assert layer.certified and layer.value >= true and layer.extra["gram_cost"] > 0
+    tight = lipreg.autolip(model, shape, dense_limit=0, ladder=ladder.TIGHTEST_LADDER)
+    (layer,) = [layer for layer in tight.layers if layer.kind == "affine"]
+    assert layer.method == "conv-gram"
+    assert true <= layer.value <= true * (1 + 1.1e-3)
+    monkeypatch.setattr(ladder, "GRAM_COST_RATIO", math.inf)  # the module constant is read
+    raised = lipreg.autolip(model, shape, dense_limit=0)
+    assert [lb.method for lb in raised.layers if lb.kind == "affine"] == ["conv-gram"]
+
+
+def test_warm_gram_state_is_reused_and_stays_sound_after_a_weight_change(monkeypatch) -> None:
+    """The last δ and refined vector per chain go to the state; the next call starts from
+    them (here a δ planted in the state is where the search starts) and is still certified
+    after the weights change."""
+    model, shape = _conv_bn(groups=2, stride=2), (4, 7, 6)
+    first = lipreg.autolip(model, shape, dense_limit=0)
+    (layer,) = [layer for layer in first.layers if layer.kind == "affine"]
+    assert layer.method == "conv-gram"
+    key = f"{layer.name}#gram_delta"
+    assert float(first.state[key]) == layer.extra["gram_delta"]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(
+                0.05
+                * torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(2))
+            )
+    state = dict(first.state)
+    state[key] = torch.tensor(1.6e-5, dtype=torch.float64)
+    warm = lipreg.autolip(model, shape, dense_limit=0, state=state)
+    (layer,) = [layer for layer in warm.layers if layer.kind == "affine"]
+    (true,) = _true_chain_norms(model, shape).values()
+    assert layer.method == "conv-gram" and layer.extra["gram_delta"] >= 1.6e-5
+    assert layer.certified and true <= layer.value <= true * (1 + 1.1e-3)
+    assert float(warm.state[key]) == layer.extra["gram_delta"]
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_dense_conv_chains_are_scattered_kernels_and_exact(dim: int) -> None:
+    """Chains small enough to materialise (default dense_limit) are the scattered merged
+    kernel: certified, ≥ the dense Jacobian's norm and within the dense certificate's slack."""
+    model = _model(dim, seed=5)
+    shape = SHAPES[dim]
+    result = lipreg.autolip(model, shape)
+    truth = _true_chain_norms(model, shape)
+    layers = [layer for layer in result.layers if layer.kind == "affine"]
+    assert {layer.method for layer in layers} == {"dense"}
+    for layer in layers:
+        true = truth[layer.name]
+        assert layer.certified and true <= layer.value <= true * (1 + 1e-8), layer.name
+        assert layer.estimate <= layer.value
+
+
+@pytest.mark.parametrize("mode", ["reflect", "circular"])
+def test_dense_chains_with_duplicating_padding_are_sound(mode: str) -> None:
+    """Not a zero-padded conv: applied to the identity, with the rounding bound of rounding.py
+    (the shared abs_norm_bound with copies)."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, padding_mode=mode), nn.BatchNorm2d(6), nn.ReLU()
+    ).double()
+    init_weights(model, 12, scale=0.4, batchnorm_stats=True)
+    model.eval()
+    shape = (3, 6, 5)
+    result = lipreg.autolip(model, shape)
+    (true,) = _true_chain_norms(model, shape).values()
+    (layer,) = [layer for layer in result.layers if layer.kind == "affine"]
+    assert layer.method == "dense" and layer.certified
+    assert true <= layer.value <= true * (1 + 1e-8)
