@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -151,17 +153,43 @@ def forward_backward_step(
     return step
 
 
+def library_version() -> str:
+    """Which lipreg the figures are of: its directory and, in a git checkout, the commit and
+    whether ``lipreg/`` has uncommitted changes (a half-changed library must be labelled)."""
+    import lipreg
+
+    where = Path(lipreg.__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"lipreg from {where} (not a git checkout)"
+    state = " + uncommitted changes in lipreg/" if dirty else ""
+    return f"lipreg from {where} at commit {commit}{state}"
+
+
 def print_footer(
     load_before: str, quick_note: str | None, device: torch.device | None = None
 ) -> None:
-    """The machine load before and after the run, under the table, the device when one is
-    given, and the ``--quick`` warning (``quick_note``: what the quick run did, or ``None`` for
-    a full run)."""
+    """The machine load before and after the run, under the table; when ``device`` is given,
+    the device and the library's version (:func:`library_version`); and the ``--quick``
+    warning (``quick_note``: what the quick run did, or ``None`` for a full run)."""
     print()
     print(f"Machine load before: {load_before}; after: {machine_load()}.")
     if device is not None:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         print(f"Device: {device} ({name}), {torch.get_num_threads()} CPU thread(s).")
+        print(f"Library: {library_version()}.")
     if quick_note is not None:
         print(f"--quick: {quick_note}, not for published figures.")
 
