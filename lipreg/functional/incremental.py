@@ -10,11 +10,14 @@ inequality (Weyl)
 
 is certified as soon as ``β ≥ ‖A_t − A_s‖₂`` is (:mod:`lipreg.functional.incremental_bounds`),
 and AutoLip's walk over the per-chain factors stays a certified Lipschitz bound (activations'
-constants do not change). Two kinds of chains get an increment, everything else is certified
+constants do not change). Three kinds of chains get an increment, everything else is certified
 in full by the normal ladder:
 
 * **dense**: isometries around ONE dense weight ``W`` (``‖A‖ = c · ‖W‖``, ``c`` the product of
   the isometries' closed-form scales): ``value = σ_cert + c · β(W_t − W_s)``;
+* **merged-dense**: isometries around ``[scale]* dense [scale]*`` (batch norms on feature
+  vectors, :func:`merged_dense`), exactly as merged-conv below with the matrix
+  ``M̂ = diag(s_out) W diag(s_in)`` and the Schur test for ``‖|M̂|‖``;
 * **merged-conv**: isometries around ``[scale]* conv [scale]*`` (batch norms folded into one
   kernel by :func:`~lipreg.functional.conv_chain.merged_conv`): with the computed float64
   merged kernels ``K̂_s``, ``K̂_t`` and their folding errors ``e_s``, ``e_t``
@@ -23,6 +26,10 @@ in full by the normal ladder:
   ``‖A_t‖ ≤ c (‖M_s‖ + e_s + ‖A_{K̂_t − K̂_s}‖ + e_t)``, so
   ``value = σ_cert + c · (β(K̂_t − K̂_s) + e_s + e_t)``. Differencing the merged kernels
   (incremental.md §3) handles moving running statistics and ``γ = 0`` channels alike.
+
+For dense weights the anchor may also hold a top-16 Ritz space and a certified bound on the
+rest of the spectrum; the value is then the smaller of (1) and the second-order bound (5)
+(:mod:`lipreg.functional.incremental_ritz`), whose slack grows like ``‖Δ‖²/gap``.
 
 ``c`` is the same at ``s`` and ``t`` only if every isometry's scale is bit-identical: each is
 an exact bijective isometry times its scale, so ``‖A‖ = c‖core‖`` at both steps; any change of
@@ -46,11 +53,16 @@ import torch
 from torch import Tensor, fx, nn
 
 from lipreg.functional.analysis import Analysis, analyse
+from lipreg.functional.analysis_cache import AnalysisCache
 from lipreg.functional.autolip import autolip
 from lipreg.functional.banded_gram import abs_norm_bound
 from lipreg.functional.chains import AffineChain, find_affine_chains
 from lipreg.functional.conv_chain import merged_conv
-from lipreg.functional.incremental_bounds import conv_increment_bound, dense_increment_bound
+from lipreg.functional.incremental_bounds import (
+    conv_increment_bound,
+    dense_increment_bound,
+    schur_bound_matrix,
+)
 from lipreg.functional.incremental_ritz import RitzAnchor, ritz_anchor, ritz_bound
 from lipreg.functional.ladder import CLOSED_FORM_PAD, LADDER, ChainContext, LadderEntry
 from lipreg.functional.lmi import UNIT_ROUNDOFF
@@ -68,6 +80,7 @@ __all__ = [
     "incremental_autolip",
     "incremental_entry",
     "make_anchor",
+    "merged_dense",
     "slack",
 ]
 
@@ -81,9 +94,11 @@ METHOD_PREFIX = "incremental"
 class CoreMap:
     """The non-isometric part of a chain that an increment can be taken of.
 
-    ``rule`` is ``"dense"`` (``weight`` the float64 ``(out, in)`` matrix) or ``"merged-conv"``
-    (``weight`` the float64 merged kernel, ``geometry`` ``(stride, padding, dilation, groups,
-    in_shape)``, ``kernel_error`` its :func:`~lipreg.functional.rounding.folded_kernel_error`).
+    ``rule`` is ``"dense"`` (``weight`` the float64 ``(out, in)`` matrix), ``"merged-dense"``
+    (``weight`` the float64 matrix with the batch-norm scales folded in, :func:`merged_dense`)
+    or ``"merged-conv"`` (``weight`` the float64 merged kernel, ``geometry`` ``(stride,
+    padding, dilation, groups, in_shape)``); ``kernel_error`` the
+    :func:`~lipreg.functional.rounding.folded_kernel_error` of the folded scales.
     """
 
     rule: str
@@ -95,8 +110,11 @@ class CoreMap:
         """``kernel_error · ‖|A_K̂|‖₂`` (0 without folded scales)."""
         if not self.kernel_error:
             return 0.0
+        weight = self.weight.to(torch.float64)
+        if self.rule == "merged-dense":  # ‖|M̂|‖ ≤ sqrt(‖M̂‖₁‖M̂‖_∞), the Schur test
+            return math.nextafter(self.kernel_error * schur_bound_matrix(weight), math.inf)
         groups = self.geometry[3]
-        return math.nextafter(self.kernel_error * abs_norm_bound(self.weight, groups), math.inf)
+        return math.nextafter(self.kernel_error * abs_norm_bound(weight, groups), math.inf)
 
 
 def chain_core(specs: Sequence[Affine]) -> CoreMap | None:
@@ -112,12 +130,37 @@ def chain_core(specs: Sequence[Affine]) -> CoreMap | None:
     if len(core) == 1 and core[0].weight is not None:
         return CoreMap("dense", core[0].weight.detach().to(torch.float64))
     span = specs[inner[0] : inner[-1] + 1]
+    dense = merged_dense(span)
+    if dense is not None:
+        return CoreMap("merged-dense", dense, (), folded_kernel_error(len(span) - 1))
     conv = merged_conv(span)
     if conv is None:
         return None
     geometry = (conv.stride, conv.padding, conv.dilation, conv.groups, conv.in_shape)
     weight = conv.weight.detach().to(torch.float64)
     return CoreMap("merged-conv", weight, geometry, folded_kernel_error(len(span) - 1))
+
+
+def merged_dense(specs: Sequence[Affine]) -> Tensor | None:
+    """The chain ``[scale]* dense [scale]*`` (batch norms on feature vectors around one dense
+    layer, ``specs`` in application order) as ONE float64 matrix
+    ``M̂ = diag(s_out) W diag(s_in)`` (its rounding: ``|M̂ − M| ≤ κ|M̂|`` with ``κ`` the
+    :func:`~lipreg.functional.rounding.folded_kernel_error` of the scalings), or ``None``."""
+    weights = [i for i, s in enumerate(specs) if s.weight is not None]
+    if len(weights) != 1:
+        return None
+    k = weights[0]
+    M = specs[k].weight.detach().to(torch.float64)  # type: ignore[union-attr]
+    for i, spec in enumerate(specs):
+        if i == k:
+            continue
+        scale = spec.channel_scale
+        side = M.shape[1] if i < k else M.shape[0]
+        if scale is None or scale.dim() != 1 or scale.shape[0] != side:
+            return None
+        scale = scale.detach().to(torch.float64)
+        M = M * scale[None, :] if i < k else scale[:, None] * M
+    return M
 
 
 def chain_signature(analysis: Analysis, chain: AffineChain) -> tuple:
@@ -156,6 +199,7 @@ class ChainAnchor:
     core: CoreMap
     method: str = ""
     ritz: RitzAnchor | None = None
+    folding: float = 0.0  # the anchor's folding error (core units)
 
     @property
     def nbytes(self) -> int:
@@ -195,6 +239,7 @@ def make_anchor(
     *,
     traced: fx.GraphModule | None = None,
     analysis64: Analysis | None = None,
+    analysis: AnalysisCache | None = None,
     step: int | None = None,
     ritz: int = 16,
 ) -> IncrementalAnchor:
@@ -203,7 +248,9 @@ def make_anchor(
 
     Every chain whose factor in ``certified.layers`` is certified and which has an increment
     rule (:func:`chain_core`) is kept, with a copy of its weight or merged kernel. A float64
-    ``analysis64`` of the current weights may be passed (else one is made). With ``ritz > 0``
+    ``analysis64`` of the current weights may be passed, or an
+    :class:`~lipreg.functional.analysis_cache.AnalysisCache` ``analysis`` of the model (its
+    float64 analysis, read now), else one is made. With ``ritz > 0``
     dense weights whose smaller side is above ``ritz`` (and at most
     :data:`~lipreg.functional.incremental_ritz.RITZ_MAX_SIDE`) also get the anchor of the
     second-order bound (5) (:func:`~lipreg.functional.incremental_ritz.ritz_anchor`: their top
@@ -218,6 +265,8 @@ def make_anchor(
             f"make_anchor needs a certified AutoLip result (kind 'upper'), got kind "
             f"{certified.kind!r}; run lipreg.autolip(model, shape, certify=True) first."
         )
+    if analysis64 is None and analysis is not None:
+        analysis64 = analysis.get(torch.float64)
     if analysis64 is None:
         analysis64 = analyse(model, input_shape, dtype=torch.float64, traced=traced)
     layers = {lb.name: lb for lb in certified.layers if lb.kind == "affine" and lb.certified}
@@ -240,6 +289,7 @@ def make_anchor(
             core=stored,
             method=lb.method,
             ritz=_ritz_anchor(core, float(lb.value), scales, ritz),
+            folding=core.folding_error(),
         )
     if not anchor.chains:
         warnings.warn(
@@ -276,8 +326,10 @@ def certified_anchor(
     if not autolip_options.pop("certify", True):
         raise ValueError("certified_anchor certifies: certify=False is not allowed.")
     result = autolip(model, input_shape, certify=True, **autolip_options)
-    traced = autolip_options.get("traced")
-    anchor = make_anchor(model, input_shape, result, traced=traced, step=step, ritz=ritz)
+    traced, cache = autolip_options.get("traced"), autolip_options.get("analysis")
+    anchor = make_anchor(
+        model, input_shape, result, traced=traced, analysis=cache, step=step, ritz=ritz
+    )
     return anchor, result
 
 
@@ -291,11 +343,11 @@ def _increment(anchor: ChainAnchor, core: CoreMap) -> tuple[float, float, str] |
         return None
     folding = 0.0
     if core.kernel_error:
-        folding = math.nextafter(old.folding_error() + core.folding_error(), math.inf)
+        folding = math.nextafter(anchor.folding + core.folding_error(), math.inf)
     if torch.equal(core.weight, old.weight.to(torch.float64)):
         return 0.0, folding, "unchanged"
     delta = core.weight - old.weight.to(torch.float64)
-    if core.rule == "dense":
+    if core.rule in ("dense", "merged-dense"):
         beta, which = dense_increment_bound(delta)
     else:
         stride, _, dilation, groups, _ = core.geometry

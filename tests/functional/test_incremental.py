@@ -119,9 +119,19 @@ def _cnn(dim: int) -> nn.Sequential:
 SHAPES = {1: (3, 12), 2: (3, 8, 7), 3: (3, 5, 4, 4)}
 
 
+def _mlp_bn() -> nn.Sequential:
+    """Batch norms on feature vectors around dense layers: merged-dense chains."""
+    return nn.Sequential(
+        nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.BatchNorm1d(8), nn.Linear(8, 8),
+        nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3),
+    )  # fmt: skip
+
+
 def _model(kind: str, seed: int) -> tuple[nn.Module, tuple[int, ...]]:
     if kind == "mlp":
         model, shape = _mlp(), (6,)
+    elif kind == "mlpbn":
+        model, shape = _mlp_bn(), (6,)
     else:
         dim = int(kind[-1])
         model, shape = _cnn(dim), SHAPES[dim]
@@ -183,12 +193,12 @@ def _check_network(model: nn.Module, shape: tuple[int, ...], result) -> None:
     assert result.value >= float(dense_jacobian_norms(model, X).max())
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn1", "cnn2", "cnn3"])
+@pytest.mark.parametrize("kind", ["mlp", "mlpbn", "cnn1", "cnn2", "cnn3"])
 @pytest.mark.parametrize("how", ["random", "tiny", "large", "aligned", "sign", "ulp"])
 def test_incremental_factors_above_exact_chain_norms(kind: str, how: str) -> None:
     model, shape = _model(kind, seed=len(how))
     anchor, _ = certified_anchor(model, shape)
-    expected = {"mlp": 3, "cnn1": 5, "cnn2": 5, "cnn3": 5}[kind]
+    expected = {"mlp": 3, "mlpbn": 3, "cnn1": 5, "cnn2": 5, "cnn3": 5}[kind]
     assert len(anchor.chains) == expected, anchor.skipped  # every chain has a rule
     _perturb(model, how, seed=len(kind))
     result = incremental_autolip(model, shape, anchor)
@@ -201,7 +211,7 @@ def test_incremental_factors_above_exact_chain_norms(kind: str, how: str) -> Non
     _check_network(model, shape, result)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn2"])
+@pytest.mark.parametrize("kind", ["mlp", "mlpbn", "cnn2"])
 def test_unchanged_weights_have_no_increment(kind: str) -> None:
     model, shape = _model(kind, seed=3)
     anchor, first = certified_anchor(model, shape)
@@ -410,3 +420,24 @@ def test_ritz_factors_in_networks(how: str) -> None:
     _check_network(model, (30,), result)
     no_ritz, _ = certified_anchor(copy.deepcopy(model), (30,), ritz=0)
     assert all(c.ritz is None for c in no_ritz.chains.values())
+
+
+@pytest.mark.parametrize("kind", ["mlpbn", "cnn2"])
+def test_with_an_analysis_cache(kind: str) -> None:
+    """One trace and probe shared by the anchor and the later certificates (the callback's
+    set-up): the cached specs are re-read, the anchor keeps its own copies."""
+    from lipreg.functional.analysis_cache import AnalysisCache
+
+    model, shape = _model(kind, seed=8)
+    if kind == "mlpbn":
+        model.double()  # float64 specs are the live parameters themselves
+    cache = AnalysisCache(model, shape)
+    anchor, _ = certified_anchor(model, shape, analysis=cache)
+    _perturb(model, "random", seed=8)
+    result = incremental_autolip(model, shape, anchor, analysis=cache)
+    assert cache.builds == 1
+    for lb in result.layers:
+        if lb.kind == "affine":
+            assert lb.method.startswith("incremental") and lb.extra["increment"] > 0
+            assert lb.value >= _chain_truth(model, lb.name, shape)
+    _check_network(model, shape, result)
