@@ -125,6 +125,14 @@ def _due(k: int, beta: float, theta_last: float, rtol: float, last_step: bool) -
     return k % max(1, k // 16) == 0
 
 
+def _stops(theta: float, second: float, residual: float, rtol: float, gap_rtol: float) -> bool:
+    """The gap-free rule ``r ≤ rtol θ`` (or ``θ = 0``), or the optional Kato–Temple one."""
+    if theta == 0.0 or residual <= rtol * theta:
+        return True
+    gap = theta - second  # nan (one Ritz value) compares False
+    return gap_rtol > 0 and gap > 0 and residual * residual <= gap_rtol * theta * gap
+
+
 def _orthogonalise(w: Tensor, basis: Tensor, passes: int) -> Tensor:
     """``w − Q (Qᵀ w)`` against the rows of ``basis``, ``passes`` times (classical G–S)."""
     for _ in range(passes):
@@ -140,6 +148,7 @@ def lanczos_top(
     max_iter: int,
     image_features: int = 0,
     name: str = "operator",
+    gap_rtol: float = 0.0,
 ) -> LanczosTop:
     """Top eigenpair of a PSD operator ``B`` by Lanczos with full (single-pass)
     re-orthogonalisation and a preallocated basis (module docstring).
@@ -151,6 +160,10 @@ def lanczos_top(
         max_iter: cap on the number of products (clipped to ``n``).
         image_features: length of ``A q`` when ``apply`` returns images (0: none).
         name: how the non-finite error names the operator.
+        gap_rtol: if positive, also stop when the Kato–Temple estimate with the Ritz gap,
+            ``r² / (θ (θ − θ_2)) ≤ gap_rtol``, holds. It trusts the Ritz gap (which can be
+            fictitious, see above), so it is only for callers that prove their own bound and
+            can resume (the dense certificate's ``λ̂``); estimates never use it.
 
     Raises:
         ValueError: a product is NaN/Inf (message contains "non-finite").
@@ -187,7 +200,7 @@ def lanczos_top(
         sigma = math.sqrt(theta)
         rel = abs(sigma - prev_sigma) / max(sigma, 1e-300)
         prev_sigma = sigma
-        if theta == 0.0 or beta * abs(s_last) <= rtol * theta or k == n:
+        if _stops(theta, second, beta * abs(s_last), rtol, gap_rtol) or k == n:
             converged = True
             break
         if k == max_iter:
