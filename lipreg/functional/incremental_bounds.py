@@ -163,17 +163,19 @@ def _unroll(bound: float, steps: list[tuple[int, float, float]]) -> float:
     return bound
 
 
-def dense_increment_bound(D: Tensor, *, gram: bool = True) -> tuple[float, str]:
-    """``(bound ≥ ‖D‖₂, which)``: the smallest of Frobenius, Schur and (when ``gram`` and
-    its cost is at most :data:`GRAM_ITERATION_FLOPS`) two Gram squarings, evaluated on ``D``
-    scaled by an exact power of two (:func:`normalised`)."""
+def dense_increment_bound(
+    D: Tensor, *, gram_flops: float = GRAM_ITERATION_FLOPS
+) -> tuple[float, str]:
+    """``(bound ≥ ‖D‖₂, which)``: the smallest of Frobenius, Schur and (when its
+    ``m·n·min(m, n)`` multiply-adds are at most ``gram_flops``) two Gram squarings, evaluated
+    on ``D`` scaled by an exact power of two (:func:`normalised`)."""
     scaled = normalised(D)
     if scaled is None:
         return 0.0, "zero"
     S, e, r = scaled
     candidates = {"frobenius": _frobenius_scaled(S, r), "schur": _schur_scaled(S, r)}
     m, n = D.shape
-    if gram and m * n * min(m, n) <= GRAM_ITERATION_FLOPS:
+    if m * n * min(m, n) <= gram_flops:
         extra = r * sqrt_up(float(m * n))  # ‖D_exact − S‖ ≤ ‖·‖_F
         candidates["gram-iteration"] = math.nextafter(gram_iteration_bound(S, 2) + extra, math.inf)
     which = min(candidates, key=candidates.__getitem__)
