@@ -116,6 +116,11 @@ def _start(G: Tensor, v0: Tensor | None) -> Tensor:
     return q / q.norm()
 
 
+def _mixed(x: Tensor, noise: Tensor) -> Tensor:
+    q = x + 0.01 * noise
+    return q / q.norm()
+
+
 def _rump_passes(G: Tensor, diag: Tensor, mu: float, radius: float) -> bool:
     """Rump's test of ``μI − Ĝ`` (module docstring, step 3); ``G`` holds ``−Ĝ`` off the
     diagonal on entry and on exit (its diagonal is overwritten)."""
@@ -191,7 +196,9 @@ def certified_top_eigenvalue(
         G.diagonal().copy_(diag)
         if strict:
             break
-        run, strict = _lanczos(G, run.x, max_iter, 0.0), True
+        # resume from the Ritz vector plus 1 % of a random one: a warm vector blind to the
+        # top eigenvector (orthogonal to it) would keep the Krylov space blind
+        run, strict = _lanczos(G, _mixed(run.x, _start(G, None)), max_iter, 0.0), True
         products += run.n_iter
     frob = float(G.norm()) * (1 + (g * g + 8) * 2 * UNIT_ROUNDOFF)  # ≥ ‖Ĝ‖_F ≥ λ_max(Ĝ)
     warnings.warn(
