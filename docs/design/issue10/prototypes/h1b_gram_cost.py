@@ -1,3 +1,4 @@
+# ruff: noqa: B023  (closures are called at once, inside the loop)
 """Issue 10 (H1b): CPU time of the block-banded Gram test against its predicted cost
 (``GramPlan.cost``) and one forward+backward of the convolution, to calibrate the ladder's
 cost budget (``ladder.GRAM_COST_RATIO``, ``GRAM_FREE_COST``). Run:
@@ -50,7 +51,9 @@ for (ci, co), sp, k, s, p in CASES:
     conv = ConvData(w, (s,) * len(sp), (p,) * len(sp), (1,) * len(sp), 1, (ci, *sp))
     sigma = operator_norm(conv_linear_map(conv), tol=1e-10, max_iter=500).sigma
     plan = gram_plan(conv)
-    t_gram = cpu(lambda: certify_conv_norm(conv, sigma, refine=False), reps=1 if plan.cost > 1e9 else 3)
+    t_gram = cpu(
+        lambda: certify_conv_norm(conv, sigma, refine=False), reps=1 if plan.cost > 1e9 else 3
+    )
     x = torch.randn(1, ci, *sp, requires_grad=True)
     w32 = w.float().requires_grad_(True)
     fn = (F.conv1d, F.conv2d, F.conv3d)[len(sp) - 1]
