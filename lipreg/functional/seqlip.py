@@ -54,9 +54,10 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from lipreg.functional.analysis import Analysis, analyse
+from lipreg.functional.analysis_cache import AnalysisCache, check_cache_matches
 from lipreg.functional.autolip import check_finite_result
 from lipreg.functional.certify import RELATIVE_MARGIN, current_budget, matrix_norm_bound
 from lipreg.functional.chains import (
@@ -70,6 +71,7 @@ from lipreg.functional.power_iteration import top_singular_triplets
 from lipreg.functional.results import LayerBound, LipschitzResult
 from lipreg.functional.rounding import materialisation_error, perturbed_bound
 from lipreg.functional.seqlip_certified import certified_seqlip
+from lipreg.functional.seqlip_greedy import pair_norm_greedy
 from lipreg.functional.seqlip_pairs import (
     ChainSVD,
     dense_svd,
@@ -77,7 +79,6 @@ from lipreg.functional.seqlip_pairs import (
     pair_matrices,
     pair_name,
     pair_norm_exact,
-    pair_norm_greedy,
     pow2_normalise,
     truncate,
 )
@@ -147,6 +148,8 @@ def seqlip(
     seed: int = 0,
     progress: bool = False,
     certify: bool = False,
+    traced: fx.GraphModule | None = None,
+    analysis: AnalysisCache | None = None,
 ) -> LipschitzResult:
     """SeqLip bound (``method="exact"``) or estimate (``method="greedy"``) of ``model``.
 
@@ -172,6 +175,13 @@ def seqlip(
         certify: certified pair LMIs at any width (module docstring): ``method``,
             ``exact_width_limit`` and ``n_restarts`` are then unused; ``top_k`` must be
             ``None``; ``state`` warm-starts the multipliers.
+        traced: a graph from :func:`lipreg.functional.trace.trace` of ``model``, to skip
+            re-tracing (the probe and the rules still run on the current weights).
+        analysis: an :class:`~lipreg.functional.analysis_cache.AnalysisCache` of this
+            ``model`` and ``input_shape`` (e.g. the one :class:`lipreg.AutoLip` holds, which a
+            callback also uses for AutoLip): its trace and probe are reused while the model's
+            structure is unchanged and every spec re-reads the current weights, so the result
+            equals the one without it.
 
     Returns:
         :class:`~lipreg.functional.results.LipschitzResult`, ``method`` ``"seqlip-exact"``,
@@ -183,16 +193,19 @@ def seqlip(
             says which pair, what it needs, and what to do instead).
         ValueError: a non-finite (NaN/Inf) total or layer value (message mentions
             "non-finite"): never reported, certified or not.
+        ValueError: ``analysis`` is the cache of another model or input shape, or
+            ``traced`` is not its graph.
     """
     start = time.perf_counter()
     _check_options(method, top_k, certify)
-    analysis = analyse(model, input_shape, dtype=dtype)
-    items, notes = segment_chains(analysis)
+    current, analysis64 = _analyses(model, input_shape, dtype, traced, analysis)
+    items, notes = segment_chains(current)
     if certify:  # refuse before any heavy work
-        _check_certifiable(items, analysis, dense_limit)
+        _check_certifiable(items, current, dense_limit)
     elif method == "exact":
-        _check_exact_widths(items, analysis, exact_width_limit)
-    run = _Run(analysis, model, method, top_k, dense_limit, n_restarts, tol, max_iter, dtype)
+        _check_exact_widths(items, current, exact_width_limit)
+    run = _Run(current, model, method, top_k, dense_limit, n_restarts, tol, max_iter, dtype)
+    run.analysis64 = analysis64
     run.certify = certify
     run.state, run.notes = dict(state or {}), notes  # warm starts in, notes out
     run.generator.manual_seed(seed)  # a private generator: the global RNG is untouched
@@ -204,6 +217,23 @@ def seqlip(
         else:
             run.chain(item)
     return _result(run, start)
+
+
+def _analyses(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    dtype: torch.dtype,
+    traced: fx.GraphModule | None,
+    cache: AnalysisCache | None,
+) -> tuple[Analysis, Analysis | None]:
+    """The analysis at ``dtype`` and its float64 twin (exact SVDs, certificates): both from
+    ``cache`` when given (the float64 one read right after, as the cache requires), else one
+    trace (or ``traced``) and one probe, the float64 twin then derived on demand (``None``)."""
+    if cache is None:
+        return analyse(model, input_shape, dtype=dtype, traced=traced), None
+    check_cache_matches(cache, model, input_shape, traced)
+    current = cache.get(dtype)
+    return current, cache.also_at(torch.float64)
 
 
 def _check_options(method: str, top_k: int | None, certify: bool = False) -> None:
@@ -295,6 +325,7 @@ class _Run:
         self.certified = True
         self.certify = False
         self.n_iter = 0
+        self.analysis64: Analysis | None = None  # the float64 twin, if the caller has it
 
     @functools.cached_property
     def bounder(self) -> ChainBounder:
@@ -310,6 +341,7 @@ class _Run:
             state=self.state,
             generator=self.generator,
             dense_limit=self.dense_limit,
+            given_analysis64=self.analysis64,
         )
 
     def single_map(self, chain: AffineChain) -> None:

@@ -1,0 +1,332 @@
+"""Greedy SeqLip for one pair, on the Gram matrix of the pair's smaller side.
+
+The search maximises ``σ ↦ ‖M(σ)‖₂`` with ``M(σ) = A diag(σ) B`` (``A`` is ``r1 × n``, ``B``
+is ``n × r2``) over the vertices ``σ ∈ {lo, hi}^n`` of the slope box. Every quantity the search
+compares is a norm of ``M`` or of a rank-one update ``M_j = M + d_j a_j b_jᵀ`` (``a_j = A[:, j]``,
+``b_j = B[j]``, ``d_j`` the change of ``σ_j`` if it is flipped), so it only needs the Gram
+matrix of the smaller side, ``G = MᵀM`` (``r2 ≤ r1``) or ``H = MMᵀ`` (``r1 < r2``):
+
+* ``M_jᵀM_j = G + d_j (c_j b_jᵀ + b_j c_jᵀ) + d_j² ‖a_j‖² b_j b_jᵀ`` with ``c_j = Mᵀa_j``;
+* ``M_jM_jᵀ = H + d_j (e_j a_jᵀ + a_j e_jᵀ) + d_j² ‖b_j‖² a_j a_jᵀ`` with ``e_j = M b_j``.
+
+A power step then costs ``r_s²`` (the smaller side squared) per vector instead of
+``2 r1 r2``, and the candidate flips of a local-search step are evaluated together as one
+``(c × r_s) @ (r_s × r_s)`` product plus rank-two corrections. The Gram matrix follows the
+accepted moves by low-rank updates (``M' = M + ΔM``: ``G' = G + MᵀΔM + ΔMᵀM'``), or is
+recomputed when that is cheaper.
+
+**Same search as before.** The iterates are, in exact arithmetic, the ones of the former
+implementation (kept in ``benchmarks/references/greedy_seqlip_v1.py``): the same starts, the
+same power iteration for the top singular pair (right vectors ``v``, warm starts, tolerance
+and cap), the same candidate set, the same 8 batched power steps per candidate, the same
+thresholds and the same tie-breaking (``argsort`` of the same scores, first ``argmax``);
+``M`` itself is updated by the very same floating-point expressions. Only rounding differs
+(Gram products instead of products with ``M``): the chosen patterns are the same unless two
+compared quantities agree to ~1e-15, and the values agree to rounding
+(``benchmarks/results/greedy_seqlip.md``).
+
+**Guarantee.** None beyond feasibility: the value is ``‖A diag(σ) B‖₂`` (from the top
+eigenvalue of the pattern's Gram matrix) for a feasible ``σ``, a *lower* value than the
+exact pair maximum, an estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["pair_norm_greedy"]
+
+
+def _f64(value: float, like: Tensor) -> Tensor:
+    """A float64 scalar tensor: ``torch.where`` on Python floats would round to float32."""
+    return torch.tensor(value, dtype=torch.float64, device=like.device)
+
+
+def _sym(X: Tensor) -> Tensor:
+    """Exactly symmetric copy: the Gram updates are symmetric only up to rounding."""
+    return 0.5 * (X + X.T)
+
+
+#: Gram matrices whose side is at most this are kept up to date at every move: computing one
+#: costs at most this many products of ``M`` with a vector.
+ALWAYS_GRAM = 64
+
+
+@dataclass
+class _Pair:
+    """A pattern's matrix ``M = A diag(σ) B`` and, when it pays, the Gram matrix of its smaller
+    side (``left``: ``H = MMᵀ``, else ``G = MᵀM``; ``None`` while stale)."""
+
+    A: Tensor  # (r1, n)
+    B: Tensor  # (n, r2)
+    M: Tensor  # (r1, r2)
+    gram: Tensor | None  # (r1, r1) if left else (r2, r2)
+
+    @property
+    def left(self) -> bool:
+        return self.M.shape[0] < self.M.shape[1]
+
+    @property
+    def small(self) -> int:
+        return min(self.M.shape)
+
+    @classmethod
+    def of(cls, A: Tensor, B: Tensor, sigma: Tensor) -> _Pair:
+        P = cls(A, B, (A * sigma) @ B, None)
+        return P.with_gram() if P.small <= ALWAYS_GRAM else P
+
+    def with_gram(self) -> _Pair:
+        """This pair with its Gram matrix (computed from ``M`` if stale)."""
+        if self.gram is not None:
+            return self
+        M = self.M
+        return _Pair(self.A, self.B, M, _sym(M @ M.T) if self.left else _sym(M.T @ M))
+
+    def moved(self, cols: Tensor, steps: Tensor) -> _Pair:
+        """The pair after ``σ[cols] += steps``: ``M`` by the former search's own expressions
+        (one flip: an outer product; several: a product of the changed columns and rows).
+
+        The Gram matrix follows by the low-rank update of the module docstring while that
+        costs less than half a recomputation (``2k(r1 r2 + r_s²)`` against ``r_s² r_l``
+        multiply-adds for ``k`` changes); otherwise it goes stale (recomputed when needed).
+        """
+        Ac, Bc = self.A[:, cols] * steps, self.B[cols]  # ΔM = Ac @ Bc
+        if cols.numel() == 1:
+            M = self.M + steps[0] * torch.outer(self.A[:, cols[0]], self.B[cols[0]])
+        else:
+            M = self.M + Ac @ Bc
+        r1, r2 = M.shape
+        small, cost = self.small, 2 * cols.numel() * (r1 * r2 + self.small**2)
+        if self.gram is None or 2 * cost > small * r1 * r2:
+            moved = _Pair(self.A, self.B, M, None)
+            return moved.with_gram() if small <= ALWAYS_GRAM else moved
+        if self.left:  # H' = H + M ΔMᵀ + ΔM M'ᵀ
+            up = (self.M @ Bc.T) @ Ac.T + Ac @ (Bc @ M.T)
+        else:  # G' = G + Mᵀ ΔM + ΔMᵀ M'
+            up = (self.M.T @ Ac) @ Bc + Bc.T @ (Ac.T @ M)
+        return _Pair(self.A, self.B, M, _sym(self.gram + up))
+
+    def norm(self) -> float:
+        """``‖M‖₂``, the root of the top eigenvalue of the Gram matrix."""
+        top = float(torch.linalg.eigvalsh(self.with_gram().gram)[-1])
+        return math.sqrt(max(top, 0.0))
+
+
+def _top_pair(
+    P: _Pair, v0: Tensor | None = None, tol: float = 1e-10, max_iter: int = 500
+) -> tuple[float, Tensor, Tensor]:
+    """Top singular pair ``(s, u, v)`` of ``M`` by warm-started power iteration on the right
+    vectors: ``v ← MᵀM v / ‖MᵀM v‖`` with ``s = ‖M v‖``, until ``s`` changes by at most
+    ``tol·s`` (or ``max_iter`` steps); start ``v0``, else ``M``'s column sums, else ones.
+
+    Inside the search only comparisons need it, and consecutive matrices differ by a few
+    rank-one terms, so a warm start converges in a few steps. ``s = ‖M v‖ ≤ ‖M‖``.
+    """
+    M = P.M
+    v = M.sum(0) if v0 is None else v0
+    if float(v.norm()) == 0:
+        v = torch.ones(M.shape[1], dtype=M.dtype, device=M.device)
+    v = v / v.norm()
+    if P.gram is None:  # stale: a few products with M cost less than a new Gram matrix
+        v, zero = _power_direct(M, v, tol, max_iter)
+    else:
+        v, zero = (_power_left if P.left else _power_right)(P.gram, M, v, tol, max_iter)
+    u = M @ v
+    if zero:  # M v = 0: the former search returned (0, M v, v) too
+        return 0.0, u, v
+    s = float(u.norm())
+    return s, u / max(s, 1e-300), v
+
+
+def _power_direct(M: Tensor, v: Tensor, tol: float, max_iter: int) -> tuple[Tensor, bool]:
+    """The power iteration on ``M`` itself: ``s_k = ‖M v_k‖``, ``v_{k+1} ∝ Mᵀ M v_k``."""
+    s_prev = 0.0
+    for _ in range(max_iter):
+        u = M @ v
+        s = float(u.norm())
+        if s == 0:
+            return v, True
+        v = M.T @ (u / s)
+        v = v / v.norm()
+        if abs(s - s_prev) <= tol * s:
+            break
+        s_prev = s
+    return v, False
+
+
+def _power_right(G: Tensor, M: Tensor, v: Tensor, tol: float, max_iter: int) -> tuple[Tensor, bool]:
+    """The power iteration on ``G = MᵀM``: ``s_k = √(v_kᵀ G v_k)``, ``v_{k+1} ∝ G v_k``;
+    returns the last ``v`` and whether ``s`` was zero."""
+    s_prev = 0.0
+    for _ in range(max_iter):
+        w = G @ v
+        s = math.sqrt(max(float(v @ w), 0.0))
+        if s == 0:
+            return v, True
+        v = w / w.norm()
+        if abs(s - s_prev) <= tol * s:
+            break
+        s_prev = s
+    return v, False
+
+
+def _power_left(H: Tensor, M: Tensor, v: Tensor, tol: float, max_iter: int) -> tuple[Tensor, bool]:
+    """The same iterates through ``H = MMᵀ``: with ``u_k = M v_k / s_k``,
+    ``v_{k+1} ∝ Mᵀu_k``, ``u_{k+1} ∝ H u_k`` and ``s_{k+1} = ‖H u_k‖ / √(u_kᵀ H u_k)``; only
+    the last ``v`` is formed."""
+    u = M @ v
+    s = float(u.norm())
+    if s == 0 or max_iter <= 0:
+        return v, s == 0
+    u, s_prev = u / s, 0.0
+    for k in range(max_iter):
+        if abs(s - s_prev) <= tol * s or k == max_iter - 1:
+            break
+        w = H @ u
+        s_prev, s = s, float(w.norm()) / math.sqrt(max(float(u @ w), 1e-300))
+        u = w / w.norm()
+    v = M.T @ u
+    return v / v.norm(), False
+
+
+def _best_single_flip(
+    P: _Pair,
+    lo: float,
+    hi: float,
+    sigma: Tensor,
+    s: float,
+    v: Tensor,
+    gain: Tensor,
+    n_cand: int,
+    n_power: int = 8,
+) -> int | None:
+    """Index of the single flip that most increases ``‖M‖`` (if any), among the ``n_cand``
+    coordinates of largest first-order gain ``δ_j·gain_j``.
+
+    Each candidate's value is ``n_power`` power steps on ``M_jᵀM_j`` from ``v`` (as before),
+    all candidates at once through the Gram identities of the module docstring: the flip is
+    taken if the best value exceeds ``s·(1 + 1e-10)``.
+    """
+    if n_cand <= 0 or lo == hi:
+        return None
+    delta = torch.where(sigma == hi, _f64(lo - hi, P.A), _f64(hi - lo, P.A))
+    cand = torch.argsort(delta * gain, descending=True)[:n_cand]
+    a, b, d = P.A[:, cand].T, P.B[cand], delta[cand]  # (c, r1), (c, r2), (c,)
+    if P.gram is None:
+        raise ValueError("_best_single_flip needs the pair's Gram matrix (P.with_gram()).")
+    flip_values = _flip_values_left if P.left else _flip_values_right
+    values = flip_values(P.gram, P.M, a, b, d, v, n_power)
+    j = int(torch.argmax(values))
+    if float(values[j]) <= s * (1 + 1e-10):
+        return None
+    return int(cand[j])
+
+
+def _rank_two(x: Tensor, gram: Tensor, p: Tensor, q: Tensor, d: Tensor, pp: Tensor) -> Tensor:
+    """Rows ``x_j`` times ``gram + d_j (q_j p_jᵀ + p_j q_jᵀ) + d_j² pp_j p_j p_jᵀ``."""
+    px, qx = (p * x).sum(1), (q * x).sum(1)
+    return (
+        x @ gram + d[:, None] * (q * px[:, None] + p * qx[:, None]) + (d * d * pp * px)[:, None] * p
+    )
+
+
+def _flip_values_right(
+    G: Tensor, M: Tensor, a: Tensor, b: Tensor, d: Tensor, v: Tensor, n_power: int
+) -> Tensor:
+    """``‖M_j x_j‖`` after ``n_power`` steps ``x ← M_jᵀM_j x / ‖·‖`` from ``v``, on ``G``."""
+    c = a @ M  # rows c_j = Mᵀ a_j
+    na2 = (a * a).sum(1)
+    x = v.expand(len(d), -1)
+    for _ in range(n_power):
+        x = _rank_two(x, G, b, c, d, na2)
+        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    return (x * _rank_two(x, G, b, c, d, na2)).sum(1).clamp_min(0).sqrt()
+
+
+def _flip_values_left(
+    H: Tensor, M: Tensor, a: Tensor, b: Tensor, d: Tensor, v: Tensor, n_power: int
+) -> Tensor:
+    """The same values on ``H``: the last iterate is ``x ∝ M_jᵀ z`` with
+    ``z ∝ (M_jM_jᵀ)^{n_power-1} M_j v``, so ``‖M_j x‖ = ‖H_j z‖ / √(zᵀ H_j z)``."""
+    e = b @ M.T  # rows e_j = M b_j
+    nb2 = (b * b).sum(1)
+    z = (M @ v)[None, :] + (d * (b @ v))[:, None] * a  # M_j v
+    for _ in range(n_power - 1):
+        z = _rank_two(z, H, a, e, d, nb2)
+        z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    w = _rank_two(z, H, a, e, d, nb2)
+    zw = (z * w).sum(1)
+    # zw = ‖M_jᵀ z‖² = 0 only if M_j v = 0 (the former search's value was then 0 too)
+    return torch.where(zw > 0, w.norm(dim=1) / zw.clamp_min(1e-300).sqrt(), torch.zeros_like(zw))
+
+
+def pair_norm_greedy(
+    A: Tensor,
+    B: Tensor,
+    lo: float,
+    hi: float,
+    *,
+    n_restarts: int = 2,
+    max_sweeps: int = 50,
+    refine_candidates: int = 64,
+    generator: torch.Generator | None = None,
+) -> tuple[float, Tensor]:
+    """Greedy SeqLip for one pair: a local maximum of ``σ ↦ ‖A diag(σ) B‖`` on ``{lo, hi}^n``.
+
+    Each sweep (i) sets ``σ_j = hi`` where ``(Aᵀu)_j (Bv)_j > 0`` and ``lo`` elsewhere, which
+    maximises ``uᵀ A diag(σ) B v`` for the current top singular pair ``(u, v)`` and so never
+    decreases the norm; (ii) recomputes ``(u, v)``; and when (i) is stationary, (iii) tries
+    single flips among the ``refine_candidates`` most promising coordinates, evaluating each
+    as a rank-one update ``M + δ a_j b_jᵀ`` with a few batched power steps (no SVD per
+    candidate; module docstring). Starts from ``σ = hi`` (the paper's all-ones) and
+    ``n_restarts`` random patterns; returns the best value and pattern. The value is
+    ``‖A diag(σ) B‖`` for a feasible ``σ``: a lower bound on the exact pair maximum, **not**
+    an upper bound.
+    """
+    A, B = A.to(torch.float64), B.to(torch.float64)
+    n = A.shape[1]
+    starts = [torch.full((n,), hi, dtype=torch.float64, device=A.device)]
+    for _ in range(n_restarts):
+        coin = torch.rand(n, generator=generator, device=A.device) < 0.5
+        starts.append(torch.where(coin, _f64(hi, A), _f64(lo, A)))
+    best, best_sigma = -1.0, starts[0]
+    for sigma in starts:
+        value, sigma = _greedy_from(A, B, lo, hi, sigma, max_sweeps, refine_candidates)
+        if value > best:
+            best, best_sigma = value, sigma
+    return best, best_sigma
+
+
+def _greedy_from(
+    A: Tensor, B: Tensor, lo: float, hi: float, sigma: Tensor, max_sweeps: int, n_cand: int
+) -> tuple[float, Tensor]:
+    """The local search from one start; returns ``(‖M(σ)‖₂, σ)`` of the pattern reached."""
+    P = _Pair.of(A, B, sigma)
+    s, u, v = _top_pair(P)
+    for _ in range(max_sweeps):
+        gain = (A.T @ u) * (B @ v)  # d/dσ_j of uᵀ A diag(σ) B v
+        proposal = torch.where(gain > 0, _f64(hi, A), _f64(lo, A))
+        changed = proposal != sigma
+        if bool(changed.any()):
+            cols = changed.nonzero()[:, 0]
+            moved = P.moved(cols, proposal[cols] - sigma[cols])  # only the flipped terms
+            s_new, u_new, v_new = _top_pair(moved, v)
+            if s_new > s * (1 + 1e-12):
+                sigma, P, s, u, v = proposal, moved, s_new, u_new, v_new
+                continue
+        # Stationary for the linearisation: try single flips by rank-one updates.
+        if n_cand > 0 and lo != hi:  # the flips work on the Gram matrix: bring it up to date
+            P = P.with_gram()
+        j = _best_single_flip(P, lo, hi, sigma, s, v, gain, n_cand)
+        if j is None:
+            break
+        step = (lo if sigma[j] == hi else hi) - float(sigma[j])
+        sigma = sigma.clone()
+        sigma[j] += step
+        P = P.moved(torch.tensor([j], device=A.device), _f64(step, A)[None])
+        s, u, v = _top_pair(P, v)
+    return P.norm(), sigma
