@@ -87,8 +87,10 @@ def normalised(D: Tensor) -> tuple[Tensor, int, float] | None:
     terms, underflow.
 
     Raises:
-        ValueError: a non-finite entry.
+        ValueError: a non-finite entry. TypeError: ``D`` is not float64.
     """
+    if D.dtype != torch.float64:
+        raise TypeError(f"the increment bounds evaluate float64 tensors, got {D.dtype}.")
     if D.numel() == 0:
         return None
     top = float(D.abs().max())
