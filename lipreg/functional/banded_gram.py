@@ -91,7 +91,8 @@ class ConvNormCertificate:
             dense kernel-matrix certificate; ``… (memory budget)`` if that fell back).
         delta: the ``δ`` of the successful Gram test (0 for pointwise).
         side: ``"input"`` or ``"output"`` (which Gram matrix was tested), ``""`` for pointwise.
-        estimate: the ``σ̂`` of the successful test (0 for pointwise).
+        estimate: the ``σ̂`` of the successful test; for pointwise, the dense certificate's
+            ``‖W v‖`` (a lower value of ``max_g ‖W_g‖``).
         v: the float64 Lanczos vector when the estimate had to be refined, else ``None``
             (a warm start for the next refinement).
     """
@@ -508,7 +509,8 @@ def _pointwise_certificate(conv: ConvData, extra: float) -> ConvNormCertificate:
     ]
     top = max(certs, key=lambda cert: cert.bound)
     method = "conv-pointwise" + ("" if top.method == "dense" else " (memory budget)")
-    return ConvNormCertificate((top.bound + extra) * (1 + 4 * UNIT_ROUNDOFF), method)
+    bound = (top.bound + extra) * (1 + 4 * UNIT_ROUNDOFF)
+    return ConvNormCertificate(bound, method, estimate=top.estimate)
 
 
 def pointwise_product_bound(weights: list[Tensor], kernel_errors: list[float]) -> float:

@@ -57,6 +57,7 @@ from lipreg.functional.banded_gram import (
     conv_matrix,
     conv_pass_flops,
     gram_plan,
+    output_spatial,
     pointwise_product_bound,
 )
 from lipreg.functional.certify import (
@@ -331,6 +332,15 @@ def _merged_conv_chain(ctx: ChainContext, cost_ratio: float | None) -> LayerBoun
     scale = ctx.scale * CLOSED_FORM_PAD if ctx.scale != 1.0 else 1.0
     if (ctx.merged is None and factors is None) or not scale > 0:  # 0: closed form answered
         return None
+    if ctx.merged is not None and _pointwise_reading_inputs(ctx.merged[0]):
+        # ‖A‖ = max_g ‖W_g‖ exactly: the certificate's own ‖Ŵ v‖ is the estimate, no Lanczos
+        conv, kernel_error, _ = ctx.merged
+        cert = certify_conv_norm(conv, 0.0, kernel_error=kernel_error)
+        assert cert is not None  # pointwise always answers
+        value, estimate = cert.bound * scale, cert.estimate * ctx.scale
+        return _affine(
+            ctx, value, certified=True, estimate=estimate, upper=value, method=cert.method
+        )
     res = ctx.iterative()
     if factors is not None:
         value = pointwise_product_bound(*factors) * scale
@@ -344,6 +354,20 @@ def _merged_conv_chain(ctx: ChainContext, cost_ratio: float | None) -> LayerBoun
     bound = _with_iterative(ctx, res, core * scale, upper=core * scale, method=method)
     bound.extra.update(details)
     return bound
+
+
+def _pointwise_reading_inputs(conv: ConvData) -> bool:
+    """A 1×1 convolution some output of which reads an input entry on every axis (then its
+    norm is exactly ``max_g ‖W_g‖``, not 0): ``0 ≤ q s − p < n`` for some output ``q``."""
+    if any(k != 1 for k in conv.weight.shape[2:]):
+        return False
+    for n, n_out, s, p in zip(
+        conv.in_shape[1:], output_spatial(conv), conv.stride, conv.padding, strict=True
+    ):
+        first = -(-p // s)  # the first output whose position q s − p is not left of the input
+        if first >= n_out or first * s - p > n - 1:
+            return False
+    return True
 
 
 def pointwise_factors(specs: Sequence[Affine]) -> tuple[list[Tensor], list[float]] | None:

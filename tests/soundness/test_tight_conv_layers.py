@@ -254,3 +254,30 @@ def test_dense_chains_with_duplicating_padding_are_sound(mode: str) -> None:
     (layer,) = [layer for layer in result.layers if layer.kind == "affine"]
     assert layer.method == "dense" and layer.certified
     assert true <= layer.value <= true * (1 + 1e-8)
+
+
+def test_pointwise_chains_need_no_lanczos() -> None:
+    """A 1×1 conv + BN chain: the dense kernel-matrix certificate alone (no iterative run),
+    its own ‖W v‖ as the estimate, both against the dense Jacobian's norm."""
+    model = nn.Sequential(nn.Conv2d(5, 7, 1, stride=2, bias=False), nn.BatchNorm2d(7)).double()
+    init_weights(model, 13, scale=0.5, batchnorm_stats=True)
+    model.eval()
+    shape = (5, 6, 7)
+    result = lipreg.autolip(model, shape, dense_limit=0)
+    (true,) = _true_chain_norms(model, shape).values()
+    (layer,) = [layer for layer in result.layers if layer.kind == "affine"]
+    assert layer.method == "conv-pointwise" and layer.n_iter == 0
+    assert layer.certified and true <= layer.value <= true * (1 + 1e-8)
+    assert layer.estimate <= layer.value and layer.estimate >= true * (1 - 1e-6)
+
+
+def test_a_pointwise_conv_reading_only_padding_is_not_shortcut() -> None:
+    """Padding 4, stride 8 on a 3-wide axis: the two outputs read positions −4 and 4, padding
+    zeros (the map is 0, not ‖W‖): the pointwise shortcut must not claim ‖W‖ as the estimate."""
+    model = nn.Sequential(nn.Conv1d(2, 3, 1, stride=8, padding=4, bias=False)).double()
+    init_weights(model, 14, scale=0.5)
+    model.eval()
+    result = lipreg.autolip(model, (2, 3), dense_limit=0)
+    (layer,) = [layer for layer in result.layers if layer.kind == "affine"]
+    assert layer.estimate == pytest.approx(0.0, abs=1e-12)
+    assert layer.certified and layer.value >= 0.0
