@@ -76,7 +76,11 @@ class _Pair:
 
     @classmethod
     def of(cls, A: Tensor, B: Tensor, sigma: Tensor) -> _Pair:
-        P = cls(A, B, (A * sigma) @ B, None)
+        """The pair of pattern ``σ``; coordinates with ``σ_j = 0`` (half of a random ReLU
+        pattern) add exact zeros to ``M``, so they are left out of the product."""
+        nz = sigma != 0
+        M = (A * sigma) @ B if bool(nz.all()) else (A[:, nz] * sigma[nz]) @ B[nz]
+        P = cls(A, B, M, None)
         return P.with_gram() if P.small <= ALWAYS_GRAM else P
 
     def with_gram(self) -> _Pair:
@@ -108,7 +112,7 @@ class _Pair:
             up = (self.M @ Bc.T) @ Ac.T + Ac @ (Bc @ M.T)
         else:  # G' = G + Mᵀ ΔM + ΔMᵀ M'
             up = (self.M.T @ Ac) @ Bc + Bc.T @ (Ac.T @ M)
-        return _Pair(self.A, self.B, M, _sym(self.gram + up))
+        return _Pair(self.A, self.B, M, self.gram + up)  # symmetric up to rounding
 
     def norm(self) -> float:
         """``‖M‖₂``, the root of the top eigenvalue of the Gram matrix."""
@@ -324,9 +328,12 @@ def _greedy_from(
         j = _best_single_flip(P, lo, hi, sigma, s, v, gain, n_cand)
         if j is None:
             break
-        step = (lo if sigma[j] == hi else hi) - float(sigma[j])
+        flipped = lo if sigma[j] == hi else hi
+        step = flipped - float(sigma[j])
         sigma = sigma.clone()
-        sigma[j] += step
+        # the vertex itself: the former ``σ_j += step`` left e.g. 1 + (-0.3 - 1) ≠ -0.3 (1 ulp
+        # off the box, then a spurious change at the next sweep); ``M`` moves by ``step``
+        sigma[j] = flipped
         P = P.moved(torch.tensor([j], device=A.device), _f64(step, A)[None])
         s, u, v = _top_pair(P, v)
     return P.norm(), sigma

@@ -1,0 +1,171 @@
+"""Greedy SeqLip: the Gram-matrix search (lipreg today) against the former one (issue 10, item 5).
+
+For each network, one ``lipreg.seqlip(method="greedy")`` call records every pair's matrices
+``(A, B)``, slopes and generator state; then each pair's search is timed in interleaved rounds
+(old, new, old, new, ...) from the same generator state, medians reported, with the relative
+difference of the values and whether the same activation pattern was found. The former search
+is ``benchmarks/references/greedy_seqlip_v1.py`` (a verbatim copy). ``--e2e`` also times whole
+``lipreg.seqlip`` calls, new against the same call with the former pair search swapped in
+(interleaved), so the unchanged parts (trace, probe, SVDs) are counted too.
+
+Networks: the paper's CNN-4 (MNIST 1x28x28, full SVDs), an MLP 784-1000x3-10 (full SVDs) and
+torchvision's AlexNet at 3x224x224 with ``top_k=200`` (top-200 singular triplets of every map
+by subspace iteration). Random initialisation, ``torch.manual_seed(seed)``. Run:
+
+    OMP_NUM_THREADS=1 python benchmarks/greedy_seqlip.py [--reps 3] [--seeds 0 1] [--e2e]
+        [--networks cnn4 mlp alexnet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from _common import machine_load, print_footer, print_table, setup_threads
+from references.greedy_seqlip_v1 import pair_norm_greedy_v1
+from torch import nn
+
+import lipreg
+from lipreg.functional.seqlip_greedy import pair_norm_greedy
+from lipreg.models import mnist_cnn4
+
+SEQLIP = sys.modules["lipreg.functional.seqlip"]  # the module (lipreg.functional.seqlip is
+# also the name of the function in the package namespace)
+
+
+def mlp() -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten()]
+    for fan_in, fan_out in ((784, 1000), (1000, 1000), (1000, 1000)):
+        layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(1000, 10))
+
+
+def alexnet() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.alexnet()
+
+
+NETWORKS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int | None]] = {
+    "cnn4": (mnist_cnn4, (1, 28, 28), None),
+    "mlp": (mlp, (1, 28, 28), None),
+    "alexnet": (alexnet, (3, 224, 224), 200),
+}
+
+
+def record_pairs(net: nn.Module, shape: tuple[int, ...], top_k: int | None, seed: int):
+    """One seqlip call; every pair search's inputs (and the call's time)."""
+    pairs = []
+    search = SEQLIP.pair_norm_greedy
+
+    def spy(A, B, lo, hi, *, n_restarts, generator):
+        pairs.append((A.clone(), B.clone(), lo, hi, n_restarts, generator.get_state()))
+        return search(A, B, lo, hi, n_restarts=n_restarts, generator=generator)
+
+    SEQLIP.pair_norm_greedy = spy
+    try:
+        start = time.perf_counter()
+        lipreg.seqlip(net, shape, method="greedy", top_k=top_k, seed=seed)
+        return pairs, time.perf_counter() - start
+    finally:
+        SEQLIP.pair_norm_greedy = search
+
+
+def run_search(fn, pair) -> tuple[float, float, torch.Tensor]:
+    A, B, lo, hi, n_restarts, state = pair
+    gen = torch.Generator().manual_seed(0)
+    gen.set_state(state)
+    start = time.perf_counter()
+    value, sigma = fn(A, B, lo, hi, n_restarts=n_restarts, generator=gen)
+    return time.perf_counter() - start, value, sigma
+
+
+def bench_pairs(name: str, pairs: list, seed: int, reps: int) -> tuple[list[list], float, float]:
+    """Rows per pair, and the summed medians (old, new)."""
+    rows, total_old, total_new = [], 0.0, 0.0
+    for i, pair in enumerate(pairs):
+        times: dict[str, list[float]] = {"old": [], "new": []}
+        for _ in range(reps):  # interleaved: old, new, old, new, ...
+            t_old, v_old, s_old = run_search(pair_norm_greedy_v1, pair)
+            t_new, v_new, s_new = run_search(pair_norm_greedy, pair)
+            times["old"].append(t_old)
+            times["new"].append(t_new)
+        old, new = statistics.median(times["old"]), statistics.median(times["new"])
+        total_old, total_new = total_old + old, total_new + new
+        A, B = pair[0], pair[1]
+        rows.append(
+            [
+                name,
+                seed,
+                f"pair {i}: {A.shape[0]}x{A.shape[1]} . {B.shape[0]}x{B.shape[1]}",
+                old,
+                new,
+                old / new,
+                abs(v_new - v_old) / abs(v_old),
+                "yes" if bool((s_old == s_new).all()) else "no",
+            ]
+        )
+        print(rows[-1], flush=True)
+    return rows, total_old, total_new
+
+
+def bench_e2e(net, shape, top_k, seed, reps) -> list:
+    """Whole seqlip calls, new against the former pair search swapped in (interleaved)."""
+    times: dict[str, list[float]] = {"old": [], "new": []}
+    values = {}
+    search = SEQLIP.pair_norm_greedy
+    for _ in range(reps):
+        for label, fn in (("old", pair_norm_greedy_v1), ("new", search)):
+            SEQLIP.pair_norm_greedy = fn
+            try:
+                start = time.perf_counter()
+                r = lipreg.seqlip(net, shape, method="greedy", top_k=top_k, seed=seed)
+                times[label].append(time.perf_counter() - start)
+                values[label] = r.value
+            finally:
+                SEQLIP.pair_norm_greedy = search
+    old, new = statistics.median(times["old"]), statistics.median(times["new"])
+    return [old, new, old / new, abs(values["new"] - values["old"]) / values["old"]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--e2e", action="store_true", help="also time whole seqlip calls")
+    args = parser.parse_args()
+    setup_threads()
+    load = machine_load()
+    print(f"Machine load: {load}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    rows, totals, e2e_rows = [], [], []
+    for name in args.networks:
+        make, shape, top_k = NETWORKS[name]
+        for seed in args.seeds:
+            torch.manual_seed(seed)
+            net = make().eval()
+            pairs, t_call = record_pairs(net, shape, top_k, seed)
+            pair_rows, old, new = bench_pairs(name, pairs, seed, args.reps)
+            rows += pair_rows
+            diff = max(r[6] for r in pair_rows)
+            totals.append([name, seed, t_call, old, new, old / new, diff])
+            if args.e2e and name != "alexnet":
+                e2e_rows.append([name, seed, *bench_e2e(net, shape, top_k, seed, 2)])
+    print(f"\nPair searches (medians of {args.reps} interleaved repetitions, seconds):\n")
+    head = ["net", "seed", "pair (A . B)", "old s", "new s", "old/new", "rel. diff", "same σ"]
+    print_table(head, rows)
+    print("\nPer network (pair searches summed; 'seqlip call' = one whole call, new search):\n")
+    head = ["net", "seed", "seqlip call s", "old pairs s", "new pairs s", "old/new", "max diff"]
+    print_table(head, totals)
+    if e2e_rows:
+        print("\nWhole seqlip calls (medians of 2 interleaved repetitions):\n")
+        print_table(["net", "seed", "old s", "new s", "old/new", "rel. diff"], e2e_rows)
+    print_footer(load, None)
+
+
+if __name__ == "__main__":
+    main()
