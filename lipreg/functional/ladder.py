@@ -11,7 +11,8 @@ entries, in order:
    one has a closed-form norm: the product of the closed forms.
 3. :func:`lone_weight` — isometries around one dense weight: scalars × the weight certificate.
 4. :func:`dense_chain` — the whole chain is small enough to materialise: its float64 matrix
-   and the dense certificate (tighter than any product).
+   (for a merged convolution, its kernel scattered into the matrix: exact, no float64
+   convolution of identity batches) and the dense certificate (tighter than any product).
 5. :func:`merged_conv_chain` — ``[batch norm]* conv [batch norm]*``: the scales folded into
    the kernel (:func:`~lipreg.functional.conv_chain.merged_conv`), then the exact-up-to-rounding
    Gram test of the zero-padded convolution (:mod:`lipreg.functional.banded_gram`), or the
