@@ -7,11 +7,16 @@ Configurations, per network (MLP 784-1000x3-10, the paper's CNN-4 ``mnist_cnn4``
 
 - ``warm``: ``AutoLip(certify=False)`` called again with the same weights;
 - ``warm+10 SGD``: the same after 10 SGD steps (not timed) on random data;
+- ``analysed per call``: ``lipreg.autolip(certify=False, traced=..., state=...)`` warm with
+  the same weights: what ``AutoLip`` did before it kept its analysis (trace reused; probe,
+  checks and contexts at every call), on the same code, for a same-build comparison;
 - ``tighten``: ``tighten(methods=("lipsdp",), max_lmi_size=--tighten-lmi)`` after a
   certified ``AutoLip`` call, given that AutoLip's analysis when the library accepts
   ``analysis=`` (else re-analysing on its trace, as before). The default 1024 (the callback
   uses 2048, where the MLP's last LipSDP block alone takes about a minute) keeps the LMI
-  solves small, so that the analysis overhead shows.
+  solves small, so that the analysis overhead shows;
+- ``tighten re-analysed``: the same with ``traced=`` instead of ``analysis=`` (a new float64
+  analysis and probe, as before), on the same code.
 
 CPU time (``time.process_time``), medians of ``--reps`` interleaved rounds (every
 configuration of every network once per round), one thread; the load average is printed.
@@ -105,6 +110,15 @@ class Bench:
     def warm(self) -> float:
         return cpu(self.estimator)
 
+    def analysed_per_call(self) -> float:
+        state = dict(self.estimator.state)
+        traced = self.estimator.traced
+
+        def call() -> None:
+            lipreg.autolip(self.model, self.shape, certify=False, state=state, traced=traced)
+
+        return cpu(call)
+
     def warm_after_sgd(self) -> float:
         for _ in range(10):
             self.opt.zero_grad()
@@ -113,21 +127,26 @@ class Bench:
         self.model.zero_grad(set_to_none=True)
         return cpu(self.estimator)
 
-    def tighten(self) -> float:
+    def tighten(self, reuse: bool = True) -> float:
         base = self.certifier()
         options = {"methods": ("lipsdp",), "max_lmi_size": self.max_lmi_size}
-        if self.has_analysis:
+        if self.has_analysis and reuse:
             options["analysis"] = self.certifier.analysis
         else:
             options["traced"] = self.certifier.traced
         return cpu(lambda: tighten(self.model, self.shape, base, **options))
 
+    def tighten_reanalysed(self) -> float:
+        return self.tighten(reuse=False)
+
 
 CONFIGS = {
     "fwd+bwd (ms)": Bench.forward_backward,
     "warm": Bench.warm,
+    "analysed per call": Bench.analysed_per_call,
     "warm+10 SGD": Bench.warm_after_sgd,
     "tighten": Bench.tighten,
+    "tighten re-analysed": Bench.tighten_reanalysed,
 }
 
 
@@ -150,8 +169,8 @@ def main() -> None:
     print(f"\nmedians of {args.reps} interleaved rounds, CPU time, 1 thread; load average ", end="")
     print(f"{min(loads):.2f}-{max(loads):.2f} on {os.cpu_count()} cores; tighten with ", end="")
     print(f"max_lmi_size={args.tighten_lmi}.\n")
-    print("| network | fwd+bwd of 1 sample | warm | warm+10 SGD | tighten |")
-    print("|---|---|---|---|---|")
+    print("| network | fwd+bwd of 1 sample | " + " | ".join(list(CONFIGS)[1:]) + " |")
+    print("|---" * len(CONFIGS) + "|---|")
     for name in benches:
         unit = statistics.median(times[(name, "fwd+bwd (ms)")])
         cells = [f"{1e3 * unit:.3f} ms"]
