@@ -127,10 +127,12 @@ def child(name: str, variant: str) -> None:
     model, shape = _net(name)
     unit = _unit(model, shape)
     t_cert, res = _cpu(lambda: lipreg.autolip(model, shape, certify=True))
-    out = {"unit": unit, "cert": t_cert / unit, "value": res.value}
+    out = {"unit": unit, "cert": t_cert / unit, "cert_s": t_cert, "value": res.value}
     out["methods"] = sorted({lb.method for lb in res.layers if lb.kind == "affine"})
     if name == "mlp":
-        out["floor"] = _floor(model) / unit
+        floor = _floor(model)
+        out["floor"] = floor / unit
+        out["cert/floor"] = t_cert / floor
         if variant == "after":
             out["warm"] = _warm(model) / unit
     print(json.dumps(out))
@@ -185,18 +187,26 @@ def main() -> None:
                 runs["before"].append(_run(name, "before", base))
                 runs["after"].append(_run(name, "after", ROOT))
             print(f"\n### {name} (medians of {a.reps}; load {os.getloadavg()})")
-            print("| variant | fwd+bwd (ms) | certificate | floor | warm dense | value | methods |")
-            print("|---|---|---|---|---|---|---|")
+            print(
+                "| variant | fwd+bwd (ms) | certificate (s) | certificate | floor | "
+                "certificate / floor | warm dense | value | methods |"
+            )
+            print("|---|---|---|---|---|---|---|---|---|")
             for variant, rs in runs.items():
 
-                def med(key: str, rs=rs) -> str:
+                def med(key: str, rs=rs, unit: str = "x") -> str:
                     vals = [r[key] for r in rs if key in r]
-                    return f"{statistics.median(vals):.1f}x" if vals else "-"
+                    return (
+                        f"{statistics.median(vals):.{3 if unit == 's' else 1}f}{unit}"
+                        if vals
+                        else "-"
+                    )
 
                 unit = statistics.median(r["unit"] for r in rs) * 1e3
                 print(
-                    f"| {variant} | {unit:.2f} | {med('cert')} | {med('floor')} | "
-                    f"{med('warm')} | {rs[-1]['value']:.9g} | {', '.join(rs[-1]['methods'])} |"
+                    f"| {variant} | {unit:.2f} | {med('cert_s', unit='s')} | {med('cert')} | "
+                    f"{med('floor')} | {med('cert/floor')} | {med('warm')} | "
+                    f"{rs[-1]['value']:.9g} | {', '.join(rs[-1]['methods'])} |"
                 )
     print(f"\nload after: {os.getloadavg()}")
 
