@@ -272,3 +272,38 @@ def test_check_finite_parameters_names_the_tensor():
         model[1].running_mean[1] = float("inf")
     with pytest.raises(ValueError, match=r"non-finite.*1\.running_mean"):
         check_finite_parameters(model)
+
+
+class InPlace(nn.Module):
+    """An in-place update the probe rewires in the graph; a tensor attribute read by a
+    ``get_attr`` node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3, bias=False).double()
+        self.scale = torch.tensor(2.0, dtype=F64)
+
+    def forward(self, x):
+        y = self.lin(x)
+        y.mul_(3.0)
+        return y * self.scale
+
+
+@pytest.mark.parametrize("change", ["weights", "attribute-in-place", "attribute-replaced"])
+def test_rewired_graph_and_tensor_attributes_match_fresh(change, certify):
+    model = InPlace()
+    est = lipreg.AutoLip(model, (3,), dtype=F64, certify=certify)
+    est()
+    with torch.no_grad():
+        if change == "weights":
+            model.lin.weight.mul_(-2.0)
+        elif change == "attribute-in-place":
+            model.scale.fill_(5.0)
+        else:
+            model.scale = torch.tensor(7.0, dtype=F64)
+    cached = est(state={})
+    same(cached, lipreg.autolip(model, (3,), dtype=F64, certify=certify, state={}))
+    truth = 3.0 * abs(model.scale.item()) * torch.linalg.matrix_norm(model.lin.weight, 2).item()
+    assert cached.value == pytest.approx(truth, rel=1e-6)
+    if certify:
+        assert cached.value >= truth
