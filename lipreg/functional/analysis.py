@@ -253,6 +253,19 @@ def _check_probe(model: nn.Module, gm: fx.GraphModule, run: ProbeRun) -> None:
         check_graph_reproduces_model(model, gm, probe.values[probe.output], run.x)
 
 
+def check_graph_still_matches(
+    model: nn.Module, gm: fx.GraphModule, input_shape: tuple[int, ...]
+) -> None:
+    """Re-run the probe's refusals of a kept graph with the current weights: one probe batch
+    through the graph and through the model itself (:func:`check_graph_reproduces_model`),
+    non-finite constants. A cached analysis (:mod:`lipreg.functional.analysis_cache`) calls
+    it before a *certified* bound, because Python state that ``forward()`` reads outside the
+    modules (globals, closures) is not in the cache's fingerprint: a certificate must never
+    bound a graph the model no longer computes."""
+    device, probe_dtype = _probe_setting(model)
+    _check_probe(model, gm, _probe(gm, input_shape, device, probe_dtype))
+
+
 def analyse(
     model: nn.Module,
     input_shape: Sequence[int],

@@ -40,12 +40,15 @@ is logged at INFO level on ``lipreg.functional.analysis_cache`` and kept in
 :func:`~lipreg.functional.analysis.state_derived_nodes`); the probe froze their values, so
 such a model is re-analysed at every call (said once in :attr:`AnalysisCache.notes`).
 
-**Not checked** (and documented as such): Python state outside the modules that
-``forward()`` reads (module-level globals, closures, objects nested two levels below a
-module attribute). The trace, which :class:`lipreg.AutoLip` has always reused, assumes it
-fixed too; call :meth:`AnalysisCache.invalidate` (or build a new estimator) after changing
-it. Between re-analyses the probe's check of non-finite *intermediate* values (an overflow
-inside ``forward()`` with finite weights) is not repeated; any non-finite norm still makes
+**Not in the fingerprint**: Python state outside the modules that ``forward()`` reads
+(module-level globals, closures, objects nested two levels below a module attribute). For
+*certified* bounds (``get(verify=True)``, what :func:`~lipreg.functional.autolip.autolip`
+asks with ``certify=True``) a reused structure is re-checked by one probe batch through the
+graph and the model (:func:`~lipreg.functional.analysis.check_graph_still_matches`), so a
+certificate never bounds a graph the model no longer computes; estimates skip that forward
+(call :meth:`AnalysisCache.invalidate` after changing such state). Estimates also skip the
+probe's check of non-finite *intermediate* values (an overflow inside ``forward()`` with
+finite weights); any non-finite norm still makes
 :func:`~lipreg.functional.autolip.check_finite_result` refuse the result.
 """
 
@@ -61,7 +64,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from lipreg.functional.analysis import Analysis, analyse
+from lipreg.functional.analysis import Analysis, analyse, check_graph_still_matches
 from lipreg.functional.rules import has_module_rule, overriding_methods
 from lipreg.functional.trace import (
     check_input_shape,
@@ -241,9 +244,13 @@ class AnalysisCache:
         self._traced_for, self._reusable, self._by_dtype = None, False, {}
         self._pending = reason
 
-    def get(self, dtype: torch.dtype = torch.float32) -> Analysis:
+    def get(self, dtype: torch.dtype = torch.float32, *, verify: bool = False) -> Analysis:
         """The analysis with every spec computed from the current weights at ``dtype``:
-        equal to ``analyse(model, input_shape, dtype=dtype)`` (same specs, same errors)."""
+        equal to ``analyse(model, input_shape, dtype=dtype)`` (same specs, same errors).
+        ``verify=True`` (certified bounds) also re-checks, when the structure is reused, that
+        the graph still computes what the model computes
+        (:func:`~lipreg.functional.analysis.check_graph_still_matches`: one probe batch, no
+        batch-mixing check)."""
         live = unwrap_compiled(self.model)
         fingerprint = model_fingerprint(live, self.input_shape, self.traced)
         reason = self._stale(fingerprint)
@@ -256,6 +263,8 @@ class AnalysisCache:
             self._last = self._build(live, fingerprint, dtype, reason)
             return self._last
         self.last_reason = None
+        if verify:
+            check_graph_still_matches(live, self.traced, self.input_shape)
         self._last = self._refreshed(next(iter(self._by_dtype.values())), dtype, None)
         return self._last
 

@@ -164,7 +164,7 @@ def _analyses(
             traced = trace(model)
         return analyse(model, input_shape, dtype=dtype, traced=traced), None
     check_cache_matches(cache, model, input_shape, traced)
-    current = cache.get(dtype)
+    current = cache.get(dtype, verify=certify)
     return current, cache.also_at(torch.float64) if certify else None
 
 

@@ -307,3 +307,34 @@ def test_rewired_graph_and_tensor_attributes_match_fresh(change, certify):
     assert cached.value == pytest.approx(truth, rel=1e-6)
     if certify:
         assert cached.value >= truth
+
+
+_GLOBAL_SCALE = {"value": 1.0}
+
+
+class _ReadsAGlobal(nn.Module):
+    """forward() reads Python state outside the module: not in the cache's fingerprint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(x) * _GLOBAL_SCALE["value"]
+
+
+def test_a_certified_call_refuses_a_graph_the_model_no_longer_computes():
+    """The trace froze ``× 1.0``; after the global changes to 3.0 the true constant is three
+    times larger. An estimate may reuse the structure, a certificate re-checks it."""
+    torch.manual_seed(0)
+    net = _ReadsAGlobal()
+    estimator = lipreg.AutoLip(net, (3,), certify=True)
+    first = estimator()
+    exact = float(torch.linalg.matrix_norm(net.fc.weight.double(), ord=2))
+    assert first.value >= exact
+    _GLOBAL_SCALE["value"] = 3.0
+    try:
+        with pytest.raises(Exception, match="does not compute what the model"):
+            estimator()
+    finally:
+        _GLOBAL_SCALE["value"] = 1.0
