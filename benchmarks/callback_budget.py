@@ -100,14 +100,16 @@ def rows_for(name: str, make: Callable[[], nn.Module], steps: int, repeats: int)
     base: list[float] = []
     times: dict[str, list[float]] = {label: [] for label, _, _ in CONFIGS}
     notes: dict[str, str] = {}
-    for _ in range(repeats):
+    for r in range(repeats):
         base.append(fit_time(make, steps, []))
+        print(f"# {name} round {r + 1}: no callback {base[-1]:.2f} s", flush=True)
         for label, every, at_end in CONFIGS:
             callback = lipreg.LipschitzCallback(
                 every_n_train_steps=every, compute_at_fit_end=at_end
             )
             times[label].append(fit_time(make, steps, [callback]))
             notes[label] = ran(callback)
+            print(f"#   {label}: {times[label][-1]:.2f} s ({notes[label]})", flush=True)
     rows = [[name, "fit, no callback", median(base), 1.0, ""]]
     for label, every, at_end in CONFIGS:
         ratio = median(t / b for t, b in zip(times[label], base, strict=True))

@@ -17,7 +17,9 @@ key                                 meaning
                                     at the end of every fit.
 ``lipschitz/certified``             with it, the tightest certified bound (the smaller of the
                                     above and the LMI block certificates of
-                                    :func:`lipreg.functional.tight.tighten`, warm-started).
+                                    :func:`lipreg.functional.tight.tighten`, warm-started),
+                                    when the cost budget affords it too (not promised at
+                                    the fit end: it can cost minutes on wide layers).
 ``lipschitz/seqlip``                greedy SeqLip (an estimate) or exact SeqLip (certified),
                                     sequential networks only.
 ``lipschitz/seqlip_over_autolip``   ratio of the two.
@@ -276,6 +278,7 @@ class LipschitzCallback(MethodWork, Callback):
         self._reported: set[str] = set()  # causes already warned about
         self._input_path: tuple[Any, ...] | None = None
         self._last_batch: Tensor | None = None
+        self._fresh_cert = None
         self.budget.start_fit()
 
     @property
@@ -375,13 +378,16 @@ class LipschitzCallback(MethodWork, Callback):
         due = set(FIT_END) - (self._done_at_last_step if step == self._last_step else set())
         if due:
             with self.budget.counting():
+                # the tightened certificate too, if the budget affords it (not promised)
+                due = self._affordable(trainer, due | {"certified"}, step, forced=FIT_END)
                 self._compute_and_log(trainer, step, due, in_batch=False)
 
     def should_compute(self, method: str, step: int, epoch: int) -> bool:
         """Whether ``method`` runs after optimizer step ``step`` of epoch ``epoch``.
 
         The one gate of the step schedule: ``method`` is one of :data:`SCHEDULED`
-        (``"autolip"``, ``"autolip_certified"``, ``"seqlip"``, ``"lower_bound"``). The
+        (``"autolip"``, ``"autolip_certified"``, ``"certified"`` — which refines the
+        certificate of the same step only —, ``"seqlip"``, ``"lower_bound"``). The
         default follows the step cadences of the constructor; override it for any other
         schedule (after optimizer steps the callback computes what it returns ``True`` for,
         less what the cost budget cannot afford; exactly that with ``max_overhead=None``).
@@ -392,16 +398,19 @@ class LipschitzCallback(MethodWork, Callback):
         cadence = getattr(self, METHOD_TABLE[method].cadence)
         return step > 0 and bool(cadence) and step % cadence == 0
 
-    def _affordable(self, trainer: Trainer, due: set[str], step: int) -> set[str]:
-        """What of ``due`` the cost budget affords at ``step`` (:class:`CostBudget`); under
-        DDP, rank 0's choice (every rank reaches this line at the same steps)."""
+    def _affordable(
+        self, trainer: Trainer, due: set[str], step: int, forced: Sequence[str] = ()
+    ) -> set[str]:
+        """What of ``due`` the cost budget affords at ``step`` (:class:`CostBudget`; the
+        ``forced`` ones always, and no reserve for the fit end then); under DDP, rank 0's
+        choice (every rank reaches this line at the same steps)."""
         if self.max_overhead is None:
             return due
         tasks = [m for m in METHOD_TABLE.values() if m.name in due and self._runnable(m)]
         promised = [METHOD_TABLE[m] for m in FIT_END] if self.compute_at_fit_end else []
-        reserve = [m for m in promised if self._runnable(m)]
+        reserve = [m for m in promised if self._runnable(m)] if not forced else []
         cadences = {m.name: getattr(self, m.cadence) or 0 for m in tasks}
-        chosen = self.budget.choose(tasks, step, reserve, cadences)
+        chosen = self.budget.choose(tasks, step, reserve, cadences, forced)
         if trainer.world_size > 1:
             chosen = trainer.strategy.broadcast(chosen, src=0)
         return set(chosen)
@@ -602,6 +611,7 @@ class LipschitzCallback(MethodWork, Callback):
 
         metrics: dict[str, float] = {}
         nonfinite: list[str] = []
+        self._fresh_cert = None  # lipschitz/certified refines this step's certificate only
         for method in tasks:
             label = f"lipschitz/{method.name}"
             try:
@@ -612,11 +622,16 @@ class LipschitzCallback(MethodWork, Callback):
                     nonfinite.append(str(exc))
                     continue
                 self._disabled.add(method.name)
+                fix = (
+                    f"To silence this, leave {method.name!r} out of methods=."
+                    if method.name == method.requires
+                    else f"(It comes with {method.requires!r}; it is back at the next fit.)"
+                )
                 self._report(
                     f"failed:{method.name}",
                     f"computing {label} failed at step {step}: {describe(exc)}\n{label} is "
                     "switched off for the rest of this fit; the other bounds and training "
-                    f"continue. To silence this, leave {method.name!r} out of methods=.",
+                    f"continue. {fix}",
                 )
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad or nonfinite:

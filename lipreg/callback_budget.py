@@ -15,7 +15,7 @@ import math
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 
 from lightning.pytorch.utilities import rank_zero_info
@@ -152,15 +152,18 @@ class CostBudget:
         step: int,
         reserve: Sequence[Method],
         cadences: dict[str, int],
+        forced: Collection[str] = (),
     ) -> list[str]:
         """The names of ``due`` (in order) that run at ``step`` (policy: class docstring);
         ``reserve`` are the methods promised at the fit end, ``cadences`` the step cadence of
-        each method (for the note a stretched method gets once)."""
+        each method (for the note a stretched method gets once); ``forced`` run whatever
+        they cost (the fit end's promise) and count like the unbudgeted ones."""
         if self.max_overhead is None:
             return [m.name for m in due]
         k, train = step - self.start_step, self.training_seconds()
         per_step = train / k if k > 0 and train > 0 else None
-        spent = self.own + sum(self.measured(m.name) or 0.0 for m in due if not m.budgeted)
+        always = [m for m in due if not m.budgeted or m.name in forced]
+        spent = self.own + sum(self.measured(m.name) or 0.0 for m in always)
         earned = self.max_overhead * train
         plan = earned
         if per_step is not None and self.planned_steps is not None:
@@ -168,9 +171,11 @@ class CostBudget:
         set_aside = sum(self.predicted(m, per_step) or 0.0 for m in reserve)
         chosen: list[str] = []
         for method in due:
-            if not method.budgeted:
+            if not method.budgeted or method.name in forced:
                 chosen.append(method.name)
                 continue
+            if method.needs is not None and method.needs not in chosen:
+                continue  # nothing to refine at this step
             cost = self.predicted(method, per_step)
             if cost is None or per_step is None:
                 continue

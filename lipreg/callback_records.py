@@ -39,7 +39,8 @@ class Method:
     ``budgeted``: whether the cost budget (``max_overhead``) may skip it at a step its cadence
     selects (``False``: it always runs, and its cost is counted); ``prior``: the cost assumed
     before its first run, in multiples of the warm AutoLip estimate's measured cost
-    (:class:`lipreg.callback_budget.CostBudget`).
+    (:class:`lipreg.callback_budget.CostBudget`); ``needs``: a method it refines, without
+    which it does not run at a step (its ``compute`` returns ``None`` then).
     """
 
     name: str
@@ -49,6 +50,7 @@ class Method:
     compute: str
     budgeted: bool = False
     prior: float = 0.0
+    needs: str | None = None
 
 
 def metric_values(name: str, computed: Computed, seconds: float) -> dict[str, float]:

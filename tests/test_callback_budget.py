@@ -106,7 +106,9 @@ def fit(tmp_path, steps: int, data: Any = None, **options: Any):
     steps_with = [
         [int(r["step"]) + 1 for r in rows if r.get(key)] for key in (CERTIFIED, "lipschitz/autolip")
     ]
-    budget_notes = [n for n in notes if "max_overhead" in n]
+    # the certificate's notes (lipschitz/certified, the LMI tightening, has its own)
+    budget_notes = [n for n in notes if "max_overhead" in n and CERTIFIED + " costs" in n]
+    callback.other_notes = [n for n in notes if "max_overhead" in n and n not in budget_notes]
     return callback, steps_with[0], steps_with[1], budget_notes, rows
 
 
@@ -130,13 +132,18 @@ def test_an_expensive_method_is_stretched_and_said_once(tmp_path):
     # free budget per step at step 3: 1/16 - (2/64)/3; 0.5 / that = 9.6 -> about every 10
     assert "about every 10 steps instead of every 1" in note
     assert "raise max_overhead, or set max_overhead=None" in note
+    # the tightened certificate (guessed at 3000 estimates = 46.9 s > P) never runs, said once
+    (other,) = callback.other_notes
+    assert "lipschitz/certified costs 46.9 s (guessed at 3000x" in other
+    assert "lipschitz/certified" not in callback.last_metrics
 
 
 def test_without_a_budget_the_cadences_are_exact(tmp_path):
     callback, certified, estimated, notes, _ = fit(tmp_path, 12, max_overhead=None)
     assert certified == estimated == list(range(1, 13))
     assert notes == []
-    assert callback.budget.runs == {"autolip": 12, "autolip_certified": 12}
+    # and the tightened certificate with each certificate, as before the budget
+    assert callback.budget.runs == {"autolip": 12, "autolip_certified": 12, "certified": 12}
 
 
 class Stream(IterableDataset):
