@@ -51,6 +51,7 @@ from lipreg.functional.chains import (
     chain_linear_map,
     segment_chains,
 )
+from lipreg.functional.ladder import TIGHTEST_LADDER
 from lipreg.functional.results import LayerBound, LipschitzResult
 from lipreg.functional.rounding import materialisation_error, perturbed_bound
 from lipreg.functional.trace import trace
@@ -213,7 +214,9 @@ def certified_bound(
     seed: int = 0,
 ) -> LipschitzResult:
     """The tightest certified upper bound on the l2 Lipschitz constant of ``model`` (in
-    evaluation mode) that lipreg can produce within the budget.
+    evaluation mode) that lipreg can produce within the budget. Its AutoLip candidate uses
+    :data:`~lipreg.functional.ladder.TIGHTEST_LADDER` (the block-banded Gram test of every
+    convolution, whatever it costs; :func:`lipreg.autolip`'s default skips the costly ones).
 
     Args:
         model: any traceable ``nn.Module``; the block certificates apply to sequential
@@ -258,6 +261,7 @@ def certified_bound(
         dense_limit=dense_limit,
         memory_limit_bytes=limit,
         analysis=cache,
+        ladder=TIGHTEST_LADDER,  # the Gram test whatever it costs: the tightest AutoLip
     )
     blocks = [m for m in methods if m in BLOCK_CERTIFICATES]
     result = tighten(
