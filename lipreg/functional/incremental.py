@@ -26,6 +26,10 @@ in full by the normal ladder:
   ``‖A_t‖ ≤ c (‖M_s‖ + e_s + ‖A_{K̂_t − K̂_s}‖ + e_t)``, so
   ``value = σ_cert + c · (β(K̂_t − K̂_s) + e_s + e_t)``. Differencing the merged kernels
   (incremental.md §3) handles moving running statistics and ``γ = 0`` channels alike.
+  Merged chains also get the ratio bound (2') of :mod:`lipreg.functional.incremental_scaled`
+  (``r_out r_in σ_cert + c·max|d_out,t|·max|d_in,t|·β(K_t − K_s ⊙ m)``, the scales and the raw
+  weight kept apart), and the value is the smaller: when the batch-norm statistics move a lot,
+  the merged difference grows with them and the ratio bound only by their ratio.
 
 For dense weights the anchor may also hold a top-16 Ritz space and a certified bound on the
 rest of the spectrum; the value is then the smaller of (1) and the second-order bound (5)
@@ -65,6 +69,11 @@ from lipreg.functional.incremental_bounds import (
     schur_bound_matrix,
 )
 from lipreg.functional.incremental_ritz import RitzAnchor, ritz_anchor, ritz_bound
+from lipreg.functional.incremental_scaled import (
+    ScaledCore,
+    scaled_core,
+    scaled_increment_bound,
+)
 from lipreg.functional.ladder import CLOSED_FORM_PAD, LADDER, ChainContext, LadderEntry
 from lipreg.functional.lmi import UNIT_ROUNDOFF
 from lipreg.functional.results import LayerBound, LipschitzResult
@@ -99,13 +108,16 @@ class CoreMap:
     (``weight`` the float64 matrix with the batch-norm scales folded in, :func:`merged_dense`)
     or ``"merged-conv"`` (``weight`` the float64 merged kernel, ``geometry`` ``(stride,
     padding, dilation, groups, in_shape)``); ``kernel_error`` the
-    :func:`~lipreg.functional.rounding.folded_kernel_error` of the folded scales.
+    :func:`~lipreg.functional.rounding.folded_kernel_error` of the folded scales; ``scaled``
+    (merged rules) the raw weight and the scales apart, for the ratio bound
+    (:mod:`lipreg.functional.incremental_scaled`).
     """
 
     rule: str
     weight: Tensor
     geometry: tuple = ()
     kernel_error: float = 0.0
+    scaled: ScaledCore | None = None
 
     def folding_error(self) -> float:
         """``kernel_error · ‖|A_K̂|‖₂`` (0 without folded scales)."""
@@ -132,14 +144,15 @@ def chain_core(specs: Sequence[Affine]) -> CoreMap | None:
         return CoreMap("dense", core[0].weight.detach().to(torch.float64))
     span = specs[inner[0] : inner[-1] + 1]
     dense = merged_dense(span)
+    kappa = folded_kernel_error(len(span) - 1)
     if dense is not None:
-        return CoreMap("merged-dense", dense, (), folded_kernel_error(len(span) - 1))
+        return CoreMap("merged-dense", dense, (), kappa, scaled_core(span))
     conv = merged_conv(span)
     if conv is None:
         return None
     geometry = (conv.stride, conv.padding, conv.dilation, conv.groups, conv.in_shape)
     weight = conv.weight.detach().to(torch.float64)
-    return CoreMap("merged-conv", weight, geometry, folded_kernel_error(len(span) - 1))
+    return CoreMap("merged-conv", weight, geometry, kappa, scaled_core(span))
 
 
 def merged_dense(specs: Sequence[Affine]) -> Tensor | None:
@@ -205,7 +218,11 @@ class ChainAnchor:
     @property
     def nbytes(self) -> int:
         ritz = 0 if self.ritz is None else self.ritz.V.numel() * 8
-        return self.core.weight.numel() * self.core.weight.element_size() + ritz
+        tensors = [self.core.weight]
+        if self.core.scaled is not None:
+            scaled = self.core.scaled
+            tensors += [scaled.kernel, scaled.d_in, scaled.d_out]
+        return sum(t.numel() * t.element_size() for t in tensors) + ritz
 
 
 @dataclass
@@ -280,7 +297,10 @@ def make_anchor(
             why = "not a certified factor of the result" if lb is None else "no increment rule"
             anchor.skipped[chain.name] = why
             continue
-        stored = CoreMap(core.rule, _compact_copy(core.weight), core.geometry, core.kernel_error)
+        scaled = None if core.scaled is None else core.scaled.copy(_compact_copy)
+        stored = CoreMap(
+            core.rule, _compact_copy(core.weight), core.geometry, core.kernel_error, scaled
+        )
         scales = isometry_scales(specs)  # type: ignore[arg-type]
         anchor.chains[chain.name] = ChainAnchor(
             name=chain.name,
@@ -392,29 +412,48 @@ def incremental_entry(
         answer = None if core is None else _increment(chain_anchor, core, gram_flops)
         if answer is None:
             return None
+        assert core is not None
         second = None
         if chain_anchor.ritz is not None and answer[0] > 0:
-            assert core is not None
             second = ritz_bound(core.weight, chain_anchor.ritz, answer[0])
-        return _incremental_bound(ctx, chain_anchor, answer, second, estimate)
+        ratio = _ratio_bound(chain_anchor, core, gram_flops) if answer[0] > 0 else None
+        return _incremental_bound(ctx, chain_anchor, answer, (second, ratio), estimate)
 
     entry.__name__ = entry.__qualname__ = "incremental_entry"
     return entry
+
+
+def _chain_scale(anchor: ChainAnchor) -> float:
+    """``≥ c``: the product of the isometries' float64 scales, padded as the ladder pads
+    closed forms (it is rounded)."""
+    scale = math.prod(anchor.scales)
+    return scale * CLOSED_FORM_PAD if scale != 1.0 else 1.0
+
+
+def _ratio_bound(
+    anchor: ChainAnchor, core: CoreMap, gram_flops: float
+) -> tuple[float, float, str] | None:
+    """The ratio bound (2') of :mod:`lipreg.functional.incremental_scaled` (chain units), for
+    merged chains whose anchor kept the scales apart; else ``None``."""
+    if anchor.core.scaled is None or core.scaled is None:
+        return None
+    return scaled_increment_bound(
+        anchor.core.scaled, core.scaled, anchor.sigma, _chain_scale(anchor), gram_flops
+    )
 
 
 def _incremental_bound(
     ctx: ChainContext,
     anchor: ChainAnchor,
     answer: tuple[float, float, str],
-    second: float | None,
+    others: tuple[float | None, tuple[float, float, str] | None],
     estimate: bool,
 ) -> LayerBound:
-    """The certified factor ``σ_s + c·(β + folding)`` (or ``c × second`` when smaller) as a
-    :class:`LayerBound`."""
+    """The certified factor: the smallest of ``σ_s + c·(β + folding)``, ``c ×`` the Ritz bound
+    (5) and the ratio bound (2') (``others``, each when available), as a :class:`LayerBound`."""
     beta, folding, which = answer
-    scale = math.prod(anchor.scales)
-    # the product of float64 scales is rounded: padded as the ladder pads closed forms
-    scale = scale * CLOSED_FORM_PAD if scale != 1.0 else 1.0
+    second, ratio = others
+    scale = _chain_scale(anchor)
     increment = math.nextafter(scale * beta, math.inf) if beta else 0.0
     widening = math.nextafter(scale * folding, math.inf) if folding else 0.0
     value = anchor.sigma
@@ -427,6 +466,10 @@ def _incremental_bound(
         extra["ritz"] = second
         if second < value:
             value, which = second, "ritz"
+    if ratio is not None:
+        extra["ratio"], extra["ratio_increment"] = ratio[0], ratio[1]
+        if ratio[0] < value:
+            value, which = ratio[0], ratio[2]
     sigma_est, n_iter = None, 0
     if estimate:
         res = ctx.iterative()

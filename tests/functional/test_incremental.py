@@ -27,7 +27,15 @@ from lipreg.functional.incremental_bounds import (
     schur_bound_matrix,
     window_copies,
 )
-from tests.helpers import dense_conv_norm, dense_jacobian_norms, gen, init_weights, spectral_norm
+from lipreg.functional.incremental_scaled import ScaledCore, scaled_increment_bound
+from tests.helpers import (
+    dense_conv_matrix,
+    dense_conv_norm,
+    dense_jacobian_norms,
+    gen,
+    init_weights,
+    spectral_norm,
+)
 
 F64 = torch.float64
 
@@ -441,4 +449,137 @@ def test_with_an_analysis_cache(kind: str) -> None:
         if lb.kind == "affine":
             assert lb.method.startswith("incremental") and lb.extra["increment"] > 0
             assert lb.value >= _chain_truth(model, lb.name, shape)
+    _check_network(model, shape, result)
+
+
+# ---------------------------------------------------------------- ratio bound (2') of BN chains
+def _scaled_matrix(K: torch.Tensor, d_in: torch.Tensor, d_out: torch.Tensor, geo) -> torch.Tensor:
+    """``diag(d_out) A_K diag(d_in)`` as a dense float64 matrix (convolutions: every spatial
+    position of a channel gets its scale), built without the library."""
+    if geo is None:
+        return d_out[:, None] * K * d_in[None, :]
+    spatial, stride, padding, dilation, groups = geo
+    A = dense_conv_matrix(K, spatial, stride, padding, dilation, groups)
+    rows = d_out.repeat_interleave(A.shape[0] // d_out.numel())
+    cols = d_in.repeat_interleave(A.shape[1] // d_in.numel())
+    return rows[:, None] * A * cols[None, :]
+
+
+def _scales(n: int, how: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anchor and new scales: statistics moved by ×0.01..×100 per channel (or by one common
+    factor), γ = 0 channels switching on and off."""
+    d_s = torch.rand(n, generator=g, dtype=F64) + 0.2
+    factor = 10.0 ** (4 * torch.rand(n, generator=g, dtype=F64) - 2)
+    d_t = d_s * (0.01 if how == "common" else factor)
+    if how == "gamma":
+        d_s[0], d_t[1] = 0.0, 0.0  # channel 0 switches on, channel 1 off
+        d_t[0] = 3.0
+    return d_s, d_t
+
+
+def _kernel_change(K: torch.Tensor, how: str, g: torch.Generator) -> torch.Tensor:
+    if how == "none":
+        return K.clone()
+    if how == "sign":
+        return -K
+    if how == "aligned":  # along the top singular pair of the reshaped kernel
+        M = K.reshape(K.shape[0], -1)
+        U, S, Vh = torch.linalg.svd(M)
+        return K + (5.0 * S[0] * torch.outer(U[:, 0], Vh[0])).reshape(K.shape)
+    return K + 0.1 * K.abs().mean() * torch.randn(K.shape, generator=g, dtype=F64)
+
+
+RATIO_CASES = [None, *[(c[3], c[4], c[5], c[6], c[7], c[0], c[1], c[2]) for c in CONVS[:4]]]
+
+
+@pytest.mark.parametrize("case", range(len(RATIO_CASES)))
+@pytest.mark.parametrize("scales", ["spread", "common", "gamma"])
+@pytest.mark.parametrize("change", ["none", "random", "aligned", "sign"])
+def test_ratio_bound_above_exact_norm(case: int, scales: str, change: str) -> None:
+    """(2') against the SVD of the exact new map, scales on both sides; exact (up to the
+    anchor's own slack) when only the statistics move by a common factor."""
+    g = gen(100 + case)
+    if RATIO_CASES[case] is None:
+        c_out, c_in, geo, conv = 7, 5, None, None
+        K = torch.randn(c_out, c_in, generator=g, dtype=F64)
+    else:
+        spatial, stride, padding, dilation, groups, c_out, c_in, kernel = RATIO_CASES[case]
+        geo = (spatial, stride, padding, dilation, groups)
+        K = torch.randn(c_out, c_in // groups, *kernel, generator=g, dtype=F64)
+        conv = (stride, dilation, groups)
+    (di_s, di_t), (do_s, do_t) = _scales(c_in, scales, g), _scales(c_out, scales, g)
+    K_t = _kernel_change(K, change, g)
+    sigma = spectral_norm(_scaled_matrix(K, di_s, do_s, geo)) * (1 + 1e-9)
+    kappa = 1e-15  # the scales here are exact: any small radius is sound
+    anchor = ScaledCore(K, di_s, do_s, kappa, kappa, conv)
+    now = ScaledCore(K_t, di_t, do_t, kappa, kappa, conv)
+    value, _, which = scaled_increment_bound(anchor, now, sigma, 1.0, math.inf)
+    true = spectral_norm(_scaled_matrix(K_t, di_t, do_t, geo))
+    assert value >= true, (value, true, which)
+    if scales == "common" and change == "none":  # r_out r_in σ_s, nothing added
+        assert value <= true * (1 + 1e-8), (value, true)
+
+
+def test_ratio_bound_refuses_scales_outside_the_rounding_model() -> None:
+    K = torch.ones(2, 2, dtype=F64)
+    good = ScaledCore(K, torch.ones(2, dtype=F64), torch.ones(2, dtype=F64), 0.0, 0.0)
+    tiny = ScaledCore(K, torch.full((2,), 1e-290, dtype=F64), good.d_out, 0.0, 0.0)
+    nan = ScaledCore(K, torch.tensor([1.0, math.nan], dtype=F64), good.d_out, 0.0, 0.0)
+    for bad in (tiny, nan):
+        assert scaled_increment_bound(good, bad, 1.0, 1.0, math.inf) is None
+        assert scaled_increment_bound(bad, good, 1.0, 1.0, math.inf) is None
+
+
+def _bn_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.BatchNorm2d(3), nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.BatchNorm2d(6),
+        nn.ReLU(), nn.Conv2d(6, 4, 3, stride=2, groups=2), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("stats", ["small", "large", "spread", "gamma"])
+@pytest.mark.parametrize("change", ["none", "random", "aligned"])
+def test_batch_norm_chains_with_moving_statistics(stats: str, change: str) -> None:
+    """Running variances ×0.01..×100 (several batch norms on one side), γ = 0 channels
+    switching on: every factor above the chain's exact norm; with the kernels unchanged the
+    ratio bound answers, within the anchor's slack times the scales' ratio."""
+    model, shape = _bn_net(), (3, 6, 6)
+    init_weights(model, 11, scale=0.5, batchnorm_stats=True)
+    for m in model.modules():  # ε = 0: moving the variances by λ scales d by exactly 1/√λ
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eps = 0.0
+    model.eval()
+    if stats == "gamma":
+        with torch.no_grad():
+            model[2].weight[:2] = 0.0
+    anchor, first = certified_anchor(model, shape)
+    truth_s = {
+        lb.name: _chain_truth(model, lb.name, shape) for lb in first.layers if lb.kind == "affine"
+    }
+    g = gen(12)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.running_var.numel()
+                spread = 10.0 ** (4 * torch.rand(n, generator=g) - 2)
+                m.running_var.mul_({"small": 0.01, "large": 100.0}.get(stats, spread))
+        if stats == "gamma":
+            model[2].weight[:2] = 1.5
+        for m in (model[1], model[5], model[9]):
+            m.weight.copy_(_kernel_change(m.weight.double(), change, g).float())
+    result = incremental_autolip(model, shape, anchor)
+    before = {lb.name: lb.value for lb in first.layers}
+    methods = [lb.method for lb in result.layers if lb.kind == "affine"]
+    if change == "none" and stats in ("small", "large"):
+        assert sum("ratio" in m for m in methods) >= 3, methods  # the three BN chains
+    for lb in result.layers:
+        if lb.kind != "affine":
+            continue
+        true = _chain_truth(model, lb.name, shape)
+        assert lb.value >= true, (lb.name, lb.value, true, lb.method)
+        if change == "none" and stats in ("small", "large") and "ratio" in lb.extra:
+            assert "ratio" in lb.method, lb.method
+            slack_s = before[lb.name] / truth_s[lb.name]
+            assert lb.value <= true * slack_s * (1 + 1e-6), (lb.name, lb.value, true)
     _check_network(model, shape, result)

@@ -1,6 +1,7 @@
 """Incremental certificates in the soundness harness: the harness's random architectures (every
 rule family) and a few torchvision networks are anchored (certified AutoLip + weight copies),
-their weights and batch-norm statistics perturbed, and the incremental certificate of the new
+their weights and batch-norm statistics perturbed (also by ×0.01..×100 per channel, with γ = 0
+channels switched on), and the incremental certificate of the new
 weights checked against the independent oracle's certified lower bound (and, for chains small
 enough, against the exact float64 norm of each incremental factor). Bounding must leave the
 model bit-identical."""
@@ -31,7 +32,7 @@ def perturb(model: nn.Module, how: str, seed: int) -> None:
     """Change every floating parameter (relative noise, or a sign flip) and the batch-norm
     running statistics, in place, from a private generator."""
     g = torch.Generator().manual_seed(10_000 + seed)
-    rel = {"random": 1e-2, "large": 0.5, "sign": 0.0}[how]
+    rel = {"random": 1e-2, "large": 0.5, "sign": 0.0, "stats": 1e-2}[how]
     with torch.no_grad():
         for p in model.parameters():
             if not p.is_floating_point():
@@ -43,7 +44,13 @@ def perturb(model: nn.Module, how: str, seed: int) -> None:
                 p.add_(rel * (float(p.abs().mean()) + 1e-3) * noise)
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
-                m.running_var.mul_(0.5 + torch.rand(m.running_var.shape, generator=g))
+                if how == "stats":  # scales ×0.01..×100, γ = 0 channels switched on
+                    factor = 10.0 ** (8 * torch.rand(m.running_var.shape, generator=g) - 4)
+                    m.running_var.mul_(factor)
+                    if m.weight is not None:
+                        m.weight[m.weight == 0] = 1.0
+                else:
+                    m.running_var.mul_(0.5 + torch.rand(m.running_var.shape, generator=g))
                 m.running_mean.add_(0.1 * torch.randn(m.running_mean.shape, generator=g))
 
 
@@ -98,6 +105,23 @@ def check_incremental(
 def test_random_architecture_incremental(seed: int) -> None:
     g = generate(seed)
     check_incremental(g.model, g.input_shape, HOWS[seed % len(HOWS)], seed)
+
+
+def switch_off_first_channels(model: nn.Module) -> None:
+    """γ = 0 on the first channel of every affine batch norm (zero rows at the anchor)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+                m.weight[0] = 0.0
+
+
+@pytest.mark.parametrize("seed", range(3, 292, 12))
+def test_random_architecture_moving_batch_norm_statistics(seed: int) -> None:
+    """Batch-norm scales moved by ×0.01..×100 per channel and γ = 0 channels switched on (the
+    ratio bound (2') and the merged-kernel difference both in play)."""
+    g = generate(seed)
+    switch_off_first_channels(g.model)
+    check_incremental(g.model, g.input_shape, "stats", seed)
 
 
 ZOO_SAMPLE = ["shufflenet_v2_x0_5", "squeezenet1_0", "resnet18", "mobilenet_v2", "mnasnet0_5"]
