@@ -260,6 +260,7 @@ def make_anchor(
     analysis: AnalysisCache | None = None,
     step: int | None = None,
     ritz: int = 16,
+    previous: IncrementalAnchor | None = None,
 ) -> IncrementalAnchor:
     """Anchor incremental certificates at the model's CURRENT weights, whose certified AutoLip
     result is ``certified`` (module docstring: precondition).
@@ -273,7 +274,8 @@ def make_anchor(
     :data:`~lipreg.functional.incremental_ritz.RITZ_MAX_SIDE`) also get the anchor of the
     second-order bound (5) (:func:`~lipreg.functional.incremental_ritz.ritz_anchor`: their top
     ``ritz`` singular vectors and a certified bound on the rest of the spectrum; one
-    eigendecomposition and one Cholesky test of the Gram matrix per layer).
+    block Krylov estimate of the top eigenvectors and one Cholesky test of the Gram matrix per
+    layer, warm-started from the ``previous`` anchor's Ritz vectors of the same chain).
 
     Raises:
         ValueError: ``certified`` is not a certified upper bound.
@@ -309,7 +311,9 @@ def make_anchor(
             scales=scales,
             core=stored,
             method=lb.method,
-            ritz=_ritz_anchor(core, float(lb.value), scales, ritz),
+            ritz=_ritz_anchor(
+                core, float(lb.value), scales, ritz, _previous_v(previous, chain.name)
+            ),
             folding=core.folding_error(),
         )
     if not anchor.chains:
@@ -321,16 +325,23 @@ def make_anchor(
     return anchor
 
 
+def _previous_v(previous: IncrementalAnchor | None, name: str) -> Tensor | None:
+    """The previous anchor's Ritz vectors of chain ``name`` (a warm start), if any."""
+    chain = None if previous is None else previous.chains.get(name)
+    return None if chain is None or chain.ritz is None else chain.ritz.V
+
+
 def _ritz_anchor(
-    core: CoreMap, sigma: float, scales: tuple[float, ...], k: int
+    core: CoreMap, sigma: float, scales: tuple[float, ...], k: int, start: Tensor | None = None
 ) -> RitzAnchor | None:
     """The anchor of bound (5) for a dense core, with ``‖W_s‖ ≤ σ_cert / c`` (``c`` the
-    isometries' scale, its float64 product widened by a few ulps)."""
+    isometries' scale, its float64 product widened by a few ulps); ``start``: a warm start of
+    the Ritz vectors."""
     scale = math.prod(scales)
     if k <= 0 or core.rule != "dense" or not scale > 0:
         return None
     norm_s = math.nextafter(sigma / scale * (1 + 16 * UNIT_ROUNDOFF), math.inf)
-    return ritz_anchor(core.weight, norm_s, k)
+    return ritz_anchor(core.weight, norm_s, k, start)
 
 
 def certified_anchor(
@@ -339,17 +350,25 @@ def certified_anchor(
     *,
     step: int | None = None,
     ritz: int = 16,
+    previous: IncrementalAnchor | None = None,
     **autolip_options,
 ) -> tuple[IncrementalAnchor, LipschitzResult]:
     """Certify the current weights (:func:`~lipreg.functional.autolip.autolip`,
-    ``certify=True``) and anchor at them (:func:`make_anchor`): the safe way to satisfy the
-    precondition."""
+    ``certify=True``) and anchor at them (:func:`make_anchor`, warm-started from
+    ``previous``): the safe way to satisfy the precondition."""
     if not autolip_options.pop("certify", True):
         raise ValueError("certified_anchor certifies: certify=False is not allowed.")
     result = autolip(model, input_shape, certify=True, **autolip_options)
     traced, cache = autolip_options.get("traced"), autolip_options.get("analysis")
     anchor = make_anchor(
-        model, input_shape, result, traced=traced, analysis=cache, step=step, ritz=ritz
+        model,
+        input_shape,
+        result,
+        traced=traced,
+        analysis=cache,
+        step=step,
+        ritz=ritz,
+        previous=previous,
     )
     return anchor, result
 

@@ -30,6 +30,7 @@ intermediate (weights near the float64 range) gives ``None``: the first-order bo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,10 +38,24 @@ from torch import Tensor
 
 from lipreg.functional.lmi import ETA, UNIT_ROUNDOFF, certify_psd, gamma, product_radius, sqrt_up
 
-__all__ = ["RITZ_MAX_SIDE", "RitzAnchor", "ritz_anchor", "ritz_bound"]
+__all__ = [
+    "RITZ_MAX_SIDE",
+    "RitzAnchor",
+    "deflated_top",
+    "ritz_anchor",
+    "ritz_bound",
+    "top_eigenpairs",
+]
 
-#: Gram sides up to this get a Ritz anchor (an eigendecomposition of the side at the anchor).
+#: Gram sides up to this get a Ritz anchor (top eigenvectors and a Cholesky test of the side).
 RITZ_MAX_SIDE = 2048
+#: Gram sides up to this get a full eigendecomposition (cheap there), larger ones block Krylov.
+DENSE_EIGH_SIDE = 256
+#: Extra columns of the Krylov block beyond the ``k`` wanted vectors.
+OVERSAMPLE = 8
+#: Krylov blocks from a random start, and from the previous anchor's ``V``.
+KRYLOV_BLOCKS = 10
+WARM_KRYLOV_BLOCKS = 5
 
 
 def _up(x: float, relative: float = 8 * UNIT_ROUNDOFF) -> float:
@@ -85,11 +100,82 @@ def _symmetric_upper(P: Tensor) -> Tensor:
     return upper + torch.triu(P, 1).T
 
 
-def ritz_anchor(W: Tensor, norm_s: float, k: int = 16) -> RitzAnchor | None:
+def _block_krylov(
+    apply: Callable[[Tensor], Tensor], X: Tensor, blocks: int
+) -> tuple[Tensor, Tensor]:
+    """Rayleigh–Ritz of the symmetric operator ``apply`` on ``span[X, AX, …, A^{q−1}X]``
+    (``q = blocks``, each block orthogonalised twice against the previous ones, at most half
+    the dimension in all): ``(values ascending, vectors)``."""
+    p, width = X.shape
+    basis = [torch.linalg.qr(X).Q]
+    for _ in range(blocks - 1):
+        if sum(b.shape[1] for b in basis) + width > p // 2:
+            break
+        Z = apply(basis[-1])
+        B = torch.cat(basis, 1)
+        for _ in range(2):  # classical Gram–Schmidt, twice: orthogonal to working precision
+            Z = Z - B @ (B.T @ Z)
+        basis.append(torch.linalg.qr(Z).Q)
+    B = torch.cat(basis, 1)
+    T = B.T @ apply(B)
+    values, U = torch.linalg.eigh((T + T.T) / 2)
+    return values, B @ U
+
+
+def _gaussian(p: int, width: int) -> Tensor:
+    return torch.randn(p, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def top_eigenpairs(
+    G: Tensor, k: int, start: Tensor | None = None, blocks: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Estimates ``(values, vectors)`` (ascending) of at least the top ``k + 1`` eigenpairs of
+    the symmetric float64 ``G`` (``p × p``): a full eigendecomposition when
+    ``p ≤`` :data:`DENSE_EIGH_SIDE`, else block Krylov (Rayleigh–Ritz on
+    ``span[X, GX, …, G^{q−1}X]``): ``X`` is ``k +`` :data:`OVERSAMPLE` columns, the first ones
+    ``start`` (the previous anchor's ``V``) when given and of the right height, the rest
+    seeded Gaussian; ``q = blocks`` (default :data:`KRYLOV_BLOCKS`, or
+    :data:`WARM_KRYLOV_BLOCKS` with ``start``).
+
+    An estimate only: nothing certified relies on it (the anchor's ``ε`` and ``b_s`` are
+    certified for whatever ``V`` this returns); it costs ``q`` products ``G X`` instead of
+    an ``O(p³)`` eigendecomposition."""
+    p = G.shape[0]
+    width = k + OVERSAMPLE
+    if p <= DENSE_EIGH_SIDE or p <= 4 * width:
+        return torch.linalg.eigh(G)
+    if blocks is None:
+        blocks = KRYLOV_BLOCKS if start is None else WARM_KRYLOV_BLOCKS
+    X = _gaussian(p, width)
+    if start is not None and start.dim() == 2 and start.shape[0] == p:
+        m = min(start.shape[1], width)
+        X[:, :m] = start[:, :m].to(torch.float64)
+    return _block_krylov(lambda Y: G @ Y, X, blocks)
+
+
+def deflated_top(G: Tensor, V: Tensor, blocks: int = 16) -> float:
+    """An estimate (from below) of ``λ_max`` of ``G`` on ``span(V)⊥``: block Krylov on
+    ``Y ↦ PGPY``, ``P = I − VVᵀ`` (``V`` nearly orthonormal), from a seeded Gaussian block of
+    :data:`OVERSAMPLE` columns. Where ``b_s`` of the Cholesky test starts when ``V`` is not
+    an exact eigenbasis (the next Ritz value of :func:`top_eigenpairs` can be far below it)."""
+
+    def apply(Y: Tensor) -> Tensor:
+        Y = Y - V @ (V.T @ Y)
+        Y = G @ Y
+        return Y - V @ (V.T @ Y)
+
+    values, _ = _block_krylov(apply, apply(_gaussian(G.shape[0], OVERSAMPLE)), blocks)
+    return float(values[-1])
+
+
+def ritz_anchor(
+    W: Tensor, norm_s: float, k: int = 16, start: Tensor | None = None
+) -> RitzAnchor | None:
     """The anchor data of bound (5) for the float64 weight ``W`` with ``‖W‖ ≤ norm_s``
-    (module docstring), with ``min(k, p − 1)`` Ritz vectors for the smaller side ``p``; or
-    ``None`` when ``p < 2`` or ``p >`` :data:`RITZ_MAX_SIDE`, or the Cholesky test fails for
-    ``b_s`` up to 1 % above the next eigenvalue plus ``1e-4 λ_max``.
+    (module docstring), with ``min(k, p − 1)`` Ritz vectors for the smaller side ``p``
+    (:func:`top_eigenpairs`, warm-started from ``start``, e.g. the previous anchor's ``V``);
+    or ``None`` when ``p < 2`` or ``p >`` :data:`RITZ_MAX_SIDE`, or the Cholesky test fails
+    for ``b_s`` up to 10 % above the estimated next eigenvalue plus ``1e-3 λ_max``.
 
     The radius of the test is a scalar: ``|fl(MᵀM) − MᵀM| ≤ γ_{n+2} |M|ᵀ|M| + 2(n+1)η`` and
     ``(|M|ᵀ|M|)_ij ≤ max_i ‖M_{:,i}‖²`` (Cauchy–Schwarz), likewise for ``V̂V̂ᵀ`` with the rows of
@@ -100,7 +186,7 @@ def ritz_anchor(W: Tensor, norm_s: float, k: int = 16) -> RitzAnchor | None:
     if k < 1 or p > RITZ_MAX_SIDE:
         return None
     G = _symmetric_upper(M.T @ M)
-    evals, evecs = torch.linalg.eigh(G)
+    evals, evecs = top_eigenpairs(G, k, start)
     V = evecs[:, -k:].contiguous()
     eps = _orthonormality(V)
     if not eps < 0.5:
@@ -114,7 +200,9 @@ def ritz_anchor(W: Tensor, norm_s: float, k: int = 16) -> RitzAnchor | None:
     scalar += tau * (gamma(k + 2) * row + 2.0 * (k + 1) * ETA) * (1 + 4 * UNIT_ROUNDOFF)
     rounding = 3 * UNIT_ROUNDOFF * (G.abs() + tau * VVt.abs())
     gap = max(float(evals[-k - 1]), 0.0)
-    for slack in (1e-6, 1e-4, 1e-2):
+    if p > DENSE_EIGH_SIDE:  # V is a Krylov estimate: λ_max on V⊥ may be above the next Ritz value
+        gap = max(gap, deflated_top(G, V))
+    for slack in (1e-6, 1e-4, 1e-2, 1e-1):  # Krylov estimates of the gap can be a % low
         b_s = gap * (1 + slack) + slack * 1e-2 * top
         P = b_s * torch.eye(p, dtype=torch.float64) - G + tau * VVt
         radius = rounding + (_up(scalar) + 3 * UNIT_ROUNDOFF * b_s)

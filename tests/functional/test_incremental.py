@@ -27,6 +27,7 @@ from lipreg.functional.incremental_bounds import (
     schur_bound_matrix,
     window_copies,
 )
+from lipreg.functional.incremental_ritz import DENSE_EIGH_SIDE, ritz_anchor, ritz_bound
 from lipreg.functional.incremental_scaled import ScaledCore, scaled_increment_bound
 from tests.helpers import (
     dense_conv_matrix,
@@ -387,7 +388,6 @@ def _ritz_case(shape: tuple[int, int], how: str, seed: int) -> tuple[torch.Tenso
 @pytest.mark.parametrize("shape", [(50, 40), (30, 60), (6, 50)])  # (6, 50): 5 Ritz vectors
 def test_ritz_bound_above_exact_norm(how: str, shape: tuple[int, int]) -> None:
     from lipreg.functional.incremental_bounds import dense_increment_bound
-    from lipreg.functional.incremental_ritz import ritz_anchor, ritz_bound
 
     W, W_t = _ritz_case(shape, how, seed=len(how))
     sigma = spectral_norm(W) * (1 + 1e-12)
@@ -583,3 +583,32 @@ def test_batch_norm_chains_with_moving_statistics(stats: str, change: str) -> No
             slack_s = before[lb.name] / truth_s[lb.name]
             assert lb.value <= true * slack_s * (1 + 1e-6), (lb.name, lb.value, true)
     _check_network(model, shape, result)
+
+
+# ---------------------------------------------------------------- Krylov Ritz anchor
+@pytest.mark.parametrize("spectrum", ["random", "separated"])
+def test_krylov_ritz_anchor_is_certified_and_tight(spectrum: str) -> None:
+    """A Gram side above DENSE_EIGH_SIDE: the Krylov V (cold and warm-started) gives a b_s
+    above the exact λ_max of G on span(V)⊥ (dense eigendecomposition of the compressed G), and
+    bound (5) stays above the exact norm after a change (float64 SVD)."""
+    p = DENSE_EIGH_SIDE + 44
+    g = gen(21)
+    W = torch.randn(p + 20, p, generator=g, dtype=F64) / math.sqrt(p)
+    if spectrum == "separated":
+        W[:, :6] *= 4.0
+    norm_s = spectral_norm(W) * (1 + 1e-9)
+    cold = ritz_anchor(W, norm_s, 16)
+    assert cold is not None
+    warm = ritz_anchor(W, norm_s, 16, start=cold.V)
+    assert warm is not None
+    G = W.T @ W
+    for anchor in (cold, warm):
+        Q = torch.linalg.qr(anchor.V).Q
+        P = torch.eye(p, dtype=F64) - Q @ Q.T
+        true = float(torch.linalg.eigvalsh(P @ G @ P)[-1])
+        assert anchor.b_s >= true
+        assert anchor.b_s <= true * 1.11 + 1e-3 * spectral_norm(G)  # the slack ladder's top
+        W_t = W + 1e-3 * torch.randn(W.shape, generator=g, dtype=F64)
+        beta = spectral_norm(W_t - W) * (1 + 1e-9)
+        bound = ritz_bound(W_t, anchor, beta)
+        assert bound is not None and bound >= spectral_norm(W_t)
