@@ -274,8 +274,9 @@ def make_anchor(
     :data:`~lipreg.functional.incremental_ritz.RITZ_MAX_SIDE`) also get the anchor of the
     second-order bound (5) (:func:`~lipreg.functional.incremental_ritz.ritz_anchor`: their top
     ``ritz`` singular vectors and a certified bound on the rest of the spectrum; one
-    block Krylov estimate of the top eigenvectors and one Cholesky test of the Gram matrix per
-    layer, warm-started from the ``previous`` anchor's Ritz vectors of the same chain).
+    eigendecomposition, or above :data:`~lipreg.functional.incremental_ritz.DENSE_EIGH_SIDE`
+    a block Krylov estimate warm-started from the ``previous`` anchor's Ritz vectors of the
+    same chain, and one Cholesky test of the Gram matrix per layer).
 
     Raises:
         ValueError: ``certified`` is not a certified upper bound.

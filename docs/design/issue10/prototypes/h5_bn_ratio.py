@@ -53,7 +53,9 @@ def main(names: list[str]) -> None:
             F.cross_entropy(model(x), y).backward()
             opt.step()
         model.eval()
-        change = max(float((a / b).abs().max()) for a, b in zip(bn_scales(model), before))
+        change = max(
+            float((a / b).abs().max()) for a, b in zip(bn_scales(model), before, strict=True)
+        )
         start = time.perf_counter()
         fresh = lipreg.autolip(model, SHAPE, certify=True, state=first.state)
         t_fresh = time.perf_counter() - start
