@@ -200,7 +200,9 @@ def _weight_bound(ctx: ChainContext, weight: Tensor, scale: float) -> LayerBound
     """``scale × certified ‖W‖`` (:func:`~lipreg.functional.certify.matrix_norm_certificate`,
     within the memory budget: dense Gram eigenvalue, else row blocks / Frobenius / Schur)."""
     cert = matrix_norm_certificate(weight, name=ctx.chain.name)
-    value = scale * cert.bound
+    # scale * bound rounds to nearest (and scale is itself a rounded product of the
+    # isometries' scales): pad as the closed forms are, so the product never rounds down.
+    value = cert.bound if scale == 1.0 else scale * cert.bound * CLOSED_FORM_PAD
     ctx.bounder.new_state[ctx.chain.name] = cert.v.to(ctx.bounder.analysis.dtype)
     method = cert.method if cert.method == "dense" else f"{cert.method} (memory budget)"
     extra = {"blocks": cert.blocks} if cert.method == "row-blocks" else {}
