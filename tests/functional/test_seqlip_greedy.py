@@ -5,19 +5,25 @@ pair maximum is at least the greedy value, which is the norm of the returned fea
 (2) a plain loop-based implementation of the local search, written here for the test (dense
 products with ``M`` and an explicit matrix per candidate flip, no Gram matrix): same patterns
 and the same values on random pairs of both orientations, Gram matrices kept up to date or
-stale; (3) ``seqlip(traced=..., analysis=...)`` equals a fresh call.
+stale; (3) ``seqlip(traced=..., analysis=...)`` equals a fresh call, and with an
+``AnalysisCache`` never re-traces nor re-probes an unchanged model (the tracer and the probe
+counted with ``unittest.mock``).
 """
 
 from __future__ import annotations
 
 import itertools
+from unittest import mock
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 import lipreg
+from lipreg.functional import analysis as analysis_module
+from lipreg.functional import analysis_cache as cache_module
 from lipreg.functional.analysis_cache import AnalysisCache
+from lipreg.functional.probe import ProbeInterpreter
 from lipreg.functional.seqlip_greedy import ALWAYS_GRAM, pair_norm_greedy
 from lipreg.functional.trace import trace
 
@@ -202,6 +208,36 @@ def test_seqlip_with_a_trace_or_an_analysis_cache_equals_a_fresh_call() -> None:
     again = lipreg.seqlip(net, (6,), method="exact", dtype=F64, analysis=cache)
     assert again.value == lipreg.seqlip(net, (6,), method="exact", dtype=F64).value
     assert again.certified and cache.builds == 1
+
+
+def test_seqlip_at_its_own_cadence_reuses_the_cache_without_re_tracing() -> None:
+    """SeqLip calls sharing the callback's ``AnalysisCache``: the tracer runs once (when the
+    cache is made), the probe once (the cache's first build), and every call still equals a
+    fresh call on the current weights (issue 10, item 7)."""
+    net = _net()
+    tracer = mock.Mock(side_effect=trace)
+    probe = mock.patch.object(
+        ProbeInterpreter, "probe", autospec=True, side_effect=ProbeInterpreter.probe
+    )
+    with (
+        mock.patch.object(cache_module, "trace", tracer),
+        mock.patch.object(analysis_module, "trace", tracer),
+        probe as probes,
+    ):
+        cache = AnalysisCache(net, (6,))
+        values = []
+        for scale in (1.0, 0.5, 3.0):  # training steps between SeqLip calls
+            with torch.no_grad():
+                net[2].weight.mul_(scale)
+            values.append(lipreg.seqlip(net, (6,), method="greedy", dtype=F64, analysis=cache))
+        assert tracer.call_count == 1 and probes.call_count == 1 and cache.builds == 1
+    # fresh calls (outside the counters) on the final weights and on a copy at each step
+    assert values[-1].value == lipreg.seqlip(net, (6,), method="greedy", dtype=F64).value
+    check = _net()
+    for scale, got in zip((1.0, 0.5, 3.0), values, strict=True):
+        with torch.no_grad():
+            check[2].weight.mul_(scale)
+        assert got.value == lipreg.seqlip(check, (6,), method="greedy", dtype=F64).value
 
 
 def test_seqlip_refuses_the_cache_of_another_model() -> None:
