@@ -29,7 +29,10 @@ cell reads "> cap"; the same column of every larger network of the family (all s
 as large) is then skipped ("skipped") and its warm/incremental columns too, so the run's length
 is bounded. ``--repeats R`` measures every network R times in interleaved rounds (all networks
 of round 1, then of round 2, ...) and reports medians of the per-round multiples. The machine
-load is printed under the table.
+load is printed under the table (before and after) and per row ("load (max)": the highest 1-min
+load average seen at the end of the row's rounds). "cold certificate by" counts the methods
+that bounded the cold certificate's affine factors (which ladder entry answered: a change of
+entry between sizes breaks a growth law, so the exponents must be read with it).
 
 Run: OMP_NUM_THREADS=1 python benchmarks/scaling.py [--quick] [--device cuda] [--time-cap S]
 (``--quick``: the smallest sizes only, to check that the script runs; not for published
@@ -42,7 +45,9 @@ import argparse
 import importlib
 import importlib.util
 import math
+import os
 import signal
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -224,6 +229,18 @@ class Round:
     unit: float
     cost: dict[str, float | str] = field(default_factory=dict)
     value: dict[str, float] = field(default_factory=dict)
+    methods: str = ""
+    load: float = math.nan
+
+
+def methods_summary(result: Any) -> str:
+    """How the affine factors of a certified result were bounded, e.g. ``"dense 10"`` or
+    ``"fft-merged (cost budget) 3, dense 1"``: which ladder entry answered (and so which cost
+    the row measures), counted over the result's ``kind == "affine"`` layers."""
+    counts = Counter(
+        layer.method or "?" for layer in getattr(result, "layers", []) if layer.kind == "affine"
+    )
+    return ", ".join(f"{method} {n}" for method, n in counts.most_common())
 
 
 def incremental_module() -> ModuleType | None:
@@ -282,6 +299,8 @@ def measure(net: Network, device: torch.device, cap: float, skip: set[str], sgd:
         )
     else:
         out.cost["incremental"] = SKIPPED
+    out.methods = methods_summary(found.get("cold certificate"))
+    out.load = os.getloadavg()[0]  # the 1-min load at the end of the row: how disturbed it was
     return out
 
 
@@ -306,7 +325,11 @@ def run_rounds(
                 if cost in (OVER_CAP, SKIPPED) and column in over:
                     over[column].append(net)
             cells = "; ".join(f"{c} {fmt(cell(done, c))}" for c in COLUMNS)
-            print(f"# round {r + 1}: {net.family} {net.label}: unit {done.unit:.3g} s; {cells}")
+            print(
+                f"# round {r + 1}: {net.family} {net.label}: unit {done.unit:.3g} s; {cells}; "
+                f"certificate by {done.methods or '-'}; load {done.load:.2f}",
+                flush=True,
+            )
     return rounds
 
 
@@ -340,7 +363,8 @@ def ratio(a: Any, b: Any) -> float | str:
 
 
 def table_rows(nets: list[Network], rounds: dict[int, list[Round]]) -> list[list[Any]]:
-    """One row per network: unit, the five multiples, warm/cold certificate, the values."""
+    """One row per network: unit, the five multiples, warm/cold certificate, the values, the
+    highest 1-min load seen at the end of its rounds and how its cold certificate was made."""
     rows = []
     for i, net in enumerate(nets):
         rs = rounds[i]
@@ -358,6 +382,8 @@ def table_rows(nets: list[Network], rounds: dict[int, list[Round]]) -> list[list
                 values.get("cold estimate", math.nan),
                 certified,
                 ratio(values.get("incremental"), values.get("warm certificate")),
+                max(r.load for r in rs),
+                rs[-1].methods or "-",
             ]
         )
     return rows
@@ -377,6 +403,8 @@ HEADERS = [
     "estimate (cold)",
     "certified (cold)",
     "incremental/warm certified",
+    "load (max)",
+    "cold certificate by",
 ]
 
 
