@@ -245,7 +245,10 @@ def run_ddp(out_dir: str) -> None:
     """Two CPU processes (gloo, ``ddp_spawn``), the callback with AutoLip + lower bound.
 
     The lower bound searches from the rank's own batch (ranks see different shards) and the
-    timings differ per rank: identical values on both ranks require the broadcast.
+    timings differ per rank: identical values on both ranks require the broadcast. The DDP
+    test asserts the step cadences of this 6-step fit, so the cost budget is off
+    (``max_overhead=None``: every scheduled value is computed; ``ddp_spawn`` pickles the
+    instance, so every rank has it).
     """
     from lipreg.callback import LipschitzCallback
 
@@ -258,6 +261,7 @@ def run_ddp(out_dir: str) -> None:
         every_n_train_steps=2,
         certify_every_n_train_steps=2,
         lower_bound_points=4,
+        max_overhead=None,
     )
     trainer = pl.Trainer(
         accelerator="cpu",
