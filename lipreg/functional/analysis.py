@@ -22,6 +22,7 @@ changing one sample of the probe batch and watching the other).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import operator
 from collections.abc import Sequence
@@ -47,11 +48,13 @@ from lipreg.functional.rules import (
     refusal_hint,
     splits_into_pieces,
 )
+from lipreg.functional.sharding import check_shardable, gathered_agreed, is_sharded
 from lipreg.functional.specs import InputArg, NodeContext, Nonlinear, Spec, UnsupportedNodeError
 from lipreg.functional.trace import (
     UnsupportedOperationError,
     check_finite_parameters,
     check_input_shape,
+    check_no_sharded_attrs,
     graph_root,
     input_placeholder,
     resolve_attr,
@@ -108,6 +111,9 @@ class Analysis:
     refusals: dict[fx.Node, str] = field(default_factory=dict)
     # constants that forward() computes from the model's state (probe values, frozen here)
     derived_constants: list[str] = field(default_factory=list)
+    # the model holds FSDP2 shards: specs are computed inside lipreg.functional.sharding.
+    # gathered() and their tensors are valid only there (see refresh_specs)
+    sharded: bool = False
 
     def _materialise(self, ctx: NodeContext) -> None:
         """Constant arguments as the rules see them: parameters read from the live model
@@ -125,34 +131,71 @@ class Analysis:
         ctx.args = tuple(fx.node.map_aggregate(raw_args, load))
         ctx.kwargs = dict(fx.node.map_aggregate(raw_kwargs, load))
 
-    def refresh_specs(self) -> None:
-        """(Re)apply every node's rule, reading the current parameters.
+    def refresh_specs(self, nodes: Sequence[fx.Node] | None = None) -> None:
+        """(Re)apply the rules of ``nodes`` (default: every node), reading the current
+        parameters; the other nodes keep their specs.
 
         Cheap (no forward pass except for generic affine offsets): the penalty calls it at
         every step so that its closures see the current weights, with autograd.
+
+        For a sharded model (``self.sharded``) every node's rule runs with its module's FSDP
+        unit gathered (:func:`lipreg.functional.sharding.gathered`, one unit at a time), which
+        gives every node's kind of spec; the tensors of an affine spec are then valid only
+        while its unit is gathered, so the bounds refresh a chain's nodes again inside their
+        own gather (:meth:`lipreg.functional.ladder.ChainBounder.bound`).
         """
-        specs: dict[fx.Node, Spec] = {}
+        specs: dict[fx.Node, Spec] = {} if nodes is None else dict(self.specs)
         unsupported: list[_Refusal] = []
+        todo = self.contexts if nodes is None else {n: self.contexts[n] for n in nodes}
         with evaluation_mode(self.root, restore_buffers=False):
-            for node, ctx in self.contexts.items():
-                self._materialise(ctx)
-                if node in self.refusals:
-                    unsupported.append(_Refusal(node, ctx.target, self.refusals[node], False))
-                    continue
-                if node in self.pieces:
-                    specs[node] = Nonlinear(1.0, "one piece of a split")
-                    continue
-                rule = lookup_rule(node, ctx.target)
-                if rule is None:
-                    unsupported.append(_describe_missing_rule(node, ctx.target))
-                    continue
-                try:
-                    specs[node] = rule(ctx)
-                except UnsupportedNodeError as exc:
-                    unsupported.append(_Refusal(node, ctx.target, str(exc), False))
+            for node, ctx in todo.items():
+                scope = (  # the unsharded path: no gather, no collective
+                    gathered_agreed(self.root, self.modules_of([node]), f"ruling {node.name}")
+                    if self.sharded and nodes is None
+                    else contextlib.nullcontext()
+                )
+                with scope:
+                    refusal = self._apply_rule(node, ctx, specs)
+                if refusal is not None:
+                    unsupported.append(refusal)
         if unsupported:
             raise UnsupportedOperationError(_unsupported_message(self.model_name, unsupported))
         self.specs = specs
+
+    def _apply_rule(
+        self, node: fx.Node, ctx: NodeContext, specs: dict[fx.Node, Spec]
+    ) -> _Refusal | None:
+        """Set ``specs[node]`` from the node's rule, or return why the node is refused."""
+        self._materialise(ctx)
+        if node in self.refusals:
+            return _Refusal(node, ctx.target, self.refusals[node], False)
+        if node in self.pieces:
+            specs[node] = Nonlinear(1.0, "one piece of a split")
+            return None
+        rule = lookup_rule(node, ctx.target)
+        if rule is None:
+            return _describe_missing_rule(node, ctx.target)
+        try:
+            specs[node] = rule(ctx)
+        except UnsupportedNodeError as exc:
+            return _Refusal(node, ctx.target, str(exc), False)
+        return None
+
+    def modules_of(self, nodes: Sequence[fx.Node]) -> list[nn.Module]:
+        """The modules whose parameters the rules of ``nodes`` read: a module call's module
+        and the owner of every parameter a ``get_attr`` argument names (what
+        :func:`lipreg.functional.sharding.gathered` must gather for them)."""
+        found: list[nn.Module] = []
+        for node in nodes:
+            ctx = self.contexts.get(node)
+            if ctx is None:
+                continue
+            if isinstance(ctx.target, nn.Module):
+                found.append(ctx.target)
+            for attr in _attrs_in(ctx.meta["raw"]):
+                owner, _, _ = attr.target.rpartition(".")
+                found.append(self.root.get_submodule(owner))
+        return found
 
     def at_dtype(self, dtype: torch.dtype) -> Analysis:
         """The same analysis with every spec computed at ``dtype``: same graph, same nodes
@@ -167,7 +210,10 @@ class Analysis:
             for node, ctx in self.contexts.items()
         }
         other = dataclasses.replace(self, contexts=contexts, specs={}, dtype=dtype)
-        other.refresh_specs()
+        if self.sharded:  # the kinds only: a chain's specs are refreshed inside its gather
+            other.specs = dict(self.specs)
+        else:
+            other.refresh_specs()
         return other
 
     def users(self, node: fx.Node) -> list[fx.Node]:
@@ -195,6 +241,13 @@ class Analysis:
         ``model_attr="model"`` to the callback for paths relative to the network.
         """
         return self.labels.get(node, node.name)
+
+
+def _attrs_in(raw: Any) -> list[_Attr]:
+    """The parameter references among a node's raw arguments."""
+    found: list[_Attr] = []
+    fx.node.map_aggregate(raw, lambda a: found.append(a) if isinstance(a, _Attr) else None)
+    return found
 
 
 def _rule_refusal(node: fx.Node, ctx: NodeContext) -> str | None:
@@ -292,16 +345,21 @@ def analyse(
     model = unwrap_compiled(model)
     if isinstance(model, nn.Sequential) and len(model) == 0:
         raise ValueError("the model is an empty nn.Sequential: there is nothing to bound.")
+    sharded = is_sharded(model)
+    check_shardable(model)
     check_finite_parameters(model)
     device, probe_dtype = _probe_setting(model)
     gm = traced if traced is not None else trace(model)
     input_node = input_placeholder(gm)
+    if sharded:
+        check_no_sharded_attrs(gm)
     run = _probe(gm, input_shape, device, probe_dtype)
     _check_probe(model, gm, run)
     probe = run.main
     analysis = _build_analysis(
         model, gm, input_node, input_shape, probe, dtype, device, differentiable
     )
+    analysis.sharded = sharded
     _collect_refusals(analysis, run)
     analysis.derived_constants = state_derived_nodes(gm, probe)
     if differentiable:

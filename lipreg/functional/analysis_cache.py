@@ -66,6 +66,7 @@ from torch import Tensor, fx, nn
 
 from lipreg.functional.analysis import Analysis, analyse, check_graph_still_matches
 from lipreg.functional.rules import has_module_rule, overriding_methods
+from lipreg.functional.sharding import local_tensor
 from lipreg.functional.trace import (
     check_input_shape,
     nonfinite_names,
@@ -148,7 +149,8 @@ def _attributes(m: nn.Module) -> tuple:
 
 
 def _tensor_key(t: Tensor) -> tuple:
-    ptr = t.data_ptr() if t.layout == torch.strided and not t.is_meta else 0
+    local = local_tensor(t)  # an FSDP2 shard: its own storage (a DTensor has no data_ptr)
+    ptr = local.data_ptr() if local.layout == torch.strided and not local.is_meta else 0
     return (id(t), type(t), tuple(t.shape), t.dtype, t.device, t.layout, ptr, t.requires_grad)
 
 

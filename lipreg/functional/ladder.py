@@ -77,6 +77,7 @@ from lipreg.functional.linear_map import LinearMap
 from lipreg.functional.power_iteration import OperatorNormResult, operator_norm
 from lipreg.functional.results import LayerBound
 from lipreg.functional.rounding import folded_kernel_error, materialisation_error
+from lipreg.functional.sharding import gathered_agreed
 from lipreg.functional.specs import Affine, ConvData
 
 __all__ = [
@@ -646,7 +647,18 @@ class ChainBounder:
         return self._analysis64
 
     def bound(self, chain: AffineChain) -> LayerBound:
-        """The chain's factor from the first ladder entry that answers."""
+        """The chain's factor from the first ladder entry that answers (for a sharded model:
+        with its FSDP units gathered and its specs re-read at both dtypes, the ranks agreeing
+        that the ladder succeeded: :func:`lipreg.functional.sharding.gathered_agreed`)."""
+        if not self.analysis.sharded:
+            return self._bound(chain)
+        nodes, root = list(chain.nodes), self.analysis.root
+        with gathered_agreed(root, self.analysis.modules_of(nodes), f"bounding {chain.name!r}"):
+            self.analysis.refresh_specs(nodes)
+            self.analysis64.refresh_specs(nodes)  # read by closed forms even without certify
+            return self._bound(chain)
+
+    def _bound(self, chain: AffineChain) -> LayerBound:
         ctx = ChainContext(self, chain)
         for entry in self.ladder:
             answer = entry(ctx)

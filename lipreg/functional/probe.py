@@ -21,6 +21,13 @@ import torch
 from torch import Tensor, fx, nn
 
 from lipreg.functional.evaluation import evaluation_mode
+from lipreg.functional.sharding import (
+    all_ranks_succeed,
+    gathered,
+    gathered_on_call,
+    is_dtensor,
+    local_tensor,
+)
 from lipreg.functional.trace import (
     GraphInterpreter,
     TraceError,
@@ -88,6 +95,7 @@ def is_shape_query(node: fx.Node) -> bool:
 
 
 def _storage(t: Tensor) -> int | None:
+    t = local_tensor(t)  # a DTensor has no storage of its own: its shard's is this rank's
     if t.numel() == 0 or t.layout != torch.strided:
         return None
     return t.untyped_storage().data_ptr()
@@ -116,6 +124,8 @@ class ProbeInterpreter(GraphInterpreter):
 
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm, keep_values=True)
+        # FSDP2 shards: every module call gathers its unit (one unit at a time, all ranks)
+        self.sharded = any(is_dtensor(p) for p in self.root.parameters())
         self.position = {n: i for i, n in enumerate(self.graph.nodes)}
         self.model_state = {
             _storage(t) for t in [*self.root.parameters(), *self.root.buffers()]
@@ -168,7 +178,8 @@ class ProbeInterpreter(GraphInterpreter):
             tensors = tensors_in((args, kwargs))
             versions = [_version(t) for t in tensors]
             try:
-                value = getattr(self, node.op)(node.target, args, kwargs)
+                with self._gathered(node):
+                    value = getattr(self, node.op)(node.target, args, kwargs)
             except Exception as exc:
                 raise RuntimeError(
                     f"evaluating {node.format_node()} on an input of shape {self.x_shape} "
@@ -183,6 +194,16 @@ class ProbeInterpreter(GraphInterpreter):
         if isinstance(value, Tensor) and (storage := _storage(value)) is not None:
             self.holders_of.setdefault(storage, []).append(node)
         return value
+
+    def _gathered(self, node: fx.Node) -> contextlib.AbstractContextManager:
+        """For a sharded model, the gather of a module call's FSDP unit around the call (and
+        the ranks' agreement that it succeeded); nothing otherwise."""
+        if not self.sharded or node.op != "call_module":
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(gathered(self.root, [self.root.get_submodule(node.target)]))
+        stack.enter_context(all_ranks_succeed(f"probing node {node.name!r}"))
+        return stack
 
     def _classify(self, node: fx.Node, value: Any) -> None:
         """Record whether ``node`` depends on the input, its per-sample shape, the first
@@ -315,6 +336,7 @@ def check_graph_reproduces_model(
         torch.random.fork_rng(devices=cuda_devices(x.device)),
         evaluation_mode(model),
         _hooks_disabled(model),
+        gathered_on_call(model),  # FSDP2 shards: one unit at a time (nothing otherwise)
         eager,
     ):
         actual = model.forward(x)

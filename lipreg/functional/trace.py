@@ -24,6 +24,14 @@ from torch import Tensor, fx, nn
 
 from lipreg.functional.evaluation import call_target, evaluation_mode
 from lipreg.functional.rules import has_module_rule, overriding_methods
+from lipreg.functional.sharding import (
+    agree_ok,
+    check_shardable,
+    is_dtensor,
+    is_fsdp_hook,
+    local_tensor,
+    register_fsdp_rules,
+)
 
 __all__ = [
     "GraphInterpreter",
@@ -33,6 +41,7 @@ __all__ = [
     "check_finite_parameters",
     "check_has_forward",
     "check_input_shape",
+    "check_no_sharded_attrs",
     "eval_function",
     "graph_root",
     "has_forward",
@@ -156,13 +165,19 @@ def _finite_probe_sum(t: Tensor) -> Tensor:
 
 def check_finite_parameters(model: nn.Module) -> None:
     """Raise if any floating parameter or buffer holds NaN or Inf (naming them); one host
-    sync when all are finite (:func:`nonfinite_names`), as this runs at every estimate."""
-    named = [
-        (name, t)
-        for name, t in list(model.named_parameters()) + list(model.named_buffers())
-        if t is not None
-    ]
+    sync when all are finite (:func:`nonfinite_names`), as this runs at every estimate.
+
+    An FSDP2 shard (``DTensor``) is checked on this rank's part only (no hidden collective),
+    then the ranks agree (:func:`lipreg.functional.sharding.agree_ok`), so that every rank
+    raises when one holds a non-finite value."""
+    named, shards = [], False
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t is not None:
+            shards = shards or is_dtensor(t)
+            named.append((name, local_tensor(t)))
     bad = nonfinite_names(named)
+    if shards and not agree_ok(not bad) and not bad:
+        bad = ["a parameter shard held by another rank"]
     if bad:
         raise ValueError(
             f"the model has non-finite (NaN/Inf) values in {bad}: no Lipschitz bound exists "
@@ -212,6 +227,8 @@ def trace(model: nn.Module) -> fx.GraphModule:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     model = unwrap_compiled(model)
+    check_shardable(model)  # FSDP1 wrappers: refused with what to do (fx cannot trace them)
+    register_fsdp_rules(model)  # FSDP2 leaves keep their original class's rule
     _warn_about_hooks(model)
     check_has_forward(model)
     if has_module_rule(model):
@@ -274,11 +291,34 @@ def resolve_attr(gm: nn.Module | None, root: nn.Module, target: str) -> Any:
         return _resolve(gm, target)
 
 
+def check_no_sharded_attrs(gm: fx.GraphModule) -> None:
+    """Refuse a sharded parameter read by ``forward`` outside a module call (``x @ self.w``):
+    the probe would compute with a shard. Modules' own parameters are gathered per call."""
+    root = graph_root(gm)
+    found = [
+        str(n.target)
+        for n in gm.graph.nodes
+        if n.op == "get_attr" and is_dtensor(resolve_attr(gm, root, str(n.target)))
+    ]
+    if found:
+        raise NotImplementedError(
+            f"forward() reads the FSDP-sharded parameters {found} directly (outside a module "
+            "call); lipreg gathers sharded parameters per module call only. Hold them in a "
+            "module with a rule (nn.Linear, nn.Conv2d, ...) or in a module that is not sharded."
+        )
+
+
+def _user_hooks(hooks: dict) -> list:
+    """The hooks that are not FSDP2's own all-gather hooks (those lipreg replaces by its own
+    gathers: :mod:`lipreg.functional.sharding`)."""
+    return [h for h in hooks.values() if not is_fsdp_hook(h)]
+
+
 def _warn_about_hooks(model: nn.Module) -> None:
     hooked = [
         name or type(model).__name__
         for name, m in model.named_modules()
-        if m._forward_hooks or m._forward_pre_hooks
+        if _user_hooks(m._forward_hooks) or _user_hooks(m._forward_pre_hooks)
     ]
     if hooked:
         warnings.warn(

@@ -1,0 +1,317 @@
+"""Bounding sharded models (FSDP2 ``fully_shard``) one merged map at a time.
+
+Under FSDP each rank holds a slice of every parameter (a ``DTensor`` shard), so lipreg must
+gather a map's weights before reading them. The rule here is the one of
+``docs/design/issue10/fsdp.md``: **every rank runs the same computation on the same gathered
+map, in graph order**, and only the FSDP units that hold the map at hand are gathered
+(:func:`gathered`: ``FSDPModule.unshard()`` before, ``reshard()`` after), so that the memory
+of a certificate scales with the largest map, not with the model.
+
+Gathers are collectives: a rank that raises between two of them would leave the others
+waiting in the next all-gather. :func:`agree_ok` all-reduces a success flag after every
+rank-local step (a rule, a certificate), so that a failure on one rank raises on all.
+
+**Guarantee.** A gathered parameter is a bit-for-bit copy of the full parameter (an
+all-gather moves bytes, it computes nothing), so a certificate of the gathered map is a
+certificate of the map the model holds; under a ``MixedPrecisionPolicy`` it is the map at
+``param_dtype``, the weights the forward computes with.
+
+FSDP1 (``FullyShardedDataParallel``) is refused by :func:`check_shardable` with what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "ShardedRankError",
+    "agree_ok",
+    "all_ranks_succeed",
+    "check_shardable",
+    "fsdp_units",
+    "gathered",
+    "gathered_agreed",
+    "gathered_on_call",
+    "is_dtensor",
+    "is_fsdp1",
+    "is_fsdp_hook",
+    "is_sharded",
+    "local_tensor",
+    "register_fsdp_rules",
+]
+
+
+class ShardedRankError(RuntimeError):
+    """Another rank failed while every rank bounded the same sharded map."""
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support
+        return None
+    return DTensor
+
+
+def _fsdp2_type() -> type | None:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return None
+    return FSDPModule
+
+
+def _fsdp1_type() -> type | None:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        return None
+    return FullyShardedDataParallel
+
+
+def is_dtensor(t: object) -> bool:
+    """``t`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 shard)."""
+    kind = _dtensor_type()
+    return kind is not None and isinstance(t, kind)
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's part of ``t`` (``to_local()`` of a ``DTensor``, else ``t`` itself): what
+    lipreg may read without a collective."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def is_fsdp1(model: nn.Module) -> bool:
+    """``model`` or one of its submodules is a ``FullyShardedDataParallel`` wrapper."""
+    kind = _fsdp1_type()
+    return kind is not None and any(isinstance(m, kind) for m in model.modules())
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """``model`` holds sharded state: a ``DTensor`` parameter, an FSDP2 module
+    (``fully_shard``) or an FSDP1 wrapper. ``False`` for every plain model, so that callers
+    keep their unsharded path (one pass over the modules)."""
+    fsdp2 = _fsdp2_type()
+    if fsdp2 is not None and any(isinstance(m, fsdp2) for m in model.modules()):
+        return True
+    return is_fsdp1(model) or any(is_dtensor(p) for p in model.parameters())
+
+
+def check_shardable(model: nn.Module) -> None:
+    """Refuse the sharded models lipreg cannot bound one map at a time, saying what to do."""
+    if is_fsdp1(model):
+        raise NotImplementedError(
+            f"{type(model).__name__} is or holds a FullyShardedDataParallel (FSDP1) wrapper: "
+            "lipreg bounds sharded models through FSDP2 only. Shard with "
+            "torch.distributed.fsdp.fully_shard (with Lightning: ModelParallelStrategy and "
+            "fully_shard in configure_model), or bound an unsharded copy of the weights "
+            "(e.g. loaded from a full state dict)."
+        )
+
+
+def _is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def agree_ok(ok: bool) -> bool:
+    """``True`` iff ``ok`` is true on every rank: an all-reduce (MIN) of the flag in the
+    default process group (``ok`` itself when no group is initialised). Every rank must
+    call it at the same point, as for any collective."""
+    if not _is_distributed() or torch.distributed.get_world_size() < 2:
+        return ok
+    backend = torch.distributed.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+@contextlib.contextmanager
+def all_ranks_succeed(what: str) -> Iterator[None]:
+    """Run a rank-local block, then agree (:func:`agree_ok`): a rank whose block raised
+    re-raises its own exception, the others raise :class:`ShardedRankError`; no rank is
+    left waiting in the next collective. The block must not run collectives itself."""
+    try:
+        yield
+    except BaseException:
+        agree_ok(False)
+        raise
+    if not agree_ok(True):
+        raise ShardedRankError(
+            f"another rank failed while lipreg was {what}; see that rank's error. Every "
+            "rank stopped here so that none waits in the next all-gather."
+        )
+
+
+def _managed(unit: nn.Module, fsdp2: type) -> list[nn.Parameter]:
+    """Parameters gathered by ``unit.unshard()``: its subtree's, minus those of nested units."""
+    nested = [n for n, m in unit.named_modules() if n and isinstance(m, fsdp2)]
+    return [
+        p
+        for name, p in unit.named_parameters()
+        if not any(name.startswith(f"{prefix}.") for prefix in nested)
+    ]
+
+
+def fsdp_units(root: nn.Module, modules: Iterable[nn.Module]) -> list[nn.Module]:
+    """The FSDP2 units (``FSDPModule``s) that hold the sharded parameters of ``modules``
+    (each module's nearest enclosing unit, itself included), in the order of ``modules``."""
+    fsdp2 = _fsdp2_type()
+    modules = list(modules)
+    if fsdp2 is None or not modules:
+        return []
+    paths = {id(m): name for name, m in root.named_modules()}
+    units = {name: m for name, m in root.named_modules() if isinstance(m, fsdp2)}
+    found: list[nn.Module] = []
+    for module in modules:
+        if id(module) not in paths or not any(is_dtensor(p) for p in module.parameters()):
+            continue  # unsharded (or already gathered): nothing to gather
+        parts = paths[id(module)].split(".") if paths[id(module)] else []
+        owner = next(
+            (units[p] for k in range(len(parts), -1, -1) if (p := ".".join(parts[:k])) in units),
+            None,
+        )
+        if owner is not None and all(owner is not u for u in found):
+            found.append(owner)
+    return found
+
+
+_WARNED: set[int] = set()
+
+
+def _warn_if_larger(root: nn.Module, unit: nn.Module, modules: Sequence[nn.Module]) -> None:
+    """Warn once per unit when gathering it gathers more than ``modules`` (e.g.
+    ``fully_shard`` on the root only: the whole model)."""
+    fsdp2 = _fsdp2_type()
+    wanted = {id(p) for m in modules for p in m.parameters()}
+    managed = _managed(unit, fsdp2)
+    extra = [p for p in managed if id(p) not in wanted]
+    if not extra or id(unit) in _WARNED:
+        return
+    _WARNED.add(id(unit))
+    name = next((n for n, m in root.named_modules() if m is unit), "?") or "<root>"
+    size = sum(p.numel() * p.element_size() for p in managed)
+    warnings.warn(
+        f"lipreg gathers the FSDP unit {name!r} ({type(unit).__name__}, {len(managed)} "
+        f"parameters, {size} bytes in full) to read {len(wanted)} of them: a unit holds more "
+        "than one map (with fully_shard on the root only, every map gathers the whole model). "
+        "Call fully_shard on each layer (or block) before the root to gather one map at a "
+        "time.",
+        stacklevel=4,
+    )
+
+
+@contextlib.contextmanager
+def gathered(root: nn.Module, modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Gather the full parameters of ``modules`` (submodules of ``root``) for the block.
+
+    ``unshard()`` of every FSDP2 unit holding a sharded parameter of ``modules`` (one
+    all-gather per unit, in the order of ``modules``: every rank must enter with the same
+    modules), and ``reshard()`` of those units afterwards, also when the block raises. A
+    unit found already unsharded is left as it was. Tensors read inside the block are valid
+    only inside it (FSDP frees the gathered storage at ``reshard()``).
+    """
+    units = fsdp_units(root, modules)
+    for unit in units:
+        _warn_if_larger(root, unit, modules)
+    done: list[nn.Module] = []
+    try:
+        for unit in units:
+            unit.unshard()
+            done.append(unit)
+        yield
+    finally:
+        for unit in reversed(done):
+            unit.reshard()
+
+
+@contextlib.contextmanager
+def gathered_agreed(root: nn.Module, modules: Sequence[nn.Module], what: str) -> Iterator[None]:
+    """:func:`gathered` around :func:`all_ranks_succeed`: gather, run the rank-local block,
+    agree that every rank succeeded, reshard (what every per-map step of lipreg does)."""
+    with gathered(root, modules), all_ranks_succeed(what):
+        yield
+
+
+@contextlib.contextmanager
+def gathered_on_call(root: nn.Module) -> Iterator[None]:
+    """While active, every call of a submodule of ``root`` that owns sharded parameters
+    gathers them around its ``forward`` (forward pre/post hooks running :func:`gathered`):
+    ``root.forward(x)`` then runs one unit at a time, as FSDP's own hooks would, without
+    them (lipreg runs forward with the model's hooks disabled)."""
+    handles = []
+    active: dict[int, contextlib.ExitStack] = {}
+
+    def pre(module: nn.Module, args: object) -> None:
+        stack = contextlib.ExitStack()
+        stack.enter_context(gathered(root, [module]))
+        active[id(module)] = stack
+
+    def post(module: nn.Module, args: object, output: object) -> None:
+        active.pop(id(module)).close()
+
+    owners = [m for m in root.modules() if any(is_dtensor(p) for p in m.parameters(recurse=False))]
+    try:
+        for m in owners:
+            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for stack in active.values():  # a forward that raised: reshard what it gathered
+            stack.close()
+
+
+def is_fsdp_hook(hook: object) -> bool:
+    """``hook`` is one of FSDP2's own forward hooks (a bound method of its per-module state,
+    defined in ``torch.distributed``): the all-gathers lipreg does itself while bounding."""
+    owner = getattr(hook, "__self__", None)
+    return owner is not None and type(owner).__module__.startswith("torch.distributed.fsdp")
+
+
+def _rule_of_class(cls: type) -> object | None:
+    """The rule that binds to instances of ``cls`` (asked through the registry's public
+    lookup, with an uninitialised stand-in instance: only its type is read)."""
+    from torch import fx
+
+    from lipreg.functional.rules import lookup_rule
+
+    node = fx.Graph().create_node("call_module", "stand_in")
+    return lookup_rule(node, object.__new__(cls))
+
+
+def register_fsdp_rules(model: nn.Module) -> None:
+    """Give each FSDP2 class of ``model`` (``FSDPLinear``: ``fully_shard`` swaps a module's
+    class for ``type("FSDP" + name, (FSDPModule, cls), ...)``) the rule of its original
+    class.
+
+    Why sound: ``FSDPModule`` defines no ``forward`` and no method the original ``forward``
+    calls (it adds ``unshard``/``reshard``, setters and ``_apply``); FSDP acts through
+    forward hooks, which lipreg replaces by its own gathers, so the module computes its
+    original class's function. The registry refuses subclasses that define methods (a rule
+    is proven for its class's code); a class that adds anything else between the FSDP
+    class and the original is left to that refusal."""
+    fsdp2 = _fsdp2_type()
+    if fsdp2 is None:
+        return
+    from lipreg.functional.rules import has_module_rule, register_rule
+
+    for m in model.modules():
+        cls = type(m)
+        if not isinstance(m, fsdp2) or has_module_rule(m):
+            continue
+        index = getattr(cls, "_orig_cls_mro_index", None)
+        if not isinstance(index, int) or index >= len(cls.__mro__):
+            continue
+        between = cls.__mro__[:index]
+        own = {k for k, v in vars(cls).items() if callable(v)} - {"__new__", "__deepcopy__"}
+        if own or any(k is not cls and k not in fsdp2.__mro__ for k in between):
+            continue
+        rule = _rule_of_class(cls.__mro__[index])
+        if rule is not None:
+            register_rule(cls, rule)  # type: ignore[arg-type]
