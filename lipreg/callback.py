@@ -13,8 +13,13 @@ key                                 meaning
                                     tolerance ``tol`` per layer). An **estimate**: the norms
                                     approach from below.
 ``lipschitz/autolip_certified``     AutoLip with certified layer norms: a **guaranteed upper
-                                    bound**; every ``certify_every_n_train_steps`` steps and
-                                    at the end of every fit.
+                                    bound**; every ``certify_every_n_train_steps`` steps
+                                    (default: every monitoring step) and at the end of every
+                                    fit. One full certificate anchors it, later values are
+                                    incremental (below).
+``lipschitz/certified_slack``       with it: its slack over the estimate of the same call,
+                                    ``value / estimate - 1`` (over-states the true slack).
+``lipschitz/full_certificates``     with it: full certificates (anchors) so far in this fit.
 ``lipschitz/certified``             with it, the tightest certified bound (the smaller of the
                                     above and the LMI block certificates of
                                     :func:`lipreg.functional.tight.tighten`, warm-started),
@@ -30,7 +35,8 @@ key                                 meaning
                                     path, e.g. ``features.0`` or ``layer2.0.downsample[0+1]``),
                                     the same string as in tables built from ``LayerBound``.
 ``lipschitz/<method>_iterations``,  cost of each estimate (the time, on the callback's
-``lipschitz/<method>_time_s``       clock, is what the cost budget predicts from).
+``lipschitz/<method>_time_s``       clock, is what the cost budget predicts from;
+                                    ``full_certificate_time_s`` for the anchors).
 =================================== ==========================================================
 
 **Steps.** The values of optimizer step ``k`` are logged under Lightning's own step index
@@ -77,7 +83,7 @@ from lipreg.callback_inputs import (
     find_network,
     infer_input,
 )
-from lipreg.callback_methods import FIT_END, METHOD_TABLE, SCHEDULED, MethodWork
+from lipreg.callback_methods import FIT_END, METHOD_TABLE, SCHEDULED, MethodWork, rows_of
 from lipreg.callback_options import (
     PREFIX,
     check_bool,
@@ -127,13 +133,24 @@ class LipschitzCallback(MethodWork, Callback):
     differentiable network. With explicit ``methods`` the refused ones are switched off (one
     warning) and the others run. ``methods=["lower_bound"]`` never traces the network.
 
+    **Incremental certificates.** The first certified value of a fit is a full certificate
+    (warm-started from the estimate); it becomes the *anchor* ``s``
+    (:func:`lipreg.functional.incremental.make_anchor`, with the top-16 Ritz space of every
+    dense weight). Later values are certified from it and the weight change:
+    ``σ(A_t) <= σ_cert(A_s) + β(A_t − A_s)`` per anchored chain (a second-order bound on
+    dense weights, a certified bound of the merged kernels' change on convolutions; see
+    :func:`lipreg.functional.incremental.incremental_autolip`), at the cost of a few
+    estimates. They stay certified whatever the change; only their slack grows. Once it grew
+    by more than ``recertify_slack`` since the anchor, the next certified value is a full
+    certificate again (a new anchor), the budget permitting. The anchor belongs to the fit
+    (not checkpointed: a resumed fit anchors anew).
+
     **Cost budget.** The callback times everything it does (one clock, ``budget.clock``) and
     the training between its hooks, and keeps its own time under ``max_overhead`` times the
-    training time. The warm AutoLip estimate (every monitoring step) always runs and is
-    counted; certificates, SeqLip and the lower bound (``Method.budgeted`` in
-    :data:`lipreg.callback_methods.METHOD_TABLE`) run at a step their cadence selects only if
-    their predicted cost (median of their last runs; a generous guess before the first)
-    fits: the callback must not be in debt and the run, plus the fit-end certificate set
+    training time. Every computation (``Method.budgeted`` in
+    :data:`lipreg.callback_methods.METHOD_TABLE`: the estimate, the full and the incremental
+    certificates, SeqLip, the lower bound) runs at a step its cadence selects only if its
+    predicted cost (median of its last runs; a generous guess before the first) fits: the callback must not be in debt and the run, plus the fit-end certificate set
     aside, must fit the budget of the planned fit (``trainer.estimated_stepping_batches``),
     so that a long fit gets its first certificate early and later ones about every
     ``cost / (max_overhead * step time)`` steps. The first stretch of each method is said
@@ -155,10 +172,10 @@ class LipschitzCallback(MethodWork, Callback):
         model_attr: attribute (dotted path allowed) of the LightningModule holding the
             network to bound; ``None`` bounds the LightningModule's own ``forward``.
         tol, max_iter: Lanczos tolerance (``> 0``) and iteration cap (``>= 1``) per layer.
-        certify_every_n_train_steps: cadence of ``lipschitz/autolip_certified`` (default 10
-            times ``every_n_train_steps``; ``0`` disables it; epoch ends selected by
-            ``every_n_epochs`` certify too, and the fit end always does). Certificates cost
-            more than warm estimates: an upper limit, stretched by ``max_overhead``.
+        certify_every_n_train_steps: cadence of ``lipschitz/autolip_certified`` (default
+            ``every_n_train_steps``; ``0`` disables it; epoch ends selected by
+            ``every_n_epochs`` certify too, and the fit end always does). An upper limit,
+            stretched by ``max_overhead``.
         seqlip_every_n_train_steps: cadence of SeqLip (default 10 times
             ``every_n_train_steps``): a greedy search over activation patterns costs far more
             than a warm AutoLip estimate. An upper limit, stretched by ``max_overhead``.
@@ -170,14 +187,18 @@ class LipschitzCallback(MethodWork, Callback):
             materialising them (tighter than the FFT/product certificates on small feature
             maps, costlier on large ones); ``0`` uses only structured certificates.
         log_layers: log per-layer norms (keys :func:`layer_key`).
-        compute_at_fit_end: at the end of every fit, compute :data:`FIT_END` (the AutoLip
-            estimate and certified bound) unless done at the final step (default ``True``):
-            every fit ends with a certified bound. SeqLip (minutes on a large network) and
-            the lower bound keep their cadences. Independent of :meth:`should_compute`; never
-            skipped by the budget (its cost is counted, and set aside in advance).
+        compute_at_fit_end: at the end of every fit, compute the AutoLip estimate and a
+            certified value (:data:`FIT_END`: incremental when an anchor exists, else a full
+            certificate) unless done at the final step (default ``True``): every fit ends
+            with a certified bound. SeqLip (minutes on a large network) and the lower bound
+            keep their cadences. Independent of :meth:`should_compute`; never skipped by the
+            budget (its cost is counted, and an incremental one set aside in advance).
         max_overhead: the callback's time stays under this fraction of the training time
             (default ``0.05``; ``None``: no budget, the step cadences alone). See **Cost
             budget** above.
+        recertify_slack: re-anchor (one full certificate) once the incremental certificates'
+            slack grew by more than this fraction since the anchor (default ``0.01``; the
+            slack is measured against the estimate of the same call).
         on_nonfinite: ``"warn"`` (log NaN, warn once, keep training) or ``"raise"``
             (``FloatingPointError``) when the weights or a bound are not finite.
         seed: seed (an int ``>= 0``) of the private generators.
@@ -207,6 +228,7 @@ class LipschitzCallback(MethodWork, Callback):
         log_layers: bool = True,
         compute_at_fit_end: bool = True,
         max_overhead: float | None = 0.05,
+        recertify_slack: float = 0.01,
         on_nonfinite: str = "warn",
         seed: int = 0,
     ) -> None:
@@ -230,6 +252,7 @@ class LipschitzCallback(MethodWork, Callback):
         check_bool("log_layers", log_layers)
         check_bool("compute_at_fit_end", compute_at_fit_end)
         check_number("max_overhead", max_overhead, allow_none=True, example=0.05)
+        check_number("recertify_slack", recertify_slack, example=0.01)
         check_choice("on_nonfinite", on_nonfinite, ("warn", "raise"))
         check_int("seed", seed, minimum=0)
 
@@ -253,6 +276,7 @@ class LipschitzCallback(MethodWork, Callback):
         self.max_overhead = None if max_overhead is None else float(max_overhead)
         #: Measured costs and training time; ``budget.clock`` is the clock of every timing.
         self.budget = CostBudget(self.max_overhead)
+        self.recertify_slack = float(recertify_slack)
         self.on_nonfinite = on_nonfinite
         self.seed = seed
         # warm-start vectors, and the input shape they belong to
@@ -279,6 +303,11 @@ class LipschitzCallback(MethodWork, Callback):
         self._input_path: tuple[Any, ...] | None = None
         self._last_batch: Tensor | None = None
         self._fresh_cert = None
+        # incremental certificates: anchored per fit (a new fit may train another network)
+        self._anchor = None
+        self._anchor_slack = self._last_slack = None
+        self._full_certificates = 0
+        self._step_now = 0
         self.budget.start_fit()
 
     @property
@@ -355,6 +384,7 @@ class LipschitzCallback(MethodWork, Callback):
         if step == self._last_step:
             return
         due = {m for m in SCHEDULED if self.should_compute(m, step, trainer.current_epoch)}
+        due = rows_of(due)
         if due:
             with self.budget.counting():
                 due = self._affordable(trainer, due, step)
@@ -365,7 +395,7 @@ class LipschitzCallback(MethodWork, Callback):
         step = trainer.global_step
         if n and (trainer.current_epoch + 1) % n == 0 and step != self._last_step:
             with self.budget.counting():
-                due = self._affordable(trainer, set(SCHEDULED), step)
+                due = self._affordable(trainer, set(METHOD_TABLE), step)
                 self._compute_and_log(trainer, step, due, in_batch=False)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -375,11 +405,16 @@ class LipschitzCallback(MethodWork, Callback):
         if not self.compute_at_fit_end:
             return
         step = trainer.global_step
-        due = set(FIT_END) - (self._done_at_last_step if step == self._last_step else set())
+        done = self._done_at_last_step if step == self._last_step else set()
+        # one certified value: incremental from the anchor if there is one, else a full one
+        certificate = "autolip_certified" if self._anchor is not None else "full_certificate"
+        promised = {"autolip"} | (set() if done & set(FIT_END[1:]) else {certificate})
+        due = promised - done
         if due:
             with self.budget.counting():
-                # the tightened certificate too, if the budget affords it (not promised)
-                due = self._affordable(trainer, due | {"certified"}, step, forced=FIT_END)
+                # a re-anchoring and the tightened certificate too, if the budget affords them
+                extra = {"certified", "full_certificate"}
+                due = self._affordable(trainer, due | extra, step, forced=tuple(due))
                 self._compute_and_log(trainer, step, due, in_batch=False)
 
     def should_compute(self, method: str, step: int, epoch: int) -> bool:
@@ -407,8 +442,16 @@ class LipschitzCallback(MethodWork, Callback):
         if self.max_overhead is None:
             return due
         tasks = [m for m in METHOD_TABLE.values() if m.name in due and self._runnable(m)]
-        promised = [METHOD_TABLE[m] for m in FIT_END] if self.compute_at_fit_end else []
-        reserve = [m for m in promised if self._runnable(m)] if not forced else []
+        # the fit end's reserve: the estimate and an incremental certificate (the anchor
+        # that makes it possible is what the budget schedules now; without one by the fit
+        # end, the promised full certificate runs over budget, counted)
+        promised = ("autolip", "autolip_certified") if self.compute_at_fit_end else ()
+        promised = () if forced else promised
+        reserve = [
+            METHOD_TABLE[m]
+            for m in promised
+            if METHOD_TABLE[m].requires in self._active() and m not in self._disabled
+        ]
         cadences = {m.name: getattr(self, m.cadence) or 0 for m in tasks}
         chosen = self.budget.choose(tasks, step, reserve, cadences, forced)
         if trainer.world_size > 1:
@@ -424,6 +467,7 @@ class LipschitzCallback(MethodWork, Callback):
             method.requires in self._active()
             and method.name not in self._disabled
             and (method.requires != "autolip" or self._estimator is not None)
+            and (method.ready is None or getattr(self, method.ready)())
         )
 
     # ------------------------------------------------------------------ reporting
@@ -612,6 +656,7 @@ class LipschitzCallback(MethodWork, Callback):
         metrics: dict[str, float] = {}
         nonfinite: list[str] = []
         self._fresh_cert = None  # lipschitz/certified refines this step's certificate only
+        self._step_now = step
         for method in tasks:
             label = f"lipschitz/{method.name}"
             try:

@@ -3,10 +3,10 @@
 The callback's own time (preparation, every method, broadcasting and logging) is kept under
 ``max_overhead`` times the training time of the fit. :class:`CostBudget` measures both with one
 clock and decides, at every step where the step cadences select some methods, which of the
-*budgeted* ones (certificates, SeqLip, the lower bound: ``Method.budgeted``) are affordable.
-Unbudgeted methods (the warm AutoLip estimate, the price of monitoring at all) always run and
-are counted. The policy is stated in full in :class:`CostBudget`'s docstring; the callback's
-class docstring summarises it.
+*budgeted* ones (``Method.budgeted``: every row of the callback's table, the estimate
+included) are affordable; unbudgeted ones would always run and be counted. The policy is
+stated in full in :class:`CostBudget`'s docstring; the callback's class docstring summarises
+it.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ class CostBudget:
       fit of ``N`` steps (``trainer.estimated_stepping_batches - s0``; ``P = E`` when the
       length is unknown or infinite);
     * ``R``: the reserve, the predicted cost of what the callback promises at the end of the
-      fit (``compute_at_fit_end``); it is set aside from ``P``.
+      fit (``compute_at_fit_end``: the estimate and an incremental certificate); it is set
+      aside from ``P`` once the estimate has been measured (the guesses are in its units).
 
     At a step where the cadences select some methods, the unbudgeted ones count first
     (``S`` grows by their predicted cost), then each budgeted one, in the order of the
@@ -168,13 +169,16 @@ class CostBudget:
         plan = earned
         if per_step is not None and self.planned_steps is not None:
             plan = max(plan, self.max_overhead * per_step * self.planned_steps)
-        set_aside = sum(self.predicted(m, per_step) or 0.0 for m in reserve)
+        # every guess is in units of the estimate: before it is measured, none is set aside
+        # (a guess scaled by the step time would keep the estimate itself from running)
+        measured = self.measured("autolip") is not None
+        set_aside = sum(self.predicted(m, per_step) or 0.0 for m in reserve) if measured else 0.0
         chosen: list[str] = []
         for method in due:
             if not method.budgeted or method.name in forced:
                 chosen.append(method.name)
                 continue
-            if method.needs is not None and method.needs not in chosen:
+            if method.needs and not set(method.needs) & set(chosen):
                 continue  # nothing to refine at this step
             cost = self.predicted(method, per_step)
             if cost is None or per_step is None:
@@ -210,8 +214,10 @@ class CostBudget:
             if cadence:
                 every = cadence * math.ceil(every / cadence)
             stretched = f"about every {every} steps"
+            if every <= (cadence or 1):  # it fits its cadence: the callback is in debt
+                stretched = "at fewer steps while the callback's earlier work is paid for"
         else:
-            stretched = "never (the always-run AutoLip estimate alone uses the budget)"
+            stretched = "never (the always-run methods alone use the budget)"
         rank_zero_info(
             f"{PREFIX}lipschitz/{method.name} costs {cost:.3g} s ({source}) and training "
             f"{per_step:.3g} s per step: under max_overhead={self.max_overhead:g} (the callback "

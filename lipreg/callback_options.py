@@ -144,8 +144,10 @@ def check_model_attr(model_attr: Any) -> None:
 def check_cadences(
     every_n_train_steps: Any, every_n_epochs: Any, certify_every: Any, seqlip_every: Any
 ) -> tuple[int, int]:
-    """Check the four cadences; return those of the certificate and of SeqLip, whose default
-    (``None``) is 10 times ``every_n_train_steps`` (``0``, never by steps, without it)."""
+    """Check the four cadences; return those of the certificate, whose default (``None``) is
+    ``every_n_train_steps`` (a certified value at every monitoring step: incremental
+    certificates cost a few estimates), and of SeqLip, whose default is 10 times
+    ``every_n_train_steps`` (``0``, never by steps, without it)."""
     check_int("every_n_train_steps", every_n_train_steps, minimum=1, allow_none=True)
     check_int("every_n_epochs", every_n_epochs, minimum=1, allow_none=True)
     if every_n_train_steps is None and every_n_epochs is None:
@@ -155,8 +157,8 @@ def check_cadences(
         )
     check_int("certify_every_n_train_steps", certify_every, 0, True)
     check_int("seqlip_every_n_train_steps", seqlip_every, 0, True)
-    default = 10 * every_n_train_steps if every_n_train_steps else 0
+    every = every_n_train_steps or 0
     return (
-        default if certify_every is None else certify_every,
-        default if seqlip_every is None else seqlip_every,
+        every if certify_every is None else certify_every,
+        10 * every if seqlip_every is None else seqlip_every,
     )

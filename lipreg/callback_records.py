@@ -40,7 +40,11 @@ class Method:
     selects (``False``: it always runs, and its cost is counted); ``prior``: the cost assumed
     before its first run, in multiples of the warm AutoLip estimate's measured cost
     (:class:`lipreg.callback_budget.CostBudget`); ``needs``: a method it refines, without
-    which it does not run at a step (its ``compute`` returns ``None`` then).
+    which it does not run at a step (its ``compute`` returns ``None`` then); ``logs``: the
+    name its value is logged under when it is not ``name`` (two rows may log one quantity
+    computed two ways, timed and budgeted apart: the full and the incremental certificate);
+    ``ready``: the name of the callback's predicate that must hold for it to be worth running
+    at all (e.g. an incremental certificate needs an anchor), checked before the budget.
     """
 
     name: str
@@ -50,14 +54,16 @@ class Method:
     compute: str
     budgeted: bool = False
     prior: float = 0.0
-    needs: str | None = None
+    needs: tuple[str, ...] = ()
+    logs: str | None = None
+    ready: str | None = None
 
 
-def metric_values(name: str, computed: Computed, seconds: float) -> dict[str, float]:
-    """``lipschitz/<name>``, ``lipschitz/<name>_iterations`` (iterative estimates only),
-    ``lipschitz/<name>_time_s`` and the extra (per-layer) values."""
-    key = f"lipschitz/{name}"
-    metrics = {key: computed.value}
+def metric_values(method: Method, computed: Computed, seconds: float) -> dict[str, float]:
+    """``lipschitz/<logs or name>``, ``lipschitz/<name>_iterations`` (iterative estimates
+    only), ``lipschitz/<name>_time_s`` and the extra (per-layer) values."""
+    key = f"lipschitz/{method.name}"
+    metrics = {f"lipschitz/{method.logs or method.name}": computed.value}
     if computed.iterations is not None:
         metrics[f"{key}_iterations"] = float(computed.iterations)
     metrics[f"{key}_time_s"] = seconds

@@ -179,7 +179,7 @@ def test_lower_bound_method_logs_its_key(tmp_path):
 
 
 def test_model_checkpoint_can_monitor_autolip(tmp_path):
-    callback = LipschitzCallback(methods=["autolip"], every_n_train_steps=3)
+    callback = LipschitzCallback(methods=["autolip"], every_n_train_steps=3, max_overhead=None)
     checkpoint = ModelCheckpoint(
         dirpath=tmp_path / "ckpt",
         monitor="lipschitz/autolip",
@@ -311,7 +311,8 @@ def _resume(ckpt: str, root: Path, callback: LipschitzCallback, max_steps: int) 
     return norm_product(module.net)
 
 
-CONFIG = {"methods": ["autolip", "seqlip"], "every_n_train_steps": 2}
+# exact cadences (the budget would stretch them on these millisecond steps)
+CONFIG = {"methods": ["autolip", "seqlip"], "every_n_train_steps": 2, "max_overhead": None}
 
 
 def six_step_checkpoint(root: Path, **options: Any) -> tuple[LipschitzCallback, Path]:
@@ -564,8 +565,10 @@ def test_the_fit_end_logs_a_certified_bound_by_default(tmp_path):
     """A run shorter than every cadence of the certificate still ends with one (with the
     estimate, not SeqLip), at Lightning's index of the final step; compute_at_fit_end=False
     turns it off."""
-    callback = LipschitzCallback(every_n_train_steps=3)  # certificate/SeqLip every 30 steps
-    assert callback.compute_at_fit_end and callback.certify_every_n_train_steps == 30
+    callback = LipschitzCallback(
+        every_n_train_steps=3, certify_every_n_train_steps=30, max_overhead=None
+    )  # certificate and SeqLip every 30 steps
+    assert callback.compute_at_fit_end and callback.seqlip_every_n_train_steps == 30
     logger = CSVLogger(tmp_path, name="csv")
     module = RegressionModule(lr=0.2)
     trainer = make_trainer(tmp_path, [callback], max_steps=7, logger=logger)
@@ -582,7 +585,12 @@ def test_the_fit_end_logs_a_certified_bound_by_default(tmp_path):
     assert end["lipschitz/autolip"] and not end.get("lipschitz/seqlip")
     assert rel(float(end["lipschitz/autolip"]), truth) < 1e-3
 
-    off = LipschitzCallback(every_n_train_steps=3, compute_at_fit_end=False)
+    off = LipschitzCallback(
+        every_n_train_steps=3,
+        certify_every_n_train_steps=30,
+        compute_at_fit_end=False,
+        max_overhead=None,
+    )
     logger = CSVLogger(tmp_path, name="off")
     trainer = make_trainer(tmp_path / "off", [off], max_steps=7, logger=logger)
     trainer.fit(RegressionModule(lr=0.2), loader())
@@ -603,7 +611,10 @@ def test_the_fit_end_adds_only_what_the_last_step_lacks(tmp_path, monkeypatch):
 
     monkeypatch.setattr(LipschitzCallback, "_seqlip", counted)
     callback = LipschitzCallback(
-        every_n_train_steps=3, seqlip_every_n_train_steps=3, max_overhead=None
+        every_n_train_steps=3,
+        seqlip_every_n_train_steps=3,
+        certify_every_n_train_steps=30,
+        max_overhead=None,
     )
     logger = CSVLogger(tmp_path, name="csv")
     trainer = make_trainer(tmp_path, [callback], max_steps=9, logger=logger)

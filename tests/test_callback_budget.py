@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,7 +35,7 @@ from tests._lightning_helpers import (
 torch.set_num_threads(1)
 pytestmark = pytest.mark.usefixtures("seeded")
 
-STEP, ESTIMATE, CERTIFICATE = 1.0, 1 / 64, 0.5
+STEP, ESTIMATE, FULL, INCREMENT = 1.0, 1 / 64, 0.5, 1 / 32
 EPSILON = 1 / 16  # max_overhead of these tests (dyadic: exact sums)
 CERTIFIED = "lipschitz/autolip_certified"
 
@@ -65,7 +66,8 @@ class TimedModule(RegressionModule):
 
 
 class TimedCallback(LipschitzCallback):
-    """The real callback whose estimate and certificate take fixed fake times."""
+    """The real callback whose estimate, full and incremental certificates take fixed fake
+    times (when they do work)."""
 
     def __init__(self, clock: FakeClock, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -76,15 +78,23 @@ class TimedCallback(LipschitzCallback):
         self.clock.advance(ESTIMATE)
         return super()._autolip_estimate(network)
 
-    def _certify(self, network: nn.Module):
-        self.clock.advance(CERTIFICATE)
-        return super()._certify(network)
+    def _full_certificate(self, network: nn.Module):
+        self.clock.advance(FULL)
+        return super()._full_certificate(network)
+
+    def _incremental_certificate(self, network: nn.Module):
+        result = super()._incremental_certificate(network)
+        if result is not None:
+            self.clock.advance(INCREMENT)
+        return result
 
 
 def fit(tmp_path, steps: int, data: Any = None, **options: Any):
-    """A fit of ``steps`` steps (or of ``data``) with the timed callback certifying at every
-    step; returns the callback, the global steps of its CSV rows holding a certified value,
-    those holding an estimate, the callback's budget notes (rank-zero infos) and the rows."""
+    """A fit of ``steps`` steps (or of ``data``) with the timed callback estimating and
+    certifying at every step (one anchor: ``recertify_slack`` too large to re-anchor);
+    returns the callback, the global steps of its CSV rows holding a certified value, those
+    holding an estimate, the callback's budget notes (rank-zero infos, by method) and the
+    rows."""
     clock = FakeClock()
     options = {
         "methods": ["autolip"],
@@ -92,6 +102,7 @@ def fit(tmp_path, steps: int, data: Any = None, **options: Any):
         "certify_every_n_train_steps": 1,
         "max_overhead": EPSILON,
         "compute_at_fit_end": False,
+        "recertify_slack": 1e9,
         **options,
     }
     callback = TimedCallback(clock, **options)
@@ -106,44 +117,56 @@ def fit(tmp_path, steps: int, data: Any = None, **options: Any):
     steps_with = [
         [int(r["step"]) + 1 for r in rows if r.get(key)] for key in (CERTIFIED, "lipschitz/autolip")
     ]
-    # the certificate's notes (lipschitz/certified, the LMI tightening, has its own)
-    budget_notes = [n for n in notes if "max_overhead" in n and CERTIFIED + " costs" in n]
-    callback.other_notes = [n for n in notes if "max_overhead" in n and n not in budget_notes]
-    return callback, steps_with[0], steps_with[1], budget_notes, rows
+    by_method: dict[str, list[str]] = {}
+    for note in notes:
+        match = re.search(r"lipschitz/(\w+) costs", note)
+        if "max_overhead" in note and match:
+            by_method.setdefault(match.group(1), []).append(note)
+    return callback, steps_with[0], steps_with[1], by_method, rows
 
 
-def test_an_expensive_method_is_stretched_and_said_once(tmp_path):
-    """100 planned steps: plan P = e * t * N = 1/16 * 1 * 100 = 6.25 s. Step 1: no estimate
-    measured yet, the certificate's guess is 300 x t = 300 s > P: skipped. Step 2: guess
-    300/64 = 4.6875 s; spent S = 2/64 (two estimates) <= E = 2/16 and S + 4.6875 <= 6.25: it
-    runs (the plan lends it). After n certificates, at step k: S = n/2 + k/64 <= k/16 (not in
-    debt) iff k >= 32n/3, the spacing k - k_last >= 0.5/(1/16) = 8 never binds, and the plan
-    S + 1/2 <= 6.25 holds up to n = 8 (n = 9 at k = 96 would need 6.5): k = 11, 22, 32, 43,
-    54, 64, 75, 86."""
+def test_the_anchor_is_borrowed_for_and_increments_run_at_every_step(tmp_path):
+    """100 planned steps: plan P = e * t * N = 1/16 * 1 * 100 = 6.25 s; no fit-end reserve.
+    Step 1: the estimate (guess 0.5 t = 0.5 s <= P, S = 0 <= E = 1/16) runs; the full
+    certificate's guess 300 t = 300 s does not fit. Step 2: the estimate, then the full
+    certificate (guess 300/64 = 4.6875 s; S = 2/64 <= E = 2/16, S + 4.6875 <= P: the plan
+    lends it), which anchors. Now S = 2/64 + 1/2 = 0.53125 > k/16 until k = 9 (0.5625):
+    steps 3-8 skip everything (in debt). From step 9 the estimate (1/64) and the incremental
+    certificate (guessed 20/64, then 1/32) run at every step: 3/64 < e t = 1/16, so the debt
+    never comes back, and S + 3/64 <= P up to step 100 (S = 4.84375 at the end)."""
     callback, certified, estimated, notes, _ = fit(tmp_path, 100)
-    assert certified == [2, 11, 22, 32, 43, 54, 64, 75, 86]
-    assert estimated == list(range(1, 101))  # the estimate is never skipped
-    assert callback.budget.runs == {"autolip": 100, "autolip_certified": 9}
-    # the callback's own time: 100 estimates + 9 certificates, under e x 100 s
-    assert callback.budget.own == 100 * ESTIMATE + 9 * CERTIFICATE <= EPSILON * 100
-    (note,) = notes  # once, at step 3, with the measured cost and the way out
-    assert "lipschitz/autolip_certified costs 0.5 s (median of its last 1 run(s))" in note
-    assert "training 1 s per step" in note and "max_overhead=0.0625" in note
-    # free budget per step at step 3: 1/16 - (2/64)/3; 0.5 / that = 9.6 -> about every 10
-    assert "about every 10 steps instead of every 1" in note
-    assert "raise max_overhead, or set max_overhead=None" in note
+    assert certified == [2, *range(9, 101)]
+    assert estimated == [1, 2, *range(9, 101)]
+    assert callback.budget.runs == {"autolip": 94, "full_certificate": 1, "autolip_certified": 92}
+    assert callback.budget.own == 94 * ESTIMATE + FULL + 92 * INCREMENT <= EPSILON * 100
+    # said once each, at step 3: the estimate waits for the debt, the increment is stretched
+    # on its guess (0.3125 / (1/16) = 5 steps); the anchor ran without ever being stretched
+    (estimate_note,) = notes["autolip"]
+    assert "lipschitz/autolip costs 0.0156 s (median of its last 2 run(s))" in estimate_note
+    assert "at fewer steps while the callback's earlier work is paid for" in estimate_note
+    assert "raise max_overhead, or set max_overhead=None" in estimate_note
+    (increment_note,) = notes["autolip_certified"]
+    assert "costs 0.312 s (guessed at 20x" in increment_note
+    assert "about every 5 steps instead of every 1" in increment_note
+    assert "full_certificate" not in notes
     # the tightened certificate (guessed at 3000 estimates = 46.9 s > P) never runs, said once
-    (other,) = callback.other_notes
+    (other,) = notes["certified"]
     assert "lipschitz/certified costs 46.9 s (guessed at 3000x" in other
     assert "lipschitz/certified" not in callback.last_metrics
+    assert callback.last_metrics["lipschitz/full_certificates"] == 1
 
 
 def test_without_a_budget_the_cadences_are_exact(tmp_path):
     callback, certified, estimated, notes, _ = fit(tmp_path, 12, max_overhead=None)
     assert certified == estimated == list(range(1, 13))
-    assert notes == []
-    # and the tightened certificate with each certificate, as before the budget
-    assert callback.budget.runs == {"autolip": 12, "autolip_certified": 12, "certified": 12}
+    assert notes == {}
+    # one anchor, then increments; the tightened certificate with each certified value
+    assert callback.budget.runs == {
+        "autolip": 12,
+        "full_certificate": 1,
+        "autolip_certified": 11,
+        "certified": 12,
+    }
 
 
 class Stream(IterableDataset):
@@ -158,27 +181,44 @@ class Stream(IterableDataset):
 
 def test_an_unplanned_fit_waits_for_the_earned_budget(tmp_path):
     """No planned length (estimated_stepping_batches is inf): P = E, nothing is lent. The
-    first certificate needs S + 300/64 <= k/16 with S = k/64: k >= 100 (exactly 6.25 s at
-    k = 100). Then the spacing rule, 8 steps: 108, 116 (the earned budget alone would allow
-    a burst at 101, 102, ...)."""
+    estimate's guess 0.5 s fits at k/16 >= 0.5: step 8; then it runs at every step (S =
+    (k - 8)/64 before step k). The full certificate needs S + 1/64 + 300/64 <= k/16, i.e.
+    k - 7 + 300 <= 4k: step 98 (the earned budget alone, no lending). Then S = 123/64 <<
+    99/16: the estimate and the increment at every step up to 120."""
     data = DataLoader(Stream(4 * 120), batch_size=4)
-    callback, certified, _, notes, _ = fit(tmp_path, 0, data=data)
+    callback, certified, estimated, notes, _ = fit(tmp_path, 0, data=data)
     assert callback.budget.planned_steps is None
-    assert certified == [100, 108, 116]
-    assert len(notes) == 1
+    assert certified == list(range(98, 121))
+    assert estimated == list(range(8, 121))
+    assert len(notes["full_certificate"]) == 1
 
 
 def test_the_fit_end_certificate_is_kept_and_counted(tmp_path):
-    """20 planned steps: P = 1.25 s < the certificate's guess (4.6875 s, reserved for the fit
-    end too): no certificate during the fit, one at its end (the promise), and it counts."""
-    callback, certified, _, notes, rows = fit(tmp_path, 20, compute_at_fit_end=True)
-    # one row: the fit end's, at Lightning's index of step 20, with the certificate alone
+    """20 planned steps: P = 1.25 s < the full certificate's guess (4.6875 s): no anchor
+    during the fit; the estimate runs at every step (reserve for the fit end: its 1/64 and
+    the increment's guess 20/64, so (k + 21)/64 <= 80/64); at the end the promise is a full
+    certificate (no anchor to increment from), and it counts."""
+    callback, certified, estimated, notes, rows = fit(tmp_path, 20, compute_at_fit_end=True)
+    assert estimated == list(range(1, 21))
+    # one certified row: the fit end's, at Lightning's index of step 20, with it alone
     assert certified == [20]
     assert not [r for r in rows if r.get(CERTIFIED) and r.get("lipschitz/autolip")]
-    assert callback.budget.runs["autolip_certified"] == 1
-    assert callback.budget.own == 20 * ESTIMATE + CERTIFICATE
-    assert len(notes) == 1 and "guessed at 300x the AutoLip estimate" in notes[0]
+    assert callback.budget.runs == {"autolip": 20, "full_certificate": 1}
+    assert callback.budget.own == 20 * ESTIMATE + FULL
+    (note,) = notes["full_certificate"]
+    assert "guessed at 300x the AutoLip estimate" in note
     assert math.isfinite(callback.last_metrics[CERTIFIED])
+
+
+def test_an_anchored_fit_ends_with_an_increment(tmp_path):
+    """The same 100-step fit as the first test with the fit-end promise: step 2 needs
+    S + 4.6875 + R <= P with R = 1/64 + 20/64 (2/64 + 300/64 + 21/64 = 323/64 <= 400/64):
+    the anchor still comes at step 2; everything after as in the first test (the reserve,
+    21/64 then 3/64, never binds: S <= 4.84375 - 3/64 before step 100). The final step
+    computed both values, so the fit end adds nothing."""
+    callback, certified, _, _, _ = fit(tmp_path, 100, compute_at_fit_end=True)
+    assert certified == [2, *range(9, 101)]
+    assert callback.budget.runs["full_certificate"] == 1
 
 
 @pytest.mark.parametrize(

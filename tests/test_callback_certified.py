@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 
 import lipreg.callback_methods as methods_module
 from lipreg import LipschitzCallback
-from tests._lightning_helpers import D_IN, RegressionModule, callback_warnings, loader, make_trainer
+from tests._lightning_helpers import (
+    D_IN,
+    D_OUT,
+    RegressionModule,
+    callback_warnings,
+    lipschitz_rows,
+    loader,
+    make_mlp,
+    make_trainer,
+    norm_product,
+)
 from tests.helpers import dense_jacobian_norms
 
 
@@ -48,3 +60,69 @@ def test_a_failing_tight_certificate_never_breaks_the_fit(tmp_path, monkeypatch)
     assert len(messages) == 1 and "boom" in messages[0]
     assert "lipschitz/certified" not in callback.last_metrics
     assert "lipschitz/autolip_certified" in callback.last_metrics
+
+
+class Recording(LipschitzCallback):
+    """Records, at every certified value, the value, the kind of certificate and the exact
+    AutoLip of the weights it certifies (the product of float64 spectral norms, for a ReLU
+    MLP: independent of the certificates)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.seen: list[tuple[str, float, float]] = []
+
+    def _certified(self, cert):
+        kind = "incremental" if any("incremental" in n for n in cert.notes) else "full"
+        self.seen.append((kind, cert.value, norm_product(self._network_cache)))
+        return super()._certified(cert)
+
+
+@pytest.mark.parametrize("widths", [(D_IN, 16, 16, D_OUT), (D_IN, 40, 40, D_OUT)])
+def test_a_certified_value_at_every_step_is_above_the_exact_constant(tmp_path, widths):
+    """Every monitoring step logs a certified value (a full certificate once, then increments
+    from it, with Ritz spaces on the 40-wide layers): each is above the exact AutoLip of the
+    weights at that step and, after a few steps of SGD, within a few percent of it."""
+    callback = Recording(
+        methods=["autolip"], every_n_train_steps=1, max_overhead=None, recertify_slack=1e9
+    )
+    module = RegressionModule(make_mlp(widths), lr=0.1)
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = make_trainer(tmp_path, [callback], max_steps=8, logger=logger)
+    trainer.fit(module, loader())
+    kinds = [kind for kind, _, _ in callback.seen]
+    assert kinds == ["full"] + ["incremental"] * 7  # the fit end adds nothing (done at step 8)
+    for kind, value, exact in callback.seen:
+        assert value >= exact, (kind, value, exact)
+        assert value <= exact * 1.05, (kind, value, exact)
+    rows = [r for r in lipschitz_rows(logger) if r["lipschitz/autolip_certified"]]
+    assert len(rows) == 8
+    assert all(float(r["lipschitz/full_certificates"]) == 1 for r in rows)
+    assert all(float(r["lipschitz/certified_slack"]) >= 0 for r in rows)
+    assert callback.budget.runs["full_certificate"] == 1
+
+
+def test_a_grown_slack_re_anchors(tmp_path):
+    """recertify_slack: once the increments' slack grew by more than it since the anchor, the
+    next certified value is a full certificate (a new anchor); never below the exact value."""
+    tight = Recording(
+        methods=["autolip"], every_n_train_steps=1, max_overhead=None, recertify_slack=1e-12
+    )
+    trainer = make_trainer(tmp_path, [tight], max_steps=6)
+    trainer.fit(RegressionModule(lr=0.2), loader())
+    kinds = [kind for kind, _, _ in tight.seen]
+    # anchor, increment (its slack grew: the weights moved), anchor, increment, ...
+    assert kinds == ["full", "incremental"] * 3
+    assert all(value >= exact for _, value, exact in tight.seen)
+    assert tight.last_metrics["lipschitz/full_certificates"] == 3
+
+
+def test_the_anchor_is_per_fit_and_never_checkpointed(tmp_path):
+    callback = Recording(methods=["autolip"], every_n_train_steps=1, max_overhead=None)
+    trainer = make_trainer(tmp_path, [callback], max_steps=3)
+    trainer.fit(RegressionModule(), loader())
+    assert callback._anchor is not None
+    assert "anchor" not in str(sorted(callback.state_dict()))
+    second = make_trainer(tmp_path / "second", [callback], max_steps=2)
+    callback.seen.clear()
+    second.fit(RegressionModule(), loader())  # another network: a new anchor first
+    assert callback.seen[0][0] == "full"
