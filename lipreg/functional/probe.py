@@ -177,15 +177,15 @@ class ProbeInterpreter(GraphInterpreter):
             args, kwargs = self.fetch_args_kwargs_from_env(node)
             tensors = tensors_in((args, kwargs))
             versions = [_version(t) for t in tensors]
-            try:
-                with self._gathered(node):
+            with self._gathered(node):  # a refused gather raises its own error
+                try:
                     value = getattr(self, node.op)(node.target, args, kwargs)
-            except Exception as exc:
-                raise RuntimeError(
-                    f"evaluating {node.format_node()} on an input of shape {self.x_shape} "
-                    f"failed: {type(exc).__name__}: {exc}. Is input_shape right (one sample, "
-                    "no batch dimension)?"
-                ) from exc
+                except Exception as exc:
+                    raise RuntimeError(
+                        f"evaluating {node.format_node()} on an input of shape {self.x_shape} "
+                        f"failed: {type(exc).__name__}: {exc}. Is input_shape right (one "
+                        "sample, no batch dimension)?"
+                    ) from exc
             mutated = [t for t, v in zip(tensors, versions, strict=True) if _version(t) != v]
         self.env[node] = value  # the in-place check reads it
         self._classify(node, value)

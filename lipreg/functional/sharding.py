@@ -22,6 +22,7 @@ FSDP1 (``FullyShardedDataParallel``) is refused by :func:`check_shardable` with 
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -50,6 +51,7 @@ class ShardedRankError(RuntimeError):
     """Another rank failed while every rank bounded the same sharded map."""
 
 
+@functools.cache  # imported once: these run per tensor on the unsharded path too
 def _dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
@@ -58,6 +60,7 @@ def _dtensor_type() -> type | None:
     return DTensor
 
 
+@functools.cache
 def _fsdp2_type() -> type | None:
     try:
         from torch.distributed.fsdp import FSDPModule
@@ -66,6 +69,7 @@ def _fsdp2_type() -> type | None:
     return FSDPModule
 
 
+@functools.cache
 def _fsdp1_type() -> type | None:
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -96,10 +100,10 @@ def is_sharded(model: nn.Module) -> bool:
     """``model`` holds sharded state: a ``DTensor`` parameter, an FSDP2 module
     (``fully_shard``) or an FSDP1 wrapper. ``False`` for every plain model, so that callers
     keep their unsharded path (one pass over the modules)."""
-    fsdp2 = _fsdp2_type()
-    if fsdp2 is not None and any(isinstance(m, fsdp2) for m in model.modules()):
+    kinds = tuple(k for k in (_fsdp2_type(), _fsdp1_type()) if k is not None)
+    if kinds and any(isinstance(m, kinds) for m in model.modules()):
         return True
-    return is_fsdp1(model) or any(is_dtensor(p) for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def check_shardable(model: nn.Module) -> None:
@@ -219,15 +223,33 @@ def gathered(root: nn.Module, modules: Sequence[nn.Module]) -> Iterator[None]:
     units = fsdp_units(root, modules)
     for unit in units:
         _warn_if_larger(root, unit, modules)
+    stored = [p.dtype for m in modules for p in m.parameters()] if units else []
     done: list[nn.Module] = []
     try:
         for unit in units:
             unit.unshard()
             done.append(unit)
+        if units:
+            _check_same_dtypes(stored, [p.dtype for m in modules for p in m.parameters()])
         yield
     finally:
         for unit in reversed(done):
             unit.reshard()
+
+
+def _check_same_dtypes(stored: list[torch.dtype], full: list[torch.dtype]) -> None:
+    """Refuse a unit that gathers its parameters at another dtype than it stores them (a
+    ``MixedPrecisionPolicy(param_dtype=...)``): the model computes with the cast weights and
+    at that dtype, which lipreg's probe and specs (at the stored dtype) do not model yet.
+    Every rank holds the same policy, so every rank raises."""
+    if stored != full:
+        changed = sorted({f"{a} -> {b}" for a, b in zip(stored, full, strict=True) if a != b})
+        raise NotImplementedError(
+            f"FSDP gathers these parameters at another dtype than it stores them ({changed}: "
+            "a MixedPrecisionPolicy with param_dtype); lipreg does not bound mixed-precision "
+            "sharded models yet. Bound without param_dtype, or an unsharded copy of the "
+            "weights cast to that dtype."
+        )
 
 
 @contextlib.contextmanager

@@ -181,6 +181,21 @@ def _check_rank_failure(found: dict, rank: int) -> None:
     found["rank failure"]["want"] = lipreg.autolip(make(), shape).value
 
 
+def _check_mixed_precision_refused(found: dict) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model, policy = _mlp(), MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    for m in model:
+        if isinstance(m, nn.Linear):
+            fully_shard(m, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    try:
+        lipreg.autolip(model, (20,))
+        found["mixed precision"] = None
+    except Exception as exc:
+        found["mixed precision"] = f"{type(exc).__name__}: {exc}"
+
+
 def _check_fsdp1_refused(found: dict) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -205,6 +220,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         _check_estimator(found)
         _check_root_only(found)
         _check_rank_failure(found, rank)
+        _check_mixed_precision_refused(found)
         _check_fsdp1_refused(found)
         everyone = [None, None]
         dist.all_gather_object(everyone, {k: found[k] for k in found if k != "rank failure"})
@@ -261,6 +277,8 @@ def test_sharded_autolip_on_two_ranks(ranks: list[dict]) -> None:
         want = "RuntimeError" if rank == 1 else "ShardedRankError"
         assert failure["raised"] == want, failure
         assert failure["after"] == failure["want"]
+        refusal = found["mixed precision"] or ""
+        assert refusal.startswith("NotImplementedError") and "mixed-precision" in refusal
         assert found["fsdp1"] is not None and "fully_shard" in found["fsdp1"]
         assert found["ranks agree"]
 
