@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -185,27 +186,26 @@ def fsdp_units(root: nn.Module, modules: Iterable[nn.Module]) -> list[nn.Module]
     return found
 
 
-_WARNED: set[int] = set()
+_WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # roots already examined
 
 
-def _warn_if_larger(root: nn.Module, unit: nn.Module, modules: Sequence[nn.Module]) -> None:
-    """Warn once per unit when gathering it gathers more than ``modules`` (e.g.
-    ``fully_shard`` on the root only: the whole model)."""
-    fsdp2 = _fsdp2_type()
-    wanted = {id(p) for m in modules for p in m.parameters()}
-    managed = _managed(unit, fsdp2)
-    extra = [p for p in managed if id(p) not in wanted]
-    if not extra or id(unit) in _WARNED:
+def _warn_if_whole_model(root: nn.Module, unit: nn.Module) -> None:
+    """Warn once per model when its root is its only FSDP unit holding parameters
+    (``fully_shard`` on the root only): every map then gathers the whole model. Units
+    larger than one map (a block) are the user's choice of granularity and are not warned
+    about: a gather then costs that unit."""
+    if unit is not root or root in _WARNED:
         return
-    _WARNED.add(id(unit))
-    name = next((n for n, m in root.named_modules() if m is unit), "?") or "<root>"
+    _WARNED.add(root)
+    managed = _managed(root, _fsdp2_type())
+    if len(managed) < 2 or len(managed) < len(list(root.parameters())):
+        return  # nested units hold parameters, or there is a single tensor to gather
     size = sum(p.numel() * p.element_size() for p in managed)
     warnings.warn(
-        f"lipreg gathers the FSDP unit {name!r} ({type(unit).__name__}, {len(managed)} "
-        f"parameters, {size} bytes in full) to read {len(wanted)} of them: a unit holds more "
-        "than one map (with fully_shard on the root only, every map gathers the whole model). "
-        "Call fully_shard on each layer (or block) before the root to gather one map at a "
-        "time.",
+        f"lipreg gathers the FSDP unit of the root ({type(root).__name__}), which holds all "
+        f"{len(managed)} parameters ({size} bytes in full): fully_shard was applied to the "
+        "root only, so bounding each map gathers the whole model on every rank. Call "
+        "fully_shard on each layer (or block) before the root to gather one map at a time.",
         stacklevel=4,
     )
 
@@ -222,7 +222,7 @@ def gathered(root: nn.Module, modules: Sequence[nn.Module]) -> Iterator[None]:
     """
     units = fsdp_units(root, modules)
     for unit in units:
-        _warn_if_larger(root, unit, modules)
+        _warn_if_whole_model(root, unit)
     stored = [p.dtype for m in modules for p in m.parameters()] if units else []
     done: list[nn.Module] = []
     try:

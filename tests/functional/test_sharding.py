@@ -127,12 +127,17 @@ def _check_equal_values(found: dict) -> None:
             model(torch.randn(2, *shape)).sum().backward()
         seen = _count_unsharded(model)
         for certify in (True, False):
-            got = lipreg.autolip(model, shape, certify=certify)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                got = lipreg.autolip(model, shape, certify=certify)
+            noise = [str(w.message) for w in caught if "hook" in str(w.message).lower()]
+            noise += [str(w.message) for w in caught if "FSDP" in str(w.message)]
             want = lipreg.autolip(reference, shape, certify=certify)
             found[f"{name} certify={certify}"] = {
                 "sharded": _values(got),
                 "unsharded": _values(want),
                 "kind": got.kind,
+                "noise": noise,
             }
         found[f"{name} units"] = {
             "max unsharded at once": seen["max"],
@@ -196,6 +201,19 @@ def _check_mixed_precision_refused(found: dict) -> None:
         found["mixed precision"] = f"{type(exc).__name__}: {exc}"
 
 
+def _check_nonfinite_shard(found: dict, rank: int) -> None:
+    """A NaN in rank 0's shard only: both ranks refuse (the ranks agree on finiteness)."""
+    model = _shard(_mlp())
+    if rank == 0:
+        with torch.no_grad():
+            model[2].weight.to_local()[0, 0] = float("nan")
+    try:
+        lipreg.autolip(model, (20,))
+        found["nan shard"] = None
+    except ValueError as exc:
+        found["nan shard"] = str(exc)
+
+
 def _check_fsdp1_refused(found: dict) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -221,9 +239,11 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         _check_root_only(found)
         _check_rank_failure(found, rank)
         _check_mixed_precision_refused(found)
+        _check_nonfinite_shard(found, rank)
         _check_fsdp1_refused(found)
         everyone = [None, None]
-        dist.all_gather_object(everyone, {k: found[k] for k in found if k != "rank failure"})
+        same = {k: found[k] for k in found if k not in ("rank failure", "nan shard")}
+        dist.all_gather_object(everyone, same)
         found["ranks agree"] = everyone[0] == everyone[1]
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(found))
@@ -266,17 +286,19 @@ def test_sharded_autolip_on_two_ranks(ranks: list[dict]) -> None:
                 entry = found[f"{name} certify={certify}"]
                 assert entry["sharded"] == entry["unsharded"], (rank, name, certify)
                 assert entry["kind"] == ("upper" if certify else "estimate")
+                assert entry["noise"] == [], entry["noise"]  # FSDP's hooks, per-layer units
             units = found[f"{name} units"]
             assert units["max unsharded at once"] == 1, (rank, name, units)
             assert units["unshard calls"] > 0 and units["all DTensor after"], (rank, name)
         assert all(a == b for a, b in found["estimator"]), found["estimator"]
         root = found["root only"]
         assert root["equal"]
-        assert any("gathers the FSDP unit" in w for w in root["warnings"]), root["warnings"]
+        assert any("whole model" in w for w in root["warnings"]), root["warnings"]
         failure = found["rank failure"]
         want = "RuntimeError" if rank == 1 else "ShardedRankError"
         assert failure["raised"] == want, failure
         assert failure["after"] == failure["want"]
+        assert "non-finite" in (found["nan shard"] or ""), found["nan shard"]
         refusal = found["mixed precision"] or ""
         assert refusal.startswith("NotImplementedError") and "mixed-precision" in refusal
         assert found["fsdp1"] is not None and "fully_shard" in found["fsdp1"]
