@@ -37,6 +37,7 @@ from experiments.bounds import SEQLIP_MAX_ITER
 from lipreg.functional.seqlip_greedy import pair_norm_greedy
 from lipreg.models import mnist_cnn4
 
+TARGET_SPEEDUP, TARGET_DIFF = 5.0, 1e-6  # issue 10: ">= 5x faster, same values to 1e-6"
 SEQLIP = sys.modules["lipreg.functional.seqlip"]  # the module (lipreg.functional.seqlip is
 # also the name of the function in the package namespace)
 
@@ -190,7 +191,24 @@ def main() -> None:
     if e2e_rows:
         print("\nWhole seqlip calls (medians of 2 interleaved repetitions):\n")
         print_table(["net", "seed", "old s", "new s", "old/new", "rel. diff"], e2e_rows)
-    print_footer(load, None)
+    print_verdict(totals)
+    print_footer(load, None, torch.device("cpu"))  # the device and lipreg's commit
+
+
+def print_verdict(totals: list[list]) -> None:
+    """Issue 10's target per network: pair searches >= TARGET_SPEEDUP x faster (summed
+    medians over the seeds), every value within TARGET_DIFF of the former one."""
+    print()
+    for name in dict.fromkeys(row[0] for row in totals):
+        rows = [row for row in totals if row[0] == name]
+        old, new = sum(row[3] for row in rows), sum(row[4] for row in rows)
+        diff = max(row[6] for row in rows)
+        met = old / new >= TARGET_SPEEDUP and diff <= TARGET_DIFF
+        print(
+            f"{name}: pair searches {old / new:.2f}x faster (target >= {TARGET_SPEEDUP:g}x), "
+            f"max relative value difference {diff:.1e} (target <= {TARGET_DIFF:g}): "
+            f"{'met' if met else 'NOT met'}"
+        )
 
 
 if __name__ == "__main__":
