@@ -256,7 +256,12 @@ def reported(trainer: pl.Trainer) -> str:
     for key in REPORTED_KEYS:
         if key not in found and key in trainer.callback_metrics:
             found[key] = float(trainer.callback_metrics[key])
-    return "; ".join(f"{REPORTED_KEYS[k]} {v:.4g}" for k, v in found.items())
+    parts = [f"{REPORTED_KEYS[k]} {v:.4g}" for k, v in found.items()]
+    for cb in trainer.callbacks:  # how often each computation ran (the budget's count)
+        runs = getattr(getattr(cb, "budget", None), "runs", None)
+        if runs:
+            parts.append("runs " + ", ".join(f"{name} {n}" for name, n in runs.items()))
+    return "; ".join(parts)
 
 
 def overhead_rows(fit: Fit, optimizer: str, repeats: int, device: torch.device) -> list[list]:

@@ -150,9 +150,10 @@ class LipschitzCallback(MethodWork, Callback):
     training time. Every computation (``Method.budgeted`` in
     :data:`lipreg.callback_methods.METHOD_TABLE`: the estimate, the full and the incremental
     certificates, SeqLip, the lower bound) runs at a step its cadence selects only if its
-    predicted cost (median of its last runs; a generous guess before the first) fits: the callback must not be in debt and the run, plus the fit-end certificate set
-    aside, must fit the budget of the planned fit (``trainer.estimated_stepping_batches``),
-    so that a long fit gets its first certificate early and later ones about every
+    predicted cost (median of its last runs; a generous guess before the first) fits: the
+    callback must not be in debt and the run, plus the fit-end certificate set aside, must
+    fit the budget of the planned fit (``trainer.estimated_stepping_batches``), so that a
+    long fit gets its anchor early and later runs about every
     ``cost / (max_overhead * step time)`` steps. The first stretch of each method is said
     once (``rank_zero_info``: cost, step time, effective cadence, how to change it). The exact
     rule: :class:`lipreg.callback_budget.CostBudget`. Under DDP rank 0 decides for all.

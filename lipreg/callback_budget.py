@@ -40,9 +40,11 @@ class CostBudget:
       the callback's own time ``S`` (everything between its hooks: data loading, forward,
       backward, optimizer, validation, checkpoints), and ``t = T / k`` per step;
     * ``c(m)``: predicted cost of method ``m``, the median of its last :data:`COST_WINDOW`
-      runs in this fit; before its first run, ``Method.prior`` times the AutoLip estimate's
-      predicted cost (times ``t`` when no estimate was measured yet). Priors are generous on
-      purpose: one that is too high only delays a first run, one too low overruns once;
+      runs in this fit; before its first run, ``Method.prior`` times the cost of the fit's
+      first AutoLip estimate (a cold one: the unit scales with the network like the cold
+      computations the priors describe; times ``t`` before any estimate was measured).
+      Priors are generous on purpose: one that is too high only delays a first run, one too
+      low overruns once;
     * ``E = e * T``: the budget earned so far; ``P = e * t * N``: the budget of the planned
       fit of ``N`` steps (``trainer.estimated_stepping_batches - s0``; ``P = E`` when the
       length is unknown or infinite);
@@ -88,6 +90,9 @@ class CostBudget:
         self.costs: dict[str, deque[float]] = {}
         self.always = 0.0  # seconds of the always-run (unbudgeted) methods in this fit
         self.runs: dict[str, int] = {}  # runs of each method in this fit
+        #: the unit of the priors: the fit's first AutoLip estimate (cold, unless warm
+        #: vectors came from a checkpoint): what a cold computation costs on this network
+        self.unit: float | None = None
         self.last_chosen: dict[str, int] = {}  # k_m: the fit's step of each method's last run
         self.own = 0.0  # S: the callback's seconds in this fit
         self.start: float | None = None  # the clock at the first batch of the fit
@@ -123,6 +128,8 @@ class CostBudget:
     def record(self, method: Method, seconds: float) -> None:
         """One measured run of ``method``."""
         self.costs.setdefault(method.name, deque(maxlen=COST_WINDOW)).append(seconds)
+        if method.name == "autolip" and self.unit is None:
+            self.unit = seconds
         self.runs[method.name] = self.runs.get(method.name, 0) + 1
         if not method.budgeted:
             self.always += seconds
@@ -143,7 +150,7 @@ class CostBudget:
         cost = self.measured(method.name)
         if cost is not None:
             return cost
-        unit = self.measured("autolip") or per_step
+        unit = self.unit or per_step
         return method.prior * unit if unit is not None else None
 
     # ------------------------------------------------------------------ deciding
@@ -171,7 +178,7 @@ class CostBudget:
             plan = max(plan, self.max_overhead * per_step * self.planned_steps)
         # every guess is in units of the estimate: before it is measured, none is set aside
         # (a guess scaled by the step time would keep the estimate itself from running)
-        measured = self.measured("autolip") is not None
+        measured = self.unit is not None
         set_aside = sum(self.predicted(m, per_step) or 0.0 for m in reserve) if measured else 0.0
         chosen: list[str] = []
         for method in due:
@@ -189,7 +196,7 @@ class CostBudget:
                 chosen.append(method.name)
                 self.last_chosen[method.name] = k
                 spent += cost
-            elif self.measured("autolip") is not None or all(m.name != "autolip" for m in due):
+            elif self.unit is not None or all(m.name != "autolip" for m in due):
                 # (not on a guess scaled by the step time while the estimate is about to be
                 # measured: the note would quote a cost that is guessed twice)
                 self._announce(method, cost, per_step, k, cadences.get(method.name, 0))

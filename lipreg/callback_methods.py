@@ -275,17 +275,17 @@ class MethodWork:
 #: the estimate, so that they start from its warm vectors; the full certificate before the
 #: incremental one, which it makes unnecessary at the same step). Columns: name, the entry of
 #: methods= it belongs to, its cadence attribute, its warm-start vectors, the work, whether
-#: the budget may skip it, its assumed cost before the first run in multiples of the warm
-#: estimate (for the estimate itself: of one training step), and what it needs. Measured on
-#: the MNIST MLP / CNN-4 of benchmarks/callback_budget.py: warm estimate 0.1-0.15 training
-#: steps, full certificate 50-250x the estimate (plus the anchor's Ritz space on dense
-#: layers), incremental certificate 5-15x, greedy SeqLip 1,300-2,800x, lower bound with 32
-#: points 550-700x, the LipSDP tightening of the MLP's 1000-neuron blocks thousands; rounded
-#: up, since a guess too high only delays a first run. Everything is budgeted: at the default
-#: cadence (every 50 steps) the estimate and the incremental certificate cost a few percent
-#: of the training and always fit, at every step they are stretched. ``lipschitz/certified``
-#: refines the certificate of the same step (``needs``), so it is budgeted apart: the fit
-#: end's promise is the certified AutoLip value alone.
+#: the budget may skip it, its assumed cost before the first run in multiples of the fit's
+#: first (cold) AutoLip estimate (for the estimate itself: of one training step), and what it
+#: needs. Measured on the MNIST MLP / CNN-4 of benchmarks/training_overhead.py (cold
+#: estimate 0.05-0.15 s): full certificate with the anchor's Ritz spaces 5-20x, incremental
+#: certificate 0.3-0.5x, greedy SeqLip 150-400x, lower bound with 32 points 5-10x, the
+#: LipSDP tightening of the MLP's 1000-neuron blocks hundreds; rounded up, since a guess too
+#: high only delays a first run. Everything is budgeted: at the default cadence (every 50
+#: steps) the warm estimate and the incremental certificate cost a few percent of the
+#: training, at every step they are stretched. ``lipschitz/certified`` refines the
+#: certificate of the same step (``needs``), so it is budgeted apart: the fit end's promise
+#: is the certified AutoLip value alone.
 METHOD_TABLE: dict[str, Method] = {
     m.name: m
     for m in (
@@ -305,7 +305,7 @@ METHOD_TABLE: dict[str, Method] = {
             "autolip",
             "_full_certificate",
             budgeted=True,
-            prior=300.0,
+            prior=20.0,
             logs="autolip_certified",
             ready="_wants_anchor",
         ),
@@ -316,7 +316,7 @@ METHOD_TABLE: dict[str, Method] = {
             "autolip",
             "_incremental_certificate",
             budgeted=True,
-            prior=20.0,
+            prior=1.0,
             ready="_has_anchor",
         ),
         Method(
@@ -326,7 +326,7 @@ METHOD_TABLE: dict[str, Method] = {
             None,
             "_tighten",
             budgeted=True,
-            prior=3000.0,
+            prior=1000.0,
             needs=("full_certificate", "autolip_certified"),
         ),
         Method(
@@ -336,7 +336,7 @@ METHOD_TABLE: dict[str, Method] = {
             "seqlip",
             "_seqlip",
             budgeted=True,
-            prior=3000.0,
+            prior=1000.0,
         ),
         Method(
             "lower_bound",
@@ -345,7 +345,7 @@ METHOD_TABLE: dict[str, Method] = {
             None,
             "_lower_bound",
             budgeted=True,
-            prior=1000.0,
+            prior=50.0,
         ),
     )
 }
