@@ -61,7 +61,7 @@ class _Pair:
     """A pattern's matrix ``M = A diag(σ) B`` and, when it pays, the Gram matrix of its smaller
     side (``left``: ``H = MMᵀ``, else ``G = MᵀM``; ``None`` while stale)."""
 
-    A: Tensor  # (r1, n)
+    A: Tensor  # (r1, n), stored by columns (a view of a contiguous (n, r1)): fast gathers
     B: Tensor  # (n, r2)
     M: Tensor  # (r1, r2)
     gram: Tensor | None  # (r1, r1) if left else (r2, r2)
@@ -96,7 +96,8 @@ class _Pair:
         costs less than half a recomputation (``2k(r1 r2 + r_s²)`` against ``r_s² r_l``
         multiply-adds for ``k`` changes); otherwise it goes stale (recomputed when needed).
         """
-        Ac, Bc = self.A[:, cols] * steps, self.B[cols]  # ΔM = Ac @ Bc
+        # ΔM = Ac @ Bc; Ac = A[:, cols] * steps, gathered as rows of the contiguous Aᵀ
+        Ac, Bc = (self.A.T.index_select(0, cols) * steps[:, None]).T, self.B[cols]
         if cols.numel() == 1:
             M = self.M + steps[0] * torch.outer(self.A[:, cols[0]], self.B[cols[0]])
         else:
@@ -217,7 +218,7 @@ def _best_single_flip(
         return None
     delta = torch.where(sigma == hi, _f64(lo - hi, P.A), _f64(hi - lo, P.A))
     cand = torch.argsort(delta * gain, descending=True)[:n_cand]
-    a, b, d = P.A[:, cand].T, P.B[cand], delta[cand]  # (c, r1), (c, r2), (c,)
+    a, b, d = P.A.T[cand], P.B[cand], delta[cand]  # (c, r1), (c, r2), (c,)
     if P.gram is None:
         raise ValueError("_best_single_flip needs the pair's Gram matrix (P.with_gram()).")
     flip_values = _flip_values_left if P.left else _flip_values_right
@@ -287,8 +288,15 @@ def pair_norm_greedy(
     ``n_restarts`` random patterns; returns the best value and pattern. The value is
     ``‖A diag(σ) B‖`` for a feasible ``σ``: a lower bound on the exact pair maximum, **not**
     an upper bound.
+
+    ``A`` is held in two layouts (one more copy of it): every sweep streams ``A`` for the
+    gains ``Aᵀu`` and gathers the moved columns ``A[:, cols]``, and on AlexNet's top-200
+    factors (``n = 64,896``) the product ``Aᵀu`` is 2.8x faster from ``A``'s rows stored
+    contiguously while the gather is 18x faster from its columns stored contiguously (seqlip's
+    own layout). Same values: the layouts change no arithmetic expression.
     """
     A, B = A.to(torch.float64), B.to(torch.float64)
+    A_rows, A = A.contiguous(), A.T.contiguous().T  # (r1, n) by rows; by columns
     n = A.shape[1]
     starts = [torch.full((n,), hi, dtype=torch.float64, device=A.device)]
     for _ in range(n_restarts):
@@ -296,22 +304,30 @@ def pair_norm_greedy(
         starts.append(torch.where(coin, _f64(hi, A), _f64(lo, A)))
     best, best_sigma = -1.0, starts[0]
     for sigma in starts:
-        value, sigma = _greedy_from(A, B, lo, hi, sigma, max_sweeps, refine_candidates)
+        value, sigma = _greedy_from(A, A_rows, B, lo, hi, sigma, max_sweeps, refine_candidates)
         if value > best:
             best, best_sigma = value, sigma
     return best, best_sigma
 
 
 def _greedy_from(
-    A: Tensor, B: Tensor, lo: float, hi: float, sigma: Tensor, max_sweeps: int, n_cand: int
+    A: Tensor,
+    A_rows: Tensor,
+    B: Tensor,
+    lo: float,
+    hi: float,
+    sigma: Tensor,
+    max_sweeps: int,
+    n_cand: int,
 ) -> tuple[float, Tensor]:
-    """The local search from one start; returns ``(‖M(σ)‖₂, σ)`` of the pattern reached."""
+    """The local search from one start; returns ``(‖M(σ)‖₂, σ)`` of the pattern reached
+    (``A`` stored by columns, ``A_rows`` the same matrix stored by rows)."""
     # The cold start takes hundreds of power steps: matrix-vector products with M are
     # memory-bound, one Gram product (a matrix-matrix product) is worth it here.
     P = _Pair.of(A, B, sigma).with_gram()
     s, u, v = _top_pair(P)
     for _ in range(max_sweeps):
-        gain = (A.T @ u) * (B @ v)  # d/dσ_j of uᵀ A diag(σ) B v
+        gain = (A_rows.T @ u) * (B @ v)  # d/dσ_j of uᵀ A diag(σ) B v
         proposal = torch.where(gain > 0, _f64(hi, A), _f64(lo, A))
         changed = proposal != sigma
         if bool(changed.any()):
