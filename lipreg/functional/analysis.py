@@ -49,7 +49,14 @@ from lipreg.functional.rules import (
     splits_into_pieces,
 )
 from lipreg.functional.sharding import check_shardable, gathered_agreed, is_sharded
-from lipreg.functional.specs import InputArg, NodeContext, Nonlinear, Spec, UnsupportedNodeError
+from lipreg.functional.specs import (
+    Affine,
+    InputArg,
+    NodeContext,
+    Nonlinear,
+    Spec,
+    UnsupportedNodeError,
+)
 from lipreg.functional.trace import (
     UnsupportedOperationError,
     check_finite_parameters,
@@ -138,17 +145,18 @@ class Analysis:
         Cheap (no forward pass except for generic affine offsets): the penalty calls it at
         every step so that its closures see the current weights, with autograd.
 
-        For a sharded model (``self.sharded``) every node's rule runs with its module's FSDP
-        unit gathered (:func:`lipreg.functional.sharding.gathered`, one unit at a time), which
-        gives every node's kind of spec; the tensors of an affine spec are then valid only
-        while its unit is gathered, so the bounds refresh a chain's nodes again inside their
-        own gather (:meth:`lipreg.functional.ladder.ChainBounder.bound`).
+        Sharded (``self.sharded``): a full refresh gathers each node's FSDP unit for its rule,
+        but skips nodes known to be affine: their chain re-reads them inside its own gather
+        (:meth:`lipreg.functional.ladder.ChainBounder.bound`), the only place they are valid.
         """
         specs: dict[fx.Node, Spec] = {} if nodes is None else dict(self.specs)
         unsupported: list[_Refusal] = []
         todo = self.contexts if nodes is None else {n: self.contexts[n] for n in nodes}
         with evaluation_mode(self.root, restore_buffers=False):
             for node, ctx in todo.items():
+                if self.sharded and nodes is None and isinstance(self.specs.get(node), Affine):
+                    specs[node] = self.specs[node]  # no gather, no float64 copy kept
+                    continue
                 scope = (  # the unsharded path: no gather, no collective
                     gathered_agreed(self.root, self.modules_of([node]), f"ruling {node.name}")
                     if self.sharded and nodes is None

@@ -77,7 +77,7 @@ from lipreg.functional.linear_map import LinearMap
 from lipreg.functional.power_iteration import OperatorNormResult, operator_norm
 from lipreg.functional.results import LayerBound
 from lipreg.functional.rounding import folded_kernel_error, materialisation_error
-from lipreg.functional.sharding import gathered_agreed
+from lipreg.functional.sharding import gathered_agreed, refreshed_specs
 from lipreg.functional.specs import Affine, ConvData
 
 __all__ = [
@@ -647,15 +647,15 @@ class ChainBounder:
         return self._analysis64
 
     def bound(self, chain: AffineChain) -> LayerBound:
-        """The chain's factor from the first ladder entry that answers (for a sharded model:
-        with its FSDP units gathered and its specs re-read at both dtypes, the ranks agreeing
-        that the ladder succeeded: :func:`lipreg.functional.sharding.gathered_agreed`)."""
+        """The chain's factor from the first ladder entry that answers (sharded: with its FSDP
+        units gathered, its specs re-read, the ranks agreeing: lipreg.functional.sharding)."""
         if not self.analysis.sharded:
             return self._bound(chain)
         nodes, root = list(chain.nodes), self.analysis.root
-        with gathered_agreed(root, self.analysis.modules_of(nodes), f"bounding {chain.name!r}"):
-            self.analysis.refresh_specs(nodes)
-            self.analysis64.refresh_specs(nodes)  # read by closed forms even without certify
+        with (  # float64 specs: read by closed forms even without certify
+            gathered_agreed(root, self.analysis.modules_of(nodes), f"bounding {chain.name!r}"),
+            refreshed_specs((self.analysis, self.analysis64), nodes),
+        ):
             return self._bound(chain)
 
     def _bound(self, chain: AffineChain) -> LayerBound:

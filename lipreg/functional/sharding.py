@@ -26,9 +26,13 @@ import functools
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
+
+if TYPE_CHECKING:
+    from lipreg.functional.analysis import Analysis
 
 __all__ = [
     "ShardedRankError",
@@ -44,6 +48,7 @@ __all__ = [
     "is_fsdp_hook",
     "is_sharded",
     "local_tensor",
+    "refreshed_specs",
     "register_fsdp_rules",
 ]
 
@@ -261,6 +266,22 @@ def gathered_agreed(root: nn.Module, modules: Sequence[nn.Module], what: str) ->
 
 
 @contextlib.contextmanager
+def refreshed_specs(analyses: Sequence[Analysis], nodes: Sequence[fx.Node]) -> Iterator[None]:
+    """Re-read the specs of ``nodes`` in every analysis for the block (inside their gather),
+    and put the previous ones back after it: specs made from gathered weights (float64
+    copies, reshaped kernels) are then freed with the block instead of accumulating over
+    the chains (measured: the whole model in float64 otherwise)."""
+    saved = [{n: a.specs[n] for n in nodes if n in a.specs} for a in analyses]
+    try:
+        for analysis in analyses:
+            analysis.refresh_specs(nodes)
+        yield
+    finally:
+        for analysis, specs in zip(analyses, saved, strict=True):
+            analysis.specs.update(specs)
+
+
+@contextlib.contextmanager
 def gathered_on_call(root: nn.Module) -> Iterator[None]:
     """While active, every call of a submodule of ``root`` that owns sharded parameters
     gathers them around its ``forward`` (forward pre/post hooks running :func:`gathered`):
@@ -299,8 +320,6 @@ def is_fsdp_hook(hook: object) -> bool:
 def _rule_of_class(cls: type) -> object | None:
     """The rule that binds to instances of ``cls`` (asked through the registry's public
     lookup, with an uninitialised stand-in instance: only its type is read)."""
-    from torch import fx
-
     from lipreg.functional.rules import lookup_rule
 
     node = fx.Graph().create_node("call_module", "stand_in")
