@@ -48,7 +48,7 @@ from lipreg.functional.rules import (
     refusal_hint,
     splits_into_pieces,
 )
-from lipreg.functional.sharding import check_shardable, gathered_agreed, is_sharded
+from lipreg.functional.sharding import check_shardable, gathered_agreed, is_sharded, sealed
 from lipreg.functional.specs import (
     Affine,
     InputArg,
@@ -145,17 +145,16 @@ class Analysis:
         Cheap (no forward pass except for generic affine offsets): the penalty calls it at
         every step so that its closures see the current weights, with autograd.
 
-        Sharded (``self.sharded``): a full refresh gathers each node's FSDP unit for its rule,
-        but skips nodes known to be affine: their chain re-reads them inside its own gather
-        (:meth:`lipreg.functional.ladder.ChainBounder.bound`), the only place they are valid.
-        """
+        Sharded: a full refresh gathers each node's FSDP unit for its rule and keeps affine
+        specs sealed (:func:`~lipreg.functional.sharding.sealed`; known ones are skipped):
+        their chain re-reads them inside its own gather (``ChainBounder.bound``)."""
         specs: dict[fx.Node, Spec] = {} if nodes is None else dict(self.specs)
         unsupported: list[_Refusal] = []
         todo = self.contexts if nodes is None else {n: self.contexts[n] for n in nodes}
         with evaluation_mode(self.root, restore_buffers=False):
             for node, ctx in todo.items():
                 if self.sharded and nodes is None and isinstance(self.specs.get(node), Affine):
-                    specs[node] = self.specs[node]  # no gather, no float64 copy kept
+                    specs[node] = self.specs[node]  # sealed already: no gather needed
                     continue
                 scope = (  # the unsharded path: no gather, no collective
                     gathered_agreed(self.root, self.modules_of([node]), f"ruling {node.name}")
@@ -164,6 +163,8 @@ class Analysis:
                 )
                 with scope:
                     refusal = self._apply_rule(node, ctx, specs)
+                if self.sharded and nodes is None and node in specs:
+                    specs[node] = sealed(specs[node])
                 if refusal is not None:
                     unsupported.append(refusal)
         if unsupported:
@@ -190,9 +191,8 @@ class Analysis:
         return None
 
     def modules_of(self, nodes: Sequence[fx.Node]) -> list[nn.Module]:
-        """The modules whose parameters the rules of ``nodes`` read: a module call's module
-        and the owner of every parameter a ``get_attr`` argument names (what
-        :func:`lipreg.functional.sharding.gathered` must gather for them)."""
+        """The modules whose parameters the rules of ``nodes`` read (a module call's module,
+        each ``get_attr`` argument's owner): what a sharded gather must gather for them."""
         found: list[nn.Module] = []
         for node in nodes:
             ctx = self.contexts.get(node)

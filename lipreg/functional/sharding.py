@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, fx, nn
 
+from lipreg.functional.specs import Affine, Spec
+
 if TYPE_CHECKING:
     from lipreg.functional.analysis import Analysis
 
@@ -50,6 +52,7 @@ __all__ = [
     "local_tensor",
     "refreshed_specs",
     "register_fsdp_rules",
+    "sealed",
 ]
 
 
@@ -263,6 +266,24 @@ def gathered_agreed(root: nn.Module, modules: Sequence[nn.Module], what: str) ->
     agree that every rank succeeded, reshard (what every per-map step of lipreg does)."""
     with gathered(root, modules), all_ranks_succeed(what):
         yield
+
+
+def _outside_gather(x: Tensor) -> Tensor:
+    raise RuntimeError(
+        "this affine spec of an FSDP-sharded model was read outside the gather of its unit: "
+        "its weights are freed there. Re-read it inside lipreg.functional.sharding.gathered "
+        "(Analysis.refresh_specs(nodes)), as ChainBounder.bound does."
+    )
+
+
+def sealed(spec: Spec) -> Spec:
+    """``spec`` as a sharded analysis keeps it outside a gather: an :class:`Affine` keeps its
+    kind and loses every field made from the weights (their gathered storage is freed at
+    ``reshard()``: reading it would crash the process), so that a reader outside the gather
+    gets a clear error and no stale promise; other specs are returned unchanged."""
+    if not isinstance(spec, Affine):
+        return spec
+    return Affine(linear=_outside_gather)
 
 
 @contextlib.contextmanager

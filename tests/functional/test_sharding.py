@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 import lipreg
+from lipreg.functional.specs import Affine
 
 TIMEOUT_S = 240.0  # the pair imports torch and lipreg again: ~25 s at load
 
@@ -151,6 +152,15 @@ def _check_estimator(found: dict) -> None:
     make, shape = NETS["resnet"]
     sharded, reference = lipreg.AutoLip(_shard(make()), shape), lipreg.AutoLip(make(), shape)
     found["estimator"] = [[sharded().value, reference().value] for _ in range(2)]
+    # outside a gather, an affine spec of the sharded analysis refuses to compute (its
+    # gathered weights are freed: reading them would crash the process)
+    analysis = sharded.analysis.get()
+    spec = next(s for s in analysis.specs.values() if isinstance(s, Affine))
+    try:
+        spec.linear(torch.zeros(1, *shape))
+        found["sealed"] = None
+    except RuntimeError as exc:
+        found["sealed"] = str(exc)
 
 
 def _check_root_only(found: dict) -> None:
@@ -291,6 +301,7 @@ def test_sharded_autolip_on_two_ranks(ranks: list[dict]) -> None:
             assert units["max unsharded at once"] == 1, (rank, name, units)
             assert units["unshard calls"] > 0 and units["all DTensor after"], (rank, name)
         assert all(a == b for a, b in found["estimator"]), found["estimator"]
+        assert "outside the gather" in (found["sealed"] or ""), found["sealed"]
         root = found["root only"]
         assert root["equal"]
         assert any("whole model" in w for w in root["warnings"]), root["warnings"]
