@@ -197,10 +197,18 @@ def _affine(ctx: ChainContext, value: float, **fields) -> LayerBound:
     return LayerBound(name=ctx.chain.name, kind="affine", value=value, **fields)
 
 
+def _warm_v(ctx: ChainContext, n_in: int) -> Tensor | None:
+    """The chain's warm-start vector from ``state`` (the last estimate's or certificate's),
+    flattened, when it has ``n_in`` entries: the dense certificate's ``v0``, which only
+    speeds its search (the bound is proved by its Cholesky test whatever ``v0`` is)."""
+    v = ctx.bounder.state.get(ctx.chain.name)
+    return v.reshape(-1) if v is not None and v.numel() == n_in else None
+
+
 def _weight_bound(ctx: ChainContext, weight: Tensor, scale: float) -> LayerBound:
     """``scale × certified ‖W‖`` (:func:`~lipreg.functional.certify.matrix_norm_certificate`,
     within the memory budget: dense Gram eigenvalue, else row blocks / Frobenius / Schur)."""
-    cert = matrix_norm_certificate(weight, name=ctx.chain.name)
+    cert = matrix_norm_certificate(weight, name=ctx.chain.name, v0=_warm_v(ctx, weight.shape[1]))
     # scale * bound rounds to nearest (and scale is itself a rounded product of the
     # isometries' scales): pad as the closed forms are, so the product never rounds down.
     value = cert.bound if scale == 1.0 else scale * cert.bound * CLOSED_FORM_PAD
@@ -294,7 +302,8 @@ def dense_chain(ctx: ChainContext) -> LayerBound | None:
             return None
         op64 = chain_linear_map(b.analysis64, ctx.chain)
         matrix = op64.to_dense(batch_size=b.dense_batch(op64))
-    cert = matrix_norm_certificate(matrix, name=ctx.chain.name)
+    v0 = _warm_v(ctx, matrix.shape[1]) if v_in_chain_basis else None
+    cert = matrix_norm_certificate(matrix, name=ctx.chain.name, v0=v0)
     del matrix
     upper = cert.bound
     if error:
