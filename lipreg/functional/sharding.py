@@ -338,42 +338,11 @@ def is_fsdp_hook(hook: object) -> bool:
     return owner is not None and type(owner).__module__.startswith("torch.distributed.fsdp")
 
 
-def _rule_of_class(cls: type) -> object | None:
-    """The rule that binds to instances of ``cls`` (asked through the registry's public
-    lookup, with an uninitialised stand-in instance: only its type is read)."""
-    from lipreg.functional.rules import lookup_rule
-
-    node = fx.Graph().create_node("call_module", "stand_in")
-    return lookup_rule(node, object.__new__(cls))
-
-
 def register_fsdp_rules(model: nn.Module) -> None:
-    """Give each FSDP2 class of ``model`` (``FSDPLinear``: ``fully_shard`` swaps a module's
-    class for ``type("FSDP" + name, (FSDPModule, cls), ...)``) the rule of its original
-    class.
+    """Does nothing; kept until ``trace.py`` stops calling it (then delete it).
 
-    Why sound: ``FSDPModule`` defines no ``forward`` and no method the original ``forward``
-    calls (it adds ``unshard``/``reshard``, setters and ``_apply``); FSDP acts through
-    forward hooks, which lipreg replaces by its own gathers, so the module computes its
-    original class's function. The registry refuses subclasses that define methods (a rule
-    is proven for its class's code); a class that adds anything else between the FSDP
-    class and the original is left to that refusal."""
-    fsdp2 = _fsdp2_type()
-    if fsdp2 is None:
-        return
-    from lipreg.functional.rules import has_module_rule, register_rule
-
-    for m in model.modules():
-        cls = type(m)
-        if not isinstance(m, fsdp2) or has_module_rule(m):
-            continue
-        index = getattr(cls, "_orig_cls_mro_index", None)
-        if not isinstance(index, int) or index >= len(cls.__mro__):
-            continue
-        between = cls.__mro__[:index]
-        own = {k for k, v in vars(cls).items() if callable(v)} - {"__new__", "__deepcopy__"}
-        if own or any(k is not cls and k not in fsdp2.__mro__ for k in between):
-            continue
-        rule = _rule_of_class(cls.__mro__[index])
-        if rule is not None:
-            register_rule(cls, rule)  # type: ignore[arg-type]
+    FSDP2's dynamic classes (``FSDPLinear(FSDPModule, Linear)``) now bind to their original
+    class's rule in the registry itself (``rules/registry.py``: ``FSDPModule``'s methods are
+    harmless overrides), with no registration per model; a user subclass that overrides
+    ``forward`` stays refused there (deny by default)."""
+    del model

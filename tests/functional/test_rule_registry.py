@@ -453,3 +453,77 @@ def test_erf_table_entries_are_removed_afterwards():
     assert "ErfModule" not in lipreg.registered_targets()["modules"]
     with pytest.raises(lipreg.UnsupportedOperationError):
         autolip(ErfMethod(), (5,))
+
+
+# --------------------------------------------------------------------------------------------
+# FSDP2's dynamic classes (fully_shard swaps Linear for FSDPLinear(FSDPModule, Linear))
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A one-process gloo group (fully_shard needs one); destroyed afterwards."""
+    dist = torch.distributed
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group already running")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+class ShiftedLinear(nn.Linear):
+    """A different function than nn.Linear (x -> W x + b + 1): must never take its rule."""
+
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
+def test_fsdp_dynamic_class_binds_to_original_rule_without_registration(
+    one_rank_group, rule_registry
+):
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    # AutoLip of this chain: the product of the float64 spectral norms (ReLU: 1)
+    truth = math.prod(
+        float(torch.linalg.matrix_norm(m.weight.detach().to(F64), 2)) for m in (net[0], net[2])
+    )
+    before = lipreg.registered_targets()["modules"]
+    for layer in (net[0], net[2]):
+        fully_shard(layer)
+    fully_shard(net)
+    layer = net[0]
+    assert isinstance(layer, FSDPModule) and type(layer) is not nn.Linear
+    assert rules_module.module_rule_class(layer) is nn.Linear
+    assert rules_module.overriding_methods(layer) == []
+    # the model's rules bind without any registration (the registry is unchanged)
+    r = lipreg.autolip(net, (3,), certify=True)
+    assert lipreg.registered_targets()["modules"] == before
+    assert r.certified and r.value >= truth
+    assert r.value == pytest.approx(truth, rel=1e-6)  # a certificate: truth + margin
+
+
+def test_fsdp_class_of_a_forward_overriding_subclass_stays_refused(one_rank_group):
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    layer = ShiftedLinear(3, 2)
+    fully_shard(layer)
+    assert isinstance(layer, FSDPModule)
+    assert rules_module.module_rule_class(layer) is None
+    assert "ShiftedLinear.forward" in rules_module.overriding_methods(layer)
+
+
+def test_fsdp_mixin_with_own_forward_stays_refused():
+    # deny by default: only FSDPModule's own methods are harmless, not a class mixing it in
+    # that defines a forward (a user class built like fully_shard's dynamic ones)
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type("FSDPShifted", (FSDPModule, nn.Linear), {"forward": ShiftedLinear.forward})
+    layer = nn.Linear(3, 2)
+    layer.__class__ = cls
+    assert rules_module.module_rule_class(layer) is None
+    assert rules_module.overriding_methods(layer) == ["FSDPShifted.forward"]

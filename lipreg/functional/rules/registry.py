@@ -8,6 +8,7 @@ to a module subclass only when the subclass cannot compute anything else (see
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -106,13 +107,34 @@ _HARMLESS_OVERRIDES = frozenset(
 )
 
 
+@functools.cache
+def _harmless_mixins() -> tuple[type, ...]:
+    """Mixin classes whose methods cannot change what ``forward`` computes.
+
+    FSDP2's ``FSDPModule``: ``fully_shard`` swaps a module's class for a dynamic
+    ``FSDP<Name>(FSDPModule, <Name>)`` that defines only ``__deepcopy__``. ``FSDPModule``
+    defines no ``forward`` and nothing the original ``forward`` calls (``unshard``/``reshard``,
+    ``set_*`` options, ``_apply``, ``__new__``): FSDP acts through forward hooks (all-gathers),
+    which lipreg replaces by its own gathers (:mod:`lipreg.functional.sharding`), so the module
+    computes its original class's function and binds to that class's rule. A class between
+    the dynamic one and the original (a user subclass) is still examined."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed support
+        return ()
+    return (FSDPModule,)
+
+
 def _overridden_methods(cls: type, base: type) -> list[str]:
     """Functions that the classes between ``cls`` and ``base`` (excluded) define and that
-    could change what ``base``'s ``forward`` computes."""
+    could change what ``base``'s ``forward`` computes (the :func:`_harmless_mixins` are
+    skipped)."""
     names: list[str] = []
     for klass in cls.__mro__:
         if klass is base:
             break
+        if klass in _harmless_mixins():
+            continue
         for name, value in vars(klass).items():
             if name in _HARMLESS_OVERRIDES:
                 continue
