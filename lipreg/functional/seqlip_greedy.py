@@ -21,7 +21,8 @@ same power iteration for the top singular pair (right vectors ``v``, warm starts
 and cap), the same candidate set, the same 8 batched power steps per candidate, the same
 thresholds and the same tie-breaking (``argsort`` of the same scores, first ``argmax``);
 ``M`` itself is updated by the very same floating-point expressions. Only rounding differs
-(Gram products instead of products with ``M``): the chosen patterns are the same unless two
+(Gram products instead of products with ``M``, start matrices without their exact-zero
+terms, other BLAS kernels for other memory layouts): the chosen patterns are the same unless two
 compared quantities agree to ~1e-15, and the values agree to rounding
 (``benchmarks/results/greedy_seqlip.md``).
 
@@ -76,9 +77,15 @@ class _Pair:
 
     @classmethod
     def of(cls, A: Tensor, B: Tensor, sigma: Tensor) -> _Pair:
-        """The pair of pattern ``σ`` (``M`` by the former search's expression; leaving out
-        the ``σ_j = 0`` columns gathers ``B``'s rows from a transposed view, slower on AlexNet)."""
-        P = cls(A, B, (A * sigma) @ B, None)
+        """The pair of pattern ``σ``: ``M = (A·σ) @ B``, leaving out the columns with
+        ``σ_j = 0`` (half of a random ReLU start) when at least a quarter are: they add exact
+        zeros to ``M``, and the product of the others costs proportionally less."""
+        nz = sigma.nonzero()[:, 0]
+        if 4 * nz.numel() > 3 * sigma.numel():
+            M = (A * sigma) @ B
+        else:  # A is stored by columns: its columns are gathered as rows of Aᵀ
+            M = (A.T.index_select(0, nz) * sigma[nz, None]).T @ B.index_select(0, nz)
+        P = cls(A, B, M, None)
         return P.with_gram() if P.small <= ALWAYS_GRAM else P
 
     def with_gram(self) -> _Pair:
