@@ -96,15 +96,16 @@ from lipreg.callback_options import (
     check_number,
 )
 from lipreg.callback_records import Method, layer_key, lightning_step
+from lipreg.callback_sharding import ShardedGuards, any_rank, nonfinite_weights
 from lipreg.callback_state import WarmState, read_state
 from lipreg.functional.autolip import AutoLip
 from lipreg.functional.chains import NotSequentialError
-from lipreg.functional.trace import check_finite_parameters
+from lipreg.functional.sharding import is_sharded
 
 __all__ = ["FIT_END", "SCHEDULED", "LipschitzCallback", "layer_key", "lightning_step"]
 
 
-class LipschitzCallback(MethodWork, Callback):
+class LipschitzCallback(MethodWork, ShardedGuards, Callback):
     """Monitor AutoLip / SeqLip / a lower bound of the model during training.
 
     **Which network.** ``model_attr=None`` bounds the LightningModule's own ``forward``;
@@ -304,6 +305,8 @@ class LipschitzCallback(MethodWork, Callback):
         self._input_path: tuple[Any, ...] | None = None
         self._last_batch: Tensor | None = None
         self._fresh_cert = None
+        # FSDP2: the network is sharded / lipreg's work must be agreed across ranks
+        self._sharded = self._collective = False
         # incremental certificates: anchored per fit (a new fit may train another network)
         self._anchor = None
         self._anchor_slack = self._last_slack = None
@@ -459,6 +462,9 @@ class LipschitzCallback(MethodWork, Callback):
             chosen = trainer.strategy.broadcast(chosen, src=0)
         return set(chosen)
 
+    def _tasks(self, due: set[str]) -> list[Method]:
+        return [m for m in METHOD_TABLE.values() if m.name in due and self._runnable(m)]
+
     def _active(self) -> list[str]:
         return [m for m in (self.methods or ()) if m not in self._disabled]
 
@@ -487,6 +493,8 @@ class LipschitzCallback(MethodWork, Callback):
     def _prepare_safely(self, pl_module: LightningModule, batch: Any) -> None:
         """Find the network, its input and the methods; never raises."""
         self._prepared = True
+        # structural, hence the same on every rank whatever preparation does on each
+        self._collective = is_sharded(pl_module)
         try:
             with torch.autocast(device_type=device_type(pl_module), enabled=False):
                 self._prepare(pl_module, batch)
@@ -502,6 +510,10 @@ class LipschitzCallback(MethodWork, Callback):
     def _prepare(self, pl_module: LightningModule, batch: Any) -> None:
         network = find_network(pl_module, self.model_attr)
         self._network_cache = network
+        requested = self._methods_requested
+        self._sharded = is_sharded(network)
+        if self._sharded:  # FSDP2: the AutoLip estimate and full certificates only
+            requested = self._prepare_sharded(network, requested)
         candidates = list(batch_tensors(batch))
         if self._input_shape_requested is None:
             self._input_path, self.input_shape = infer_input(network, candidates)
@@ -511,7 +523,6 @@ class LipschitzCallback(MethodWork, Callback):
                 (p for p, t in candidates if tuple(t.shape[1:]) == self.input_shape), None
             )
         self._drop_stale_warm_vectors()
-        requested = self._methods_requested
         if requested is None or {"autolip", "seqlip"} & set(requested):
             self._prepare_autolip(network, requested)
         if "lower_bound" in self._active() and self._input_path is None:
@@ -600,6 +611,8 @@ class LipschitzCallback(MethodWork, Callback):
     # ------------------------------------------------------------------ the work
     def _compute_and_log(self, trainer: Trainer, step: int, due: set[str], in_batch: bool) -> None:
         metrics: dict[str, float] = {}
+        if self._collective:  # sharded: every rank must enter the same gathers
+            self._check_ranks_agree(due, step)
         if self._prepared and not self._off and self._network_cache is not None:
             network = self._network_cache
             with torch.autocast(device_type=device_type(network), enabled=False):
@@ -645,13 +658,12 @@ class LipschitzCallback(MethodWork, Callback):
     def _compute(self, network: nn.Module, step: int, due: set[str]) -> dict[str, float]:
         """Every due and runnable method of :data:`_METHOD_TABLE`, in its order; a failing
         method is switched off (warned once), non-finite values are logged as NaN."""
-        tasks = [m for m in METHOD_TABLE.values() if m.name in due and self._runnable(m)]
+        tasks = self._tasks(due)
         if not tasks:
             return {}
-        try:
-            check_finite_parameters(network)
-        except ValueError as exc:
-            self._nonfinite(f"at step {step}: {exc}")
+        weights_bad = nonfinite_weights(network, self._collective)  # same on every rank
+        if weights_bad:
+            self._nonfinite(f"at step {step}: {weights_bad}")
             return {f"lipschitz/{m.name}": math.nan for m in tasks}
 
         metrics: dict[str, float] = {}
@@ -663,7 +675,8 @@ class LipschitzCallback(MethodWork, Callback):
             try:
                 metrics.update(self._run(method, network))
             except Exception as exc:
-                if isinstance(exc, ValueError) and "non-finite" in str(exc):
+                nonfinite = isinstance(exc, ValueError) and "non-finite" in str(exc)
+                if any_rank(nonfinite, self._collective):
                     metrics[label] = math.nan
                     nonfinite.append(str(exc))
                     continue

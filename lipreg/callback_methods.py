@@ -22,6 +22,7 @@ from lipreg.callback_budget import CostBudget
 from lipreg.callback_inputs import describe
 from lipreg.callback_options import PREFIX
 from lipreg.callback_records import Computed, Method, layer_key, metric_values
+from lipreg.callback_sharding import attempt, every_rank
 from lipreg.functional.autolip import AutoLip, autolip
 from lipreg.functional.incremental import (
     IncrementalAnchor,
@@ -82,6 +83,8 @@ class MethodWork:
     _full_certificates: int  # in this fit
     _step_now: int  # the optimizer step being computed
     _disabled: set[str]
+    _sharded: bool  # the network is FSDP2-sharded (no anchor: full certificates only)
+    _collective: bool  # the ranks agree on every decision that starts a gather
     tol: float
     max_iter: int
     _report: Callable[[str, str], None]  # warn once per cause (the callback's)
@@ -97,18 +100,22 @@ class MethodWork:
         compute = getattr(self, method.compute)
         clock = self.budget.clock
         start = clock()
-        try:
-            result = compute(network)
-        except Exception as exc:
-            if not self._is_warm(method.warm) or "non-finite" in str(exc):
-                raise
+        # sharded: success, the retry and the failure are agreed (every rank, same path)
+        result, failed = attempt(compute, network, self._collective)
+        if failed is not None:
+            retry = self._is_warm(method.warm) and "non-finite" not in str(failed)
+            if not every_rank(retry, self._collective):
+                raise failed
             rank_zero_info(
                 f"{PREFIX}{method.name} failed with the warm-start vectors "
-                f"({describe(exc, 300)}); they were dropped and it is retried from a cold start."
+                f"({describe(failed, 300)}); they were dropped and it is retried from a cold "
+                "start."
             )
             self._drop_warm(method.warm)
             start = clock()
-            result = compute(network)
+            result, failed = attempt(compute, network, self._collective)
+            if failed is not None:
+                raise failed
         seconds = clock() - start
         if result is None:  # nothing to do at this step (no work to time either)
             return {}
@@ -149,7 +156,8 @@ class MethodWork:
                 analysis=self._estimator.analysis,
                 **self._iterations(),
             )
-            if cert.certified:
+            # sharded: no anchor (it would keep every map's weights outside their gather)
+            if cert.certified and not self._sharded:
                 self._anchor = make_anchor(
                     network,
                     self.input_shape,

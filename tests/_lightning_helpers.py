@@ -277,3 +277,99 @@ def run_ddp(out_dir: str) -> None:
     )
     loader = DataLoader(regression_data(48), batch_size=4, shuffle=False)
     trainer.fit(module, loader)
+
+
+# ---------------------------------------------------------------- FSDP2 (fully_shard) fits
+FSDP_STEPS = 6
+
+
+class ShardedRegressionModule(RegressionModule):
+    """:class:`RegressionModule` whose ``net`` is sharded with FSDP2 in ``configure_model``
+    (``fully_shard`` on each Linear, then on ``net``, over the data-parallel mesh of
+    ``ModelParallelStrategy``): every parameter is a ``DTensor`` row shard."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
+class DumpShardedReference(Callback):
+    """On ``on_train_end`` (after the LipschitzCallback's fit-end certificate), each rank
+    gathers the final weights (``full_tensor()``, a collective every rank runs), loads them
+    into an unsharded copy of ``make_mlp()`` and writes ``lipreg.autolip(copy,
+    certify=True)`` (the independent reference), whether the parameters were ``DTensor``
+    shards and their sizes to ``ref{r}.json``; also the same certificate warm-started from the
+    callback's vectors, and the product of the exact float64 spectral norms."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.warnings: list[str] = []
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import lipreg
+
+        params = dict(pl_module.net.named_parameters())
+        full = {k: p.full_tensor().detach().clone() for k, p in params.items()}
+        copy = make_mlp()
+        copy.load_state_dict(full)
+        # the same certificate from the callback's own warm-start vectors (same node names:
+        # the copy wrapped like the LightningModule); the cold one starts elsewhere
+        (cb,) = [c for c in trainer.callbacks if type(c).__name__ == "LipschitzCallback"]
+        warm = lipreg.autolip(
+            RegressionModule(copy), (D_IN,), certify=True, state=dict(cb._estimator.state)
+        )
+        record = {
+            "reference": lipreg.autolip(copy, (D_IN,), certify=True).value,
+            "reference_warm": warm.value,
+            "norm_product": norm_product(copy),
+            "sharded": [type(p).__name__ for p in params.values()],
+            "local_rows": [int(p.to_local().shape[0]) for p in params.values()],
+            "full_rows": [int(p.shape[0]) for p in params.values()],
+        }
+        path = Path(self.out_dir) / f"ref{trainer.global_rank}.json"
+        path.write_text(json.dumps(record))
+
+
+def run_fsdp(out_dir: str) -> None:
+    """Two CPU processes (gloo), ``ModelParallelStrategy(data_parallel_size=2,
+    tensor_parallel_size=1)`` (Lightning relaunches the calling script: run it as a script,
+    not with ``-c``), ``fully_shard`` in ``configure_model``, and the LipschitzCallback
+    with its defaults except a cadence of 3 steps and no cost budget (``max_overhead=None``,
+    so that the computed steps are the scheduled ones). Each rank writes ``rank{r}.json``
+    (:class:`DumpLipschitzMetrics`), ``ref{r}.json`` (:class:`DumpShardedReference`) and
+    ``warn{r}.json`` (every LipschitzCallback warning it raised, rank 0 only by design)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lipreg.callback import LipschitzCallback
+
+    torch.set_num_threads(1)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        max_steps=FSDP_STEPS,
+        logger=CSVLogger(out_dir, name="fsdp"),
+        callbacks=[
+            LipschitzCallback(every_n_train_steps=3, max_overhead=None),
+            DumpLipschitzMetrics(out_dir),
+            DumpShardedReference(out_dir),
+        ],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=50,
+    )
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        trainer.fit(
+            ShardedRegressionModule(make_mlp()),
+            DataLoader(regression_data(48), batch_size=4, shuffle=False),
+        )
+    path = Path(out_dir) / f"warn{trainer.global_rank}.json"
+    path.write_text(json.dumps(callback_warnings(records)))

@@ -125,6 +125,32 @@ def check_shardable(model: nn.Module) -> None:
             "fully_shard in configure_model), or bound an unsharded copy of the weights "
             "(e.g. loaded from a full state dict)."
         )
+    unowned = _unowned_shards(model)
+    if unowned:
+        raise NotImplementedError(
+            f"{type(model).__name__} holds sharded (DTensor) parameters in {unowned[:5]} that "
+            "no FSDP2 unit inside it owns (fully_shard was applied to a module around it, "
+            "or the parameters are tensor-parallel): lipreg gathers a map through the "
+            "FSDPModule holding it, so it cannot gather these. Bound the module fully_shard "
+            "was applied to (e.g. the LightningModule: model_attr=None), or apply "
+            "fully_shard to this network itself."
+        )
+
+
+def _unowned_shards(model: nn.Module) -> list[str]:
+    """Paths of the submodules of ``model`` with their own ``DTensor`` parameters and no
+    ``FSDPModule`` among themselves and their ancestors inside ``model`` (``[]`` at the
+    cost of one pass over the parameters for an unsharded model)."""
+    if not any(is_dtensor(p) for p in model.parameters()):
+        return []
+    fsdp2 = _fsdp2_type()
+    units = [n for n, m in model.named_modules() if fsdp2 is not None and isinstance(m, fsdp2)]
+    return [
+        name or "(root)"
+        for name, m in model.named_modules()
+        if any(is_dtensor(p) for p in m.parameters(recurse=False))
+        and not any(u == "" or name == u or name.startswith(f"{u}.") for u in units)
+    ]
 
 
 def _is_distributed() -> bool:
