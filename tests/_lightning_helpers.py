@@ -335,14 +335,15 @@ class DumpShardedReference(Callback):
         path.write_text(json.dumps(record))
 
 
-def run_fsdp(out_dir: str) -> None:
+def run_fsdp(out_dir: str, max_overhead: float | None = None) -> None:
     """Two CPU processes (gloo), ``ModelParallelStrategy(data_parallel_size=2,
     tensor_parallel_size=1)`` (Lightning relaunches the calling script: run it as a script,
     not with ``-c``), ``fully_shard`` in ``configure_model``, and the LipschitzCallback
-    with its defaults except a cadence of 3 steps and no cost budget (``max_overhead=None``,
-    so that the computed steps are the scheduled ones). Each rank writes ``rank{r}.json``
-    (:class:`DumpLipschitzMetrics`), ``ref{r}.json`` (:class:`DumpShardedReference`) and
-    ``warn{r}.json`` (every LipschitzCallback warning it raised, rank 0 only by design)."""
+    with its defaults except a cadence of 3 steps and no cost budget (``max_overhead=None``
+    unless given, so that the computed steps are the scheduled ones). Each rank writes
+    ``rank{r}.json`` (:class:`DumpLipschitzMetrics`), ``ref{r}.json``
+    (:class:`DumpShardedReference`) and ``warn{r}.json`` (every LipschitzCallback warning
+    it raised: rank 0 only, by design)."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     from lipreg.callback import LipschitzCallback
@@ -356,7 +357,7 @@ def run_fsdp(out_dir: str) -> None:
         max_steps=FSDP_STEPS,
         logger=CSVLogger(out_dir, name="fsdp"),
         callbacks=[
-            LipschitzCallback(every_n_train_steps=3, max_overhead=None),
+            LipschitzCallback(every_n_train_steps=3, max_overhead=max_overhead),
             DumpLipschitzMetrics(out_dir),
             DumpShardedReference(out_dir),
         ],

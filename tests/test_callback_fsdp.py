@@ -119,6 +119,109 @@ def test_fsdp_fit_ranks_agree_and_warn_once(fsdp_run: dict) -> None:
     assert [w for w in warned if w not in sharded] == [], warned
 
 
+# ------------------------------------------------------------------ fast: what runs sharded
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A one-process gloo group (FSDP needs one); destroyed afterwards."""
+    import torch
+
+    dist = torch.distributed
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group already running")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _mlp():
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize(
+    "requested,kept,off",
+    [
+        (None, ["autolip"], ["lipschitz/seqlip"]),
+        (["autolip"], ["autolip"], []),
+        (["lower_bound", "autolip"], ["autolip"], ["lipschitz/lower_bound"]),
+    ],
+)
+def test_sharded_methods_keep_autolip_and_name_what_is_off(requested, kept, off):
+    from lipreg.callback_sharding import sharded_methods
+
+    found, notice = sharded_methods(_mlp(), requested)
+    assert found == kept
+    for name in ["incremental certificates", "lipschitz/certified", *off]:
+        assert name in notice
+    assert ("lipschitz/seqlip" in notice) == ("lipschitz/seqlip" in off)
+    assert "deepcopy" in notice and "full certificates" in notice
+
+
+def test_sharded_methods_without_autolip_switch_off():
+    from lipreg.callback_inputs import SwitchOff
+    from lipreg.callback_sharding import sharded_methods
+
+    with pytest.raises(SwitchOff, match=r"lipschitz/seqlip, lipschitz/lower_bound.*nothing"):
+        sharded_methods(_mlp(), ["seqlip", "lower_bound"])
+
+
+def test_fsdp1_and_unowned_shards_switch_the_callback_off(one_rank_group):
+    import torch
+    from torch import nn
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    from lipreg.callback_inputs import SwitchOff
+    from lipreg.callback_sharding import sharded_methods
+
+    wrapped = FullyShardedDataParallel(_mlp(), device_id=torch.device("cpu"))
+    with pytest.raises(SwitchOff, match="FSDP1"):
+        sharded_methods(wrapped, None)
+    # fully_shard on an outer module only: the inner network's shards have no unit inside it
+    outer = nn.Sequential(_mlp())
+    fully_shard(outer)
+    with pytest.raises(SwitchOff, match="no FSDP2 unit inside it owns"):
+        sharded_methods(outer[0], None)
+    assert sharded_methods(outer, None)[0] == ["autolip"]  # the unit's own root is fine
+
+
+def test_ranks_with_different_plans_switch_the_callback_off(monkeypatch):
+    # the other rank (simulated) is off: every rank switches off instead of hanging
+    import lipreg.callback_sharding as cs
+    from lipreg.callback import LipschitzCallback
+
+    seen = []
+
+    def plans_agree(plan):
+        seen.append(plan)
+        return False, [plan, None]
+
+    monkeypatch.setattr(cs, "plans_agree", plans_agree)
+    callback = LipschitzCallback(methods=["autolip"], max_overhead=None)
+    callback._prepared, callback._network_cache = True, _mlp()
+    callback._estimator = object()  # stands for a prepared estimator (only its presence counts)
+    with pytest.warns(UserWarning, match=r"ranks would compute different things.*off on every"):
+        callback._check_ranks_agree({"autolip", "lower_bound"}, 3)
+    assert seen == [["autolip"]] and callback._off
+
+
+def test_a_rank_that_succeeded_takes_the_failure_path_of_another(monkeypatch):
+    import lipreg.callback_sharding as cs
+
+    monkeypatch.setattr(cs, "agree_ok", lambda ok: False)  # another rank failed
+    result, failed = cs.attempt(lambda net: 1.0, _mlp(), collective=True)
+    assert result == 1.0 and isinstance(failed, cs.ShardedRankError)
+    monkeypatch.setattr(cs, "agree_ok", lambda ok: ok)
+    assert cs.attempt(lambda net: 1.0, _mlp(), collective=True) == (1.0, None)
+    assert cs.any_rank(False, collective=True) is False
+    result, failed = cs.attempt(lambda net: 1 / 0, _mlp(), collective=False)
+    assert result is None and isinstance(failed, ZeroDivisionError)
+
+
 if __name__ == "__main__":  # the fit itself (Lightning relaunches this script for rank 1)
     sys.path.insert(0, str(TESTS_DIR))
     import _lightning_helpers
