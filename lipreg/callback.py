@@ -57,7 +57,8 @@ certificates) outside autocast. Warm-start vectors are kept between calls and sa
 checkpoints, so a resumed run continues warm (vectors that no longer fit, e.g. after a change
 of input size, are dropped with a note). Under DDP every rank computes the same values (same
 weights, same seeded start vectors) and rank 0's are broadcast, so all ranks see identical
-``callback_metrics``; loggers write once (rank 0).
+``callback_metrics``; loggers write once (rank 0). On an FSDP2-sharded model only the estimate
+and full certificates run, with every gather agreed across ranks (:mod:`lipreg.callback_sharding`).
 """
 
 from __future__ import annotations
