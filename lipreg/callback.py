@@ -72,7 +72,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lipreg.callback_budget import CostBudget
+from lipreg.callback_budget import CostBudget, planned_steps
 from lipreg.callback_inputs import (
     SwitchOff,
     at_path,
@@ -96,7 +96,7 @@ from lipreg.callback_options import (
     check_model_attr,
     check_number,
 )
-from lipreg.callback_records import Method, layer_key, lightning_step
+from lipreg.callback_records import Method, layer_key, lightning_step, publish
 from lipreg.callback_sharding import ShardedGuards, any_rank, nonfinite_weights
 from lipreg.callback_state import WarmState, read_state
 from lipreg.functional.autolip import AutoLip
@@ -549,7 +549,6 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
 
     def _prepare_autolip(self, network: nn.Module, requested: list[str] | None) -> None:
         """Trace once for AutoLip (and test SeqLip); on refusal fall back (see class doc)."""
-        from lipreg.functional.analysis import analyse
         from lipreg.functional.chains import segment_chains
 
         assert self.input_shape is not None
@@ -562,8 +561,9 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
                 state=self._autolip_state,
                 **self._iterations(),
             )
-            # raises for unsupported ops; reuses the estimator's trace
-            analysis = analyse(network, self.input_shape, traced=self._estimator.traced)
+            # raises for unsupported ops; the estimator's cached analysis (one trace, one
+            # probe for the whole fit: every later call re-reads its weights)
+            analysis = self._estimator.analysis.get(torch.float32)
         except Exception as exc:
             self._estimator = None
             reason = describe(exc)
@@ -636,25 +636,13 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
                 ratio
             )
         self.last_metrics, self._last_metrics_step = merged, step
-        self._publish(trainer, metrics, step, in_batch)
-
-    def _publish(
-        self, trainer: Trainer, metrics: dict[str, float], step: int, in_batch: bool
-    ) -> None:
-        """To every logger at Lightning's step index, and into ``callback_metrics``."""
-        index = lightning_step(trainer, in_batch=in_batch)
-        if index is None:
-            index = step
+        if not publish(trainer, metrics, in_batch=in_batch):
             self._report(
                 "lightning_step",
                 "this Lightning has no fit_loop.epoch_loop._batches_that_stepped (the step "
                 "index of its own self.log values): Lipschitz values are logged at "
                 "trainer.global_step, one step after Lightning's values of the same step.",
             )
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=index)
-        for key, value in metrics.items():
-            trainer.callback_metrics[key] = torch.tensor(value, dtype=torch.float64)
 
     def _compute(self, network: nn.Module, step: int, due: set[str]) -> dict[str, float]:
         """Every due and runnable method of :data:`_METHOD_TABLE`, in its order; a failing
@@ -708,12 +696,3 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
             "Check the learning rate / loss scaling, or pass on_nonfinite='raise' to stop the "
             "run at the first non-finite value.",
         )
-
-
-def planned_steps(trainer: Trainer) -> float | None:
-    """``trainer.estimated_stepping_batches`` (optimizer steps planned for the whole run),
-    or ``None`` when Lightning cannot tell (the budget then lends nothing ahead)."""
-    try:
-        return float(trainer.estimated_stepping_batches)
-    except Exception:  # an unsized loader without max_steps, or an older Lightning
-        return None

@@ -17,13 +17,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
 
 from lipreg.callback_options import PREFIX
 from lipreg.callback_records import Method
 
-__all__ = ["COST_WINDOW", "CostBudget"]
+__all__ = ["COST_WINDOW", "CostBudget", "planned_steps"]
 
 #: A method's predicted cost is the median of its last ``COST_WINDOW`` measured runs (the
 #: median: a run slowed down by a busy machine or a cold start does not set the cadence).
@@ -232,3 +233,12 @@ class CostBudget:
             f"instead of every {cadence} (step cadences are upper limits). To change this, "
             "raise max_overhead, or set max_overhead=None for the step cadences alone."
         )
+
+
+def planned_steps(trainer: Any) -> float | None:
+    """``trainer.estimated_stepping_batches`` (optimizer steps planned for the whole run),
+    or ``None`` when Lightning cannot tell (the budget then lends nothing ahead)."""
+    try:
+        return float(trainer.estimated_stepping_batches)
+    except Exception:  # an unsized loader without max_steps, or an older Lightning
+        return None

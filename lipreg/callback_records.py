@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from lipreg.callback_options import is_int
 
-__all__ = ["Computed", "Method", "layer_key", "lightning_step", "metric_values"]
+__all__ = ["Computed", "Method", "layer_key", "lightning_step", "metric_values", "publish"]
 
 
 @dataclass(frozen=True)
@@ -101,3 +103,16 @@ def lightning_step(trainer: Any, *, in_batch: bool) -> int | None:
     if not is_int(counter):
         return None
     return counter if in_batch else max(counter - 1, 0)
+
+
+def publish(trainer: Any, metrics: dict[str, float], *, in_batch: bool) -> bool:
+    """Log ``metrics`` to every logger of ``trainer`` at Lightning's step index of the
+    optimizer step just taken (:func:`lightning_step`), and put them into
+    ``trainer.callback_metrics`` (float64 tensors). Returns ``False`` when this Lightning
+    does not expose that index (then ``trainer.global_step`` is used)."""
+    index = lightning_step(trainer, in_batch=in_batch)
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step if index is None else index)
+    for key, value in metrics.items():
+        trainer.callback_metrics[key] = torch.tensor(value, dtype=torch.float64)
+    return index is not None

@@ -51,7 +51,6 @@ __all__ = [
     "is_sharded",
     "local_tensor",
     "refreshed_specs",
-    "register_fsdp_rules",
     "sealed",
 ]
 
@@ -362,13 +361,3 @@ def is_fsdp_hook(hook: object) -> bool:
     defined in ``torch.distributed``): the all-gathers lipreg does itself while bounding."""
     owner = getattr(hook, "__self__", None)
     return owner is not None and type(owner).__module__.startswith("torch.distributed.fsdp")
-
-
-def register_fsdp_rules(model: nn.Module) -> None:
-    """Does nothing; kept until ``trace.py`` stops calling it (then delete it).
-
-    FSDP2's dynamic classes (``FSDPLinear(FSDPModule, Linear)``) now bind to their original
-    class's rule in the registry itself (``rules/registry.py``: ``FSDPModule``'s methods are
-    harmless overrides), with no registration per model; a user subclass that overrides
-    ``forward`` stays refused there (deny by default)."""
-    del model

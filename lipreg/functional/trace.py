@@ -30,7 +30,6 @@ from lipreg.functional.sharding import (
     is_dtensor,
     is_fsdp_hook,
     local_tensor,
-    register_fsdp_rules,
 )
 
 __all__ = [
@@ -228,7 +227,6 @@ def trace(model: nn.Module) -> fx.GraphModule:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     model = unwrap_compiled(model)
     check_shardable(model)  # FSDP1 wrappers: refused with what to do (fx cannot trace them)
-    register_fsdp_rules(model)  # FSDP2 leaves keep their original class's rule
     _warn_about_hooks(model)
     check_has_forward(model)
     if has_module_rule(model):
