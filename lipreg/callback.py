@@ -446,19 +446,20 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
         choice (every rank reaches this line at the same steps)."""
         if self.max_overhead is None:
             return due
-        tasks = [m for m in METHOD_TABLE.values() if m.name in due and self._runnable(m)]
-        # the fit end's reserve: the estimate and an incremental certificate (the anchor
-        # that makes it possible is what the budget schedules now; without one by the fit
-        # end, the promised full certificate runs over budget, counted)
-        promised = ("autolip", "autolip_certified") if self.compute_at_fit_end else ()
-        promised = () if forced else promised
-        reserve = [
+        tasks = self._tasks(due)
+        # the fit end's reserve: the estimate and an increment (without an anchor by then,
+        # the promised full certificate runs over budget, counted). Re-anchoring refreshes
+        # what these two keep logging: after them (from savings, room for their runs left).
+        monitored = [
             METHOD_TABLE[m]
-            for m in promised
+            for m in ("autolip", "autolip_certified")
             if METHOD_TABLE[m].requires in self._active() and m not in self._disabled
         ]
+        reserve = monitored if self.compute_at_fit_end and not forced else []
         cadences = {m.name: getattr(self, m.cadence) or 0 for m in tasks}
-        chosen = self.budget.choose(tasks, step, reserve, cadences, forced)
+        monitoring = [(m, getattr(self, m.cadence) or 0) for m in monitored]
+        refresh = ("full_certificate",) if self._anchor is not None else ()
+        chosen = self.budget.choose(tasks, step, reserve, cadences, forced, monitoring, refresh)
         if trainer.world_size > 1:
             chosen = trainer.strategy.broadcast(chosen, src=0)
         return set(chosen)

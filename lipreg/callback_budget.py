@@ -162,11 +162,17 @@ class CostBudget:
         reserve: Sequence[Method],
         cadences: dict[str, int],
         forced: Collection[str] = (),
+        monitoring: Sequence[tuple[Method, int]] = (),
+        refresh: Collection[str] = (),
     ) -> list[str]:
         """The names of ``due`` (in order) that run at ``step`` (policy: class docstring);
         ``reserve`` are the methods promised at the fit end, ``cadences`` the step cadence of
         each method (for the note a stretched method gets once); ``forced`` run whatever
-        they cost (the fit end's promise) and count like the unbudgeted ones."""
+        they cost (the fit end's promise) and count like the unbudgeted ones. ``refresh``:
+        methods that only refresh what ``monitoring`` (methods with their cadences) keep
+        logging (re-anchoring the incremental certificates): they run from savings only
+        (``S + c(m) <= E``) and only if the planned fit keeps room for every remaining
+        monitoring run (rule 2 with ``R`` plus ``Σ c(m') ⌊(N − k) / n(m')⌋``)."""
         if self.max_overhead is None:
             return [m.name for m in due]
         k, train = step - self.start_step, self.training_seconds()
@@ -181,6 +187,7 @@ class CostBudget:
         # (a guess scaled by the step time would keep the estimate itself from running)
         measured = self.unit is not None
         set_aside = sum(self.predicted(m, per_step) or 0.0 for m in reserve) if measured else 0.0
+        later = self._monitoring_reserve(monitoring, k, per_step) if refresh else 0.0
         chosen: list[str] = []
         for method in due:
             if not method.budgeted or method.name in forced:
@@ -193,7 +200,10 @@ class CostBudget:
                 continue
             last = self.last_chosen.get(method.name)
             spaced = last is None or (k - last) * self.max_overhead * per_step >= cost
-            if spaced and spent <= earned and spent + cost + set_aside <= plan:
+            fits = spent <= earned and spent + cost + set_aside <= plan
+            if method.name in refresh:  # from savings, leaving room for the monitoring
+                fits = spent + cost <= earned and spent + cost + set_aside + later <= plan
+            if spaced and fits:
                 chosen.append(method.name)
                 self.last_chosen[method.name] = k
                 spent += cost
@@ -202,6 +212,19 @@ class CostBudget:
                 # measured: the note would quote a cost that is guessed twice)
                 self._announce(method, cost, per_step, k, cadences.get(method.name, 0))
         return chosen
+
+    def _monitoring_reserve(
+        self, monitoring: Sequence[tuple[Method, int]], k: int, per_step: float | None
+    ) -> float:
+        """The predicted cost of every run of ``monitoring`` left in the planned fit (0 when
+        its length is unknown: the earned budget alone then governs)."""
+        if self.planned_steps is None or per_step is None:
+            return 0.0
+        remaining = max(self.planned_steps - k, 0)
+        return sum(
+            (self.predicted(m, per_step) or 0.0) * (remaining // max(cadence, 1))
+            for m, cadence in monitoring
+        )
 
     def _announce(self, method: Method, cost: float, per_step: float, k: int, cadence: int) -> None:
         """Say once per method and fit that the budget stretches its cadence, and by how much."""

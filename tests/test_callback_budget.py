@@ -238,3 +238,39 @@ def test_max_overhead_accepts_numbers_and_none():
     assert LipschitzCallback().max_overhead == 0.05
     assert LipschitzCallback(max_overhead=None).budget.max_overhead is None
     assert LipschitzCallback(max_overhead=1).max_overhead == 1.0
+
+
+class ReAnchoring(TimedCallback):
+    """Wants a new anchor at every step (as if the increments' slack always grew)."""
+
+    def _wants_anchor(self) -> bool:
+        return True
+
+
+def test_re_anchoring_runs_from_savings_after_the_monitoring(tmp_path):
+    """100 planned steps, a new anchor always wanted. Steps 1-9 as in the first test (the
+    first anchor, borrowed, at step 2; at step 9 a re-anchor is not spaced yet: 7/16 < 1/2).
+    From step 9 the estimate and the increment cost 3/64 per step: savings E - S grow by
+    1/64 per step. A re-anchor needs S + 1/64 + 1/2 <= k/16 (from savings) and room for the
+    remaining monitoring, (100 - k) * 3/64 within P: from S = 34/64 + 3(k - 9)/64 this gives
+    k = 40, then (S = E = 2.5) k = 70, then (S = E = 4.375) k = 100, where the plan is used
+    exactly (6.25 s). The increments never skip a step: a certified value at every step from
+    step 9 on, the re-anchors' steps included."""
+    clock = FakeClock()
+    callback = ReAnchoring(
+        clock,
+        methods=["autolip"],
+        every_n_train_steps=1,
+        max_overhead=EPSILON,
+        compute_at_fit_end=False,
+    )
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = make_trainer(tmp_path, [callback], logger=logger, max_steps=100)
+    trainer.fit(TimedModule(clock), loader(n=400))
+    rows = lipschitz_rows(logger)
+    certified = [int(r["step"]) + 1 for r in rows if r.get(CERTIFIED)]
+    full = [int(r["step"]) + 1 for r in rows if r.get("lipschitz/full_certificate_time_s")]
+    assert full == [2, 40, 70, 100]
+    assert certified == [2, *range(9, 101)]
+    assert callback.budget.runs == {"autolip": 94, "full_certificate": 4, "autolip_certified": 89}
+    assert callback.budget.own == 94 * ESTIMATE + 4 * FULL + 89 * INCREMENT == EPSILON * 100
