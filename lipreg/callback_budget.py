@@ -168,11 +168,14 @@ class CostBudget:
         """The names of ``due`` (in order) that run at ``step`` (policy: class docstring);
         ``reserve`` are the methods promised at the fit end, ``cadences`` the step cadence of
         each method (for the note a stretched method gets once); ``forced`` run whatever
-        they cost (the fit end's promise) and count like the unbudgeted ones. ``refresh``:
-        methods that only refresh what ``monitoring`` (methods with their cadences) keep
-        logging (re-anchoring the incremental certificates): they run from savings only
-        (``S + c(m) <= E``) and only if the planned fit keeps room for every remaining
-        monitoring run (rule 2 with ``R`` plus ``Σ c(m') ⌊(N − k) / n(m')⌋``)."""
+        they cost (the fit end's promise) and count like the unbudgeted ones.
+        ``monitoring`` (methods with their cadences: the estimate and the incremental
+        certificate) may run in debt (rule 1 waived: the debt of a borrowed anchor must not
+        silence them) as long as rule 2 holds, spaced by their summed cost (rule 3 with
+        ``Σ c(m')``). ``refresh``: methods that only refresh what the monitoring keeps
+        logging (re-anchoring): they run from savings only (``S + c(m) <= E``) and only if
+        the planned fit keeps room for every remaining monitoring run (rule 2 with ``R`` plus
+        ``Σ c(m') ⌊(N − k) / n(m')⌋``)."""
         if self.max_overhead is None:
             return [m.name for m in due]
         k, train = step - self.start_step, self.training_seconds()
@@ -188,6 +191,8 @@ class CostBudget:
         measured = self.unit is not None
         set_aside = sum(self.predicted(m, per_step) or 0.0 for m in reserve) if measured else 0.0
         later = self._monitoring_reserve(monitoring, k, per_step) if refresh else 0.0
+        watch = {m.name for m, _ in monitoring}
+        watch_cost = sum(self.predicted(m, per_step) or 0.0 for m, _ in monitoring)
         chosen: list[str] = []
         for method in due:
             if not method.budgeted or method.name in forced:
@@ -201,7 +206,10 @@ class CostBudget:
             last = self.last_chosen.get(method.name)
             spaced = last is None or (k - last) * self.max_overhead * per_step >= cost
             fits = spent <= earned and spent + cost + set_aside <= plan
-            if method.name in refresh:  # from savings, leaving room for the monitoring
+            if method.name in watch:  # the monitoring: within the plan, even in debt
+                spaced = last is None or (k - last) * self.max_overhead * per_step >= watch_cost
+                fits = spent + cost + set_aside <= plan
+            elif method.name in refresh:  # from savings, leaving room for the monitoring
                 fits = spent + cost <= earned and spent + cost + set_aside + later <= plan
             if spaced and fits:
                 chosen.append(method.name)

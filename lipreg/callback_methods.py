@@ -45,13 +45,15 @@ __all__ = [
     "rows_of",
 ]
 
-#: The Ritz space of the anchors (``make_anchor(ritz=...)``): the top 16 singular vectors of
-#: every dense weight, so that between anchors a dense layer's certified norm grows with the
-#: square of the weight change instead of its norm (bound (5) of
-#: :mod:`lipreg.functional.incremental_ritz`; incremental.md: MLP under SGD 0.001 % slack
-#: after 10 steps instead of 0.07-7 %). It costs one eigendecomposition per dense layer at
-#: each anchor, counted in the full certificate's measured cost.
-ANCHOR_RITZ = 16
+#: The Ritz space of the anchors (``make_anchor(ritz=...)``): none. A 16-vector Ritz space
+#: per dense weight makes a dense layer's incremental bound second order in the weight
+#: change (bound (5) of :mod:`lipreg.functional.incremental_ritz`: MLP under SGD 0.001 %
+#: slack after 10 steps instead of 0.07-7 %), but it costs an eigendecomposition per layer
+#: at each anchor (3x the full certificate of the MNIST MLP) and doubles the increments'
+#: cost, and over the hundreds of steps between two anchors the budget affords, the changes
+#: outgrow its gap (training_overhead.md: 130 % slack after 2,000 SGD steps with it): the
+#: budget buys more by re-anchoring more often.
+ANCHOR_RITZ = 0
 #: Extra keys logged with every certified AutoLip value: its slack over the AutoLip estimate
 #: of the same call (``value / estimate - 1``, an over-statement of the true slack) and the
 #: number of full certificates (anchors) computed in this fit.
