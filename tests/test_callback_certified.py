@@ -81,7 +81,7 @@ class Recording(LipschitzCallback):
 @pytest.mark.parametrize("widths", [(D_IN, 16, 16, D_OUT), (D_IN, 40, 40, D_OUT)])
 def test_a_certified_value_at_every_step_is_above_the_exact_constant(tmp_path, widths):
     """Every monitoring step logs a certified value (a full certificate once, then increments
-    from it, with Ritz spaces on the 40-wide layers): each is above the exact AutoLip of the
+    from it): each is above the exact AutoLip of the
     weights at that step and, after a few large steps of SGD, not far above it."""
     callback = Recording(
         methods=["autolip"], every_n_train_steps=1, max_overhead=None, recertify_slack=1e9
@@ -94,7 +94,9 @@ def test_a_certified_value_at_every_step_is_above_the_exact_constant(tmp_path, w
     assert kinds == ["full"] + ["incremental"] * 7  # the fit end adds nothing (done at step 8)
     for kind, value, exact in callback.seen:
         assert value >= exact, (kind, value, exact)
-        assert value <= exact * 1.25, (kind, value, exact)
+        # first-order increments (no Ritz space): the slack grows with ‖ΔW‖, ~30 % after 7
+        # steps of lr 0.1 here; not orders of magnitude
+        assert value <= exact * 1.5, (kind, value, exact)
     rows = [r for r in lipschitz_rows(logger) if r["lipschitz/autolip_certified"]]
     assert len(rows) == 8
     assert all(float(r["lipschitz/full_certificates"]) == 1 for r in rows)
