@@ -137,11 +137,10 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
 
     **Incremental certificates.** The first certified value of a fit is a full certificate
     (warm-started from the estimate); it becomes the *anchor* ``s``
-    (:func:`lipreg.functional.incremental.make_anchor`, with the top-16 Ritz space of every
-    dense weight). Later values are certified from it and the weight change:
-    ``σ(A_t) <= σ_cert(A_s) + β(A_t − A_s)`` per anchored chain (a second-order bound on
-    dense weights, a certified bound of the merged kernels' change on convolutions; see
-    :func:`lipreg.functional.incremental.incremental_autolip`), at the cost of a few
+    (:func:`lipreg.functional.incremental.make_anchor`; ``ANCHOR_RITZ`` in
+    :mod:`lipreg.callback_methods` says why without a Ritz space). Later values are certified
+    from it and the weight change: ``σ(A_t) <= σ_cert(A_s) + β(A_t − A_s)`` per anchored
+    chain (:func:`lipreg.functional.incremental.incremental_autolip`), at the cost of a few
     estimates. They stay certified whatever the change; only their slack grows. Once it grew
     by more than ``recertify_slack`` since the anchor, the next certified value is a full
     certificate again (a new anchor), the budget permitting. The anchor belongs to the fit
@@ -153,12 +152,14 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
     :data:`lipreg.callback_methods.METHOD_TABLE`: the estimate, the full and the incremental
     certificates, SeqLip, the lower bound) runs at a step its cadence selects only if its
     predicted cost (median of its last runs; a generous guess before the first) fits: the
-    callback must not be in debt and the run, plus the fit-end certificate set aside, must
-    fit the budget of the planned fit (``trainer.estimated_stepping_batches``), so that a
-    long fit gets its anchor early and later runs about every
-    ``cost / (max_overhead * step time)`` steps. The first stretch of each method is said
-    once (``rank_zero_info``: cost, step time, effective cadence, how to change it). The exact
-    rule: :class:`lipreg.callback_budget.CostBudget`. Under DDP rank 0 decides for all.
+    run, plus the fit-end certificate set aside, must fit the budget of the planned fit
+    (``trainer.estimated_stepping_batches``), so that a long fit gets its anchor early, and
+    runs of a method are spaced by about ``cost / (max_overhead * step time)`` steps. The
+    monitoring (estimate, incremental certificate) runs at its cadence even while a borrowed
+    anchor is repaid; the rest waits until the callback is out of debt, and re-anchoring is
+    paid from savings, leaving room for the monitoring's remaining runs. The first stretch of
+    each method is said once (``rank_zero_info``: cost, step time, effective cadence, how to
+    change it). Rule: :class:`lipreg.callback_budget.CostBudget`; under DDP rank 0 decides.
 
     **Resuming.** ``input_shape`` (when not passed) and the default methods are re-derived at
     every fit, so a run resumed on data of another size bounds the new size; warm-start
