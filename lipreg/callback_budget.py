@@ -63,7 +63,11 @@ class CostBudget:
        of one method are spaced by at least their own share of the budget, so that a budget
        saved up while a first run waited does not come out as a burst of runs,
 
-    and ``S`` grows by ``c(m)`` before the next one is examined. So a long planned fit may
+    and ``S`` grows by ``c(m)`` before the next one is examined (two exceptions, passed by
+    the callback: the *monitoring* — the estimate and the incremental certificate — skips
+    rule 1 and is spaced by its summed cost, so that the debt of a borrowed anchor does not
+    silence it; a *refresh* — re-anchoring — needs ``S + c(m) <= E`` and room in the plan
+    for every remaining monitoring run; :meth:`choose`). So a long planned fit may
     borrow one run ahead of what it has earned (its first certificate comes early, not after
     ``c / (e t)`` steps), never beyond its planned total, and the debt of one run is repaid
     before the next: in the steady state a method of cost ``c`` runs about every
