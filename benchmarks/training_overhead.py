@@ -267,9 +267,13 @@ def reported(trainer: pl.Trainer) -> str:
             found[key] = float(trainer.callback_metrics[key])
     parts = [f"{REPORTED_KEYS[k]} {v:.4g}" for k, v in found.items()]
     for cb in trainer.callbacks:  # how often each computation ran (the budget's count)
-        runs = getattr(getattr(cb, "budget", None), "runs", None)
-        if runs:
-            parts.append("runs " + ", ".join(f"{name} {n}" for name, n in runs.items()))
+        budget = getattr(cb, "budget", None)
+        if budget is not None and budget.runs:
+            parts.append("runs " + ", ".join(f"{name} {n}" for name, n in budget.runs.items()))
+            # the callback's own time over the training time, by its clock: less sensitive
+            # to the machine's load than the ratio of two fits
+            own = budget.own / max(budget.training_seconds(), 1e-12)
+            parts.append(f"own time {own:.1%} of training")
     return "; ".join(parts)
 
 

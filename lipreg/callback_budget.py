@@ -132,9 +132,12 @@ class CostBudget:
 
     def record(self, method: Method, seconds: float) -> None:
         """One measured run of ``method``."""
-        self.costs.setdefault(method.name, deque(maxlen=COST_WINDOW)).append(seconds)
         if method.name == "autolip" and self.unit is None:
+            # the fit's first estimate is cold (no warm vectors yet): the unit of the priors,
+            # not a prediction of the warm ones (it would space the next ones far apart)
             self.unit = seconds
+        else:
+            self.costs.setdefault(method.name, deque(maxlen=COST_WINDOW)).append(seconds)
         self.runs[method.name] = self.runs.get(method.name, 0) + 1
         if not method.budgeted:
             self.always += seconds
