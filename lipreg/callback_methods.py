@@ -95,6 +95,17 @@ class MethodWork:
         """The iteration options every AutoLip call of the callback shares."""
         return {"tol": self.tol, "max_iter": self.max_iter, "seed": self.seed}
 
+    def _certify_options(self) -> dict[str, Any]:
+        """What the full and the incremental certificates share: warm-started from the
+        estimate's vectors, on the estimator's cached analysis (one trace, one probe)."""
+        assert self._estimator is not None
+        return {
+            "dense_limit": self.certify_dense_limit,
+            "state": self._estimator.state,
+            "analysis": self._estimator.analysis,
+            **self._iterations(),
+        }
+
     def _run(self, method: Method, network: nn.Module) -> dict[str, float]:
         """Run one method, time it (for the budget) and name its metrics; if it fails while
         warm-started, retry it once from a cold start (warm vectors that no longer fit the
@@ -149,15 +160,7 @@ class MethodWork:
         assert self._estimator is not None and self.input_shape is not None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cert = autolip(
-                network,
-                self.input_shape,
-                certify=True,
-                dense_limit=self.certify_dense_limit,
-                state=self._estimator.state,
-                analysis=self._estimator.analysis,
-                **self._iterations(),
-            )
+            cert = autolip(network, self.input_shape, certify=True, **self._certify_options())
             # sharded: no anchor (it would keep every map's weights outside their gather)
             if cert.certified and not self._sharded:
                 self._anchor = make_anchor(
@@ -194,13 +197,7 @@ class MethodWork:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             cert = incremental_autolip(
-                network,
-                self.input_shape,
-                self._anchor,
-                dense_limit=self.certify_dense_limit,
-                state=self._estimator.state,
-                analysis=self._estimator.analysis,
-                **self._iterations(),
+                network, self.input_shape, self._anchor, **self._certify_options()
             )
         self._last_slack = _slack_or_none(cert)
         return self._certified(cert)

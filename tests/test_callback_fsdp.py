@@ -120,23 +120,6 @@ def test_fsdp_fit_ranks_agree_and_warn_once(fsdp_run: dict) -> None:
 
 
 # ------------------------------------------------------------------ fast: what runs sharded
-@pytest.fixture
-def one_rank_group(tmp_path):
-    """A one-process gloo group (FSDP needs one); destroyed afterwards."""
-    import torch
-
-    dist = torch.distributed
-    if not dist.is_available() or dist.is_initialized():
-        pytest.skip("needs torch.distributed and no process group already running")
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def _mlp():
     from torch import nn
 

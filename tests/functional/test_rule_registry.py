@@ -460,21 +460,6 @@ def test_erf_table_entries_are_removed_afterwards():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_rank_group(tmp_path):
-    """A one-process gloo group (fully_shard needs one); destroyed afterwards."""
-    dist = torch.distributed
-    if not dist.is_available() or dist.is_initialized():
-        pytest.skip("needs torch.distributed and no process group already running")
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 class ShiftedLinear(nn.Linear):
     """A different function than nn.Linear (x -> W x + b + 1): must never take its rule."""
 
