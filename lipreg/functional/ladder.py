@@ -45,7 +45,6 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass, field
-from functools import cached_property
 
 import torch
 from torch import Tensor, fx, nn
@@ -73,14 +72,21 @@ from lipreg.functional.certify import (
 from lipreg.functional.chains import AffineChain, chain_linear_map, node_linear_map
 from lipreg.functional.conv_bounds import conv_operator_norm_bound
 from lipreg.functional.conv_chain import merged_conv
+from lipreg.functional.ladder_context import (
+    CLOSED_FORM_PAD,
+    ChainContext,
+    affine_bound,
+    warm_vector,
+    with_iterative,
+)
 from lipreg.functional.linear_map import LinearMap
-from lipreg.functional.power_iteration import OperatorNormResult, operator_norm
 from lipreg.functional.results import LayerBound
 from lipreg.functional.rounding import folded_kernel_error, materialisation_error
 from lipreg.functional.sharding import gathered_agreed, refreshed_specs
 from lipreg.functional.specs import Affine, ConvData
 
 __all__ = [
+    "CLOSED_FORM_PAD",
     "GRAM_COST_RATIO",
     "GRAM_FREE_COST",
     "LADDER",
@@ -114,108 +120,21 @@ TORUS_ACCEPT = 1e-3
 # tightest certificate whatever it costs.
 GRAM_COST_RATIO = 20.0
 GRAM_FREE_COST = 1e8
-# Closed forms evaluated in float64 are exact up to a few ulps: they are padded by 4 ulps.
-CLOSED_FORM_PAD = 1 + 4 * torch.finfo(torch.float64).eps
-
-
-class ChainContext:
-    """What a ladder entry sees about one chain; the derived quantities are computed once."""
-
-    def __init__(self, bounder: ChainBounder, chain: AffineChain) -> None:
-        self.bounder = bounder
-        self.chain = chain
-        self.refusal = ""  # why the product certificate failed (for the estimate's label)
-        self._iterative: OperatorNormResult | None = None
-
-    @cached_property
-    def specs(self) -> list[Affine]:
-        """The chain's specs at the analysis precision."""
-        return [self.bounder.analysis.specs[n] for n in self.chain.nodes]  # type: ignore[misc]
-
-    @cached_property
-    def bound_specs(self) -> list[Affine]:
-        """The specs the factor is computed from: float64 (the model's own weights, closed
-        forms in float64) when certifying, else those of the analysis."""
-        if not self.bounder.certify:
-            return self.specs
-        return [self.bounder.analysis64.specs[n] for n in self.chain.nodes]  # type: ignore[misc]
-
-    @cached_property
-    def scale(self) -> float:
-        """Product of the norms of the isometries (scalar multiples of isometries)."""
-        return math.prod(s.norm for s in self.bound_specs if s.isometry)  # type: ignore[misc]
-
-    @cached_property
-    def core(self) -> list[tuple[fx.Node, Affine]]:
-        """The ops that are not isometries, with their nodes."""
-        pairs = zip(self.chain.nodes, self.bound_specs, strict=True)
-        return [(n, s) for n, s in pairs if not s.isometry]
-
-    @cached_property
-    def op(self) -> LinearMap:
-        """The chain's linear map at the analysis precision (iterations, size checks)."""
-        return chain_linear_map(self.bounder.analysis, self.chain)
-
-    @cached_property
-    def merged(self) -> tuple[ConvData, float, bool] | None:
-        """The chain ``[isometry]* [scale]* conv [scale]* [isometry]*`` as ``(merged float64
-        convolution, its kernel_error, no leading isometry)``
-        (:func:`~lipreg.functional.conv_chain.merged_conv`,
-        :func:`~lipreg.functional.rounding.folded_kernel_error`), else ``None``."""
-        specs = self.bound_specs
-        inner = [i for i, spec in enumerate(specs) if not spec.isometry]
-        if not inner:
-            return None
-        conv = merged_conv(specs[inner[0] : inner[-1] + 1])
-        if conv is None:
-            return None
-        return conv, folded_kernel_error(inner[-1] - inner[0]), inner[0] == 0
-
-    def iterative(self) -> OperatorNormResult:
-        """Lanczos/power iteration on the chain (warm-started from ``state``), run once; its
-        vector (and spectral gap) go to ``new_state``."""
-        if self._iterative is None:
-            b, name = self.bounder, self.chain.name
-            gap0 = b.state.get(f"{name}#gap")
-            res = operator_norm(
-                self.op,
-                v0=b.state.get(name),
-                gap0=float(gap0) if gap0 is not None else None,
-                tol=b.tol,
-                max_iter=b.max_iter,
-                method=b.method,  # type: ignore[arg-type]
-                generator=b.generator,
-            )
-            b.new_state[name] = res.v
-            if math.isfinite(res.gap):
-                b.new_state[f"{name}#gap"] = torch.tensor(res.gap, dtype=torch.float64)
-            self._iterative = res
-        return self._iterative
-
-
-def _affine(ctx: ChainContext, value: float, **fields) -> LayerBound:
-    return LayerBound(name=ctx.chain.name, kind="affine", value=value, **fields)
-
-
-def _warm_v(ctx: ChainContext, n_in: int) -> Tensor | None:
-    """The chain's warm-start vector from ``state`` (the last estimate's or certificate's),
-    flattened, when it has ``n_in`` entries: the dense certificate's ``v0``, which only
-    speeds its search (the bound is proved by its Cholesky test whatever ``v0`` is)."""
-    v = ctx.bounder.state.get(ctx.chain.name)
-    return v.reshape(-1) if v is not None and v.numel() == n_in else None
 
 
 def _weight_bound(ctx: ChainContext, weight: Tensor, scale: float) -> LayerBound:
     """``scale × certified ‖W‖`` (:func:`~lipreg.functional.certify.matrix_norm_certificate`,
     within the memory budget: dense Gram eigenvalue, else row blocks / Frobenius / Schur)."""
-    cert = matrix_norm_certificate(weight, name=ctx.chain.name, v0=_warm_v(ctx, weight.shape[1]))
+    cert = matrix_norm_certificate(
+        weight, name=ctx.chain.name, v0=warm_vector(ctx, weight.shape[1])
+    )
     # scale * bound rounds to nearest (and scale is itself a rounded product of the
     # isometries' scales): pad as the closed forms are, so the product never rounds down.
     value = cert.bound if scale == 1.0 else scale * cert.bound * CLOSED_FORM_PAD
     ctx.bounder.new_state[ctx.chain.name] = cert.v.to(ctx.bounder.analysis.dtype)
     method = cert.method if cert.method == "dense" else f"{cert.method} (memory budget)"
     extra = {"blocks": cert.blocks} if cert.method == "row-blocks" else {}
-    return _affine(
+    return affine_bound(
         ctx,
         value,
         certified=True,
@@ -248,12 +167,12 @@ def closed_form(ctx: ChainContext) -> LayerBound | None:
     pad = CLOSED_FORM_PAD if ctx.bounder.certify else 1.0
     if not ctx.core:
         value = ctx.scale * pad
-        return _affine(
+        return affine_bound(
             ctx, value, certified=True, estimate=ctx.scale, upper=value, method="closed-form"
         )
     if len(ctx.core) == 1 and ctx.core[0][1].norm is not None:
         value = ctx.scale * ctx.core[0][1].norm * pad
-        return _affine(
+        return affine_bound(
             ctx, value, certified=True, estimate=value, upper=value, method="closed-form"
         )
     return None
@@ -302,7 +221,7 @@ def dense_chain(ctx: ChainContext) -> LayerBound | None:
             return None
         op64 = chain_linear_map(b.analysis64, ctx.chain)
         matrix = op64.to_dense(batch_size=b.dense_batch(op64))
-    v0 = _warm_v(ctx, matrix.shape[1]) if v_in_chain_basis else None
+    v0 = warm_vector(ctx, matrix.shape[1]) if v_in_chain_basis else None
     cert = matrix_norm_certificate(matrix, name=ctx.chain.name, v0=v0)
     del matrix
     upper = cert.bound
@@ -313,7 +232,7 @@ def dense_chain(ctx: ChainContext) -> LayerBound | None:
         b.new_state[ctx.chain.name] = cert.v.to(b.analysis.dtype)
     method = "dense" if cert.method == "dense" else f"{cert.method} (memory budget)"
     estimate = cert.estimate * factor
-    return _affine(ctx, upper, certified=True, estimate=estimate, upper=upper, method=method)
+    return affine_bound(ctx, upper, certified=True, estimate=estimate, upper=upper, method=method)
 
 
 def merged_conv_chain(ctx: ChainContext) -> LayerBound | None:
@@ -351,20 +270,20 @@ def _merged_conv_chain(ctx: ChainContext, cost_ratio: float | None) -> LayerBoun
         cert = certify_conv_norm(conv, 0.0, kernel_error=kernel_error)
         assert cert is not None  # pointwise always answers
         value, estimate = cert.bound * scale, cert.estimate * ctx.scale
-        return _affine(
+        return affine_bound(
             ctx, value, certified=True, estimate=estimate, upper=value, method=cert.method
         )
     res = ctx.iterative()
     if factors is not None:
         value = pointwise_product_bound(*factors) * scale
-        return _with_iterative(ctx, res, value, upper=value, method="conv-pointwise-product")
+        return with_iterative(ctx, res, value, upper=value, method="conv-pointwise-product")
     assert ctx.merged is not None
     conv, kernel_error, _ = ctx.merged
     estimate = res.sigma / ctx.scale
     core, method, details = merged_conv_value(
         ctx, conv, estimate, kernel_error, res.v, cost_ratio=cost_ratio
     )
-    bound = _with_iterative(ctx, res, core * scale, upper=core * scale, method=method)
+    bound = with_iterative(ctx, res, core * scale, upper=core * scale, method=method)
     bound.extra.update(details)
     return bound
 
@@ -517,7 +436,7 @@ def product_of_op_certificates(ctx: ChainContext) -> LayerBound | None:
         total *= answer[0]
         methods.append(answer[1])
     how = " x ".join(methods) if len(methods) > 1 else methods[0]
-    return _with_iterative(ctx, res, total, upper=total, method=how)
+    return with_iterative(ctx, res, total, upper=total, method=how)
 
 
 def estimate(ctx: ChainContext) -> LayerBound:
@@ -526,25 +445,7 @@ def estimate(ctx: ChainContext) -> LayerBound:
     ``certify=True`` the method names why no certificate applied. Always answers."""
     b, res = ctx.bounder, ctx.iterative()
     method = f"{b.method} ({ctx.refusal})" if b.certify else b.method
-    return _with_iterative(ctx, res, res.sigma, upper=None, method=method)
-
-
-def _with_iterative(
-    ctx: ChainContext, res: OperatorNormResult, value: float, upper: float | None, method: str
-) -> LayerBound:
-    """A factor whose ``estimate`` is the iterative value ``res.sigma``; certified iff an
-    ``upper`` bound is given."""
-    extra = {"converged": res.converged, "residual": res.residual}
-    return _affine(
-        ctx,
-        value,
-        certified=upper is not None,
-        estimate=res.sigma,
-        upper=upper,
-        method=method,
-        n_iter=res.n_iter,
-        extra=extra,
-    )
+    return with_iterative(ctx, res, res.sigma, upper=None, method=method)
 
 
 LadderEntry = Callable[[ChainContext], LayerBound | None]
