@@ -26,6 +26,15 @@ vector per chain of the right size.
 Forms (``form=``): ``"log"`` — ``Σ_c log σ̂_c`` (sum of log layer norms, scale-free);
 ``"linear"`` — ``L̂``; ``"hinge"`` — ``max(0, L̂ − target)`` (penalise only above a target).
 
+**Sharded models** (FSDP2, ``torch.distributed.fsdp.fully_shard``; every rank calls the
+penalty at the same point of its step, as for any collective): each merged map's parameters
+are gathered in turn with ``DTensor.full_tensor()`` (differentiable; one map at a time, in
+graph order), the power iteration runs on the gathered map and ``v`` is then rank 0's on
+every rank (:func:`lipreg.functional.sharding.shared_from_first_rank`), so that every rank
+computes the same ``σ̂_c`` and the gradient of ``loss + penalty`` reaching each shard is the
+unsharded one. The buffers and the extra state are the unsharded ones (plain tensors, same
+names). FSDP1 and ``method="seqlip"``/``"lipsdp"`` on sharded models are refused.
+
 .. note:: ``L̂`` uses power-iteration values, which approach each norm from below: the penalty
    is a training signal, not a certified bound. Use :func:`lipreg.autolip` (or the callback)
    to *report* the certified bound.
@@ -33,9 +42,10 @@ Forms (``form=``): ``"log"`` — ``Σ_c log σ̂_c`` (sum of log layer norms, sc
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -44,15 +54,24 @@ from torch import Tensor, nn
 from lipreg.functional.analysis import analyse
 from lipreg.functional.chain_lmi import lipsdp_value
 from lipreg.functional.chains import (
+    AffineChain,
     SeqChain,
     chain_linear_map,
     find_affine_chains,
     segment_chains,
 )
 from lipreg.functional.compose import output_value, propagate
+from lipreg.functional.linear_map import LinearMap
 from lipreg.functional.lipsdp import lipsdp_neuron
 from lipreg.functional.power_iteration import operator_norm
 from lipreg.functional.seqlip_pairs import pair_matrices, pair_name, pair_norm_greedy
+from lipreg.functional.sharding import (
+    all_ranks_succeed,
+    check_shardable,
+    full_parameters,
+    is_sharded,
+    shared_from_first_rank,
+)
 from lipreg.functional.trace import check_input_shape, trace
 
 __all__ = ["STATE_VERSION", "LipschitzPenalty", "buffer_name"]
@@ -149,18 +168,15 @@ class LipschitzPenalty(nn.Module):
         self.input_shape = check_input_shape(input_shape)
         self.method, self.weight, self.target, self.form = method, weight, target, form
         self.n_power_iterations = n_power_iterations
+        self._check_sharding()  # before tracing: an FSDP1 wrapper fails to trace, unexplained
         object.__setattr__(self, "_traced", trace(model))  # not a submodule either
         self._analysis = self._analyse()
         self._chains = find_affine_chains(self._analysis)
         self.chain_names = [c.name for c in self._chains.values()]
         self.buffer_names = _buffer_names(self.chain_names)
         generator = torch.Generator(device=self._analysis.device).manual_seed(seed)
-        with torch.no_grad():
-            for name, chain in zip(self.buffer_names, self._chains.values(), strict=True):
-                res = operator_norm(
-                    chain_linear_map(self._analysis, chain), tol=tol, generator=generator
-                )
-                self.register_buffer(name, res.v.detach().clone())
+        for name, chain in zip(self.buffer_names, self._chains.values(), strict=True):
+            self.register_buffer(name, self._cold_start(chain, tol, generator))
         self.register_load_state_dict_pre_hook(_check_and_upgrade_state)
         self._seq_items: list = []
         self.refresh_every = refresh_every
@@ -179,7 +195,20 @@ class LipschitzPenalty(nn.Module):
             return torch.float32, torch.device("cpu")
         return (torch.float64 if first.dtype == torch.float64 else torch.float32), first.device
 
+    def _check_sharding(self) -> None:
+        """Refuse the sharded models the penalty cannot follow one map at a time (FSDP1;
+        SeqLip/LipSDP factors, which need several maps of a chain at once), saying what to do."""
+        check_shardable(self._model)
+        if self.method != "autolip" and is_sharded(self._model):
+            raise NotImplementedError(
+                f"LipschitzPenalty(method={self.method!r}) materialises every map of a SeqLip "
+                "chain at once, which lipreg does not do on FSDP-sharded models (the penalty "
+                "gathers one merged map at a time). Use method='autolip' on the sharded "
+                f"model, or method={self.method!r} on an unsharded model."
+            )
+
     def _analyse(self):
+        self._check_sharding()
         dtype, _ = self._placement()
         return analyse(
             self._model, self.input_shape, dtype=dtype, traced=self._traced, differentiable=True
@@ -187,41 +216,111 @@ class LipschitzPenalty(nn.Module):
 
     def _follow_model(self) -> None:
         """Re-analyse after the model moved to another dtype or device (``.double()``,
-        ``.to("cuda")``), so that the penalty computes where the model lives."""
+        ``.to("cuda")``) or was sharded (``fully_shard`` after the penalty was built), so that
+        the penalty computes where and how the model lives."""
         a = self._analysis
-        if (a.dtype, a.device) != self._placement():
+        if (a.dtype, a.device) != self._placement() or a.sharded != is_sharded(self._model):
             self._analysis = self._analyse()
             self._chains = find_affine_chains(self._analysis)
             # the same graph: the same chains, so the buffers keep their meaning
             assert [c.name for c in self._chains.values()] == self.chain_names
 
+    @contextlib.contextmanager
+    def _chain_reader(self, chain: AffineChain) -> Iterator[Callable[[], LinearMap]]:
+        """For the block, a reader of ``chain``'s linear map with the current weights.
+
+        Unsharded: the map of the specs refreshed by the caller. Sharded: the chain's
+        parameters are gathered for the block (:func:`full_parameters`, differentiable) and
+        the reader re-reads the chain's specs from them; the analysis gets its sealed specs
+        back after the block, while autograd keeps what the penalty's graph needs."""
+        a = self._analysis
+        if not a.sharded:
+            yield lambda: chain_linear_map(a, chain)
+            return
+        nodes = list(chain.nodes)
+        saved = {n: a.specs[n] for n in nodes}
+
+        def read() -> LinearMap:
+            a.refresh_specs(nodes)
+            return chain_linear_map(a, chain)
+
+        try:
+            with full_parameters(a.modules_of(nodes)):
+                yield read
+        finally:
+            a.specs.update(saved)
+
+    def _agreed(self, v: Tensor, what: str) -> contextlib.AbstractContextManager[None]:
+        """Sharded: the ranks agree that the block succeeded and take rank 0's ``v``
+        (identical vectors, so identical ``σ̂`` and gradients); unsharded: nothing, so that
+        a DDP model's penalty stays free of collectives."""
+        if not self._analysis.sharded:
+            return contextlib.nullcontext()
+        return shared_from_first_rank(v, what)
+
+    def _cold_start(self, chain: AffineChain, tol: float, generator: torch.Generator) -> Tensor:
+        """The chain's ``v`` after Lanczos to ``tol`` from the private generator."""
+        a = self._analysis
+        v = torch.zeros(math.prod(a.shapes[chain.source]), dtype=a.dtype, device=a.device)
+        what = f"starting the power iteration of {chain.name!r}"
+        with torch.no_grad(), self._chain_reader(chain) as read, self._agreed(v, what):
+            v.copy_(operator_norm(read(), tol=tol, generator=generator).v.reshape(-1))
+        return v
+
+    def _refine(self, op: LinearMap, v: Tensor) -> None:
+        """``n_power_iterations`` steps ``v ← AᵀA v / ‖AᵀA v‖`` in place (training mode only;
+        a zero or non-finite step leaves ``v`` as it was)."""
+        if not (self.training and self.n_power_iterations > 0):
+            return
+        with torch.no_grad():
+            for _ in range(self.n_power_iterations):
+                g, _ = op.gram_matvec(v.to(op.dtype)[None])
+                norm = g.norm()
+                if norm > 0 and torch.isfinite(norm):
+                    v.copy_(g[0] / norm)
+
     def layer_norms(self) -> dict[str, Tensor]:
-        """Differentiable ``σ̂_c`` of every merged affine map (refreshing ``v`` in training)."""
+        """Differentiable ``σ̂_c`` of every merged affine map (refreshing ``v`` in training).
+
+        Sharded models: one chain's parameters gathered at a time, every rank the same ``v``
+        (see the module docstring); all ranks must call it together."""
         self._follow_model()
-        self._analysis.refresh_specs()  # closures over the current parameters, with autograd
+        if not self._analysis.sharded:
+            self._analysis.refresh_specs()  # closures over the current parameters, with autograd
         sigmas: dict[str, Tensor] = {}
         for name, chain in zip(self.buffer_names, self._chains.values(), strict=True):
-            op = chain_linear_map(self._analysis, chain)
             v = getattr(self, name)
-            if self.training and self.n_power_iterations > 0:
-                with torch.no_grad():
-                    for _ in range(self.n_power_iterations):
-                        g, _ = op.gram_matvec(v.to(op.dtype)[None])
-                        norm = g.norm()
-                        if norm > 0 and torch.isfinite(norm):
-                            v.copy_(g[0] / norm)
-            # Clone: v is updated in place at the next step, while autograd may still need
-            # this value for the backward pass (same reason as in torch's spectral_norm).
-            v_used = v.clone().to(op.dtype)
-            av = op.apply(v_used.reshape(1, *op.in_shape)).reshape(-1)
-            u = (av / av.norm().clamp_min(1e-12)).detach()
-            sigmas[chain.name] = torch.dot(u, av)
+            with self._chain_reader(chain) as read:
+                with self._agreed(v, f"refining the power iteration of {chain.name!r}"):
+                    op = read()
+                    self._refine(op, v)
+                # Clone: v is updated in place at the next step, while autograd may still need
+                # this value for the backward pass (same reason as in torch's spectral_norm).
+                v_used = v.clone().to(op.dtype)
+                av = op.apply(v_used.reshape(1, *op.in_shape)).reshape(-1)
+                u = (av / av.norm().clamp_min(1e-12)).detach()
+                sigmas[chain.name] = torch.dot(u, av)
         return sigmas
+
+    def _refresh_other_specs(self) -> None:
+        """Sharded: re-read, from gathered parameters, the specs outside the chains whose
+        rules read parameters (e.g. a PReLU's slope), which the unsharded path refreshes at
+        every call; their specs hold numbers only, nothing gathered."""
+        a = self._analysis
+        in_chains = {n for chain in self._chains.values() for n in chain.nodes}
+        for node in a.contexts:
+            modules = [] if node in in_chains else a.modules_of([node])
+            if any(True for m in modules for _ in m.parameters()):
+                what = f"ruling {a.label(node)}"
+                with torch.no_grad(), full_parameters(modules), all_ranks_succeed(what):
+                    a.refresh_specs([node])
 
     def lipschitz_estimate(self, sigmas: dict[str, Tensor] | None = None) -> Tensor:
         """Differentiable AutoLip value ``L̂`` from the layer norms (an estimate, see note)."""
         sigmas = self.layer_norms() if sigmas is None else sigmas
         a = self._analysis
+        if a.sharded:
+            self._refresh_other_specs()
         one = torch.ones((), dtype=a.dtype, device=a.device)
         values = propagate(a, self._chains, lambda chain: sigmas[chain.name], one)
         value = output_value(a, values)

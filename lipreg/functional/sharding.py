@@ -16,6 +16,11 @@ all-gather moves bytes, it computes nothing), so a certificate of the gathered m
 certificate of the map the model holds; under a ``MixedPrecisionPolicy`` it is the map at
 ``param_dtype``, the weights the forward computes with.
 
+The differentiable penalty gathers parameters instead with :func:`full_parameters`
+(``DTensor.full_tensor()``, differentiable: its backward hands each rank the gradient of its
+own shard, without communication), and keeps its power-iteration vectors identical on every
+rank with :func:`shared_from_first_rank`.
+
 FSDP1 (``FullyShardedDataParallel``) is refused by :func:`check_shardable` with what to do.
 """
 
@@ -42,6 +47,7 @@ __all__ = [
     "all_ranks_succeed",
     "check_shardable",
     "fsdp_units",
+    "full_parameters",
     "gathered",
     "gathered_agreed",
     "gathered_on_call",
@@ -52,6 +58,7 @@ __all__ = [
     "local_tensor",
     "refreshed_specs",
     "sealed",
+    "shared_from_first_rank",
 ]
 
 
@@ -361,3 +368,72 @@ def is_fsdp_hook(hook: object) -> bool:
     defined in ``torch.distributed``): the all-gathers lipreg does itself while bounding."""
     owner = getattr(hook, "__self__", None)
     return owner is not None and type(owner).__module__.startswith("torch.distributed.fsdp")
+
+
+@contextlib.contextmanager
+def full_parameters(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Replace, for the block, every ``DTensor`` parameter of ``modules`` (and of their
+    submodules) by its ``full_tensor()``, a plain tensor attached to autograd; put the
+    ``DTensor`` parameters back afterwards, also when the block raises.
+
+    One all-gather per parameter, in the order of ``modules`` then of ``named_parameters``
+    (every rank must enter with the same modules). Unlike :func:`gathered` the full tensors
+    are new allocations, not FSDP's unsharded storage: closures and autograd may keep them
+    after the block (the penalty's graph does until its backward), and the gradient of
+    anything computed from them reaches each rank's shard (``grad(full_tensor()) = the
+    gradient's chunk of this rank``, measured exact: docs/design/issue10/fsdp.md, section 4).
+    Other parameters (unsharded models, a unit FSDP left unsharded) are read as they are.
+    """
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    seen: set[int] = set()
+    try:
+        for module in modules:
+            for owner in module.modules():
+                for name, p in list(owner._parameters.items()):
+                    if p is None or id(p) in seen or not is_dtensor(p):
+                        continue
+                    seen.add(id(p))
+                    full = p.full_tensor()  # a collective: every rank, same order
+                    # the module's own dict, as torch.func.functional_call does: a plain
+                    # tensor cannot be assigned through nn.Module.__setattr__
+                    owner._parameters[name] = full  # type: ignore[assignment]
+                    swapped.append((owner, name, p))
+        yield
+    finally:
+        for owner, name, p in reversed(swapped):
+            owner._parameters[name] = p
+
+
+@contextlib.contextmanager
+def shared_from_first_rank(t: Tensor, what: str) -> Iterator[None]:
+    """Run a rank-local block that updates ``t`` in place, then, in ONE all-reduce, agree
+    that every rank succeeded and give every rank rank 0's ``t``.
+
+    The all-reduce sums ``[t, failed]`` with ``t`` zeroed on the other ranks: ``x + 0 = x``
+    exactly, so every rank receives rank 0's values bit for bit (a ``-0.0`` becomes
+    ``+0.0``), whatever the summation order. A rank whose block raised re-raises its own
+    exception, the others raise :class:`ShardedRankError`, as in
+    :func:`all_ranks_succeed`. Without a process group (or with one rank) this is the block
+    alone. The block must not run collectives itself."""
+    if not _is_distributed() or torch.distributed.get_world_size() < 2:
+        yield
+        return
+    error: BaseException | None = None
+    try:
+        yield
+    except BaseException as exc:  # re-raised below, after the collective
+        error = exc
+    first = torch.distributed.get_rank() == 0
+    flat = t.detach().reshape(-1)
+    payload = torch.cat([flat if first else torch.zeros_like(flat), flat.new_ones(1)])
+    payload[-1] = 1 if error is not None else 0
+    torch.distributed.all_reduce(payload, op=torch.distributed.ReduceOp.SUM)
+    if error is not None:
+        raise error
+    if payload[-1].item() != 0:
+        raise ShardedRankError(
+            f"another rank failed while lipreg was {what}; see that rank's error. Every "
+            "rank stopped here so that none waits in the next all-gather."
+        )
+    with torch.no_grad():
+        t.copy_(payload[:-1].reshape(t.shape))
