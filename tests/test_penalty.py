@@ -23,9 +23,9 @@ from lipreg import LipschitzPenalty
 from tests.helpers import Residual
 
 try:  # tests/ as a package (tests/__init__.py) or as a plain directory on sys.path
-    from tests._lightning_helpers import RegressionModule, make_mlp, regression_data
+    from tests._lightning_helpers import D_IN, RegressionModule, make_mlp, regression_data
 except ModuleNotFoundError:
-    from _lightning_helpers import RegressionModule, make_mlp, regression_data
+    from _lightning_helpers import D_IN, RegressionModule, make_mlp, regression_data
 
 torch.set_num_threads(1)
 
@@ -545,3 +545,66 @@ def test_version_1_state_dict_with_positional_vectors_still_loads():
     wrong_size = {**old, "v_1": torch.ones(3)}
     with pytest.raises(ValueError, match=r"chain '2' has 3 entries.*has 7"):
         fresh.load_state_dict(wrong_size)
+
+
+# ---------------------------------------------------------------- FSDP2 on one rank
+def _prelu_cnn() -> nn.Module:
+    torch.manual_seed(4)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.PReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 4)
+    )
+
+
+def _fully_shard_each_layer(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for m in reversed(list(model.modules())[1:]):
+        if isinstance(m, nn.Conv2d | nn.Linear | nn.BatchNorm2d | nn.PReLU):
+            fully_shard(m)
+    fully_shard(model)
+    return model
+
+
+@pytest.mark.usefixtures("one_rank_group")
+def test_one_rank_fully_shard_penalty_matches_the_plain_model():
+    """A 1-rank FSDP2 model (DTensor parameters, the sharded path) against the plain model
+    with the same weights: penalty values, gradients of loss + penalty and ``v`` over two SGD
+    steps; the state dict has the plain keys and plain tensors (the 2-rank version is
+    tests/test_penalty_fsdp.py)."""
+    sharded, plain = _fully_shard_each_layer(_prelu_cnn()), _prelu_cnn()
+    penalties = [
+        LipschitzPenalty(m, CNN_INPUT, form="linear", weight=0.1) for m in (sharded, plain)
+    ]
+    assert penalties[0]._analysis.sharded and not penalties[1]._analysis.sharded
+    x = torch.randn(3, *CNN_INPUT, generator=gen(5))
+    for _ in range(2):
+        values = []
+        for model, penalty in zip((sharded, plain), penalties, strict=True):
+            pen = penalty()
+            (model(x).pow(2).mean() + pen).backward()
+            values.append(pen.item())
+        assert values[0] == pytest.approx(values[1], rel=1e-6)
+        for p, q in zip(sharded.parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-6, atol=1e-9)
+        for name in penalties[1].buffer_names:
+            torch.testing.assert_close(getattr(penalties[0], name), getattr(penalties[1], name))
+        with torch.no_grad():
+            for p, q in zip(sharded.parameters(), plain.parameters(), strict=True):
+                p.sub_(0.5 * p.grad)
+                q.sub_(0.5 * q.grad)
+                p.grad = q.grad = None
+    states = [p.state_dict() for p in penalties]
+    assert list(states[0]) == list(states[1])
+    assert all(type(t) is torch.Tensor for k, t in states[0].items() if k.startswith("v_"))
+
+
+@pytest.mark.usefixtures("one_rank_group")
+def test_sharded_models_refuse_fsdp1_and_the_seqlip_forms():
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wrapped = FullyShardedDataParallel(make_mlp(), device_id=torch.device("cpu"))
+    with pytest.raises(NotImplementedError, match="fully_shard"):
+        LipschitzPenalty(wrapped, (D_IN,))
+    for method in ("seqlip", "lipsdp"):
+        with pytest.raises(NotImplementedError, match="method='autolip'"):
+            LipschitzPenalty(_fully_shard_each_layer(make_mlp()), (D_IN,), method=method)
