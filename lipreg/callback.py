@@ -96,7 +96,7 @@ from lipreg.callback_options import (
     check_model_attr,
     check_number,
 )
-from lipreg.callback_records import Method, layer_key, lightning_step, publish
+from lipreg.callback_records import layer_key, lightning_step, publish
 from lipreg.callback_sharding import ShardedGuards, any_rank, nonfinite_weights
 from lipreg.callback_state import WarmState, read_state
 from lipreg.functional.autolip import AutoLip
@@ -141,7 +141,9 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
     :mod:`lipreg.callback_methods` says why without a Ritz space). Later values are certified
     from it and the weight change: ``σ(A_t) <= σ_cert(A_s) + β(A_t − A_s)`` per anchored
     chain (:func:`lipreg.functional.incremental.incremental_autolip`), at the cost of a few
-    estimates. They stay certified whatever the change; only their slack grows. Once it grew
+    estimates; a certificate also gives ``lipschitz/autolip`` of its step (it runs every
+    chain's warm Lanczos estimate anyway; the estimator itself then does not run). They stay
+    certified whatever the change; only their slack grows. Once it grew
     by more than ``recertify_slack`` since the anchor, the next certified value is a full
     certificate again (a new anchor), the budget permitting. The anchor belongs to the fit
     (not checkpointed: a resumed fit anchors anew).
@@ -464,21 +466,6 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
         if trainer.world_size > 1:
             chosen = trainer.strategy.broadcast(chosen, src=0)
         return set(chosen)
-
-    def _tasks(self, due: set[str]) -> list[Method]:
-        return [m for m in METHOD_TABLE.values() if m.name in due and self._runnable(m)]
-
-    def _active(self) -> list[str]:
-        return [m for m in (self.methods or ()) if m not in self._disabled]
-
-    def _runnable(self, method: Method) -> bool:
-        """``method`` belongs to an active entry of ``methods`` and was not switched off."""
-        return (
-            method.requires in self._active()
-            and method.name not in self._disabled
-            and (method.requires != "autolip" or self._estimator is not None)
-            and (method.ready is None or getattr(self, method.ready)())
-        )
 
     # ------------------------------------------------------------------ reporting
     def _report(self, cause: str, message: str) -> None:

@@ -67,7 +67,10 @@ class CostBudget:
     the callback: the *monitoring* — the estimate and the incremental certificate — skips
     rule 1 and is spaced by its summed cost, so that the debt of a borrowed anchor does not
     silence it; a *refresh* — re-anchoring — needs ``S + c(m) <= E`` and room in the plan
-    for every remaining monitoring run; :meth:`choose`). So a long planned fit may
+    for every remaining monitoring run; :meth:`choose`). A row that a chosen row answers
+    (``Method.covers``: the estimate, at a step where a certificate runs, which computes it
+    anyway) is chosen at no cost, and sums of costs (the monitoring's, the reserve) leave it
+    out once the unit is known. So a long planned fit may
     borrow one run ahead of what it has earned (its first certificate comes early, not after
     ``c / (e t)`` steps), never beyond its planned total, and the debt of one run is repaid
     before the next: in the steady state a method of cost ``c`` runs about every
@@ -196,14 +199,21 @@ class CostBudget:
         # every guess is in units of the estimate: before it is measured, none is set aside
         # (a guess scaled by the step time would keep the estimate itself from running)
         measured = self.unit is not None
-        set_aside = sum(self.predicted(m, per_step) or 0.0 for m in reserve) if measured else 0.0
+        set_aside = self._cost(reserve, per_step) if measured else 0.0
         later = self._monitoring_reserve(monitoring, k, per_step) if refresh else 0.0
         watch = {m.name for m, _ in monitoring}
-        watch_cost = sum(self.predicted(m, per_step) or 0.0 for m, _ in monitoring)
+        watch_cost = self._cost([m for m, _ in monitoring], per_step)
         chosen: list[str] = []
+        answered: set[str] = set()  # rows the chosen ones answer (Method.covers)
         for method in due:
+            if method.name in answered:  # another chosen row gives its value: no cost
+                chosen.append(method.name)
+                self.last_chosen[method.name] = k
+                continue
             if not method.budgeted or method.name in forced:
                 chosen.append(method.name)
+                if method.covers and measured:
+                    answered.add(method.covers)
                 continue
             if method.needs and not set(method.needs) & set(chosen):
                 continue  # nothing to refine at this step
@@ -222,11 +232,19 @@ class CostBudget:
                 chosen.append(method.name)
                 self.last_chosen[method.name] = k
                 spent += cost
+                if method.covers and measured:
+                    answered.add(method.covers)
             elif self.unit is not None or all(m.name != "autolip" for m in due):
                 # (not on a guess scaled by the step time while the estimate is about to be
                 # measured: the note would quote a cost that is guessed twice)
                 self._announce(method, cost, per_step, k, cadences.get(method.name, 0))
         return chosen
+
+    def _cost(self, rows: Sequence[Method], per_step: float | None) -> float:
+        """``Σ c(m)`` over ``rows``, less the rows another of them answers (``covers``): what
+        running them all at one step costs."""
+        covered = {m.covers for m in rows if m.covers}
+        return sum(self.predicted(m, per_step) or 0.0 for m in rows if m.name not in covered)
 
     def _monitoring_reserve(
         self, monitoring: Sequence[tuple[Method, int]], k: int, per_step: float | None
@@ -236,9 +254,11 @@ class CostBudget:
         if self.planned_steps is None or per_step is None:
             return 0.0
         remaining = max(self.planned_steps - k, 0)
+        covered = {m.covers for m, _ in monitoring if m.covers}
         return sum(
             (self.predicted(m, per_step) or 0.0) * (remaining // max(cadence, 1))
             for m, cadence in monitoring
+            if m.name not in covered
         )
 
     def _announce(self, method: Method, cost: float, per_step: float, k: int, cadence: int) -> None:

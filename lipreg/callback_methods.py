@@ -43,6 +43,7 @@ __all__ = [
     "SCHEDULED",
     "MethodWork",
     "rows_of",
+    "run_order",
 ]
 
 #: The Ritz space of the anchors (``make_anchor(ritz=...)``): none. A 16-vector Ritz space
@@ -89,6 +90,7 @@ class MethodWork:
     _collective: bool  # the ranks agree on every decision that starts a gather
     tol: float
     max_iter: int
+    methods: list[str] | None
     _report: Callable[[str, str], None]  # warn once per cause (the callback's)
 
     def _iterations(self) -> dict[str, Any]:
@@ -132,7 +134,8 @@ class MethodWork:
         seconds = clock() - start
         if result is None:  # nothing to do at this step (no work to time either)
             return {}
-        self.budget.record(method, seconds)
+        if not result.answered:  # (an answered row's cost is in the row that answered it)
+            self.budget.record(method, seconds)
         return metric_values(method, result, seconds)
 
     def _is_warm(self, kind: str | None) -> bool:
@@ -146,12 +149,56 @@ class MethodWork:
         elif kind == "autolip" and self._estimator is not None:
             self._estimator.state = {}
 
+    def _tasks(self, due: set[str]) -> list[Method]:
+        rows = [m for m in METHOD_TABLE.values() if m.name in due and self._runnable(m)]
+        return run_order(rows, self.budget.unit is not None)
+
+    def _active(self) -> list[str]:
+        return [m for m in (self.methods or ()) if m not in self._disabled]
+
+    def _runnable(self, method: Method) -> bool:
+        """``method`` belongs to an active entry of ``methods`` and was not switched off."""
+        return (
+            method.requires in self._active()
+            and method.name not in self._disabled
+            and (method.requires != "autolip" or self._estimator is not None)
+            and (method.ready is None or getattr(self, method.ready)())
+        )
+
     # ------------------------------------------------------------------ the methods
     def _autolip_estimate(self, network: nn.Module) -> Computed:
+        """``lipschitz/autolip``: answered by this step's certificate when one ran
+        (:meth:`_estimate_of_certificate`), else computed by the warm estimator."""
+        answered = self._estimate_of_certificate()
+        return answered if answered is not None else self._run_estimator(network)
+
+    def _run_estimator(self, network: nn.Module) -> Computed:
+        """The warm AutoLip estimate (power iteration / Lanczos per chain)."""
         assert self._estimator is not None
         al = self._estimator()
         layers = {layer_key(lb.name): lb.value for lb in al.layers if lb.kind == "affine"}
         return Computed(al.value, al.n_iter, layers if self.log_layers else {})
+
+    def _estimate_of_certificate(self) -> Computed | None:
+        """The AutoLip estimate of this step's certificate (``None`` without one): a
+        certificate runs every chain's warm Lanczos estimate with the estimator's options
+        (``tol``, ``max_iter``, warm vectors) and reports it per layer (``LayerBound.
+        estimate``) and in total (``LipschitzResult.estimate``), so the estimator would redo
+        that work. Its vectors become the estimator's warm start. ``None`` too when some
+        affine factor has no estimate of its own (then the estimator runs)."""
+        cert = self._fresh_cert
+        if cert is None or cert.estimate is None:
+            return None
+        affine = [lb for lb in cert.layers if lb.kind == "affine"]
+        if any(lb.estimate is None for lb in affine):
+            return None
+        assert self._estimator is not None
+        # the chains' vectors only (a certificate's other warm data, e.g. Gram vectors in
+        # float64, is not part of the estimator's checkpointed state)
+        self._estimator.state = {k: v for k, v in cert.state.items() if "#" not in k}
+        layers = {layer_key(lb.name): float(lb.estimate) for lb in affine}  # type: ignore[arg-type]
+        # iterations: the operator products of the certificate's call, which gave the estimate
+        return Computed(cert.estimate, cert.n_iter, layers if self.log_layers else {}, True)
 
     def _full_certificate(self, network: nn.Module) -> Computed | None:
         """``lipschitz/autolip_certified`` by a full certificate (warm-started from the
@@ -278,33 +325,26 @@ class MethodWork:
         return Computed(lb.value)
 
 
-#: The callback's computations, in the order they run at one step (the certificates after
-#: the estimate, so that they start from its warm vectors; the full certificate before the
+#: The callback's computations, in the order they run at one step (:func:`run_order`: the
+#: certificates first, from the estimator's warm vectors, since their per-layer Lanczos
+#: estimates answer the AutoLip estimate (``covers``); the full certificate before the
 #: incremental one, which it makes unnecessary at the same step). Columns: name, the entry of
 #: methods= it belongs to, its cadence attribute, its warm-start vectors, the work, whether
 #: the budget may skip it, its assumed cost before the first run in multiples of the fit's
-#: first (cold) AutoLip estimate (for the estimate itself: of one training step), and what it
-#: needs. Measured on the MNIST MLP / CNN-4 of benchmarks/training_overhead.py (cold
-#: estimate 0.05-0.15 s): full certificate with the anchor's Ritz spaces 5-20x, incremental
-#: certificate 0.3-0.5x, greedy SeqLip 150-400x, lower bound with 32 points 5-10x, the
+#: first (cold) AutoLip estimate (for the estimate itself: of one training step), what it
+#: needs, what it logs under, when it is worth running and what it answers. Measured on the
+#: MNIST MLP / CNN-4 of benchmarks/training_overhead.py (cold estimate 0.05-0.15 s): full
+#: certificate with the anchor's Ritz spaces 5-20x, incremental certificate (the estimate it
+#: answers included) 0.3-0.5x, greedy SeqLip 150-400x, lower bound with 32 points 5-10x, the
 #: LipSDP tightening of the MLP's 1000-neuron blocks hundreds; rounded up, since a guess too
 #: high only delays a first run. Everything is budgeted: at the default cadence (every 50
-#: steps) the warm estimate and the incremental certificate cost a few percent of the
-#: training, at every step they are stretched. ``lipschitz/certified`` refines the
-#: certificate of the same step (``needs``), so it is budgeted apart: the fit end's promise
-#: is the certified AutoLip value alone.
+#: steps) the incremental certificate (with the estimate) costs a few percent of the
+#: training, at every step it is stretched. ``lipschitz/certified`` refines the certificate
+#: of the same step (``needs``), so it is budgeted apart: the fit end's promise is the
+#: certified AutoLip value alone.
 METHOD_TABLE: dict[str, Method] = {
     m.name: m
     for m in (
-        Method(
-            "autolip",
-            "autolip",
-            "every_n_train_steps",
-            "autolip",
-            "_autolip_estimate",
-            budgeted=True,
-            prior=0.5,
-        ),
         Method(
             "full_certificate",
             "autolip",
@@ -315,6 +355,7 @@ METHOD_TABLE: dict[str, Method] = {
             prior=20.0,
             logs="autolip_certified",
             ready="_wants_anchor",
+            covers="autolip",
         ),
         Method(
             "autolip_certified",
@@ -325,6 +366,16 @@ METHOD_TABLE: dict[str, Method] = {
             budgeted=True,
             prior=1.0,
             ready="_has_anchor",
+            covers="autolip",
+        ),
+        Method(
+            "autolip",
+            "autolip",
+            "every_n_train_steps",
+            "autolip",
+            "_autolip_estimate",
+            budgeted=True,
+            prior=0.5,
         ),
         Method(
             "certified",
@@ -356,6 +407,19 @@ METHOD_TABLE: dict[str, Method] = {
         ),
     )
 }
+
+
+def run_order(rows: list[Method], estimate_measured: bool) -> list[Method]:
+    """``rows`` (in :data:`METHOD_TABLE`'s order) in the order they run: the table's, except
+    before the fit's first estimate has been timed (``estimate_measured=False``): the rows
+    that others cover (the estimate) then run first, cold, since the cost budget takes the
+    fit's first estimate as the unit of its guesses."""
+    if estimate_measured:
+        return rows
+    covered = {m.covers for m in rows if m.covers}
+    return [m for m in rows if m.name in covered] + [m for m in rows if m.name not in covered]
+
+
 #: What :meth:`LipschitzCallback.should_compute` schedules, one name per logged quantity
 #: (the rows that log another row's value are scheduled with it: :func:`rows_of`).
 SCHEDULED = tuple(m.name for m in METHOD_TABLE.values() if m.logs is None)

@@ -21,11 +21,14 @@ __all__ = ["Computed", "Method", "layer_key", "lightning_step", "metric_values",
 @dataclass(frozen=True)
 class Computed:
     """What one method found: its value, iterations (``None``: not an iterative estimate)
-    and extra metrics (per-layer norms, already keyed)."""
+    and extra metrics (per-layer norms, already keyed). ``answered``: taken from another
+    row's result of the same step (``Method.covers``), not computed: the cost budget does not
+    time it."""
 
     value: float
     iterations: int | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    answered: bool = False
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,9 @@ class Method:
     computed two ways, timed and budgeted apart: the full and the incremental certificate);
     ``ready``: the name of the callback's predicate that must hold for it to be worth running
     at all (e.g. an incremental certificate needs an anchor), checked before the budget.
+    ``covers``: a row whose value this one's result also gives (a certificate's per-layer
+    Lanczos estimates are the AutoLip estimate): when both run at a step, this one runs
+    first and the covered row is answered from it at no cost.
     """
 
     name: str
@@ -59,6 +65,7 @@ class Method:
     needs: tuple[str, ...] = ()
     logs: str | None = None
     ready: str | None = None
+    covers: str | None = None
 
 
 def metric_values(method: Method, computed: Computed, seconds: float) -> dict[str, float]:

@@ -2,7 +2,9 @@
 
 Timings are not the machine's: the callback's clock (``callback.budget.clock``) is a fake one
 that moves only when the test says so. A training step takes 1 s on it, the AutoLip estimate
-1/64 s and a certificate 1/2 s (the real computations run, in no time on that clock). Every
+1/64 s, a full certificate 1/2 s and an incremental one 1/32 s (the real computations run, in
+no time on that clock; a certificate gives the estimate of its step, which then costs
+nothing). Every
 number is dyadic, so the budget's sums are exact in floating point and the steps at which a
 certificate runs follow from the documented rule by hand (worked out in each test), not from
 the code under test.
@@ -67,16 +69,16 @@ class TimedModule(RegressionModule):
 
 class TimedCallback(LipschitzCallback):
     """The real callback whose estimate, full and incremental certificates take fixed fake
-    times (when they do work)."""
+    times (when they do work: an estimate answered by a certificate takes none)."""
 
     def __init__(self, clock: FakeClock, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.budget.clock = clock
         self.clock = clock
 
-    def _autolip_estimate(self, network: nn.Module):
+    def _run_estimator(self, network: nn.Module):
         self.clock.advance(ESTIMATE)
-        return super()._autolip_estimate(network)
+        return super()._run_estimator(network)
 
     def _full_certificate(self, network: nn.Module):
         self.clock.advance(FULL)
@@ -127,18 +129,19 @@ def fit(tmp_path, steps: int, data: Any = None, **options: Any):
 
 def test_the_anchor_is_borrowed_for_and_increments_run_at_every_step(tmp_path):
     """100 planned steps: plan P = e * t * N = 1/16 * 1 * 100 = 6.25 s; no fit-end reserve.
-    Step 1: the estimate (guess 0.5 t = 0.5 s <= P) runs; the full certificate's guess
-    20 t = 20 s does not fit. Step 2 (priors now in units of the first estimate, 1/64): the
-    estimate, then the full certificate (guess 20/64; S = 2/64 <= E = 2/16, S + 20/64 <= P),
-    which anchors; the tightening (guess 1000/64 = 15.6 s) never fits. Now S = 34/64 > E
-    until step 9, but the monitoring (the estimate and the increment) runs in debt within
-    the plan, spaced by their summed cost (1/64 + 1/32 <= e t = 4/64): at every step from
-    3 on (S = 34/64 + 98 * 3/64 = 5.125 s <= P at the end)."""
+    Step 1: the estimate (guess 0.5 t = 0.5 s <= P) runs first (cold: the unit of the
+    guesses); the full certificate's guess 20 t = 20 s does not fit. Step 2 (priors now in
+    units of the first estimate, 1/64): the full certificate (guess 20/64; S = 1/64 <= E =
+    2/16, S + 20/64 <= P), which anchors and answers the estimate; the tightening (guess
+    1000/64 = 15.6 s) never fits. Now S = 33/64 > E until step 9, but the monitoring (the
+    increment, which answers the estimate) runs in debt within the plan, spaced by its cost
+    (1/32 <= e t = 4/64): at every step from 3 on (S = 33/64 + 98 * 2/64 = 3.58 s <= P at
+    the end). The estimate is computed once; logged at every step."""
     callback, certified, estimated, notes, _ = fit(tmp_path, 100)
     assert certified == list(range(2, 101))
     assert estimated == list(range(1, 101))
-    assert callback.budget.runs == {"autolip": 100, "full_certificate": 1, "autolip_certified": 98}
-    assert callback.budget.own == 100 * ESTIMATE + FULL + 98 * INCREMENT <= EPSILON * 100
+    assert callback.budget.runs == {"autolip": 1, "full_certificate": 1, "autolip_certified": 98}
+    assert callback.budget.own == ESTIMATE + FULL + 98 * INCREMENT <= EPSILON * 100
     # the monitoring never waited; the anchor ran without ever being stretched
     assert "autolip" not in notes and "autolip_certified" not in notes
     assert "full_certificate" not in notes
@@ -153,9 +156,10 @@ def test_without_a_budget_the_cadences_are_exact(tmp_path):
     callback, certified, estimated, notes, _ = fit(tmp_path, 12, max_overhead=None)
     assert certified == estimated == list(range(1, 13))
     assert notes == {}
-    # one anchor, then increments; the tightened certificate with each certified value
+    # the estimate (cold) then the anchor; then increments answering the estimates; the
+    # tightened certificate with each certified value
     assert callback.budget.runs == {
-        "autolip": 12,
+        "autolip": 1,
         "full_certificate": 1,
         "autolip_certified": 11,
         "certified": 12,
@@ -175,8 +179,9 @@ class Stream(IterableDataset):
 def test_an_unplanned_fit_waits_for_the_earned_budget(tmp_path):
     """No planned length (estimated_stepping_batches is inf): P = E, nothing is lent. The
     estimate's guess 0.5 t fits at k/16 >= 0.5: step 8 (with a planned fit, step 1). At step
-    9: S = 1/64, the estimate, then the full certificate (2/64 + 20/64 <= 9/16); S = 34/64:
-    from step 10 the estimate and the increment (S + 3/64 <= k/16) at every step to 120."""
+    9: S = 1/64, the full certificate (1/64 + 20/64 <= 9/16) answering the estimate; S =
+    33/64: from step 10 the increment with the estimate (S + 2/64 <= k/16, guessed 1/64 at
+    step 10) at every step to 120."""
     data = DataLoader(Stream(4 * 120), batch_size=4)
     callback, certified, estimated, notes, _ = fit(tmp_path, 0, data=data)
     assert callback.budget.planned_steps is None
@@ -200,10 +205,10 @@ def test_the_fit_end_certificate_is_kept_and_counted(tmp_path):
 
 def test_an_anchored_fit_ends_with_an_increment(tmp_path):
     """The same 100-step fit as the first test with the fit-end promise: step 2 needs
-    S + 20/64 + R <= P with R = 1/64 + 1/64 (24/64 <= 400/64): the anchor still comes at
-    step 2; everything after as in the first test (the reserve, 2/64 then 3/64, never binds:
-    S <= 5.125 - 3/64 before step 100). The final step computed both values, so the fit end
-    adds nothing."""
+    S + 20/64 + R <= P with R = 1/64 (the increment's guess; it answers the estimate):
+    22/64 <= 400/64, the anchor still comes at step 2; everything after as in the first test
+    (the reserve, then 2/64, never binds: S <= 3.58 s). The final step computed both values,
+    so the fit end adds nothing."""
     callback, certified, _, _, _ = fit(tmp_path, 100, compute_at_fit_end=True)
     assert certified == list(range(2, 101))
     assert callback.budget.runs["full_certificate"] == 1
@@ -241,12 +246,13 @@ class ReAnchoring(TimedCallback):
 
 def test_re_anchoring_runs_from_savings_after_the_monitoring(tmp_path):
     """100 planned steps, a new anchor always wanted. Steps 1-3 as in the first test (the
-    first anchor, borrowed, at step 2). From step 3 the estimate and the increment cost 3/64
-    per step, so savings E - S grow by 1/64 per step from S = 34/64 + 3(k - 3)/64. A
-    re-anchor needs S + 1/64 + 1/2 <= k/16 (from savings) and room for the remaining
-    monitoring, (100 - k) * 3/64, within P: k = 58, then (S = E = 3.625) k = 88, then
-    (S = E = 5.5) k = 118 > 100. The increments never skip a step: a certified value at every
-    step from step 2 on, the re-anchors' steps included (S = 388/64 at the end)."""
+    first anchor, borrowed, at step 2). From step 3 the increment (answering the estimate)
+    costs 2/64 per step, and a re-anchor, which then replaces the increment, 32/64: after j
+    re-anchors, S = (27 + 2k + 30j)/64 before step k. A re-anchor needs S + 32/64 <= k/16
+    (from savings), i.e. k >= (59 + 30j)/2, and room for the remaining monitoring, (100 - k)
+    * 2/64, within P (259 + 30j <= 400): k = 30, 45, 60, 75, 90, then 105 > 100. The
+    increments never skip a step: a certified value at every step from step 2 on, the
+    re-anchors' steps included (S = (1 + 6 * 32 + 93 * 2)/64 = 379/64 at the end)."""
     clock = FakeClock()
     callback = ReAnchoring(
         clock,
@@ -261,7 +267,7 @@ def test_re_anchoring_runs_from_savings_after_the_monitoring(tmp_path):
     rows = lipschitz_rows(logger)
     certified = [int(r["step"]) + 1 for r in rows if r.get(CERTIFIED)]
     full = [int(r["step"]) + 1 for r in rows if r.get("lipschitz/full_certificate_time_s")]
-    assert full == [2, 58, 88]
+    assert full == [2, 30, 45, 60, 75, 90]
     assert certified == list(range(2, 101))
-    assert callback.budget.runs == {"autolip": 100, "full_certificate": 3, "autolip_certified": 96}
-    assert callback.budget.own == 100 * ESTIMATE + 3 * FULL + 96 * INCREMENT == 388 / 64
+    assert callback.budget.runs == {"autolip": 1, "full_certificate": 6, "autolip_certified": 93}
+    assert callback.budget.own == ESTIMATE + 6 * FULL + 93 * INCREMENT == 379 / 64

@@ -104,6 +104,45 @@ def test_a_certified_value_at_every_step_is_above_the_exact_constant(tmp_path, w
     assert callback.budget.runs["full_certificate"] == 1
 
 
+class EstimateRecording(LipschitzCallback):
+    """Counts the estimator's own runs and records every logged estimate with the exact
+    AutoLip of the weights at that step (float64 norm product)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.estimator_runs = 0
+        self.estimates: list[tuple[float, float]] = []
+
+    def _run_estimator(self, network):
+        self.estimator_runs += 1
+        return super()._run_estimator(network)
+
+    def _autolip_estimate(self, network):
+        computed = super()._autolip_estimate(network)
+        self.estimates.append((computed.value, norm_product(self._network_cache)))
+        return computed
+
+
+@pytest.mark.usefixtures("seeded")
+def test_certificates_answer_the_estimate_of_their_step(tmp_path):
+    """A certified value at every step: the certificate (full, then incremental) runs the
+    chains' Lanczos estimates anyway, so the estimator runs only once, for the fit's first
+    (cold) estimate; every logged estimate is still the AutoLip estimate of that step's
+    weights: within the Lanczos tolerance of the exact product of norms (an estimate, it may
+    sit a float32 rounding above it)."""
+    callback = EstimateRecording(
+        methods=["autolip"], every_n_train_steps=1, max_overhead=None, tol=1e-6
+    )
+    trainer = make_trainer(tmp_path, [callback], max_steps=8)
+    trainer.fit(RegressionModule(make_mlp((D_IN, 40, 40, D_OUT)), lr=0.1), loader())
+    assert callback.estimator_runs == 1
+    assert len(callback.estimates) == 8
+    for value, exact in callback.estimates:
+        assert value == pytest.approx(exact, rel=1e-4), (value, exact)
+        assert value <= exact * (1 + 1e-5)
+    assert callback.budget.runs["autolip"] == 1  # answered estimates are not timed
+
+
 @pytest.mark.usefixtures("seeded")
 def test_a_grown_slack_re_anchors(tmp_path):
     """recertify_slack: once the increments' slack grew by more than it since the anchor, the
