@@ -287,20 +287,25 @@ class LipschitzPenalty(nn.Module):
         self._follow_model()
         if not self._analysis.sharded:
             self._analysis.refresh_specs()  # closures over the current parameters, with autograd
-        sigmas: dict[str, Tensor] = {}
-        for name, chain in zip(self.buffer_names, self._chains.values(), strict=True):
-            v = getattr(self, name)
-            with self._chain_reader(chain) as read:
-                with self._agreed(v, f"refining the power iteration of {chain.name!r}"):
-                    op = read()
-                    self._refine(op, v)
-                # Clone: v is updated in place at the next step, while autograd may still need
-                # this value for the backward pass (same reason as in torch's spectral_norm).
-                v_used = v.clone().to(op.dtype)
-                av = op.apply(v_used.reshape(1, *op.in_shape)).reshape(-1)
-                u = (av / av.norm().clamp_min(1e-12)).detach()
-                sigmas[chain.name] = torch.dot(u, av)
-        return sigmas
+        return {
+            chain.name: self._sigma(chain, getattr(self, name))
+            for name, chain in zip(self.buffer_names, self._chains.values(), strict=True)
+        }
+
+    def _sigma(self, chain: AffineChain, v: Tensor) -> Tensor:
+        """``σ̂ = uᵀ A v`` of one chain (``v`` refined first in training). A method of its
+        own so that the chain's map (its gathered weights, when sharded) is released on
+        return, before the next chain is gathered (measured: one layer more held otherwise)."""
+        with self._chain_reader(chain) as read:
+            with self._agreed(v, f"refining the power iteration of {chain.name!r}"):
+                op = read()
+                self._refine(op, v)
+            # Clone: v is updated in place at the next step, while autograd may still need
+            # this value for the backward pass (same reason as in torch's spectral_norm).
+            v_used = v.clone().to(op.dtype)
+            av = op.apply(v_used.reshape(1, *op.in_shape)).reshape(-1)
+            u = (av / av.norm().clamp_min(1e-12)).detach()
+            return torch.dot(u, av)
 
     def _refresh_other_specs(self) -> None:
         """Sharded: re-read, from gathered parameters, the specs outside the chains whose
