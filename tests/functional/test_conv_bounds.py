@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from lipreg.functional.conv_bounds import conv_operator_norm_bound
+from lipreg.functional.conv_bounds import conv_operator_norm_bound, top_eigenvalue_max
 from tests.helpers import dense_conv_matrix, dense_conv_norm, gen
 
 
@@ -413,3 +413,21 @@ def test_zero_operator():
 def test_bad_input_raises_helpful_value_error(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         conv_operator_norm_bound(*args, **kwargs)
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("spread", [0.0, 1e-9, 1e-4, 0.5])
+def test_screened_top_eigenvalue_is_the_float64_maximum(complex_: bool, spread: float) -> None:
+    """The single-precision screen only chooses where the float64 eigvalsh runs: the result
+    is the plain float64 maximum, including near-ties (top eigenvalues 1e-9 apart, below the
+    screen's resolution) and a clear winner."""
+    g, batch = 48, 9
+    dtype = torch.complex128 if complex_ else torch.float64
+    gen_ = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(batch, g, g, dtype=dtype, generator=gen_))
+    eig = torch.rand(batch, g, dtype=torch.float64, generator=gen_) * 0.9
+    eig[:, -1] = 1.0 - spread * torch.arange(batch, dtype=torch.float64).flip(0)
+    gram = (q * eig.to(dtype)[:, None, :]) @ q.mH
+    gram = (gram + gram.mH) / 2
+    truth = float(torch.linalg.eigvalsh(gram)[:, -1].max())
+    assert top_eigenvalue_max(gram.reshape(3, 3, g, g)) == truth
