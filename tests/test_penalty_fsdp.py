@@ -54,19 +54,22 @@ def _cnn() -> nn.Module:
     )
 
 
-# name: (network, input shape, form, penalty called before the forward, shard after building)
+# name: (network, input shape, form, penalty called before the forward, shard after building,
+# fully_shard on the root only: after the forward FSDP keeps the root unit unsharded, so
+# the penalty reads FSDP's unsharded parameters and FSDP reduce-scatters their gradient)
 CASES = {
-    "mlp log": (_mlp, (20,), "log", False, False),
-    "cnn linear": (_cnn, (3, 6, 6), "linear", True, False),
-    "mlp hinge, sharded after": (_mlp, (20,), "hinge", False, True),
+    "mlp log": (_mlp, (20,), "log", False, False, False),
+    "cnn linear": (_cnn, (3, 6, 6), "linear", True, False, False),
+    "mlp hinge, sharded after": (_mlp, (20,), "hinge", False, True, False),
+    "cnn log, root only": (_cnn, (3, 6, 6), "log", False, False, True),
 }
 
 
-def _shard(model: nn.Module) -> nn.Module:
+def _shard(model: nn.Module, root_only: bool = False) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     for m in reversed(list(model.modules())[1:]):  # children before their parents
-        if isinstance(m, nn.Linear | nn.Conv2d | nn.BatchNorm2d | nn.PReLU):
+        if not root_only and isinstance(m, nn.Linear | nn.Conv2d | nn.BatchNorm2d | nn.PReLU):
             fully_shard(m)
     fully_shard(model)
     return model
@@ -99,13 +102,13 @@ def _sgd(model: nn.Module) -> None:
 def _check_case(name: str, found: dict) -> None:
     from torch.distributed.tensor import DTensor
 
-    make, shape, form, penalty_first, shard_after = CASES[name]
+    make, shape, form, penalty_first, shard_after, root_only = CASES[name]
     model, reference = make(), make()
     if shard_after:
         penalty = _penalty(model, shape, form)
-        _shard(model)
+        _shard(model, root_only)
     else:
-        penalty = _penalty(_shard(model), shape, form)
+        penalty = _penalty(_shard(model, root_only), shape, form)
     ref_penalty = _penalty(reference, shape, form)
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(3))
     steps = []
