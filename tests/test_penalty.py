@@ -599,7 +599,7 @@ def test_one_rank_fully_shard_penalty_matches_the_plain_model():
 
 
 @pytest.mark.usefixtures("one_rank_group")
-def test_sharded_models_refuse_fsdp1_and_the_seqlip_forms():
+def test_sharded_models_refuse_fsdp1_the_seqlip_forms_and_mixed_precision():
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     wrapped = FullyShardedDataParallel(make_mlp(), device_id=torch.device("cpu"))
@@ -608,3 +608,8 @@ def test_sharded_models_refuse_fsdp1_and_the_seqlip_forms():
     for method in ("seqlip", "lipsdp"):
         with pytest.raises(NotImplementedError, match="method='autolip'"):
             LipschitzPenalty(_fully_shard_each_layer(make_mlp()), (D_IN,), method=method)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mixed = fully_shard(make_mlp(), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    with pytest.raises(NotImplementedError, match="mixed-precision"):
+        LipschitzPenalty(mixed, (D_IN,))
