@@ -385,18 +385,18 @@ def full_parameters(modules: Sequence[nn.Module]) -> Iterator[None]:
     Other parameters (unsharded models, a unit FSDP left unsharded) are read as they are.
     """
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
-    seen: set[int] = set()
+    full: dict[int, Tensor] = {}  # one gather per parameter, also when modules share it
     try:
         for module in modules:
             for owner in module.modules():
                 for name, p in list(owner._parameters.items()):
-                    if p is None or id(p) in seen or not is_dtensor(p):
+                    if p is None or not is_dtensor(p):
                         continue
-                    seen.add(id(p))
-                    full = p.full_tensor()  # a collective: every rank, same order
+                    if id(p) not in full:
+                        full[id(p)] = p.full_tensor()  # a collective: every rank, same order
                     # the module's own dict, as torch.func.functional_call does: a plain
                     # tensor cannot be assigned through nn.Module.__setattr__
-                    owner._parameters[name] = full  # type: ignore[assignment]
+                    owner._parameters[name] = full[id(p)]  # type: ignore[assignment]
                     swapped.append((owner, name, p))
         yield
     finally:
