@@ -599,6 +599,8 @@ def test_one_rank_fully_shard_penalty_matches_the_plain_model():
 
 
 @pytest.mark.usefixtures("one_rank_group")
+@pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")  # one rank: expected
+@pytest.mark.filterwarnings("ignore:lipreg gathers the FSDP unit of the root")  # root-only: idem
 def test_sharded_models_refuse_fsdp1_the_seqlip_forms_and_mixed_precision():
     from torch.distributed.fsdp import FullyShardedDataParallel
 
