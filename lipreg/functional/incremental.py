@@ -393,8 +393,16 @@ def _increment(
     if core.rule in ("dense", "merged-dense"):
         beta, which = dense_increment_bound(delta, gram_flops=gram_flops)
     else:
-        stride, _, dilation, groups, _ = core.geometry
-        beta, which = conv_increment_bound(delta, stride, dilation, groups)
+        stride, padding, dilation, groups, in_shape = core.geometry
+        beta, which = conv_increment_bound(
+            delta,
+            stride,
+            dilation,
+            groups,
+            padding=padding,
+            in_spatial=in_shape[1:],
+            gram_flops=gram_flops,
+        )
     return math.nextafter(beta * _DIFFERENCE_PAD, math.inf), folding, which
 
 

@@ -32,6 +32,16 @@ dilation and zero padding; the operator is linear in the kernel, so this bounds
 
 Zero padding only deletes columns (reads of the padding) of the operator on the padded input,
 so both bounds, proved for that operator, hold for the zero-padded convolution.
+
+**Live taps** (when the padding and the input's spatial size are given): a tap ``τ`` of an
+axis is *dead* when no output position reads a real input entry through it (``s·y − p + τd``
+outside ``[0, n)`` for every output ``y``; small feature maps, e.g. the centre tap alone of a
+3 × 3 convolution on a 1 × 1 map). Its weights only ever multiply padding zeros, so zeroing
+them leaves the operator unchanged (exact). Both bounds above are then taken of the kernel
+restricted to its live taps, and ``c`` becomes the exact largest number of (output, live tap)
+pairs reading one input entry (:func:`~lipreg.functional.conv_geometry.axis_plans`, at most
+the number of outputs per axis: one tap per output position), which can be much smaller than
+``Π⌈k/s⌉``; the im2col proof holds verbatim with the dead rows of ``Δ_mat`` removed.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lipreg.functional.conv_geometry import axis_plans
 from lipreg.functional.lmi import ETA, gamma, sqrt_up
 
 __all__ = [
@@ -50,6 +61,7 @@ __all__ = [
     "dense_increment_bound",
     "frobenius_bound",
     "gram_iteration_bound",
+    "live_taps",
     "schur_bound_matrix",
     "sum_up",
     "window_copies",
@@ -221,14 +233,16 @@ def young_bound(A: Tensor, stride: Sequence[int], dilation: Sequence[int], group
     return sqrt_up(_mul_up(rows, cols))
 
 
-def im2col_bound(D: Tensor, r: float, copies: int, groups: int) -> tuple[float, str]:
+def im2col_bound(
+    D: Tensor, r: float, copies: int, groups: int, gram_flops: float = GRAM_ITERATION_FLOPS
+) -> tuple[float, str]:
     """``√c · max_g ‖Δ_g‖₂`` for a kernel within ``r`` (entrywise) of ``D``, with ``‖Δ_g‖₂``
     bounded per group by the smaller of Frobenius and Schur (and Gram iteration when there is
-    one group)."""
+    one group and it costs at most ``gram_flops`` multiply-adds)."""
     c_out = D.shape[0]
     mats = D.reshape(groups, c_out // groups, -1)
     if groups == 1:
-        norm, which = dense_increment_bound(mats[0])
+        norm, which = dense_increment_bound(mats[0], gram_flops=gram_flops)
         if r:
             norm = math.nextafter(norm + r * sqrt_up(float(D.numel())), math.inf)
     else:
@@ -246,18 +260,67 @@ def im2col_bound(D: Tensor, r: float, copies: int, groups: int) -> tuple[float, 
     return _mul_up(sqrt_up(float(copies)), norm), f"im2col-{which}"
 
 
+def live_taps(
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    in_spatial: Sequence[int],
+) -> tuple[list[list[int]], int]:
+    """Per axis the live taps of a zero-padded convolution on inputs of spatial size
+    ``in_spatial`` (module docstring), and the largest number of (output, live tap) pairs that
+    read one input entry (the product over the axes of
+    :func:`~lipreg.functional.conv_geometry.axis_plans`'s counts; 0 when an axis has no live
+    tap: the operator is zero)."""
+    live: list[list[int]] = []
+    copies = 1
+    for n, k, s, p, d in zip(in_spatial, kernel, stride, padding, dilation, strict=True):
+        _, axis_copies, dead = axis_plans(n, p, p, k, d, s, None, "zeros")
+        live.append([t for t in range(k) if t not in dead] if axis_copies else [])
+        copies *= axis_copies
+    return live, copies
+
+
+def _restricted(D: Tensor, live: list[list[int]]) -> tuple[Tensor, Tensor]:
+    """``(D with dead taps zeroed, D restricted to its live taps)``."""
+    compact = D
+    zeroed = torch.zeros_like(D)
+    for axis, taps in enumerate(live):
+        compact = compact.index_select(2 + axis, torch.tensor(taps, dtype=torch.long))
+    index = torch.meshgrid(*[torch.tensor(t, dtype=torch.long) for t in live], indexing="ij")
+    zeroed[(slice(None), slice(None), *index)] = D[(slice(None), slice(None), *index)]
+    return zeroed, compact
+
+
 def conv_increment_bound(
-    D: Tensor, stride: Sequence[int], dilation: Sequence[int], groups: int
+    D: Tensor,
+    stride: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    *,
+    padding: Sequence[int] | None = None,
+    in_spatial: Sequence[int] | None = None,
+    gram_flops: float = GRAM_ITERATION_FLOPS,
 ) -> tuple[float, str]:
     """``(bound ≥ ‖A_D‖₂, which)`` for the convolution with float64 kernel ``D`` (any zero
     padding and input size): the smaller of im2col and Young/Schur (module docstring),
-    evaluated on ``D`` scaled by an exact power of two (:func:`normalised`)."""
+    evaluated on ``D`` scaled by an exact power of two (:func:`normalised`). With ``padding``
+    and ``in_spatial`` (the input's spatial size) given, both are taken of the live taps only
+    with the exact copy count (module docstring: live taps); ``gram_flops`` caps the Gram
+    iteration of the im2col matrix."""
     normal = normalised(D)
     if normal is None:
         return 0.0, "zero"
     scaled, e, r = normal
     copies = window_copies(D.shape[2:], stride, dilation)
-    im2col, which = im2col_bound(scaled, r, copies, groups)
+    compact, prefix = scaled, ""
+    if padding is not None and in_spatial is not None:
+        live, copies = live_taps(D.shape[2:], stride, padding, dilation, in_spatial)
+        if copies == 0:
+            return 0.0, "dead-taps"
+        scaled, compact = _restricted(scaled, live)
+        prefix = "live-"
+    im2col, which = im2col_bound(compact, r, copies, groups, gram_flops)
     young = young_bound(scaled.abs() + r, stride, dilation, groups)
     best, which = (im2col, which) if im2col <= young else (young, "young")
-    return math.ldexp(best, e), which
+    return math.ldexp(best, e), prefix + which

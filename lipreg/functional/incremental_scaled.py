@@ -22,9 +22,22 @@ maps are their largest entries, so
     ‖A_t‖ ≤ r_{out} r_{in} ‖A_s‖ + \\max_c|d_{out,t,c}| \\max_c|d_{in,t,c}| ‖A_{K_t − K_s ⊙ m}‖,
     \\qquad r = \\max_{c: d_{s,c} ≠ 0} |d_{t,c} / d_{s,c}|.                              (2')
 
-With the chain's isometries of closed-form scale ``c`` around the core and the anchor's
-certificate ``σ_s ≥ c ‖A_s‖``, the chain's norm at ``t`` is at most
-``r_out r_in σ_s + c · max|d_out,t| · max|d_in,t| · β(K_t − K_s ⊙ m)``. It is exact when only
+The second term is bounded more tightly with the scales kept per channel: a per-channel
+scaling on each side of a convolution (or matrix) is the convolution with the scaled kernel,
+``D_out A_Δ D_in = A_{Δ'}`` with ``Δ'[o, j, τ] = d_out,o · Δ[o, j, τ] · d_in,in(o, j)``
+(exact algebra), so
+
+.. math::
+    ‖A_t‖ ≤ r_{out} r_{in} ‖A_s‖ + β(D_{out,t} ⊙ (K_t − K_s ⊙ m) ⊙ D_{in,t})          (2'')
+
+with ``β`` any certified bound of :mod:`lipreg.functional.incremental_bounds` (with the
+convolution's live taps). ``β(Δ') ≤ max|d_out| max|d_in| β(Δ)`` up to the bounds' own
+looseness, and much smaller when the scales differ across channels: batch norms trained in
+train mode give a few channels large scales (small running variances), and ``max|d|`` charged
+the whole kernel change at that rate (docs/design/issue10/incremental.md §9: 2–5× on
+resnet18). With the chain's isometries of closed-form scale ``c`` around the core and the
+anchor's certificate ``σ_s ≥ c ‖A_s‖``, the chain's norm at ``t`` is at most
+``r_out r_in σ_s + c · β(Δ')``. It is exact when only
 the statistics move and the kernel does not, whatever the size of that move, where the
 difference of merged kernels (:mod:`lipreg.functional.incremental`) grows with it.
 
@@ -36,7 +49,11 @@ product of ``n`` of them with ``n − 1`` more): ``|d − d̂| ≤ κ|d̂|`` wit
 underflows (checked: every non-zero ``|d̂| ≥ 2⁻⁹⁰⁰``, else no ratio bound); so
 ``|d_t/d_s| ≤ fl(|d̂_t/d̂_s|)(1 + κ_t)/((1 − κ_s)(1 − u))`` and ``max|d_t| ≤ max|d̂_t|(1 + κ_t)``,
 every product rounded up with ``nextafter``. ``d_s = 0`` exactly iff ``d̂_s = 0`` (relative
-error), so the mask is the exact one.
+error), so the mask is the exact one. The computed ``Δ̂' = fl(fl(d̂_out Δ̂) d̂_in)`` (``Δ̂`` the
+float64 difference) is within ``ρ|Δ̂'|`` entrywise of the exact ``Δ'``, ``ρ = 2(κ_out + κ_in)
++ 8u ≥ (1 + κ_out)(1 + κ_in)(1 + u)/(1 − u)² − 1`` (three roundings, κ ≤ 1e-6), and an
+entrywise-dominated kernel has a dominated operator (``|A_E x| ≤ A_{|E|}|x|``), so
+``‖A_{Δ'}‖ ≤ β(Δ̂') + ρ · ‖A_{|Δ̂'|}‖`` with the last norm bounded by the Young/Schur test.
 """
 
 from __future__ import annotations
@@ -48,7 +65,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lipreg.functional.incremental_bounds import conv_increment_bound, dense_increment_bound
+from lipreg.functional.incremental_bounds import (
+    conv_increment_bound,
+    dense_increment_bound,
+    schur_bound_matrix,
+    young_bound,
+)
 from lipreg.functional.lmi import UNIT_ROUNDOFF
 from lipreg.functional.rounding import folded_kernel_error
 from lipreg.functional.specs import Affine
@@ -64,8 +86,9 @@ class ScaledCore:
     """``A = D_out A_K D_in`` (module docstring): ``kernel`` the raw float64 weight (conv
     kernel ``(c_out, c_in/groups, *k)`` or dense ``(out, in)`` matrix), ``d_in`` / ``d_out``
     the computed float64 products of the scales on each side (ones without scales) with
-    relative radii ``kappa_in`` / ``kappa_out``; ``conv`` ``(stride, dilation, groups)`` for a
-    convolution, ``None`` for a dense weight."""
+    relative radii ``kappa_in`` / ``kappa_out``; ``conv`` ``(stride, dilation, groups,
+    padding, in_spatial)`` for a convolution (or ``(stride, dilation, groups)``: every tap
+    counted live), ``None`` for a dense weight."""
 
     kernel: Tensor
     d_in: Tensor
@@ -111,7 +134,7 @@ def scaled_core(span: Sequence[Affine]) -> ScaledCore | None:
         data = spec.conv
         kernel = data.weight.detach().to(torch.float64)
         c_in, c_out = data.in_shape[0], kernel.shape[0]
-        conv = (data.stride, data.dilation, data.groups)
+        conv = (data.stride, data.dilation, data.groups, data.padding, data.in_shape[1:])
     else:
         assert spec.weight is not None
         kernel = spec.weight.detach().to(torch.float64)
@@ -157,16 +180,41 @@ def ratio_up(d_s: Tensor, k_s: float, d_t: Tensor, k_t: float) -> float:
     return _up(q * factor)
 
 
-def _max_up(d: Tensor, kappa: float) -> float:
-    """``max|d|`` of the exact scales within relative radius ``kappa`` of ``d``."""
-    return _up(float(d.abs().max()) * (1.0 + 2.0 * kappa + 4.0 * UNIT_ROUNDOFF))
+def _weighted_increment(now: ScaledCore, delta: Tensor, gram_flops: float) -> tuple[float, str]:
+    """``(β ≥ ‖D_out,t A_Δ D_in,t‖₂, which)`` for the float64 difference ``delta`` (bound (2''),
+    module docstring: the scales folded into the kernel, its rounding ``ρ`` added through the
+    Young/Schur test of ``|Δ̂'|``, the subtraction's ``1 + 2u``)."""
+    d_in = now.d_in[_input_index(now)] if now.conv is not None else now.d_in[None, :]
+    shape = (*d_in.shape, *[1] * (delta.dim() - 2))
+    weighted = now.d_out.reshape(-1, *[1] * (delta.dim() - 1)) * delta * d_in.reshape(shape)
+    rho = 2.0 * (now.kappa_in + now.kappa_out) + 8.0 * UNIT_ROUNDOFF
+    if now.conv is None:
+        beta, which = dense_increment_bound(weighted, gram_flops=gram_flops)
+        absolute = schur_bound_matrix(weighted)
+    else:
+        stride, dilation, groups = now.conv[:3]
+        padding, spatial = now.conv[3:] if len(now.conv) == 5 else (None, None)
+        beta, which = conv_increment_bound(
+            weighted,
+            stride,
+            dilation,
+            groups,
+            padding=padding,
+            in_spatial=spatial,
+            gram_flops=gram_flops,
+        )
+        absolute = young_bound(weighted.abs(), stride, dilation, groups)
+    if beta == 0.0:
+        return 0.0, which
+    beta = _up(beta + _up(rho * absolute))
+    return _up(beta * (1.0 + 2.0 * UNIT_ROUNDOFF)), which  # the float64 subtraction
 
 
 def scaled_increment_bound(
     anchor: ScaledCore, now: ScaledCore, sigma: float, scale: float, gram_flops: float
 ) -> tuple[float, float, str] | None:
-    """``(value, c·max|d_out,t|·max|d_in,t|·β, which)`` with ``value`` the certified bound
-    (2') on the chain's norm at ``t`` (module docstring): ``sigma ≥ c‖A_s‖`` the anchor's
+    """``(value, c·β(Δ'), which)`` with ``value`` the certified bound (2'') on the chain's
+    norm at ``t`` (module docstring): ``sigma ≥ c‖A_s‖`` the anchor's
     certificate, ``scale ≥ c`` the isometries' padded scale; ``None`` when the cores'
     shapes or geometry differ or a scale is too small or not finite for the rounding model."""
     if anchor.kernel.shape != now.kernel.shape or anchor.conv != now.conv:
@@ -183,14 +231,8 @@ def scaled_increment_bound(
     live_in = (anchor.d_in != 0).to(torch.float64)[_input_index(anchor)]
     mask = (live_out[:, None] * live_in).reshape(*live_in.shape, *[1] * (anchor.kernel.dim() - 2))
     delta = now.kernel - anchor.kernel.to(torch.float64) * mask
-    if now.conv is None:
-        beta, which = dense_increment_bound(delta, gram_flops=gram_flops)
-    else:
-        stride, dilation, groups = now.conv
-        beta, which = conv_increment_bound(delta, stride, dilation, groups)
-    beta = _up(beta * (1.0 + 2.0 * UNIT_ROUNDOFF))  # the float64 subtraction
-    weights = _up(_max_up(now.d_out, now.kappa_out) * _max_up(now.d_in, now.kappa_in))
-    increment = _up(scale * _up(weights * beta)) if beta else 0.0
+    beta, which = _weighted_increment(now, delta, gram_flops)
+    increment = _up(scale * beta) if beta else 0.0
     anchored = _up(_up(r_out * r_in) * sigma)
     value = _up((anchored + increment) * (1.0 + 2.0 * UNIT_ROUNDOFF))
     return value, increment, f"ratio-{which}"
