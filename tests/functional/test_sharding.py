@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import time
 import warnings
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from torch import nn
 
 import lipreg
 from lipreg.functional.specs import Affine
+from tests.spawn_helpers import spawn_with_deadline
 
 TIMEOUT_S = 240.0  # the pair imports torch and lipreg again: ~25 s at load
 
@@ -260,31 +259,12 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(out_dir: Path) -> None:
-    """Run the pair with a deadline: a hang fails instead of blocking the suite."""
-    import torch.multiprocessing as mp
-
-    context = mp.spawn(worker, args=(_free_port(), str(out_dir)), nprocs=2, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail(f"the 2-process FSDP2 checks did not finish in {TIMEOUT_S} s (a hang)")
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     if not torch.distributed.is_available():
         pytest.skip("torch built without distributed support")
     out = tmp_path_factory.mktemp("sharding")
-    _spawn(out)
+    spawn_with_deadline(worker, (str(out),), timeout_s=TIMEOUT_S)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
