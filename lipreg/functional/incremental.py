@@ -51,7 +51,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, fx, nn
@@ -407,7 +407,11 @@ def _increment(
 
 
 def incremental_entry(
-    anchor: IncrementalAnchor, *, estimate: bool = True, gram_flops: float = GRAM_ITERATION_FLOPS
+    anchor: IncrementalAnchor,
+    *,
+    estimate: bool = True,
+    gram_flops: float = GRAM_ITERATION_FLOPS,
+    refresh_slack: float | None = None,
 ) -> LadderEntry:
     """A certificate-ladder entry (:mod:`lipreg.functional.ladder`) answering, for the chains
     of ``anchor`` whose structure, isometry scales and rule are unchanged,
@@ -423,7 +427,23 @@ def incremental_entry(
     ``gram_flops``: dense changes get the Gram-iteration bound when it costs at most this
     many multiply-adds (:func:`~lipreg.functional.incremental_bounds.dense_increment_bound`;
     ``math.inf``: always, which tightens ``β`` by 30–60 % and, through the gap, bound (5)
-    under Adam, at ≈ 0.15 s per 1000 × 1000 layer)."""
+    under Adam, at ≈ 0.15 s per 1000 × 1000 layer).
+
+    ``refresh_slack``: a chain whose incremental value exceeds ``(1 + refresh_slack) ×`` its
+    estimate is also certified by the rest of the ladder (in full, its estimate reused) and
+    gets the smaller of the two values (``extra["incremental"]`` keeps the incremental one):
+    the per-chain refresh of incremental.md §9, for training that moves some chains far from
+    the anchor (batch-norm networks in train mode under SGD with momentum). ``None``
+    (default): never. Needs ``estimate=True``.
+
+    Raises:
+        ValueError: ``refresh_slack`` given with ``estimate=False``, or negative.
+    """
+    if refresh_slack is not None and (not estimate or not refresh_slack >= 0):
+        raise ValueError(
+            f"refresh_slack={refresh_slack!r} needs estimate=True and a value >= 0 (it compares "
+            "each chain's incremental value with its estimate)."
+        )
 
     def entry(ctx: ChainContext) -> LayerBound | None:
         if not ctx.bounder.certify:
@@ -445,10 +465,35 @@ def incremental_entry(
         if chain_anchor.ritz is not None and answer[0] > 0:
             second = ritz_bound(core.weight, chain_anchor.ritz, answer[0])
         ratio = _ratio_bound(chain_anchor, core, gram_flops) if answer[0] > 0 else None
-        return _incremental_bound(ctx, chain_anchor, answer, (second, ratio), estimate)
+        bound = _incremental_bound(ctx, chain_anchor, answer, (second, ratio), estimate)
+        if refresh_slack is not None and _too_loose(bound, refresh_slack):
+            return _refreshed(ctx, entry, bound)
+        return bound
 
     entry.__name__ = entry.__qualname__ = "incremental_entry"
     return entry
+
+
+def _too_loose(bound: LayerBound, refresh_slack: float) -> bool:
+    """The incremental value is above ``(1 + refresh_slack) ×`` the chain's estimate."""
+    return bound.estimate is not None and bound.value > (1.0 + refresh_slack) * bound.estimate
+
+
+def _refreshed(ctx: ChainContext, entry: LadderEntry, bound: LayerBound) -> LayerBound:
+    """The smaller of ``bound`` and the certificate of the ladder's entries after ``entry``
+    (the first that answers with a certified value; its estimate is ``bound``'s, from the same
+    cached iteration, when it has none)."""
+    ladder = list(ctx.bounder.ladder)
+    after = ladder[ladder.index(entry) + 1 :] if entry in ladder else list(LADDER)
+    for other in after:
+        fresh = other(ctx)
+        if fresh is None:
+            continue
+        if not fresh.certified or not fresh.value < bound.value:
+            return bound
+        estimate = bound.estimate if fresh.estimate is None else fresh.estimate
+        return replace(fresh, estimate=estimate, extra={**fresh.extra, "incremental": bound.value})
+    return bound
 
 
 def _chain_scale(anchor: ChainAnchor) -> float:
@@ -521,12 +566,16 @@ def incremental_autolip(
     anchor: IncrementalAnchor,
     *,
     gram_flops: float = GRAM_ITERATION_FLOPS,
+    refresh_slack: float | None = None,
     **autolip_options,
 ) -> LipschitzResult:
     """A certified AutoLip bound of the current weights with the anchor's chains certified
     incrementally (:func:`incremental_entry` first, then the full :data:`~lipreg.functional.
     ladder.LADDER` for the others): ``autolip(model, input_shape, certify=True,
-    ladder=[incremental_entry(anchor, gram_flops=gram_flops), *LADDER], **autolip_options)``.
+    ladder=[incremental_entry(anchor, gram_flops=gram_flops, refresh_slack=refresh_slack),
+    *LADDER], **autolip_options)``. ``refresh_slack`` (default ``None``: off) certifies in full
+    the chains whose incremental value is above ``(1 + refresh_slack) ×`` their estimate
+    (:func:`incremental_entry`).
 
     ``notes`` gain one line: the value relative to the anchor's, and the chains certified in
     full (no anchor, or a changed structure / isometry scale / rule). Per-chain increments are
@@ -540,7 +589,8 @@ def incremental_autolip(
             "incremental_autolip always certifies with its own ladder: do not pass "
             "certify=False or ladder=."
         )
-    ladder = [incremental_entry(anchor, gram_flops=gram_flops), *LADDER]
+    entry = incremental_entry(anchor, gram_flops=gram_flops, refresh_slack=refresh_slack)
+    ladder = [entry, *LADDER]
     result = autolip(model, input_shape, certify=True, ladder=ladder, **autolip_options)
     result.notes.append(_increment_note(result, anchor))
     return result

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.functional import jacobian
 
-from lipreg.functional.incremental import certified_anchor, incremental_autolip
+from lipreg.functional.incremental import certified_anchor, incremental_autolip, incremental_entry
 from lipreg.functional.incremental_bounds import conv_increment_bound, live_taps
 from lipreg.functional.incremental_scaled import ScaledCore, scaled_increment_bound
 from tests.helpers import dense_conv_matrix, gen, spectral_norm
@@ -196,3 +196,34 @@ def test_train_mode_steps_stay_above_exact_chain_norms(optimiser: str) -> None:
             exact = _chain_norm(model, conv, shape)
             assert lb.method.startswith("incremental"), (name, lb.method)
             assert lb.value >= exact, (name, lb.value, exact, lb.method)
+
+
+def test_refresh_slack_takes_the_smaller_certificate_per_chain() -> None:
+    """``refresh_slack=0``: every chain above its estimate is also certified in full and keeps
+    the smaller value — never above the plain incremental factor, never below the exact
+    chain norm; the plain run is unchanged by the option's existence."""
+    torch.manual_seed(1)
+    model, shape = ConvBN(), (3, 4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    g = gen(9)
+    _train(model, opt, 2, g)
+    anchor, _ = certified_anchor(model, shape)
+    _train(model, opt, 5, g)
+    plain = incremental_autolip(model, shape, anchor)
+    refreshed = incremental_autolip(model, shape, anchor, refresh_slack=0.0)
+    before = {lb.name: lb for lb in plain.layers if lb.kind == "affine"}
+    names = {0: "body[0+1]", 3: "body[3+4]", 6: "body[6+7]", 9: "body[9+10]"}
+    moved = 0
+    for lb in refreshed.layers:
+        if lb.kind != "affine":
+            continue
+        assert lb.value <= before[lb.name].value and lb.estimate is not None
+        if not lb.method.startswith("incremental"):
+            moved += 1
+            assert lb.extra["incremental"] == before[lb.name].value
+    for conv, name in names.items():
+        lb = next(lb for lb in refreshed.layers if lb.name == name)
+        assert lb.value >= _chain_norm(model, conv, shape), (name, lb.value, lb.method)
+    assert moved > 0 and refreshed.value < plain.value
+    with pytest.raises(ValueError, match="refresh_slack"):
+        incremental_entry(anchor, estimate=False, refresh_slack=0.1)

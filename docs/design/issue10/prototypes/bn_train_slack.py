@@ -5,11 +5,13 @@ train mode (running statistics move), certified in eval mode. ``WARMUP`` steps, 
 (``certified_anchor``), then after k = 1, 10, 50, 100 further steps: the full certificate
 (``lipreg.autolip``, warm state), the incremental one (``incremental_autolip``, with
 estimates) and per chain the anchor's factor, the fresh factor, the incremental one, which
-bound won, the BN scale ratio ``r = r_out r_in`` of (2') and the ratio bound's increment.
+bound won, the BN scale ratio ``r = r_out r_in`` of (2') and the ratio bound's increment. Optional
+arguments: the Gram-iteration budget of the increments and ``refresh_slack`` (per-chain
+refresh, ``incremental_autolip``).
 
 Run from the repo root:
 OMP_NUM_THREADS=1 .venv/bin/python docs/design/issue10/prototypes/bn_train_slack.py \
-    [sgd|adam] [warmup] [gram_flops]
+    [sgd|adam] [warmup] [gram_flops] [refresh_slack]
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def train(model, opt, gen, n: int) -> None:
     model.eval()
 
 
-def main(opt_name: str, warmup: int, gram_flops: float) -> None:
+def main(opt_name: str, warmup: int, gram_flops: float, refresh: float | None) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None, num_classes=10)
@@ -53,7 +55,8 @@ def main(opt_name: str, warmup: int, gram_flops: float) -> None:
     t0 = time.perf_counter()
     anchor, first = certified_anchor(model, SHAPE, ritz=0)
     print(
-        f"# {opt_name}, warm-up {warmup}, gram_flops {gram_flops:g}: anchor {first.value:.4g} "
+        f"# {opt_name}, warm-up {warmup}, gram_flops {gram_flops:g}, refresh_slack {refresh}: "
+        f"anchor {first.value:.4g} "
         f"estimate {first.estimate:.4g} ({time.perf_counter() - t0:.1f} s)"
     )
     done = 0
@@ -64,11 +67,15 @@ def main(opt_name: str, warmup: int, gram_flops: float) -> None:
         fresh = lipreg.autolip(model, SHAPE, certify=True, state=first.state)
         t_fresh = time.perf_counter() - t0
         t0 = time.perf_counter()
-        inc = incremental_autolip(model, SHAPE, anchor, gram_flops=gram_flops)
+        inc = incremental_autolip(
+            model, SHAPE, anchor, gram_flops=gram_flops, refresh_slack=refresh
+        )
         t_inc = time.perf_counter() - t0
+        refreshed = sum("incremental" in lb.extra for lb in inc.layers)
         print(
             f"## k={k}: fresh {fresh.value:.4g} (est {fresh.estimate:.4g}, {t_fresh:.1f} s), "
-            f"incremental {inc.value:.4g} ({t_inc:.1f} s): inc/fresh-1 "
+            f"incremental {inc.value:.4g} ({t_inc:.1f} s, {refreshed} chains refreshed): "
+            f"inc/fresh-1 "
             f"{inc.value / fresh.value - 1:.4g}, inc/est-1 {slack(inc):.4g}"
         )
         fresh_layers = {lb.name: lb for lb in fresh.layers if lb.kind == "affine"}
@@ -95,4 +102,5 @@ if __name__ == "__main__":
         args[0] if args else "sgd",
         int(args[1]) if len(args) > 1 else 5,
         float(args[2]) if len(args) > 2 else GRAM_ITERATION_FLOPS,
+        float(args[3]) if len(args) > 3 else None,
     )
