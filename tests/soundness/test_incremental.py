@@ -28,9 +28,13 @@ HOWS = ("random", "large", "sign")
 DENSE_CHECK_LIMIT = 600  # chains with both sides at most this get an exact SVD check
 
 
-def perturb(model: nn.Module, how: str, seed: int) -> None:
+def perturb(model: nn.Module, how: str, seed: int, shape: tuple[int, ...] = ()) -> None:
     """Change every floating parameter (relative noise, or a sign flip) and the batch-norm
-    running statistics, in place, from a private generator."""
+    running statistics, in place, from a private generator; ``how="train"``: real SGD steps
+    in train mode on inputs of ``shape`` (:func:`train_steps`)."""
+    if how == "train":
+        train_steps(model, shape, seed)
+        return
     g = torch.Generator().manual_seed(10_000 + seed)
     rel = {"random": 1e-2, "large": 0.5, "sign": 0.0, "stats": 1e-2}[how]
     with torch.no_grad():
@@ -54,6 +58,28 @@ def perturb(model: nn.Module, how: str, seed: int) -> None:
                 m.running_mean.add_(0.1 * torch.randn(m.running_mean.shape, generator=g))
 
 
+def train_steps(model: nn.Module, shape: tuple[int, ...], seed: int, steps: int = 3) -> None:
+    """Real SGD steps (lr 0.1, momentum 0.9, gradients clipped to norm 1) in TRAIN mode on
+    random inputs and targets: weights move and batch-norm running statistics follow the
+    batches (issue 10: incremental certificates of train-mode batch-norm networks). The
+    model's own mode is restored."""
+    params = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
+    g = torch.Generator().manual_seed(20_000 + seed)
+    was_training = model.training
+    model.train()
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9) if params else None
+    for _ in range(steps):
+        x = torch.randn(8, *shape, generator=g)
+        out = model(x)
+        loss = (out - torch.randn(out.shape, generator=g)).square().mean()
+        if opt is not None:
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+    model.train(was_training)
+
+
 def exact_chain_norms(model: nn.Module, shape: tuple[int, ...]) -> dict[str, float]:
     """Float64 SVD of every chain small enough to materialise (the chain's own ops applied to
     the identity; independent of the certificates)."""
@@ -73,6 +99,7 @@ def check_incremental(
     seed: int,
     options: dict | None = None,
     oracle_options: dict | None = None,
+    incremental_options: dict | None = None,
 ) -> IncrementalAnchor | None:
     """Anchor, perturb, certify incrementally and judge (module docstring); ``None`` when
     lipreg refuses the network (the plain harness checks refusals)."""
@@ -81,15 +108,20 @@ def check_incremental(
         anchor, _ = certified_anchor(model, shape, **options)
     except (lipreg.UnsupportedOperationError, lipreg.TraceError):
         return None
-    perturb(model, how, seed)
+    perturb(model, how, seed, shape)
     before = model_fingerprint(model)
-    result = incremental_autolip(model, shape, anchor, **options)
+    result = incremental_autolip(model, shape, anchor, **options, **(incremental_options or {}))
     assert not fingerprint_diff(before, model_fingerprint(model))
     assert result.certified and result.kind == "upper"
     assert math.isfinite(result.value)
     oracle = oracle_lower_bound(model, shape, seed=seed, **(oracle_options or {}))
     assert result.value >= oracle.lower * (1 - REL_TOL), (result.value, oracle.lower)
-    incremental = {lb.name: lb for lb in result.layers if lb.method.startswith("incremental")}
+    # refreshed chains (refresh_slack) carry their incremental value in extra: judged too
+    incremental = {
+        lb.name: lb
+        for lb in result.layers
+        if lb.method.startswith("incremental") or "incremental" in lb.extra
+    }
     assert set(incremental) <= set(anchor.chains)
     if anchor.chains:
         assert incremental, "no anchored chain was certified incrementally"
@@ -122,6 +154,25 @@ def test_random_architecture_moving_batch_norm_statistics(seed: int) -> None:
     g = generate(seed)
     switch_off_first_channels(g.model)
     check_incremental(g.model, g.input_shape, "stats", seed)
+
+
+@pytest.mark.parametrize("seed", range(5, 292, 12))
+def test_random_architecture_train_mode_sgd_steps(seed: int) -> None:
+    """Three real SGD steps (lr 0.1, momentum 0.9) in train mode after the anchor: the
+    live-tap increments and the scale-weighted ratio bound (2'') of incremental.md §9 against
+    the oracle and the exact chain norms."""
+    g = generate(seed)
+    check_incremental(g.model, g.input_shape, "train", seed)
+
+
+@pytest.mark.parametrize("seed", range(11, 292, 24))
+def test_random_architecture_per_chain_refresh(seed: int) -> None:
+    """``refresh_slack=0``: every chain above its estimate also certified in full, the
+    smaller value kept (incremental.md §9), against the same ground truths."""
+    g = generate(seed)
+    check_incremental(
+        g.model, g.input_shape, "train", seed, incremental_options={"refresh_slack": 0.0}
+    )
 
 
 ZOO_SAMPLE = ["shufflenet_v2_x0_5", "squeezenet1_0", "resnet18", "mobilenet_v2", "mnasnet0_5"]
