@@ -22,9 +22,11 @@ and cap), the same candidate set, the same 8 batched power steps per candidate, 
 thresholds and the same tie-breaking (``argsort`` of the same scores, first ``argmax``);
 ``M`` itself is updated by the very same floating-point expressions. Only rounding differs
 (Gram products instead of products with ``M``, start matrices without their exact-zero
-terms, other BLAS kernels for other memory layouts): the chosen patterns are the same unless two
-compared quantities agree to ~1e-15, and the values agree to rounding
-(``benchmarks/results/greedy_seqlip.md``).
+terms, other BLAS kernels for other memory layouts, in-place rank-one updates): the chosen
+patterns are the same unless two compared quantities agree to ~1e-15, and the values agree to
+rounding (``benchmarks/results/greedy_seqlip.md``). On large pairs the sweeps' gain signs come
+from float32 products with a rigorous error bound, and float64 where the bound leaves the sign
+open (:class:`SweepGains`): the same signs as the float64 gains.
 
 **Guarantee.** None beyond feasibility: the value is ``‖A diag(σ) B‖₂`` (from the top
 eigenvalue of the pattern's Gram matrix) for a feasible ``σ``, a *lower* value than the
@@ -39,7 +41,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["pair_norm_greedy"]
+__all__ = ["SweepGains", "pair_norm_greedy"]
+
+
+#: ``Tensor.norm`` without its Python dispatch (the same kernel): the power steps call it ~10^4
+#: times per pair on CNN-4, at ~15 µs of overhead each
+_vnorm = torch.linalg.vector_norm
 
 
 def _f64(value: float, like: Tensor) -> Tensor:
@@ -120,6 +127,30 @@ class _Pair:
             up = (self.M.T @ Ac) @ Bc + Bc.T @ (Ac.T @ M)
         return _Pair(self.A, self.B, M, self.gram + up)  # symmetric up to rounding
 
+    def flip_(self, j: int, step: float) -> _Pair:
+        """This pair after the single flip ``σ_j += step``, updated in place (a single flip is
+        always taken, so the former matrices are not needed): ``M += step a_j b_jᵀ`` and the
+        Gram matrix by the rank-two update of :meth:`moved` (``H += step (e a_jᵀ + a_j e'ᵀ)``
+        with ``e = M b_j``, ``e' = M' b_j``; ``G`` likewise). ``addr_`` writes no new
+        ``r1 × r2`` or ``r_s²`` tensor: at CNN-4's sizes the former out-of-place update (an
+        outer product, then a sum, for ``M`` and the Gram matrix) cost more than the products.
+        """
+        a, b = self.A[:, j], self.B[j]
+        r1, r2 = self.M.shape
+        if self.gram is None or 4 * (r1 * r2 + self.small**2) > self.small * r1 * r2:
+            self.M.addr_(a, b, alpha=step)  # the same rule as moved(): recompute if cheaper
+            self.gram = None
+            return self.with_gram() if self.small <= ALWAYS_GRAM else self
+        if self.left:  # H' = H + M ΔMᵀ + ΔM M'ᵀ with ΔM = step a bᵀ
+            e = self.M @ b
+            self.M.addr_(a, b, alpha=step)
+            self.gram.addr_(e, a, alpha=step).addr_(a, self.M @ b, alpha=step)
+        else:  # G' = G + Mᵀ ΔM + ΔMᵀ M'
+            c = a @ self.M
+            self.M.addr_(a, b, alpha=step)
+            self.gram.addr_(c, b, alpha=step).addr_(b, a @ self.M, alpha=step)
+        return self
+
     def norm(self) -> float:
         """``‖M‖₂``, the root of the top eigenvalue of the Gram matrix."""
         top = float(torch.linalg.eigvalsh(self.with_gram().gram)[-1])
@@ -157,11 +188,11 @@ def _power_direct(M: Tensor, v: Tensor, tol: float, max_iter: int) -> tuple[Tens
     s_prev = 0.0
     for _ in range(max_iter):
         u = M @ v
-        s = float(u.norm())
+        s = float(_vnorm(u))
         if s == 0:
             return v, True
         v = M.T @ (u / s)
-        v = v / v.norm()
+        v = v / _vnorm(v)
         if abs(s - s_prev) <= tol * s:
             break
         s_prev = s
@@ -177,7 +208,7 @@ def _power_right(G: Tensor, M: Tensor, v: Tensor, tol: float, max_iter: int) -> 
         s = math.sqrt(max(float(v @ w), 0.0))
         if s == 0:
             return v, True
-        v = w / w.norm()
+        v = w / _vnorm(w)
         if abs(s - s_prev) <= tol * s:
             break
         s_prev = s
@@ -197,8 +228,9 @@ def _power_left(H: Tensor, M: Tensor, v: Tensor, tol: float, max_iter: int) -> t
         if abs(s - s_prev) <= tol * s or k == max_iter - 1:
             break
         w = H @ u
-        s_prev, s = s, float(w.norm()) / math.sqrt(max(float(u @ w), 1e-300))
-        u = w / w.norm()
+        norm_w = _vnorm(w)
+        s_prev, s = s, float(norm_w) / math.sqrt(max(float(u @ w), 1e-300))
+        u = w / norm_w
     v = M.T @ u
     return v / v.norm(), False
 
@@ -252,7 +284,7 @@ def _flip_values_right(
     x = v.expand(len(d), -1)
     for _ in range(n_power):
         x = _rank_two(x, G, b, c, d, na2)
-        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        x = x / _vnorm(x, dim=1, keepdim=True).clamp_min(1e-300)
     return (x * _rank_two(x, G, b, c, d, na2)).sum(1).clamp_min(0).sqrt()
 
 
@@ -266,11 +298,89 @@ def _flip_values_left(
     z = (M @ v)[None, :] + (d * (b @ v))[:, None] * a  # M_j v
     for _ in range(n_power - 1):
         z = _rank_two(z, H, a, e, d, nb2)
-        z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        z = z / _vnorm(z, dim=1, keepdim=True).clamp_min(1e-300)
     w = _rank_two(z, H, a, e, d, nb2)
     zw = (z * w).sum(1)
     # zw = ‖M_jᵀ z‖² = 0 only if M_j v = 0 (the former search's value was then 0 too)
     return torch.where(zw > 0, w.norm(dim=1) / zw.clamp_min(1e-300).sqrt(), torch.zeros_like(zw))
+
+
+#: Pairs whose factors hold at least this many entries (``n (r1 + r2)``; 4M float64 = 32 MB,
+#: beyond the caches) take the sweep's gain signs from float32 copies (module docstring).
+LOW_PRECISION_GAINS = 4_000_000
+
+
+class SweepGains:
+    """The sweep's gains ``g = (Aᵀu) ⊙ (Bv)`` (``∂/∂σ_j`` of ``uᵀ A diag(σ) B v``).
+
+    :meth:`positive` returns ``g > 0`` as the float64 gains decide it. On large pairs the two
+    products stream ``A`` and ``B`` (memory-bound: 2 x 104 MB per sweep on AlexNet's top-200
+    pair 0, at the 50-sweep cap) and float32 copies halve that: ``α̂ = fl32(A32ᵀ u32)`` differs
+    from ``α = Aᵀu`` by at most ``β_j = c (‖a_j‖ ‖u‖ + t)``, with ``c = 1.1 (r + 2) ε / (1 -
+    (r + 2) ε)``, ``ε = 2⁻²⁴`` (the ``γ_r`` bound of a dot product of length ``r`` in any
+    order, plus the rounding of ``A`` and ``u`` to float32) and ``t`` a term for underflow.
+    Where ``|α̂_j| > 2 β_j`` the sign of ``α_j`` is certain, and so is the sign of its float64
+    value (``|α_j| > β_j``, far above float64 rounding); the other coordinates (a few dozen of
+    64,896 on AlexNet) are recomputed in float64 from gathered rows. The same for ``Bv``. So
+    the proposals are those of the float64 gains, not an approximation of them.
+    :meth:`exact` gives the float64 gains themselves (the single-flip candidates are ranked by
+    their size), for the last ``(u, v)``.
+    """
+
+    def __init__(self, A: Tensor, B: Tensor) -> None:
+        self.A_t, self.B = A.T, B  # (n, r1) and (n, r2): rows gathered for the recomputations
+        self._last: tuple[Tensor, Tensor, Tensor] | None = None
+        n, (r1, r2) = B.shape[0], (A.shape[0], B.shape[1])
+        self.low: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        self.A_rows: Tensor | None = None
+        if n * (r1 + r2) >= LOW_PRECISION_GAINS and _float32_dots_are_plain(A):
+            # finite norms below 1e30: every entry is finite and far inside float32's range
+            na, nb = A.norm(dim=0), B.norm(dim=1)
+            if max(float(na.max()), float(nb.max())) < 1e30:
+                # the layouts of the fast products: Aᵀu from A by rows, Bv from seqlip's B
+                self.low = (A.to(torch.float32).contiguous(), B.to(torch.float32), na, nb)
+                # float64 B by rows: the moves and recomputations gather rows of B (4.5x
+                # faster than from seqlip's column layout); its own Bv is then rarely needed
+                self.B = B.contiguous()
+        if self.low is None:  # A by rows: Aᵀu 1.7x faster than from seqlip's column layout
+            self.A_rows = A.contiguous()
+
+    def exact(self, u: Tensor, v: Tensor) -> Tensor:
+        """The float64 gains ``(Aᵀu) ⊙ (Bv)``."""
+        if self._last is not None and self._last[0] is u and self._last[1] is v:
+            return self._last[2]
+        At_u = self.A_rows.T @ u if self.A_rows is not None else self.A_t @ u
+        gain = At_u * (self.B @ v)
+        self._last = (u, v, gain)
+        return gain
+
+    def positive(self, u: Tensor, v: Tensor) -> Tensor:
+        """``exact(u, v) > 0``, from float32 products where their sign is certain."""
+        if self.low is None:
+            return self.exact(u, v) > 0
+        A32, B32, na, nb = self.low
+        alpha = _settled((A32.T @ u.to(torch.float32)).to(u.dtype), na, u, self.A_t)
+        beta = _settled((B32 @ v.to(torch.float32)).to(v.dtype), nb, v, self.B)
+        return alpha * beta > 0
+
+
+def _float32_dots_are_plain(A: Tensor) -> bool:
+    """float32 products round as IEEE float32 (no TF32 on CUDA): the error bound holds."""
+    return not (A.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+
+
+def _settled(approx: Tensor, norms: Tensor, x: Tensor, rows: Tensor) -> Tensor:
+    """``approx`` (``fl32(R x)`` for the rows ``r_j`` of ``rows``) with every entry whose sign
+    the float32 error bound leaves open replaced by its float64 value ``r_j·x``."""
+    r = x.numel()
+    eps = 2.0**-24
+    c = 1.1 * (r + 2) * eps / (1 - (r + 2) * eps)
+    tiny = (r + 2) * 2.0**-148 * (1 + math.sqrt(r))  # underflow: 2⁻¹⁴⁹ per product, ...
+    bound = norms * (c * 1.01 * float(x.norm())) + c * tiny
+    open_ = (approx.abs() <= 2 * bound).nonzero()[:, 0]
+    if open_.numel():
+        approx[open_] = rows.index_select(0, open_) @ x
+    return approx
 
 
 def pair_norm_greedy(
@@ -296,22 +406,25 @@ def pair_norm_greedy(
     ``‖A diag(σ) B‖`` for a feasible ``σ``: a lower bound on the exact pair maximum, **not**
     an upper bound.
 
-    ``A`` is held in two layouts (one more copy of it): every sweep streams ``A`` for the
-    gains ``Aᵀu`` and gathers the moved columns ``A[:, cols]``, and on AlexNet's top-200
-    factors (``n = 64,896``) the product ``Aᵀu`` is 2.8x faster from ``A``'s rows stored
-    contiguously while the gather is 18x faster from its columns stored contiguously (seqlip's
-    own layout). Same values: the layouts change no arithmetic expression.
+    Every sweep streams ``A`` and ``B`` for the gains and gathers the moved columns of ``A``
+    and rows of ``B``, so each is held in the layout of its use (:class:`SweepGains`): ``A``
+    by columns for the gathers (18x faster than by rows on AlexNet's top-200 factors, ``n =
+    64,896``) and by rows for ``Aᵀu`` (2.8x faster), or, on large pairs, float32 copies for
+    the gains (half the bytes: the sweep's signs are those of the float64 gains, see
+    :class:`SweepGains`) and ``B`` by rows for the gathers. Memory: on AlexNet's pair 0
+    (``A``, ``B`` of 104 MB each) 208 MB besides the caller's ``A`` and ``B``.
     """
     A, B = A.to(torch.float64), B.to(torch.float64)
-    A_rows, A = A.contiguous(), A.T.contiguous().T  # (r1, n) by rows; by columns
-    n = A.shape[1]
+    A = A.T.contiguous().T  # by columns (seqlip's layout): fast gathers of columns
+    gains = SweepGains(A, B)
+    B, n = gains.B, A.shape[1]  # the layout of B that the search gathers from
     starts = [torch.full((n,), hi, dtype=torch.float64, device=A.device)]
     for _ in range(n_restarts):
         coin = torch.rand(n, generator=generator, device=A.device) < 0.5
         starts.append(torch.where(coin, _f64(hi, A), _f64(lo, A)))
     best, best_sigma = -1.0, starts[0]
     for sigma in starts:
-        value, sigma = _greedy_from(A, A_rows, B, lo, hi, sigma, max_sweeps, refine_candidates)
+        value, sigma = _greedy_from(A, B, gains, lo, hi, sigma, max_sweeps, refine_candidates)
         if value > best:
             best, best_sigma = value, sigma
     return best, best_sigma
@@ -319,8 +432,8 @@ def pair_norm_greedy(
 
 def _greedy_from(
     A: Tensor,
-    A_rows: Tensor,
     B: Tensor,
+    gains: SweepGains,
     lo: float,
     hi: float,
     sigma: Tensor,
@@ -328,14 +441,13 @@ def _greedy_from(
     n_cand: int,
 ) -> tuple[float, Tensor]:
     """The local search from one start; returns ``(‖M(σ)‖₂, σ)`` of the pattern reached
-    (``A`` stored by columns, ``A_rows`` the same matrix stored by rows)."""
+    (``A`` stored by columns; ``gains`` of this ``(A, B)``)."""
     # The cold start takes hundreds of power steps: matrix-vector products with M are
     # memory-bound, one Gram product (a matrix-matrix product) is worth it here.
     P = _Pair.of(A, B, sigma).with_gram()
     s, u, v = _top_pair(P)
     for _ in range(max_sweeps):
-        gain = (A_rows.T @ u) * (B @ v)  # d/dσ_j of uᵀ A diag(σ) B v
-        proposal = torch.where(gain > 0, _f64(hi, A), _f64(lo, A))
+        proposal = torch.where(gains.positive(u, v), _f64(hi, A), _f64(lo, A))
         changed = proposal != sigma
         if bool(changed.any()):
             cols = changed.nonzero()[:, 0]
@@ -345,9 +457,10 @@ def _greedy_from(
                 sigma, P, s, u, v = proposal, moved, s_new, u_new, v_new
                 continue
         # Stationary for the linearisation: try single flips by rank-one updates.
-        if n_cand > 0 and lo != hi:  # the flips work on the Gram matrix: bring it up to date
-            P = P.with_gram()
-        j = _best_single_flip(P, lo, hi, sigma, s, v, gain, n_cand)
+        if n_cand <= 0 or lo == hi:  # no flip to try
+            break
+        P = P.with_gram()  # the flips work on the Gram matrix: bring it up to date
+        j = _best_single_flip(P, lo, hi, sigma, s, v, gains.exact(u, v), n_cand)
         if j is None:
             break
         flipped = lo if sigma[j] == hi else hi
@@ -356,6 +469,6 @@ def _greedy_from(
         # the vertex itself: the former ``σ_j += step`` left e.g. 1 + (-0.3 - 1) ≠ -0.3 (1 ulp
         # off the box, then a spurious change at the next sweep); ``M`` moves by ``step``
         sigma[j] = flipped
-        P = P.moved(torch.tensor([j], device=A.device), _f64(step, A)[None])
+        P = P.flip_(j, step)
         s, u, v = _top_pair(P, v)
     return P.norm(), sigma

@@ -22,9 +22,10 @@ from torch import Tensor, nn
 import lipreg
 from lipreg.functional import analysis as analysis_module
 from lipreg.functional import analysis_cache as cache_module
+from lipreg.functional import seqlip_greedy
 from lipreg.functional.analysis_cache import AnalysisCache
 from lipreg.functional.probe import ProbeInterpreter
-from lipreg.functional.seqlip_greedy import ALWAYS_GRAM, pair_norm_greedy
+from lipreg.functional.seqlip_greedy import ALWAYS_GRAM, SweepGains, pair_norm_greedy
 from lipreg.functional.trace import trace
 
 F64 = torch.float64
@@ -181,6 +182,53 @@ def _sweep_only(A: Tensor, B: Tensor, lo: float, hi: float) -> float:
             break
         sigma, M, s, u, v = proposal, M_new, s_new, u_new, v_new
     return _norm(M)
+
+
+def _near_orthogonal(x: Tensor, n: int, t: Tensor, seed: int) -> Tensor:
+    """Rows ``w_j - (w_j·x̂) x̂ + t_j x̂`` (``x̂ = x/‖x‖``): ``row_j · x̂ = t_j`` up to ~1e-16."""
+    g = torch.Generator().manual_seed(seed)
+    unit = x / x.norm()
+    W = torch.randn(n, x.numel(), generator=g, dtype=F64)
+    return W - (W @ unit)[:, None] * unit + t[:, None] * unit
+
+
+def test_float32_gains_keep_the_float64_signs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gains whose factors are 1e-12..1e-6 of ``‖a_j‖ ‖u‖`` (below float32's resolution), or
+    exactly zero: the proposals equal the signs fixed by construction, where plain float32
+    products get some of them wrong."""
+    monkeypatch.setattr(seqlip_greedy, "LOW_PRECISION_GAINS", 0)
+    g = torch.Generator().manual_seed(7)
+    r1, r2, n = 40, 30, 600
+    u, v = torch.randn(r1, generator=g, dtype=F64), torch.randn(r2, generator=g, dtype=F64)
+    u, v = u / u.norm(), v / v.norm()
+    size = 10.0 ** -torch.randint(6, 13, (n,), generator=g).to(F64)  # 1e-12 .. 1e-6
+    ta = size * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).to(F64)
+    tb = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).to(F64)
+    tb[:300] *= size[:300]  # small in both factors for half of the coordinates
+    ta[::50] = 0.0  # exact zeros: no gain, so σ_j = lo
+    A = _near_orthogonal(u, n, ta, 1).T  # (r1, n) in seqlip's column layout
+    A[:, ::50] = 0.0
+    B = _near_orthogonal(v, n, tb, 2)
+    want = (torch.sign(ta) * torch.sign(tb)) > 0
+    gains = SweepGains(A, B)
+    assert gains.low is not None  # the float32 path is the one under test
+    assert torch.equal(gains.positive(u, v), want)
+    plain = (A.float().T @ u.float()).double() * (B.float() @ v.float()).double() > 0
+    assert bool((plain != want).any())  # float32 alone would change proposals
+    # entries beyond float32's range: the float64 gains
+    assert SweepGains(A * 1e35, B).low is None
+
+
+@pytest.mark.parametrize("shape", [(6, 40, 9), (ALWAYS_GRAM + 16, 90, ALWAYS_GRAM + 6)])
+def test_same_search_with_float32_gains(shape, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop reference's patterns and values with the float32 gains on every pair."""
+    monkeypatch.setattr(seqlip_greedy, "LOW_PRECISION_GAINS", 0)
+    for lo, hi in [(0.0, 1.0), (-0.2, 1.0)]:
+        A, B = _pair(*shape, seed=20)
+        want, want_sigma = _ref_greedy(A, B, lo, hi, 3)
+        value, sigma = pair_norm_greedy(A, B, lo, hi, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(sigma, want_sigma)
+        assert value == pytest.approx(want, rel=1e-10)
 
 
 def test_degenerate_pairs() -> None:
