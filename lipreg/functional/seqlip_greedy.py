@@ -316,13 +316,13 @@ class SweepGains:
     :meth:`positive` returns ``g > 0`` as the float64 gains decide it. On large pairs the two
     products stream ``A`` and ``B`` (memory-bound: 2 x 104 MB per sweep on AlexNet's top-200
     pair 0, at the 50-sweep cap) and float32 copies halve that: ``α̂ = fl32(A32ᵀ u32)`` differs
-    from ``α = Aᵀu`` by at most ``β_j = c (‖a_j‖ ‖u‖ + t)``, with ``c = 1.1 (r + 2) ε / (1 -
+    from ``α = Aᵀu`` by at most ``δ_j = c ‖a_j‖ ‖u‖ + t``, with ``c = 1.1 (r + 2) ε / (1 -
     (r + 2) ε)``, ``ε = 2⁻²⁴`` (the ``γ_r`` bound of a dot product of length ``r`` in any
     order, plus the rounding of ``A`` and ``u`` to float32) and ``t`` a term for underflow.
-    Where ``|α̂_j| > 2 β_j`` the sign of ``α_j`` is certain, and so is the sign of its float64
-    value (``|α_j| > β_j``, far above float64 rounding); the other coordinates (a few dozen of
-    64,896 on AlexNet) are recomputed in float64 from gathered rows. The same for ``Bv``. So
-    the proposals are those of the float64 gains, not an approximation of them.
+    Where ``|α̂_j| > 2 δ_j`` the sign of ``α_j`` is certain, and so is the sign of its float64
+    value (``|α_j| > δ_j``, far above float64 rounding); the other coordinates are recomputed
+    in float64 from gathered rows. The same for ``Bv``. So the proposals are those of the
+    float64 gains, not an approximation of them.
     :meth:`exact` gives the float64 gains themselves (the single-flip candidates are ranked by
     their size), for the last ``(u, v)``.
     """
@@ -372,11 +372,13 @@ def _float32_dots_are_plain(A: Tensor) -> bool:
 def _settled(approx: Tensor, norms: Tensor, x: Tensor, rows: Tensor) -> Tensor:
     """``approx`` (``fl32(R x)`` for the rows ``r_j`` of ``rows``) with every entry whose sign
     the float32 error bound leaves open replaced by its float64 value ``r_j·x``."""
-    r = x.numel()
-    eps = 2.0**-24
-    c = 1.1 * (r + 2) * eps / (1 - (r + 2) * eps)
-    tiny = (r + 2) * 2.0**-148 * (1 + math.sqrt(r))  # underflow: 2⁻¹⁴⁹ per product, ...
-    bound = norms * (c * 1.01 * float(x.norm())) + c * tiny
+    r, size = x.numel(), float(x.norm())
+    eps = 2.0**-24  # float32's unit roundoff
+    c = 1.1 * (r + 2) * eps / (1 - (r + 2) * eps)  # γ_{r+2}, with 10 % to spare
+    # underflow (absolute): at most 2⁻¹⁵⁰ per product and per rounded entry of x, times |r_ji|
+    # (covered by the relative term) or |x_i| <= ‖x‖
+    tiny = (r + 2) * 2.0**-148 * (1 + size)
+    bound = norms * (c * 1.01 * size) + tiny
     open_ = (approx.abs() <= 2 * bound).nonzero()[:, 0]
     if open_.numel():
         approx[open_] = rows.index_select(0, open_) @ x
