@@ -225,3 +225,36 @@ def test_batch_norm_merged_torus_bound_is_at_most_the_product(groups, stride, in
     basis = torch.eye(n, dtype=F64).reshape(n, *in_shape)
     chain = conv(basis * s_in[:, None, None]) * s_out[:, None, None]
     assert exact_norm(chain.reshape(n, -1).T) <= new <= old * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("stride, padding", [(1, 0), (2, 0), (2, 1)])
+def test_pointwise_chains_on_large_maps_skip_materialising_and_stay_exact(stride, padding):
+    """batch norm → 1×1 conv → batch norm on a map whose materialised side is ≥
+    POINTWISE_MIN_SIDE: the kernel matrix's certificate (``conv-pointwise``), checked against
+    the SVD of the chain's dense Jacobian (the exact norm: a 1×1 convolution is ``W ⊗ S``)."""
+    import lipreg
+    from lipreg.functional.ladder import POINTWISE_MIN_SIDE
+
+    gen = torch.Generator().manual_seed(7 + stride + padding)
+    model = torch.nn.Sequential(
+        torch.nn.BatchNorm2d(16),
+        torch.nn.Conv2d(16, 24, 1, stride=stride, padding=padding),
+        torch.nn.BatchNorm2d(24),
+    ).double()
+    with torch.no_grad():
+        for module in model:
+            for tensor in (*module.parameters(), *module.buffers()):
+                if tensor.is_floating_point():
+                    tensor.copy_(torch.rand(tensor.shape, generator=gen, dtype=F64) + 0.5)
+    model.eval()
+    shape = (16, 8, 8)
+    eye = torch.eye(16 * 64, dtype=F64).reshape(-1, *shape)
+    with torch.no_grad():
+        jac = (model(eye) - model(torch.zeros(1, *shape, dtype=F64))).flatten(1).T
+    assert min(jac.shape) >= POINTWISE_MIN_SIDE
+    true = exact_norm(jac)
+    result = lipreg.autolip(model, shape)
+    (layer,) = [lb for lb in result.layers if lb.kind == "affine"]
+    assert layer.method == "conv-pointwise" and layer.certified
+    assert true <= layer.value <= true * (1 + 1e-8)
+    assert layer.estimate <= layer.value
