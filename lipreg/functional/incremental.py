@@ -26,10 +26,17 @@ in full by the normal ladder:
   ``‖A_t‖ ≤ c (‖M_s‖ + e_s + ‖A_{K̂_t − K̂_s}‖ + e_t)``, so
   ``value = σ_cert + c · (β(K̂_t − K̂_s) + e_s + e_t)``. Differencing the merged kernels
   (incremental.md §3) handles moving running statistics and ``γ = 0`` channels alike.
-  Merged chains also get the ratio bound (2') of :mod:`lipreg.functional.incremental_scaled`
-  (``r_out r_in σ_cert + c·max|d_out,t|·max|d_in,t|·β(K_t − K_s ⊙ m)``, the scales and the raw
+  Merged chains also get the ratio bound (2'') of :mod:`lipreg.functional.incremental_scaled`
+  (``r_out r_in σ_cert + c·β(D_out,t ⊙ (K_t − K_s ⊙ m) ⊙ D_in,t)``, the scales and the raw
   weight kept apart), and the value is the smaller: when the batch-norm statistics move a lot,
-  the merged difference grows with them and the ratio bound only by their ratio.
+  the merged difference grows with them and the ratio bound only by their ratio. Convolution
+  increments count only the taps that read real input (small feature maps: a 3 × 3 kernel on
+  a 1 × 1 map reads its centre tap only; :func:`~lipreg.functional.incremental_bounds.
+  conv_increment_bound`).
+
+With ``refresh_slack`` (:func:`incremental_autolip`), a chain whose incremental value is too
+far above its estimate is also certified in full and keeps the smaller value (training that
+moves some chains far from the anchor; ``docs/design/issue10/incremental.md`` §9).
 
 For dense weights the anchor may also hold a top-16 Ritz space and a certified bound on the
 rest of the spectrum; the value is then the smaller of (1) and the second-order bound (5)
@@ -63,6 +70,7 @@ from lipreg.functional.banded_gram import abs_norm_bound
 from lipreg.functional.chains import AffineChain, find_affine_chains
 from lipreg.functional.conv_chain import merged_conv
 from lipreg.functional.incremental_bounds import (
+    CONV_GRAM_ITERATION_FLOPS,
     GRAM_ITERATION_FLOPS,
     conv_increment_bound,
     dense_increment_bound,
@@ -412,6 +420,7 @@ def incremental_entry(
     estimate: bool = True,
     gram_flops: float = GRAM_ITERATION_FLOPS,
     refresh_slack: float | None = None,
+    conv_gram_flops: float = CONV_GRAM_ITERATION_FLOPS,
 ) -> LadderEntry:
     """A certificate-ladder entry (:mod:`lipreg.functional.ladder`) answering, for the chains
     of ``anchor`` whose structure, isometry scales and rule are unchanged,
@@ -428,6 +437,10 @@ def incremental_entry(
     many multiply-adds (:func:`~lipreg.functional.incremental_bounds.dense_increment_bound`;
     ``math.inf``: always, which tightens ``β`` by 30–60 % and, through the gap, bound (5)
     under Adam, at ≈ 0.15 s per 1000 × 1000 layer).
+
+    ``conv_gram_flops``: the same budget for the changes of convolution kernels (their
+    im2col matrices, live taps only): larger by default, measured on resnet18 at 32 × 32
+    (incremental.md §9) to halve the slack for ≈ 0.3 s per call.
 
     ``refresh_slack``: a chain whose incremental value exceeds ``(1 + refresh_slack) ×`` its
     estimate is also certified by the rest of the ladder (in full, its estimate reused) and
@@ -457,14 +470,15 @@ def incremental_entry(
         if isometry_scales(specs) != chain_anchor.scales:
             return None
         core = chain_core(specs)
-        answer = None if core is None else _increment(chain_anchor, core, gram_flops)
+        flops = conv_gram_flops if core is not None and core.rule == "merged-conv" else gram_flops
+        answer = None if core is None else _increment(chain_anchor, core, flops)
         if answer is None:
             return None
         assert core is not None
         second = None
         if chain_anchor.ritz is not None and answer[0] > 0:
             second = ritz_bound(core.weight, chain_anchor.ritz, answer[0])
-        ratio = _ratio_bound(chain_anchor, core, gram_flops) if answer[0] > 0 else None
+        ratio = _ratio_bound(chain_anchor, core, flops) if answer[0] > 0 else None
         bound = _incremental_bound(ctx, chain_anchor, answer, (second, ratio), estimate)
         if refresh_slack is not None and _too_loose(bound, refresh_slack):
             return _refreshed(ctx, entry, bound)
@@ -567,15 +581,16 @@ def incremental_autolip(
     *,
     gram_flops: float = GRAM_ITERATION_FLOPS,
     refresh_slack: float | None = None,
+    conv_gram_flops: float = CONV_GRAM_ITERATION_FLOPS,
     **autolip_options,
 ) -> LipschitzResult:
     """A certified AutoLip bound of the current weights with the anchor's chains certified
     incrementally (:func:`incremental_entry` first, then the full :data:`~lipreg.functional.
     ladder.LADDER` for the others): ``autolip(model, input_shape, certify=True,
     ladder=[incremental_entry(anchor, gram_flops=gram_flops, refresh_slack=refresh_slack),
-    *LADDER], **autolip_options)``. ``refresh_slack`` (default ``None``: off) certifies in full
-    the chains whose incremental value is above ``(1 + refresh_slack) ×`` their estimate
-    (:func:`incremental_entry`).
+    *LADDER], **autolip_options)`` (and ``conv_gram_flops``, see there). ``refresh_slack``
+    (default ``None``: off) certifies in full the chains whose incremental value is above
+    ``(1 + refresh_slack) ×`` their estimate (:func:`incremental_entry`).
 
     ``notes`` gain one line: the value relative to the anchor's, and the chains certified in
     full (no anchor, or a changed structure / isometry scale / rule). Per-chain increments are
@@ -589,7 +604,12 @@ def incremental_autolip(
             "incremental_autolip always certifies with its own ladder: do not pass "
             "certify=False or ladder=."
         )
-    entry = incremental_entry(anchor, gram_flops=gram_flops, refresh_slack=refresh_slack)
+    entry = incremental_entry(
+        anchor,
+        gram_flops=gram_flops,
+        refresh_slack=refresh_slack,
+        conv_gram_flops=conv_gram_flops,
+    )
     ladder = [entry, *LADDER]
     result = autolip(model, input_shape, certify=True, ladder=ladder, **autolip_options)
     result.notes.append(_increment_note(result, anchor))

@@ -56,6 +56,7 @@ from lipreg.functional.conv_geometry import axis_plans
 from lipreg.functional.lmi import ETA, gamma, sqrt_up
 
 __all__ = [
+    "CONV_GRAM_ITERATION_FLOPS",
     "GRAM_ITERATION_FLOPS",
     "conv_increment_bound",
     "dense_increment_bound",
@@ -70,6 +71,11 @@ __all__ = [
 #: Gram iteration runs only when its products cost at most this many multiply-adds (convolution
 #: kernels, small dense layers); a 1000 × 1000 layer would cost ≈ 9 training steps.
 GRAM_ITERATION_FLOPS = 5e7
+#: The same for the im2col matrices of convolution-kernel changes (incremental certificates'
+#: default): resnet18's largest (512 × 4608) costs 1.2e9; measured on resnet18 at 32 × 32
+#: (docs/design/issue10/incremental.md §9), all its chains together add ≈ 0.3 s per call and
+#: halve the slack against the Frobenius/Schur bounds.
+CONV_GRAM_ITERATION_FLOPS = 2e9
 
 
 def sum_up(total: float, n: int) -> float:
