@@ -37,7 +37,9 @@ train mode give a few channels large scales (small running variances), and ``max
 the whole kernel change at that rate (docs/design/issue10/incremental.md §9: 2–5× on
 resnet18). With the chain's isometries of closed-form scale ``c`` around the core and the
 anchor's certificate ``σ_s ≥ c ‖A_s‖``, the chain's norm at ``t`` is at most
-``r_out r_in σ_s + c · β(Δ')``. It is exact when only
+``r_out r_in σ_s + c · β(Δ')``; the first term is also bounded per output channel,
+``r_in · min_t sqrt(t²σ_s² + c² Σ_o (r_o² − t²)₊ ‖A_{s,o}‖²)``
+(:mod:`lipreg.functional.incremental_channels`, bound (2r)), and the smaller is used. It is exact when only
 the statistics move and the kernel does not, whatever the size of that move, where the
 difference of merged kernels (:mod:`lipreg.functional.incremental`) grows with it.
 
@@ -71,11 +73,19 @@ from lipreg.functional.incremental_bounds import (
     schur_bound_matrix,
     young_bound,
 )
+from lipreg.functional.incremental_channels import channel_norms_squared, threshold_ratio_bound
 from lipreg.functional.lmi import UNIT_ROUNDOFF
 from lipreg.functional.rounding import folded_kernel_error
 from lipreg.functional.specs import Affine
 
-__all__ = ["ScaledCore", "scaled_core", "scaled_increment_bound"]
+__all__ = [
+    "ScaledCore",
+    "channel_ratios_up",
+    "ratio_up",
+    "scaled_core",
+    "scaled_increment_bound",
+    "scaled_kernel",
+]
 
 _TINY = 2.0**-900  # below this a computed scale may have lost relative accuracy
 _MAX_KAPPA = 1e-6  # the first-order expansions of the rounding factors need κ ≪ 1
@@ -171,23 +181,37 @@ def ratio_up(d_s: Tensor, k_s: float, d_t: Tensor, k_t: float) -> float:
     """An upper bound on ``max_{c: d_s,c ≠ 0} |d_t,c / d_s,c|`` for the exact scales within
     relative radii ``k_s``, ``k_t`` of the computed ``d_s``, ``d_t`` (module docstring);
     0 when every ``d_s`` is zero."""
+    ratios = channel_ratios_up(d_s, k_s, d_t, k_t)
+    return _up(float(ratios.max())) if ratios.numel() else 0.0
+
+
+def channel_ratios_up(d_s: Tensor, k_s: float, d_t: Tensor, k_t: float) -> Tensor:
+    """Per channel an upper bound on ``|d_t,c / d_s,c|`` (0 where ``d_s,c = 0``: those rows
+    are masked, module docstring) for the exact scales within relative radii ``k_s``, ``k_t``
+    of the computed ``d_s``, ``d_t``."""
     live = d_s != 0
-    if not bool(live.any()):
-        return 0.0
-    q = float((d_t[live] / d_s[live]).abs().max())
+    q = torch.zeros_like(d_s)
+    q[live] = (d_t[live] / d_s[live]).abs()
     # (1 + κ_t)/((1 − κ_s)(1 − u)) ≤ 1 + 2(κ_t + κ_s) + 4u for κ ≤ 1e-6; +4u for its rounding
     factor = 1.0 + 2.0 * (k_t + k_s) + 8.0 * UNIT_ROUNDOFF
-    return _up(q * factor)
+    return q * factor * (1.0 + 2.0 * UNIT_ROUNDOFF)  # the product's own rounding
+
+
+def scaled_kernel(core: ScaledCore, kernel: Tensor) -> tuple[Tensor, float]:
+    """``(d_out ⊙ kernel ⊙ d_in, ρ)``: the float64 kernel of ``D_out A_kernel D_in`` with the
+    core's scales (each entry within relative ``ρ`` of the exact one, module docstring)."""
+    kernel = kernel.to(torch.float64)
+    d_in = core.d_in[_input_index(core)] if core.conv is not None else core.d_in[None, :]
+    shape = (*d_in.shape, *[1] * (kernel.dim() - 2))
+    weighted = core.d_out.reshape(-1, *[1] * (kernel.dim() - 1)) * kernel * d_in.reshape(shape)
+    return weighted, 2.0 * (core.kappa_in + core.kappa_out) + 8.0 * UNIT_ROUNDOFF
 
 
 def _weighted_increment(now: ScaledCore, delta: Tensor, gram_flops: float) -> tuple[float, str]:
     """``(β ≥ ‖D_out,t A_Δ D_in,t‖₂, which)`` for the float64 difference ``delta`` (bound (2''),
     module docstring: the scales folded into the kernel, its rounding ``ρ`` added through the
     Young/Schur test of ``|Δ̂'|``, the subtraction's ``1 + 2u``)."""
-    d_in = now.d_in[_input_index(now)] if now.conv is not None else now.d_in[None, :]
-    shape = (*d_in.shape, *[1] * (delta.dim() - 2))
-    weighted = now.d_out.reshape(-1, *[1] * (delta.dim() - 1)) * delta * d_in.reshape(shape)
-    rho = 2.0 * (now.kappa_in + now.kappa_out) + 8.0 * UNIT_ROUNDOFF
+    weighted, rho = scaled_kernel(now, delta)
     if now.conv is None:
         beta, which = dense_increment_bound(weighted, gram_flops=gram_flops)
         absolute = schur_bound_matrix(weighted)
@@ -208,6 +232,19 @@ def _weighted_increment(now: ScaledCore, delta: Tensor, gram_flops: float) -> tu
         return 0.0, which
     beta = _up(beta + _up(rho * absolute))
     return _up(beta * (1.0 + 2.0 * UNIT_ROUNDOFF)), which  # the float64 subtraction
+
+
+def _per_channel(
+    anchor: ScaledCore, now: ScaledCore, sigma: float, scale: float, r_in: float
+) -> float:
+    """``r_in ×`` the per-channel bound (2r) on ``c‖R_out A_s‖``
+    (:mod:`lipreg.functional.incremental_channels`): ``‖R_out A_s R_in‖ ≤ r_in ‖R_out A_s‖``."""
+    if anchor.d_out.numel() < 2:
+        return math.inf
+    ratios = channel_ratios_up(anchor.d_out, anchor.kappa_out, now.d_out, now.kappa_out)
+    weighted, rho = scaled_kernel(anchor, anchor.kernel)
+    norms2 = channel_norms_squared(weighted, anchor.conv, rho)
+    return _up(r_in * threshold_ratio_bound(sigma, ratios, norms2, scale))
 
 
 def scaled_increment_bound(
@@ -233,6 +270,6 @@ def scaled_increment_bound(
     delta = now.kernel - anchor.kernel.to(torch.float64) * mask
     beta, which = _weighted_increment(now, delta, gram_flops)
     increment = _up(scale * beta) if beta else 0.0
-    anchored = _up(_up(r_out * r_in) * sigma)
+    anchored = min(_up(_up(r_out * r_in) * sigma), _per_channel(anchor, now, sigma, scale, r_in))
     value = _up((anchored + increment) * (1.0 + 2.0 * UNIT_ROUNDOFF))
     return value, increment, f"ratio-{which}"

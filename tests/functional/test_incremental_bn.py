@@ -17,6 +17,7 @@ from torch.autograd.functional import jacobian
 
 from lipreg.functional.incremental import certified_anchor, incremental_autolip, incremental_entry
 from lipreg.functional.incremental_bounds import conv_increment_bound, live_taps
+from lipreg.functional.incremental_channels import channel_norms_squared, threshold_ratio_bound
 from lipreg.functional.incremental_scaled import ScaledCore, scaled_increment_bound
 from tests.helpers import dense_conv_matrix, gen, spectral_norm
 
@@ -227,3 +228,32 @@ def test_refresh_slack_takes_the_smaller_certificate_per_chain() -> None:
     assert moved > 0 and refreshed.value < plain.value
     with pytest.raises(ValueError, match="refresh_slack"):
         incremental_entry(anchor, estimate=False, refresh_slack=0.1)
+
+
+@pytest.mark.parametrize("geometry", [None, *GEOMETRIES[:4]])
+@pytest.mark.parametrize("seed", range(4))
+def test_per_channel_ratio_bound_above_exact_norm(geometry, seed: int) -> None:
+    """(2r) against the SVD of ``R A_s`` (rows of channel ``o`` scaled by ``r_o``): above it
+    for ratios spread over 10^±2, and far below ``max r · ‖A_s‖`` when the channel that grew
+    most carries a tiny part of the map."""
+    g = gen(70 + seed)
+    c_out, c_in = 6, 4
+    if geometry is None:
+        K = torch.randn(c_out, c_in, generator=g, dtype=F64)
+        conv, A = None, K.clone()
+    else:
+        spatial, kernel, stride, padding, dilation = geometry
+        K = torch.randn(c_out, c_in, *kernel, generator=g, dtype=F64)
+        conv = (stride, dilation, 1, padding, spatial)
+        A = dense_conv_matrix(K, spatial, stride, padding, dilation)
+    K[0] *= 1e-3  # channel 0: a tiny part of the map ...
+    A = A.reshape(c_out, -1, A.shape[-1]).clone()
+    A[0] *= 1e-3
+    ratios = 10.0 ** (4 * torch.rand(c_out, generator=g, dtype=F64) - 2)
+    ratios[0] = 1e3  # ... that grows most
+    exact = spectral_norm((ratios[:, None, None] * A).reshape(-1, A.shape[-1]))
+    sigma = spectral_norm(A.reshape(-1, A.shape[-1])) * (1 + 1e-12)
+    norms2 = channel_norms_squared(K, conv, 0.0)
+    value = threshold_ratio_bound(sigma, ratios, norms2, 1.0)
+    assert exact <= value, (exact, value)
+    assert value < 0.1 * float(ratios.max()) * sigma
