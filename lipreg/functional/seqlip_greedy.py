@@ -20,9 +20,9 @@ implementation (kept in ``benchmarks/references/greedy_seqlip_v1.py``): the same
 same power iteration for the top singular pair (right vectors ``v``, warm starts, tolerance
 and cap), the same candidate set, the same 8 batched power steps per candidate, the same
 thresholds and the same tie-breaking (``argsort`` of the same scores, first ``argmax``);
-``M`` itself is updated by the very same floating-point expressions. Only rounding differs
+``M`` itself is updated by the same rank-one and low-rank terms. Only rounding differs
 (Gram products instead of products with ``M``, start matrices without their exact-zero
-terms, other BLAS kernels for other memory layouts, in-place rank-one updates): the chosen
+terms, other BLAS kernels for other memory layouts, ``addr_`` for single flips): the chosen
 patterns are the same unless two compared quantities agree to ~1e-15, and the values agree to
 rounding (``benchmarks/results/greedy_seqlip.md``). On large pairs the sweeps' gain signs come
 from float32 products with a rigorous error bound, and float64 where the bound leaves the sign
@@ -306,8 +306,12 @@ def _flip_values_left(
 
 
 #: Pairs whose factors hold at least this many entries (``n (r1 + r2)``; 4M float64 = 32 MB,
-#: beyond the caches) take the sweep's gain signs from float32 copies (module docstring).
+#: beyond the caches) and whose sides are at most ``LOW_PRECISION_MAX_SIDE`` take the sweep's
+#: gain signs from float32 copies (:class:`SweepGains`). The error bound grows with the side
+#: ``r``: at ``r = 200`` (AlexNet top-200) 17 of 64,896 coordinates per product were left open
+#: (median over a search), at ``r1 = 1600`` (CNN-4's pair 0) 444 of 4,608, with no saving.
 LOW_PRECISION_GAINS = 4_000_000
+LOW_PRECISION_MAX_SIDE = 512
 
 
 class SweepGains:
@@ -333,7 +337,8 @@ class SweepGains:
         n, (r1, r2) = B.shape[0], (A.shape[0], B.shape[1])
         self.low: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self.A_rows: Tensor | None = None
-        if n * (r1 + r2) >= LOW_PRECISION_GAINS and _float32_dots_are_plain(A):
+        big = n * (r1 + r2) >= LOW_PRECISION_GAINS and max(r1, r2) <= LOW_PRECISION_MAX_SIDE
+        if big and _float32_dots_are_plain(A):
             # finite norms below 1e30: every entry is finite and far inside float32's range
             na, nb = A.norm(dim=0), B.norm(dim=1)
             if max(float(na.max()), float(nb.max())) < 1e30:
