@@ -39,9 +39,10 @@ resnet18). With the chain's isometries of closed-form scale ``c`` around the cor
 anchor's certificate ``σ_s ≥ c ‖A_s‖``, the chain's norm at ``t`` is at most
 ``r_out r_in σ_s + c · β(Δ')``; the first term is also bounded per output channel,
 ``r_in · min_t sqrt(t²σ_s² + c² Σ_o (r_o² − t²)₊ ‖A_{s,o}‖²)``
-(:mod:`lipreg.functional.incremental_channels`, bound (2r)), and the smaller is used. It is exact when only
-the statistics move and the kernel does not, whatever the size of that move, where the
-difference of merged kernels (:mod:`lipreg.functional.incremental`) grows with it.
+(:mod:`lipreg.functional.incremental_channels`, bound (2r)), and the smaller is used. It is
+exact when only the statistics move, by a common factor per side, and the kernel does not,
+whatever the size of that move, where the difference of merged kernels
+(:mod:`lipreg.functional.incremental`) grows with it.
 
 **Rounding.** The weights are float32 copied exactly into float64; ``K_t − K_s ⊙ m`` is one
 float64 subtraction per entry (relative error ``u``, covered by ``1 + 2u``). The scales ``d̂``
