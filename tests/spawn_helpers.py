@@ -23,6 +23,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def join_group(rank: int, port: int, world_size: int = 2) -> None:
+    """In a spawned worker: one CPU thread, and the gloo process group on ``port``."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+
+
 def spawn_with_deadline(
     worker: Callable[..., None], args: tuple, *, nprocs: int = 2, timeout_s: float = 240.0
 ) -> None:

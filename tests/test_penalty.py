@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 import lipreg
 from lipreg import LipschitzPenalty
-from tests.helpers import Residual
+from tests.helpers import Residual, gen, init_weights
 
 try:  # tests/ as a package (tests/__init__.py) or as a plain directory on sys.path
     from tests._lightning_helpers import D_IN, RegressionModule, make_mlp, regression_data
@@ -34,16 +34,8 @@ CNN_INPUT = (2, 8, 8)
 
 
 # ---------------------------------------------------------------- models and truths
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def init_(model: nn.Module, seed: int, scale: float = 0.5) -> nn.Module:
-    g = gen(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=F64).to(p.dtype) * scale)
-    return model
+    return init_weights(model, seed, scale=scale)
 
 
 def mlp(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Sequential:

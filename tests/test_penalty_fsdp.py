@@ -18,7 +18,6 @@ Each worker saves its findings to a file; a hang fails the test at the timeout.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 import lipreg
-from tests.spawn_helpers import spawn_with_deadline
+from tests.spawn_helpers import join_group, spawn_with_deadline
 
 TIMEOUT_S = 240.0  # the pair imports torch and lipreg again: ~25 s at load
 RTOL, ATOL = 1e-6, 1e-9
@@ -168,9 +167,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     """One rank: every check, findings (and an error, if any) saved to rank<k>.pt."""
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_group(rank, port)
     found: dict = {}
     try:
         for name in CASES:

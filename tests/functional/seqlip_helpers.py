@@ -10,13 +10,11 @@ import torch
 from torch import nn
 from torch.autograd.functional import jacobian
 
+from tests.helpers import gen, init_weights
+
 F64 = torch.float64
 REL = 1e-8  # exact SeqLip carries a relative margin of 1e-9 per pair
 RELU = (0.0, 1.0)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def norm2(M: torch.Tensor) -> float:
@@ -121,11 +119,7 @@ def dense(fn, in_shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def init_(model: nn.Module, seed: int, scale: float = 0.5) -> nn.Module:
-    g = gen(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=F64).to(p.dtype) * scale)
-    return model
+    return init_weights(model, seed, scale=scale)
 
 
 def m_abs(u: torch.Tensor, v: torch.Tensor) -> float:

@@ -19,7 +19,6 @@ Each worker writes its findings to a file; a hang fails the test at the timeout.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from torch import nn
 
 import lipreg
 from lipreg.functional.specs import Affine
-from tests.spawn_helpers import spawn_with_deadline
+from tests.spawn_helpers import join_group, spawn_with_deadline
 
 TIMEOUT_S = 240.0  # the pair imports torch and lipreg again: ~25 s at load
 
@@ -238,9 +237,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     """One rank: every check, findings (and an error, if any) written to rank<k>.json."""
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_group(rank, port)
     found: dict = {}
     try:
         _check_equal_values(found)
