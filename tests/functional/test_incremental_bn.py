@@ -111,7 +111,7 @@ def _scaled_dense(K, d_in, d_out, spatial, stride, padding, dilation, groups) ->
 def test_weighted_ratio_bound_above_exact_norm(geometry, spread: float, seed: int) -> None:
     """(2'') with scales on both sides spread over 10^±spread/2 (a few channels large), a
     kernel change of the kernel's size, γ = 0 channels on both sides: ≥ the SVD of the exact
-    new map; with equal scales it is never looser than the max-scale form of (2')."""
+    new map."""
     spatial, kernel, stride, padding, dilation = geometry
     g = gen(40 + seed)
     c_out, c_in, groups = 6, 4, 2
