@@ -16,6 +16,7 @@ OMP_NUM_THREADS=1 .venv/bin/python docs/design/issue10/prototypes/bn_train_slack
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -91,7 +92,8 @@ def main(opt_name: str, warmup: int, gram_flops: float, refresh: float | None) -
                 f"inc {lb.value:9.4g} inc/fresh {lb.value / fr.value:7.4f} "
                 f"fresh/anchor {fr.value / sig:7.4f} r {r:7.4f} "
                 f"ratio-incr/anchor {e.get('ratio_increment', 0.0) / sig:8.4g} "
-                f"1st/fresh {e['first_order'] / fr.value:9.4g} [{lb.method}]"
+                f"1st/fresh {e.get('first_order', math.nan) / fr.value:9.4g} "
+                f"incremental/fresh {e.get('incremental', lb.value) / fr.value:7.4f} [{lb.method}]"
             )
         sys.stdout.flush()
 
