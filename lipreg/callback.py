@@ -22,7 +22,8 @@ key                                 meaning
 ``lipschitz/full_certificates``     with it: full certificates (anchors) so far in this fit.
 ``lipschitz/certified``             with it, the tightest certified bound (the smaller of the
                                     above and the LMI block certificates of
-                                    :func:`lipreg.functional.tight.tighten`, warm-started),
+                                    :func:`lipreg.functional.tight.tighten`: optimised at
+                                    an anchor, re-checked at an increment),
                                     when the cost budget affords it too (not promised at
                                     the fit end: it can cost minutes on wide layers).
 ``lipschitz/seqlip``                greedy SeqLip (an estimate) or exact SeqLip (certified),

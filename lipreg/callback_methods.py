@@ -25,6 +25,7 @@ from lipreg.callback_records import Computed, Method, layer_key, metric_values
 from lipreg.callback_sharding import attempt, every_rank
 from lipreg.functional.autolip import AutoLip, autolip
 from lipreg.functional.incremental import (
+    METHOD_PREFIX,
     IncrementalAnchor,
     incremental_autolip,
     make_anchor,
@@ -275,13 +276,18 @@ class MethodWork:
 
     def _tighten(self, network: nn.Module) -> Computed | None:
         """``lipschitz/certified``: the certificate of this step tightened by the dense
-        LipSDP-Neuron blocks (up to 2048 neurons; multipliers warm-started from the last
-        call; the Fourier conv pairs, seconds to minutes each, are left to
-        ``lipreg.certified_bound``). Nothing without a certificate at this step."""
+        LipSDP-Neuron blocks (up to 2048 neurons; the Fourier conv pairs, seconds to minutes
+        each, are left to ``lipreg.certified_bound``). Nothing without a certificate at this
+        step. Incremental like the certificate it refines: at a full certificate (an anchor)
+        the multipliers are optimised, warm-started from the last call; at an incremental
+        one the kept multipliers are only checked again on the new weights (``max_steps=0``:
+        the float64 LMI test of the best start, a few times cheaper than re-optimising, and
+        as certified)."""
         cert = self._fresh_cert
         if cert is None:
             return None
         assert self._estimator is not None and self.input_shape is not None
+        incremental = any(lb.method.startswith(METHOD_PREFIX) for lb in cert.layers)
         tight = tighten(
             network,
             self.input_shape,
@@ -290,6 +296,7 @@ class MethodWork:
             state=self._tight_state,
             analysis=self._estimator.analysis,
             max_lmi_size=2048,
+            max_steps=0 if incremental and self._tight_state else None,
         )
         self._tight_state = tight.state
         return Computed(tight.value)
