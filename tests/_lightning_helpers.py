@@ -304,11 +304,19 @@ class DumpShardedReference(Callback):
     into an unsharded copy of ``make_mlp()`` and writes ``lipreg.autolip(copy,
     certify=True)`` (the independent reference), whether the parameters were ``DTensor``
     shards and their sizes to ``ref{r}.json``; also the same certificate warm-started from the
-    callback's vectors, and the product of the exact float64 spectral norms."""
+    callback's vectors as they were before the last step's computation (a certificate hands
+    its own vectors on to the estimator), and the product of the exact float64 spectral
+    norms."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = out_dir
         self.warnings: list[str] = []
+        self.warm_before: dict = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        (cb,) = [c for c in trainer.callbacks if type(c).__name__ == "LipschitzCallback"]
+        if cb._estimator is not None:
+            self.warm_before = dict(cb._estimator.state)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         import lipreg
@@ -319,10 +327,7 @@ class DumpShardedReference(Callback):
         copy.load_state_dict(full)
         # the same certificate from the callback's own warm-start vectors (same node names:
         # the copy wrapped like the LightningModule); the cold one starts elsewhere
-        (cb,) = [c for c in trainer.callbacks if type(c).__name__ == "LipschitzCallback"]
-        warm = lipreg.autolip(
-            RegressionModule(copy), (D_IN,), certify=True, state=dict(cb._estimator.state)
-        )
+        warm = lipreg.autolip(RegressionModule(copy), (D_IN,), certify=True, state=self.warm_before)
         record = {
             "reference": lipreg.autolip(copy, (D_IN,), certify=True).value,
             "reference_warm": warm.value,

@@ -94,8 +94,10 @@ def test_fsdp_fit_logs_the_certificate_of_the_final_weights(fsdp_run: dict) -> N
     # float64 operations on the same gathered (bit-for-bit) weights, hence ==
     assert certified == ref["reference_warm"]
     # lipreg.autolip(copy, certify=True) cold: its iterations start from other vectors, so
-    # the certified bound (both are upper bounds) differs in the last bits (measured 1.2e-12)
-    assert certified == pytest.approx(ref["reference"], rel=1e-11, abs=0)
+    # the certified bound (both are upper bounds) differs in the last bits (measured 1.2e-12
+    # from the estimator's vectors, 4.7e-11 from a previous certificate's), well within the
+    # certificates' own relative rounding margin of 1e-9
+    assert certified == pytest.approx(ref["reference"], rel=1e-9, abs=0)
     # sound and tight against the exact float64 spectral norms of the final weights (the
     # certificate's rounding margin: measured 3e-9 relative)
     assert ref["norm_product"] <= certified <= ref["norm_product"] * (1 + 1e-8)
