@@ -67,10 +67,12 @@ class CostBudget:
     the callback: the *monitoring* — the estimate and the incremental certificate — skips
     rule 1 and is spaced by its summed cost, so that the debt of a borrowed anchor does not
     silence it; a *refresh* — re-anchoring — needs ``S + c(m) <= E`` and room in the plan
-    for every remaining monitoring run; :meth:`choose`). A row that a chosen row answers
-    (``Method.covers``: the estimate, at a step where a certificate runs, which computes it
-    anyway) is chosen at no cost, and sums of costs (the monitoring's, the reserve) leave it
-    out once the unit is known. So a long planned fit may
+    for every remaining monitoring run; :meth:`choose`). A row whose value a chosen row
+    already gives is chosen at no cost: the row it answers (``Method.covers``: the estimate,
+    at a step where a certificate runs, which computes it anyway; sums of costs — the
+    monitoring's, the reserve — leave it out once the unit is known), or a row logging the
+    same quantity (``Method.logs``: the quick certificate or the increment after a full
+    certificate; it does no work then). So a long planned fit may
     borrow one run ahead of what it has earned (its first certificate comes early, not after
     ``c / (e t)`` steps), never beyond its planned total, and the debt of one run is repaid
     before the next: in the steady state a method of cost ``c`` runs about every
@@ -204,16 +206,22 @@ class CostBudget:
         watch = {m.name for m, _ in monitoring}
         watch_cost = self._cost([m for m, _ in monitoring], per_step)
         chosen: list[str] = []
-        answered: set[str] = set()  # rows the chosen ones answer (Method.covers)
+        # the quantities the chosen rows give: what they log, and what they answer (covers)
+        given: set[str] = set()
+
+        def give(row: Method) -> None:
+            given.add(row.logs or row.name)
+            if row.covers and measured:
+                given.add(row.covers)
+
         for method in due:
-            if method.name in answered:  # another chosen row gives its value: no cost
+            if (method.logs or method.name) in given:  # a chosen row gives its value: no cost
                 chosen.append(method.name)
                 self.last_chosen[method.name] = k
                 continue
             if not method.budgeted or method.name in forced:
                 chosen.append(method.name)
-                if method.covers and measured:
-                    answered.add(method.covers)
+                give(method)
                 continue
             if method.needs and not set(method.needs) & set(chosen):
                 continue  # nothing to refine at this step
@@ -232,8 +240,7 @@ class CostBudget:
                 chosen.append(method.name)
                 self.last_chosen[method.name] = k
                 spent += cost
-                if method.covers and measured:
-                    answered.add(method.covers)
+                give(method)
             elif self.unit is not None or all(m.name != "autolip" for m in due):
                 # (not on a guess scaled by the step time while the estimate is about to be
                 # measured: the note would quote a cost that is guessed twice)

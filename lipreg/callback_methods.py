@@ -31,6 +31,7 @@ from lipreg.functional.incremental import (
     make_anchor,
     slack,
 )
+from lipreg.functional.ladder import LADDER, DenseWithinCost, quick_ladder
 from lipreg.functional.lower_bound import lower_bound
 from lipreg.functional.results import LipschitzResult
 from lipreg.functional.seqlip import seqlip
@@ -38,6 +39,7 @@ from lipreg.functional.tight import tighten
 
 __all__ = [
     "ANCHOR_RITZ",
+    "ANCHOR_ROWS",
     "CERTIFIED_KEYS",
     "FIT_END",
     "METHOD_TABLE",
@@ -56,6 +58,9 @@ __all__ = [
 #: outgrow its gap (training_overhead.md: 130 % slack after 2,000 SGD steps with it): the
 #: budget buys more by re-anchoring more often.
 ANCHOR_RITZ = 0
+#: The rows that make an anchor (full certificates: by :data:`~lipreg.functional.ladder.LADDER`
+#: and by the cheaper :func:`~lipreg.functional.ladder.quick_ladder`), in the order tried.
+ANCHOR_ROWS = ("full_certificate", "quick_certificate")
 #: Extra keys logged with every certified AutoLip value: its slack over the AutoLip estimate
 #: of the same call (``value / estimate - 1``, an over-statement of the true slack) and the
 #: number of full certificates (anchors) computed in this fit.
@@ -83,6 +88,7 @@ class MethodWork:
     recertify_slack: float
     _anchor: IncrementalAnchor | None  # of the incremental certificates (not checkpointed)
     _anchor_slack: float | None  # the slack of the anchor's own certificate
+    _anchor_is_quick: bool  # the anchor's certificate left some chain to a cheaper bound
     _last_slack: float | None  # the slack of the last certified value
     _full_certificates: int  # in this fit
     _step_now: int  # the optimizer step being computed
@@ -202,13 +208,32 @@ class MethodWork:
         return Computed(cert.estimate, cert.n_iter, layers if self.log_layers else {}, True)
 
     def _full_certificate(self, network: nn.Module) -> Computed | None:
-        """``lipschitz/autolip_certified`` by a full certificate (warm-started from the
-        estimate's vectors, on the estimator's cached analysis), which becomes the anchor of
-        the incremental certificates (:func:`lipreg.functional.incremental.make_anchor`)."""
+        """``lipschitz/autolip_certified`` by a full certificate (:data:`~lipreg.functional.
+        ladder.LADDER`), which becomes the anchor of the incremental certificates (an upgrade
+        of a quick anchor, or a re-anchoring once their slack grew)."""
+        return self._anchor_certificate(network, quick=False)
+
+    def _quick_certificate(self, network: nn.Module) -> Computed | None:
+        """``lipschitz/autolip_certified`` by a full certificate whose dense certificates are
+        limited by cost (:func:`~lipreg.functional.ladder.quick_ladder`: as certified, at most
+        as tight): the first anchor, and re-anchoring when the budget cannot afford the full
+        one. Nothing when a full certificate of this step already answered."""
+        if self._fresh_cert is not None:
+            return None
+        return self._anchor_certificate(network, quick=True)
+
+    def _anchor_certificate(self, network: nn.Module, quick: bool) -> Computed | None:
+        """A full certificate (warm-started from the estimate's vectors, on the estimator's
+        cached analysis) that becomes the anchor of the incremental certificates
+        (:func:`lipreg.functional.incremental.make_anchor`); ``quick``: by
+        :func:`~lipreg.functional.ladder.quick_ladder`, the anchor then being marked quick
+        (to be upgraded) when the quick ladder left some chain to a cheaper certificate."""
         assert self._estimator is not None and self.input_shape is not None
+        options = self._certify_options()
+        ladder = quick_ladder() if quick else LADDER
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cert = autolip(network, self.input_shape, certify=True, **self._certify_options())
+            cert = autolip(network, self.input_shape, certify=True, ladder=ladder, **options)
             # sharded: no anchor (it would keep every map's weights outside their gather)
             if cert.certified and not self._sharded:
                 self._anchor = make_anchor(
@@ -220,8 +245,11 @@ class MethodWork:
                     ritz=ANCHOR_RITZ,
                     previous=self._anchor,
                 )
+                self._anchor_is_quick = any(
+                    isinstance(e, DenseWithinCost) and e.skipped for e in ladder
+                )
         if not cert.certified:  # say so rather than log an estimate under a "certified" key
-            self._disabled.update(("full_certificate", "autolip_certified"))
+            self._disabled.update((*ANCHOR_ROWS, "autolip_certified"))
             self._report(
                 "not_certified",
                 f"AutoLip could not be certified: {' '.join(cert.notes)} "
@@ -260,7 +288,7 @@ class MethodWork:
         return Computed(cert.value, extra=extra)
 
     def _wants_anchor(self) -> bool:
-        """A full certificate is worth its cost: there is no anchor yet, or the incremental
+        """A new anchor is worth its cost: there is none yet, or the incremental
         certificates' slack grew by more than ``recertify_slack`` since the anchor
         (``(1 + slack_now) / (1 + slack_at_anchor) − 1``: the anchor's own slack, e.g. of a
         Fourier bound on a large convolution, is not something a new anchor would remove)."""
@@ -270,6 +298,26 @@ class MethodWork:
         if now is None or base is None:
             return False  # no estimate to compare with: the anchor stays (still certified)
         return (1.0 + now) / (1.0 + base) - 1.0 > self.recertify_slack
+
+    def _wants_quick_anchor(self) -> bool:
+        """The quick certificate's turn: a new anchor is wanted (:meth:`_wants_anchor`; the
+        first one always comes from it). Never on a sharded network (no anchors there)."""
+        return not self._sharded and self._wants_anchor()
+
+    def _wants_full_anchor(self) -> bool:
+        """The full certificate's turn: the anchor is a quick one to upgrade, or a new
+        anchor is wanted (it is tried before the quick one, which runs when the budget
+        cannot afford it); on a sharded network at every certified step (no anchors)."""
+        if self._sharded:
+            return True
+        return self._anchor is not None and (self._anchor_is_quick or self._wants_anchor())
+
+    def _promised_certificate(self) -> str:
+        """The row of the fit end's certified value: incremental from the anchor if there is
+        one, else a quick full certificate (sharded: a full one; no anchors there)."""
+        if self._anchor is not None:
+            return "autolip_certified"
+        return "full_certificate" if self._sharded else "quick_certificate"
 
     def _has_anchor(self) -> bool:
         return self._anchor is not None
@@ -341,7 +389,9 @@ class MethodWork:
 #: first (cold) AutoLip estimate (for the estimate itself: of one training step), what it
 #: needs, what it logs under, when it is worth running and what it answers. Measured on the
 #: MNIST MLP / CNN-4 of benchmarks/training_overhead.py (cold estimate 0.05-0.15 s): full
-#: certificate with the anchor's Ritz spaces 5-20x, incremental certificate (the estimate it
+#: certificate 1-13x (CNN-4's dense convolutions the most), the quick one 0.4-3x (its first
+#: anchor: the full one runs when the anchor it gives is quick to upgrade, or to re-anchor,
+#: from savings, before the quick one), incremental certificate (the estimate it
 #: answers included) 0.3-0.5x, greedy SeqLip 150-400x, lower bound with 32 points 5-10x, the
 #: LipSDP tightening of the MLP's 1000-neuron blocks hundreds; rounded up, since a guess too
 #: high only delays a first run. Everything is budgeted: at the default cadence (every 50
@@ -361,7 +411,19 @@ METHOD_TABLE: dict[str, Method] = {
             budgeted=True,
             prior=20.0,
             logs="autolip_certified",
-            ready="_wants_anchor",
+            ready="_wants_full_anchor",
+            covers="autolip",
+        ),
+        Method(
+            "quick_certificate",
+            "autolip",
+            "certify_every_n_train_steps",
+            "autolip",
+            "_quick_certificate",
+            budgeted=True,
+            prior=10.0,
+            logs="autolip_certified",
+            ready="_wants_quick_anchor",
             covers="autolip",
         ),
         Method(
@@ -392,7 +454,7 @@ METHOD_TABLE: dict[str, Method] = {
             "_tighten",
             budgeted=True,
             prior=1000.0,
-            needs=("full_certificate", "autolip_certified"),
+            needs=(*ANCHOR_ROWS, "autolip_certified"),
         ),
         Method(
             "seqlip",
@@ -441,7 +503,7 @@ def rows_of(scheduled: set[str]) -> set[str]:
 
 #: What ``compute_at_fit_end`` promises at the end of a fit: the estimate and a certified
 #: value, incremental when an anchor exists (``autolip_certified``), else a full certificate.
-FIT_END = ("autolip", "full_certificate", "autolip_certified")
+FIT_END = ("autolip", "full_certificate", "quick_certificate", "autolip_certified")
 
 
 def _slack_or_none(result: LipschitzResult) -> float | None:

@@ -2,9 +2,11 @@
 
 Timings are not the machine's: the callback's clock (``callback.budget.clock``) is a fake one
 that moves only when the test says so. A training step takes 1 s on it, the AutoLip estimate
-1/64 s, a full certificate 1/2 s and an incremental one 1/32 s (the real computations run, in
-no time on that clock; a certificate gives the estimate of its step, which then costs
-nothing). Every
+1/64 s, a full certificate 1/2 s, a quick one (the first anchor) 1/4 s and an incremental one
+1/32 s (the real computations run, in no time on that clock; a certificate gives the estimate
+of its step, which then costs nothing, and a row whose value another row of the step already
+gives does no work). The test network is small enough for the quick certificate to equal the
+full one (its anchor is not quick, so no upgrade is wanted) unless a test says otherwise. Every
 number is dyadic, so the budget's sums are exact in floating point and the steps at which a
 certificate runs follow from the documented rule by hand (worked out in each test), not from
 the code under test.
@@ -37,7 +39,7 @@ from tests._lightning_helpers import (
 torch.set_num_threads(1)
 pytestmark = pytest.mark.usefixtures("seeded")
 
-STEP, ESTIMATE, FULL, INCREMENT = 1.0, 1 / 64, 0.5, 1 / 32
+STEP, ESTIMATE, FULL, QUICK, INCREMENT = 1.0, 1 / 64, 0.5, 1 / 4, 1 / 32
 EPSILON = 1 / 16  # max_overhead of these tests (dyadic: exact sums)
 CERTIFIED = "lipschitz/autolip_certified"
 
@@ -68,8 +70,8 @@ class TimedModule(RegressionModule):
 
 
 class TimedCallback(LipschitzCallback):
-    """The real callback whose estimate, full and incremental certificates take fixed fake
-    times (when they do work: an estimate answered by a certificate takes none)."""
+    """The real callback whose estimate, full, quick and incremental certificates take fixed
+    fake times (when they do work: an estimate answered by a certificate takes none)."""
 
     def __init__(self, clock: FakeClock, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -83,6 +85,11 @@ class TimedCallback(LipschitzCallback):
     def _full_certificate(self, network: nn.Module):
         self.clock.advance(FULL)
         return super()._full_certificate(network)
+
+    def _quick_certificate(self, network: nn.Module):
+        if self._fresh_cert is None:  # (else a full certificate of this step answered)
+            self.clock.advance(QUICK)
+        return super()._quick_certificate(network)
 
     def _incremental_certificate(self, network: nn.Module):
         result = super()._incremental_certificate(network)
@@ -130,21 +137,22 @@ def fit(tmp_path, steps: int, data: Any = None, **options: Any):
 def test_the_anchor_is_borrowed_for_and_increments_run_at_every_step(tmp_path):
     """100 planned steps: plan P = e * t * N = 1/16 * 1 * 100 = 6.25 s; no fit-end reserve.
     Step 1: the estimate (guess 0.5 t = 0.5 s <= P) runs first (cold: the unit of the
-    guesses); the full certificate's guess 20 t = 20 s does not fit. Step 2 (priors now in
-    units of the first estimate, 1/64): the full certificate (guess 20/64; S = 1/64 <= E =
-    2/16, S + 20/64 <= P), which anchors and answers the estimate; the tightening (guess
-    1000/64 = 15.6 s) never fits. Now S = 33/64 > E until step 9, but the monitoring (the
-    increment, which answers the estimate) runs in debt within the plan, spaced by its cost
-    (1/32 <= e t = 4/64): at every step from 3 on (S = 33/64 + 98 * 2/64 = 3.58 s <= P at
-    the end). The estimate is computed once; logged at every step."""
+    guesses); the quick certificate's guess 10 t = 10 s does not fit (the full one is not
+    ready: no anchor to upgrade). Step 2 (priors now in units of the first estimate, 1/64):
+    the quick certificate (guess 10/64; S = 1/64 <= E = 2/16, S + 10/64 <= P), which anchors
+    and answers the estimate; the tightening (guess 1000/64 = 15.6 s) never fits. Now S =
+    17/64 > E = 8/64: in debt until step 6 (S = (11 + 2k)/64 <= k/16 before step k), but the
+    monitoring (the increment, which answers the estimate) runs in debt within the plan,
+    spaced by its cost (1/32 <= e t = 4/64): at every step from 3 on (S = 17/64 + 98 * 2/64
+    = 3.33 s <= P at the end). The estimate is computed once; logged at every step."""
     callback, certified, estimated, notes, _ = fit(tmp_path, 100)
     assert certified == list(range(2, 101))
     assert estimated == list(range(1, 101))
-    assert callback.budget.runs == {"autolip": 1, "full_certificate": 1, "autolip_certified": 98}
-    assert callback.budget.own == ESTIMATE + FULL + 98 * INCREMENT <= EPSILON * 100
+    assert callback.budget.runs == {"autolip": 1, "quick_certificate": 1, "autolip_certified": 98}
+    assert callback.budget.own == ESTIMATE + QUICK + 98 * INCREMENT <= EPSILON * 100
     # the monitoring never waited; the anchor ran without ever being stretched
     assert "autolip" not in notes and "autolip_certified" not in notes
-    assert "full_certificate" not in notes
+    assert "quick_certificate" not in notes and "full_certificate" not in notes
     # the tightened certificate (guessed at 1000 estimates = 15.6 s > P) never runs, said once
     (other,) = notes["certified"]
     assert "lipschitz/certified costs 15.6 s (guessed at 1000x" in other
@@ -156,11 +164,11 @@ def test_without_a_budget_the_cadences_are_exact(tmp_path):
     callback, certified, estimated, notes, _ = fit(tmp_path, 12, max_overhead=None)
     assert certified == estimated == list(range(1, 13))
     assert notes == {}
-    # the estimate (cold) then the anchor; then increments answering the estimates; the
-    # tightened certificate with each certified value
+    # the estimate (cold) then the (quick) anchor; then increments answering the estimates;
+    # the tightened certificate with each certified value
     assert callback.budget.runs == {
         "autolip": 1,
-        "full_certificate": 1,
+        "quick_certificate": 1,
         "autolip_certified": 11,
         "certified": 12,
     }
@@ -179,39 +187,40 @@ class Stream(IterableDataset):
 def test_an_unplanned_fit_waits_for_the_earned_budget(tmp_path):
     """No planned length (estimated_stepping_batches is inf): P = E, nothing is lent. The
     estimate's guess 0.5 t fits at k/16 >= 0.5: step 8 (with a planned fit, step 1). At step
-    9: S = 1/64, the full certificate (1/64 + 20/64 <= 9/16) answering the estimate; S =
-    33/64: from step 10 the increment with the estimate (S + 2/64 <= k/16, guessed 1/64 at
+    9: S = 1/64, the quick certificate (1/64 + 10/64 <= 9/16) answering the estimate; S =
+    17/64: from step 10 the increment with the estimate (S + 2/64 <= k/16, guessed 1/64 at
     step 10) at every step to 120."""
     data = DataLoader(Stream(4 * 120), batch_size=4)
     callback, certified, estimated, notes, _ = fit(tmp_path, 0, data=data)
     assert callback.budget.planned_steps is None
     assert certified == list(range(9, 121))
     assert estimated == list(range(8, 121))
-    assert "full_certificate" not in notes
+    assert "quick_certificate" not in notes
 
 
 def test_the_fit_end_certificate_is_kept_and_counted(tmp_path):
     """5 planned steps: P = 5/16 s is below even the estimate's first guess (0.5 t), so
     nothing runs during the fit; the fit end's promise (the estimate and, with no anchor to
-    increment from, a full certificate) runs anyway, and counts."""
+    increment from, a quick full certificate) runs anyway, and counts."""
     callback, certified, estimated, notes, _ = fit(tmp_path, 5, compute_at_fit_end=True)
     # one row: the fit end's, at Lightning's index of step 5, with both values
     assert certified == estimated == [5]
-    assert callback.budget.runs == {"autolip": 1, "full_certificate": 1}
-    assert callback.budget.own == ESTIMATE + FULL
+    assert callback.budget.runs == {"autolip": 1, "quick_certificate": 1}
+    assert callback.budget.own == ESTIMATE + QUICK
     assert notes == {}  # nothing was measured before the fit end: no cadence to announce
     assert math.isfinite(callback.last_metrics[CERTIFIED])
 
 
 def test_an_anchored_fit_ends_with_an_increment(tmp_path):
     """The same 100-step fit as the first test with the fit-end promise: step 2 needs
-    S + 20/64 + R <= P with R = 1/64 (the increment's guess; it answers the estimate):
-    22/64 <= 400/64, the anchor still comes at step 2; everything after as in the first test
-    (the reserve, then 2/64, never binds: S <= 3.58 s). The final step computed both values,
+    S + 10/64 + R <= P with R = 1/64 (the increment's guess; it answers the estimate):
+    12/64 <= 400/64, the anchor still comes at step 2; everything after as in the first test
+    (the reserve, then 2/64, never binds: S <= 3.33 s). The final step computed both values,
     so the fit end adds nothing."""
     callback, certified, _, _, _ = fit(tmp_path, 100, compute_at_fit_end=True)
     assert certified == list(range(2, 101))
-    assert callback.budget.runs["full_certificate"] == 1
+    assert callback.budget.runs["quick_certificate"] == 1
+    assert "full_certificate" not in callback.budget.runs
 
 
 @pytest.mark.parametrize(
@@ -246,13 +255,16 @@ class ReAnchoring(TimedCallback):
 
 def test_re_anchoring_runs_from_savings_after_the_monitoring(tmp_path):
     """100 planned steps, a new anchor always wanted. Steps 1-3 as in the first test (the
-    first anchor, borrowed, at step 2). From step 3 the increment (answering the estimate)
-    costs 2/64 per step, and a re-anchor, which then replaces the increment, 32/64: after j
-    re-anchors, S = (27 + 2k + 30j)/64 before step k. A re-anchor needs S + 32/64 <= k/16
-    (from savings), i.e. k >= (59 + 30j)/2, and room for the remaining monitoring, (100 - k)
-    * 2/64, within P (259 + 30j <= 400): k = 30, 45, 60, 75, 90, then 105 > 100. The
-    increments never skip a step: a certified value at every step from step 2 on, the
-    re-anchors' steps included (S = (1 + 6 * 32 + 93 * 2)/64 = 379/64 at the end)."""
+    first anchor, quick and borrowed, at step 2). From step 3 a re-anchor is tried before the
+    increment: the full certificate first (guess 20/64: it never ran), then the quick one
+    (measured 16/64, spaced by 16/64 / e t = 4 steps); the increment (answering the
+    estimate) costs 2/64 per step and is not run at a re-anchor's step. After j quick
+    re-anchors, S = (11 + 2k + 14j)/64 before step k. From savings the quick one needs
+    S + 16/64 <= k/16, i.e. k >= (27 + 14j)/2, the full one k >= (31 + 14j)/2: the quick one
+    always comes first, at k = 14 + 7j, with room for the remaining monitoring, (100 - k) *
+    2/64, within P (227 + 14j <= 400: j <= 12): steps 14, 21, ..., 98. The increments never
+    skip a step: a certified value at every step from step 2 on (S = (11 + 202 + 14 * 13)/64
+    = 395/64 at the end)."""
     clock = FakeClock()
     callback = ReAnchoring(
         clock,
@@ -266,8 +278,55 @@ def test_re_anchoring_runs_from_savings_after_the_monitoring(tmp_path):
     trainer.fit(TimedModule(clock), loader(n=400))
     rows = lipschitz_rows(logger)
     certified = [int(r["step"]) + 1 for r in rows if r.get(CERTIFIED)]
-    full = [int(r["step"]) + 1 for r in rows if r.get("lipschitz/full_certificate_time_s")]
-    assert full == [2, 30, 45, 60, 75, 90]
+    quick = [int(r["step"]) + 1 for r in rows if r.get("lipschitz/quick_certificate_time_s")]
+    assert quick == [2, *range(14, 99, 7)]
     assert certified == list(range(2, 101))
-    assert callback.budget.runs == {"autolip": 1, "full_certificate": 6, "autolip_certified": 93}
-    assert callback.budget.own == ESTIMATE + 6 * FULL + 93 * INCREMENT == 379 / 64
+    assert callback.budget.runs == {"autolip": 1, "quick_certificate": 14, "autolip_certified": 85}
+    assert callback.budget.own == ESTIMATE + 14 * QUICK + 85 * INCREMENT == 395 / 64
+
+
+class QuickAnchor(TimedCallback):
+    """Its quick certificates give a quick anchor (as if the quick ladder had left a map to a
+    cheaper certificate), to be upgraded by a full one."""
+
+    def _quick_certificate(self, network: nn.Module):
+        result = super()._quick_certificate(network)
+        if result is not None:
+            self._anchor_is_quick = True
+        return result
+
+
+def test_a_quick_anchor_is_upgraded_from_savings(tmp_path):
+    """100 planned steps, no re-anchoring wanted (``recertify_slack`` huge). Steps 1-3 as in
+    the first test: the quick anchor at step 2 (S = 17/64 after it), the increments from step
+    3 (S = (11 + 2k)/64 before step k). The full certificate is ready from step 3 (the anchor
+    is quick) and runs from savings: S + 20/64 (its guess) <= k/16 at k >= 15.5, with room
+    for the remaining increments within P ((11 + 32 + 20 + 84 * 2)/64 = 231/64 <= 400/64):
+    step 16. Its anchor is not quick: nothing more is wanted; increments to the end (S = (43
+    + 32 + 84 * 2)/64 = 243/64)."""
+    clock = FakeClock()
+    callback = QuickAnchor(
+        clock,
+        methods=["autolip"],
+        every_n_train_steps=1,
+        max_overhead=EPSILON,
+        compute_at_fit_end=False,
+        recertify_slack=1e9,
+    )
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = make_trainer(tmp_path, [callback], logger=logger, max_steps=100)
+    trainer.fit(TimedModule(clock), loader(n=400))
+    rows = lipschitz_rows(logger)
+    certified = [int(r["step"]) + 1 for r in rows if r.get(CERTIFIED)]
+    full = [int(r["step"]) + 1 for r in rows if r.get("lipschitz/full_certificate_time_s")]
+    assert full == [16]
+    assert certified == list(range(2, 101))
+    assert callback.budget.runs == {
+        "autolip": 1,
+        "quick_certificate": 1,
+        "full_certificate": 1,
+        "autolip_certified": 97,
+    }
+    assert callback.budget.own == ESTIMATE + QUICK + FULL + 97 * INCREMENT == 243 / 64
+    assert callback.last_metrics["lipschitz/full_certificates"] == 2
+    assert not callback._anchor_is_quick

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.autograd.functional import jacobian
 
 import lipreg.callback_methods as methods_module
+import lipreg.functional.ladder as ladder_module
 from lipreg import LipschitzCallback
 from tests._lightning_helpers import (
     D_IN,
@@ -95,16 +99,17 @@ def test_a_failing_tight_certificate_never_breaks_the_fit(tmp_path, monkeypatch)
 
 class Recording(LipschitzCallback):
     """Records, at every certified value, the value, the kind of certificate and the exact
-    AutoLip of the weights it certifies (the product of float64 spectral norms, for a ReLU
-    MLP: independent of the certificates)."""
+    AutoLip of the weights it certifies (``truth``; default the product of float64 spectral
+    norms, for a ReLU MLP: independent of the certificates)."""
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, truth=norm_product, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.truth = truth
         self.seen: list[tuple[str, float, float]] = []
 
     def _certified(self, cert):
         kind = "incremental" if any("incremental" in n for n in cert.notes) else "full"
-        self.seen.append((kind, cert.value, norm_product(self._network_cache)))
+        self.seen.append((kind, cert.value, self.truth(self._network_cache)))
         return super()._certified(cert)
 
 
@@ -132,7 +137,66 @@ def test_a_certified_value_at_every_step_is_above_the_exact_constant(tmp_path, w
     assert len(rows) == 8
     assert all(float(r["lipschitz/full_certificates"]) == 1 for r in rows)
     assert all(float(r["lipschitz/certified_slack"]) >= 0 for r in rows)
-    assert callback.budget.runs["full_certificate"] == 1
+    # the first anchor is the quick certificate, here as tight as the full one (lone dense
+    # weights: nothing to leave out), so no upgrade follows
+    assert callback.budget.runs["quick_certificate"] == 1
+    assert "full_certificate" not in callback.budget.runs
+
+
+def small_cnn() -> nn.Sequential:
+    """A ReLU CNN on the regression data (D_IN features seen as a 1 x 2 x 3 image)."""
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 2, 3)),
+        nn.Conv2d(1, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(36, D_OUT),
+    )
+
+
+def cnn_truth(net: nn.Module) -> float:
+    """AutoLip's exact value for :func:`small_cnn`: the product of the float64 operator norms
+    of its affine layers (each one's Jacobian at zero: bias-free by linearity)."""
+    (sequential,) = [m for m in net.modules() if isinstance(m, nn.Sequential)]
+    x = torch.zeros(1, D_IN, dtype=torch.float64)
+    product = 1.0
+    for layer in copy.deepcopy(sequential).double():
+        if isinstance(layer, nn.Conv2d | nn.Linear):
+            J = jacobian(layer, x).reshape(-1, x.numel())
+            product *= float(torch.linalg.matrix_norm(J, 2))
+        x = layer(x)
+    return product
+
+
+@pytest.mark.usefixtures("seeded")
+def test_a_quick_first_anchor_is_upgraded_by_a_full_one(tmp_path, monkeypatch):
+    """A quick first anchor that left the convolutions to cheaper certificates (the limit
+    set to zero here) is replaced by a full certificate at the next certified step (no
+    budget: at once), after which the increments go on from the full anchor; every value is
+    above the exact AutoLip of the weights it certifies."""
+    monkeypatch.setattr(ladder_module, "QUICK_DENSE_FLOPS", 0.0)
+    callback = Recording(
+        truth=cnn_truth,
+        methods=["autolip"],
+        every_n_train_steps=1,
+        max_overhead=None,
+        recertify_slack=1e9,
+    )
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = make_trainer(tmp_path, [callback], max_steps=6, logger=logger)
+    trainer.fit(RegressionModule(small_cnn(), lr=0.05), loader())
+    rows = lipschitz_rows(logger)
+    quick = [int(r["step"]) + 1 for r in rows if r.get("lipschitz/quick_certificate_time_s")]
+    full = [int(r["step"]) + 1 for r in rows if r.get("lipschitz/full_certificate_time_s")]
+    assert (quick, full) == ([1], [2])
+    assert [kind for kind, _, _ in callback.seen] == ["full"] * 2 + ["incremental"] * 4
+    for kind, value, exact in callback.seen:
+        assert value >= exact, (kind, value, exact)
+        assert value <= exact * 1.5, (kind, value, exact)
+    assert callback.last_metrics["lipschitz/full_certificates"] == 2
+    assert not callback._anchor_is_quick
 
 
 class EstimateRecording(LipschitzCallback):
@@ -188,6 +252,9 @@ def test_a_grown_slack_re_anchors(tmp_path):
     assert kinds == ["full", "incremental"] * 3
     assert all(value >= exact for _, value, exact in tight.seen)
     assert tight.last_metrics["lipschitz/full_certificates"] == 3
+    # the first anchor quick, the re-anchors full (tried first; nothing is left out here)
+    assert tight.budget.runs["quick_certificate"] == 1
+    assert tight.budget.runs["full_certificate"] == 2
 
 
 def test_the_anchor_is_per_fit_and_never_checkpointed(tmp_path):

@@ -95,9 +95,11 @@ __all__ = [
     "LADDER",
     "OP_LADDER",
     "POINTWISE_MIN_SIDE",
+    "QUICK_DENSE_FLOPS",
     "TIGHTEST_LADDER",
     "ChainBounder",
     "ChainContext",
+    "DenseWithinCost",
     "closed_form",
     "dense_chain",
     "estimate",
@@ -110,6 +112,7 @@ __all__ = [
     "pointwise_factors",
     "pointwise_reading_inputs",
     "product_of_op_certificates",
+    "quick_ladder",
 ]
 
 # A merged kernel's torus bound this close to the estimate is kept (no Gram test).
@@ -129,6 +132,12 @@ GRAM_FREE_COST = 1e8
 # 1×1 convolution chains whose materialised map has at least this smaller side skip the
 # dense certificate (pointwise_conv_chain): same exact norm from the C_out × C_in kernel.
 POINTWISE_MIN_SIDE = 256
+# quick_ladder: the dense certificate of a chain runs when its Gram product costs at most this
+# many multiply-adds (n · m · min(n, m), about 0.05-0.1 s of float64 BLAS on one core).
+# Measured (prototypes/cheap_anchor.py, cold certificates): MNIST CNN-4 0.06 s instead of
+# 0.63 s at +2.6 %, resnet18 3×32×32 0.59 s instead of 2.5 s at +38 % (its 4×4 maps get the
+# torus bound); 4e9: CNN-4 0.16 s, resnet18 0.65 s at +28 %.
+QUICK_DENSE_FLOPS = 2e9
 
 
 def _weight_bound(ctx: ChainContext, weight: Tensor, scale: float) -> LayerBound:
@@ -506,6 +515,40 @@ TIGHTEST_LADDER: list[LadderEntry] = [
 """:data:`LADDER` with the Gram test of merged convolutions run whatever its cost
 (``lipreg.autolip(..., ladder=TIGHTEST_LADDER)``): the tightest certified AutoLip, at up to
 thousands of forward+backward passes on CNNs (docs/design/issue10/profile.md)."""
+
+
+@dataclass
+class DenseWithinCost:
+    """:func:`dense_chain` for the chains whose dense certificate costs at most
+    ``max_flops`` multiply-adds (its Gram product, ``n · m · min(n, m)`` for an ``m × n``
+    map); the others go on to the next entries (a cheaper certificate, possibly looser: for
+    a convolution the Gram test or the torus bound of :func:`merged_conv_chain`). ``skipped``
+    names the chains it passed on although :func:`dense_chain` would have materialised them
+    (empty: the ladder's result equals :data:`LADDER`'s)."""
+
+    max_flops: float
+    skipped: list[str] = field(default_factory=list)
+
+    def __call__(self, ctx: ChainContext) -> LayerBound | None:
+        b = ctx.bounder
+        if not b.certify or not b.dense_ok(ctx.op, scattered=ctx.merged is not None):
+            return None
+        n, m = ctx.op.in_features, ctx.op.out_features
+        if n * m * min(n, m) > self.max_flops:
+            self.skipped.append(ctx.chain.name)
+            return None
+        return dense_chain(ctx)
+
+
+def quick_ladder(max_dense_flops: float | None = None) -> list[LadderEntry]:
+    """:data:`LADDER` with its dense certificates limited by cost (:class:`DenseWithinCost`
+    with ``max_dense_flops``, default :data:`QUICK_DENSE_FLOPS`, in place of
+    :func:`dense_chain`; its ``skipped`` says which chains it left to cheaper certificates).
+    As certified as :data:`LADDER`, at most as tight: the callback's first anchor
+    (``lipreg.callback_methods``), replaced by one of :data:`LADDER` when its budget affords
+    it."""
+    limit = QUICK_DENSE_FLOPS if max_dense_flops is None else max_dense_flops
+    return [DenseWithinCost(limit) if e is dense_chain else e for e in LADDER]
 
 
 # ---------------------------------------------------------------- the op ladder

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import lipreg
+from lipreg.functional.ladder import quick_ladder
 from tests.soundness.generator import FAMILIES, generate
 from tests.soundness.harness import REL_TOL, Outcome, check_soundness
 from tests.soundness.issue7 import CASES
@@ -64,6 +65,24 @@ def test_fallback_certificates(seed: int) -> None:
         names=g.names,
         seed=seed,
         autolip_kwargs={"memory_limit_bytes": 4096, "dense_limit": 0},
+    )
+    assert outcome.ok, _fail(outcome)
+
+
+@pytest.mark.parametrize("seed", range(2, N_RANDOM, 4))
+def test_quick_ladder_certificates(seed: int) -> None:
+    """The callback's first anchor (``quick_ladder``) with no dense certificate at all
+    (``max_dense_flops=0``: every chain that the default ladder would materialise goes to the
+    cheaper entries after it) holds against the oracle too."""
+    g = generate(seed)
+    outcome = check_soundness(
+        g.model,
+        g.input_shape,
+        label=f"{g.describe()} [quick_ladder(0)]",
+        families=g.families,
+        names=g.names,
+        seed=seed,
+        autolip_kwargs={"ladder": quick_ladder(0.0)},
     )
     assert outcome.ok, _fail(outcome)
 
