@@ -340,42 +340,97 @@ class DumpShardedReference(Callback):
         path.write_text(json.dumps(record))
 
 
-def run_fsdp(out_dir: str, max_overhead: float | None = None) -> None:
+def fsdp_trainer(out_dir: str, callbacks: list) -> pl.Trainer:
     """Two CPU processes (gloo), ``ModelParallelStrategy(data_parallel_size=2,
     tensor_parallel_size=1)`` (Lightning relaunches the calling script: run it as a script,
-    not with ``-c``), ``fully_shard`` in ``configure_model``, and the LipschitzCallback
-    with its defaults except a cadence of 3 steps and no cost budget (``max_overhead=None``
-    unless given, so that the computed steps are the scheduled ones). Each rank writes
-    ``rank{r}.json`` (:class:`DumpLipschitzMetrics`), ``ref{r}.json``
-    (:class:`DumpShardedReference`) and ``warn{r}.json`` (every LipschitzCallback warning
-    it raised: rank 0 only, by design)."""
+    not with ``-c``), :data:`FSDP_STEPS` steps, seeded."""
     from lightning.pytorch.strategies import ModelParallelStrategy
-
-    from lipreg.callback import LipschitzCallback
 
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(
+    return pl.Trainer(
         accelerator="cpu",
         devices=2,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
         max_steps=FSDP_STEPS,
         logger=CSVLogger(out_dir, name="fsdp"),
-        callbacks=[
-            LipschitzCallback(every_n_train_steps=3, max_overhead=max_overhead),
-            DumpLipschitzMetrics(out_dir),
-            DumpShardedReference(out_dir),
-        ],
+        callbacks=callbacks,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
         log_every_n_steps=50,
     )
+
+
+def fsdp_loader(batch_size: int = 4) -> DataLoader:
+    """48 regression samples in order (each of the 2 ranks gets every other one)."""
+    return DataLoader(regression_data(48), batch_size=batch_size, shuffle=False)
+
+
+def run_fsdp(out_dir: str, max_overhead: float | None = None) -> None:
+    """:func:`fsdp_trainer` with ``fully_shard`` in ``configure_model`` and the
+    LipschitzCallback with its defaults except a cadence of 3 steps and no cost budget
+    (``max_overhead=None`` unless given, so that the computed steps are the scheduled ones).
+    Each rank writes ``rank{r}.json`` (:class:`DumpLipschitzMetrics`), ``ref{r}.json``
+    (:class:`DumpShardedReference`) and ``warn{r}.json`` (every LipschitzCallback warning
+    it raised: rank 0 only, by design)."""
+    from lipreg.callback import LipschitzCallback
+
+    trainer = fsdp_trainer(
+        out_dir,
+        [
+            LipschitzCallback(every_n_train_steps=3, max_overhead=max_overhead),
+            DumpLipschitzMetrics(out_dir),
+            DumpShardedReference(out_dir),
+        ],
+    )
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
-        trainer.fit(
-            ShardedRegressionModule(make_mlp()),
-            DataLoader(regression_data(48), batch_size=4, shuffle=False),
-        )
+        trainer.fit(ShardedRegressionModule(make_mlp()), fsdp_loader())
     path = Path(out_dir) / f"warn{trainer.global_rank}.json"
     path.write_text(json.dumps(callback_warnings(records)))
+
+
+#: The penalty of the penalised FSDP2 fit (and of its one-process reference).
+FSDP_PENALTY = {"form": "linear", "weight": 0.1}
+#: Its batch: each rank's whole half of the 48 samples at every step, so that the two ranks'
+#: batches together are the whole data set whatever the sampler's split.
+FSDP_FULL_BATCH = 24
+
+
+class DumpFullWeights(Callback):
+    """Each rank writes ``weights{r}.pt``: ``net``'s full weights (gathered with
+    ``full_tensor()``, a collective every rank runs) at the start and at the end of the fit,
+    and the penalty's buffers at the end."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.start: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _full(module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        return {k: p.full_tensor().detach().clone() for k, p in module.net.named_parameters()}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = self._full(pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        record = {
+            "start": self.start,
+            "end": self._full(pl_module),
+            "buffers": {k: b.clone() for k, b in pl_module.penalty.named_buffers()},
+            "sharded": [type(p).__name__ for p in pl_module.net.parameters()],
+        }
+        torch.save(record, Path(self.out_dir) / f"weights{trainer.global_rank}.pt")
+
+
+def run_fsdp_penalty(out_dir: str) -> None:
+    """:func:`fsdp_trainer` fitting ``loss + LipschitzPenalty`` (:data:`FSDP_PENALTY`, built
+    on the network before ``configure_model`` shards it); each rank writes
+    ``weights{r}.pt`` (:class:`DumpFullWeights`)."""
+    from lipreg.penalty import LipschitzPenalty
+
+    trainer = fsdp_trainer(out_dir, [DumpFullWeights(out_dir)])
+    net = make_mlp()
+    penalty = LipschitzPenalty(net, (D_IN,), **FSDP_PENALTY)
+    trainer.fit(ShardedRegressionModule(net, penalty=penalty), fsdp_loader(FSDP_FULL_BATCH))

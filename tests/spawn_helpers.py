@@ -5,13 +5,20 @@
 free local port, and fails the test instead of blocking the suite when they do not finish in
 time (a rank left waiting in a collective is a hang, not an error). Workers report through
 files (each process imports torch and lipreg again: group the checks, one spawn per file).
+``run_script_with_deadline(script, out_dir)`` does the same for a multi-process Lightning fit,
+which Lightning starts by relaunching the calling script (run as ``python script OUT_DIR``).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +56,33 @@ def spawn_with_deadline(
             for p in context.processes:
                 p.kill()
             pytest.fail(f"{worker.__name__}: {nprocs} processes did not finish in {timeout_s} s")
+
+
+def run_script_with_deadline(script: Path, out_dir: Path, timeout_s: float = 150.0) -> str:
+    """Run ``python script out_dir`` (a Lightning fit whose strategy relaunches the script
+    for the other ranks) with ``tests/`` importable, one CPU thread and no inherited
+    distributed environment; kill its whole process group and fail the test after
+    ``timeout_s`` seconds. Returns its output (stdout and stderr); fails on a non-zero exit."""
+    env = dict(os.environ)
+    tests_dir = str(Path(__file__).resolve().parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (tests_dir, env.get("PYTHONPATH", "")) if p)
+    env["OMP_NUM_THREADS"] = "1"
+    for var in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
+        env.pop(var, None)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(out_dir)],
+        cwd=out_dir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: the relaunched rank dies with it
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{script.name} did not finish in {timeout_s} s (a hang?):\n{output[-4000:]}")
+    assert proc.returncode == 0, output[-4000:]
+    return output

@@ -14,9 +14,6 @@ after the fit; it does not go through the sharded path (no FSDP module, no gathe
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,35 +23,13 @@ TESTS_DIR = Path(__file__).resolve().parent
 TIMEOUT_S = 150
 
 
-def _run_fit(out_dir: Path) -> str:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS_DIR), env.get("PYTHONPATH", "")) if p)
-    env["OMP_NUM_THREADS"] = "1"
-    for var in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
-        env.pop(var, None)
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), str(out_dir)],
-        cwd=out_dir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group: the relaunched rank dies with it
-    )
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"the FSDP2 fit did not finish in {TIMEOUT_S} s (a hang?):\n{output[-4000:]}")
-    assert proc.returncode == 0, output[-4000:]
-    return output
-
-
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("fsdp")
-    output = _run_fit(out)
+    # imported here: this file also runs as the fit's script, where "tests" is no package
+    from tests.spawn_helpers import run_script_with_deadline
+
+    output = run_script_with_deadline(Path(__file__).resolve(), out, TIMEOUT_S)
 
     def read(stem: str) -> list:
         return [json.loads((out / f"{stem}{r}.json").read_text()) for r in (0, 1)]
