@@ -666,8 +666,8 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
             try:
                 metrics.update(self._run(method, network))
             except Exception as exc:
-                nonfinite = isinstance(exc, ValueError) and "non-finite" in str(exc)
-                if any_rank(nonfinite, self._collective):
+                is_nonfinite = isinstance(exc, ValueError) and "non-finite" in str(exc)
+                if any_rank(is_nonfinite, self._collective):
                     metrics[label] = math.nan
                     nonfinite.append(str(exc))
                     continue

@@ -358,6 +358,35 @@ def test_nan_weights_raise_when_asked(tmp_path):
     assert trainer.global_step == 6
 
 
+class RaisesNonFinite(LipschitzCallback):
+    """Its estimate raises the core's non-finite error (as ``lipreg.autolip`` does on a
+    non-finite result) from the third call on."""
+
+    calls = 0
+
+    def _run_estimator(self, network):
+        self.calls += 1
+        if self.calls >= 3:
+            raise ValueError("non-finite value in the AutoLip result of layer 'fc'")
+        return super()._run_estimator(network)
+
+
+def test_a_non_finite_error_of_a_method_is_logged_as_nan_and_training_goes_on(tmp_path):
+    callback = RaisesNonFinite(  # the estimator alone (no certificate answers it)
+        methods=["autolip"],
+        every_n_train_steps=2,
+        certify_every_n_train_steps=None,
+        compute_at_fit_end=False,
+        max_overhead=None,
+    )
+    trainer = make_trainer(tmp_path, [callback], max_steps=8)
+    with pytest.warns(UserWarning, match="non-finite value in the AutoLip result"):
+        trainer.fit(RegressionModule(lr=0.01), loader())
+    assert trainer.global_step == 8
+    assert math.isnan(callback.last_metrics["lipschitz/autolip"])
+    assert "autolip" not in callback._disabled  # a non-finite value is logged, not switched off
+
+
 @pytest.mark.parametrize("kwargs", [{"tol": -1.0}, {"max_iter": 0}])
 def test_invalid_iteration_options_rejected_before_training(tmp_path, kwargs):
     with pytest.raises(ValueError):
