@@ -375,7 +375,7 @@ def test_a_non_finite_error_of_a_method_is_logged_as_nan_and_training_goes_on(tm
     callback = RaisesNonFinite(  # the estimator alone (no certificate answers it)
         methods=["autolip"],
         every_n_train_steps=2,
-        certify_every_n_train_steps=None,
+        certify_every_n_train_steps=0,
         compute_at_fit_end=False,
         max_overhead=None,
     )
