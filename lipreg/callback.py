@@ -15,8 +15,8 @@ key                                 meaning
 ``lipschitz/autolip_certified``     AutoLip with certified layer norms: a **guaranteed upper
                                     bound**; every ``certify_every_n_train_steps`` steps
                                     (default: every monitoring step) and at the end of every
-                                    fit. One full certificate anchors it, later values are
-                                    incremental (below).
+                                    fit. A full certificate (first a quick one) anchors it,
+                                    later values are incremental (below).
 ``lipschitz/certified_slack``       with it: its slack over the estimate of the same call,
                                     ``value / estimate - 1`` (over-states the true slack).
 ``lipschitz/full_certificates``     with it: full certificates (anchors) so far in this fit.
@@ -154,12 +154,12 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
     chain (:func:`lipreg.functional.incremental.incremental_autolip`), at the cost of a few
     estimates; a certificate also gives ``lipschitz/autolip`` of its step (it runs every
     chain's warm Lanczos estimate anyway; the estimator itself then does not run). They stay
-    certified whatever the change; only their slack grows. A quick anchor that left some map
-    to a cheaper certificate is replaced by a full certificate (:data:`~lipreg.functional.
-    ladder.LADDER`) as soon as the budget's savings afford it; once the slack grew by more than
-    ``recertify_slack`` since the anchor, the next certified value is a full certificate
-    again (a new anchor), the quick one when the budget cannot afford the full one. The
-    anchor belongs to the fit (not checkpointed: a resumed fit anchors anew).
+    certified whatever the change; only their slack grows. A quick anchor that left a map to
+    a looser certificate is replaced by a full one (:data:`~lipreg.functional.ladder.LADDER`)
+    once the budget's savings afford it; once the slack grew by more than ``recertify_slack``
+    since the anchor, the next certified value is a new anchor (the full certificate while a
+    quick anchor's upgrade fits the planned budget, else the quick one). The anchor belongs
+    to the fit (not checkpointed: a resumed fit anchors anew).
 
     **Cost budget.** The callback times everything it does (one clock, ``budget.clock``) and
     the training between its hooks, and keeps its own time under ``max_overhead`` times the
@@ -207,15 +207,15 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
             maps, costlier on large ones); ``0`` uses only structured certificates.
         log_layers: log per-layer norms (keys :func:`layer_key`).
         compute_at_fit_end: at the end of every fit, compute the AutoLip estimate and a
-            certified value (:data:`FIT_END`: incremental when an anchor exists, else a full
-            certificate) unless done at the final step (default ``True``): every fit ends
+            certified value (:data:`FIT_END`: incremental when an anchor exists, else a quick
+            full certificate) unless done at the final step (default ``True``): every fit ends
             with a certified bound. SeqLip (minutes on a large network) and the lower bound
             keep their cadences. Independent of :meth:`should_compute`; never skipped by the
             budget (its cost is counted, and an incremental one set aside in advance).
         max_overhead: the callback's time stays under this fraction of the training time
             (default ``0.05``; ``None``: no budget, the step cadences alone). See **Cost
             budget** above.
-        recertify_slack: re-anchor (one full certificate) once the incremental certificates'
+        recertify_slack: re-anchor (a new full certificate) once the incremental certificates'
             slack grew by more than this fraction since the anchor (default ``0.01``; the
             slack is measured against the estimate of the same call).
         on_nonfinite: ``"warn"`` (log NaN, warn once, keep training) or ``"raise"``

@@ -72,7 +72,10 @@ class CostBudget:
     at a step where a certificate runs, which computes it anyway; sums of costs — the
     monitoring's, the reserve — leave it out once the unit is known), or a row logging the
     same quantity (``Method.logs``: the quick certificate or the increment after a full
-    certificate; it does no work then). So a long planned fit may
+    certificate; it does no work then). A row standing in for a tighter one
+    (``Method.fallback_for``: the quick certificate for the full one) is examined only when
+    that one is not due or its run does not fit rule 2: while the tighter one merely waits
+    for savings, the cheaper one does not spend them. So a long planned fit may
     borrow one run ahead of what it has earned (its first certificate comes early, not after
     ``c / (e t)`` steps), never beyond its planned total, and the debt of one run is repaid
     before the next: in the steady state a method of cost ``c`` runs about every
@@ -208,6 +211,8 @@ class CostBudget:
         chosen: list[str] = []
         # the quantities the chosen rows give: what they log, and what they answer (covers)
         given: set[str] = set()
+        due_names = {m.name for m in due}
+        out_of_plan: set[str] = set()  # rows whose run does not fit the planned budget
 
         def give(row: Method) -> None:
             given.add(row.logs or row.name)
@@ -225,17 +230,24 @@ class CostBudget:
                 continue
             if method.needs and not set(method.needs) & set(chosen):
                 continue  # nothing to refine at this step
+            tighter = method.fallback_for
+            if tighter in due_names and tighter not in out_of_plan:
+                continue  # the tighter row fits the plan: this one waits for it too
             cost = self.predicted(method, per_step)
             if cost is None or per_step is None:
                 continue
             last = self.last_chosen.get(method.name)
             spaced = last is None or (k - last) * self.max_overhead * per_step >= cost
-            fits = spent <= earned and spent + cost + set_aside <= plan
+            in_plan = spent + cost + set_aside <= plan
+            fits = spent <= earned and in_plan
             if method.name in watch:  # the monitoring: within the plan, even in debt
                 spaced = last is None or (k - last) * self.max_overhead * per_step >= watch_cost
-                fits = spent + cost + set_aside <= plan
+                fits = in_plan
             elif method.name in refresh:  # from savings, leaving room for the monitoring
-                fits = spent + cost <= earned and spent + cost + set_aside + later <= plan
+                in_plan = spent + cost + set_aside + later <= plan
+                fits = spent + cost <= earned and in_plan
+            if not in_plan:
+                out_of_plan.add(method.name)
             if spaced and fits:
                 chosen.append(method.name)
                 self.last_chosen[method.name] = k

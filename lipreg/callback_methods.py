@@ -31,7 +31,7 @@ from lipreg.functional.incremental import (
     make_anchor,
     slack,
 )
-from lipreg.functional.ladder import LADDER, DenseWithinCost, quick_ladder
+from lipreg.functional.ladder import AS_TIGHT_AS_DENSE, LADDER, DenseWithinCost, quick_ladder
 from lipreg.functional.lower_bound import lower_bound
 from lipreg.functional.results import LipschitzResult
 from lipreg.functional.seqlip import seqlip
@@ -227,7 +227,9 @@ class MethodWork:
         cached analysis) that becomes the anchor of the incremental certificates
         (:func:`lipreg.functional.incremental.make_anchor`); ``quick``: by
         :func:`~lipreg.functional.ladder.quick_ladder`, the anchor then being marked quick
-        (to be upgraded) when the quick ladder left some chain to a cheaper certificate."""
+        (to be upgraded) when a chain the quick ladder left to a cheaper certificate got a
+        looser one than its dense certificate. A quick certificate that is not certified
+        switches the quick row off: full certificates take its place."""
         assert self._estimator is not None and self.input_shape is not None
         options = self._certify_options()
         ladder = quick_ladder() if quick else LADDER
@@ -245,9 +247,18 @@ class MethodWork:
                     ritz=ANCHOR_RITZ,
                     previous=self._anchor,
                 )
+                skipped = {n for e in ladder if isinstance(e, DenseWithinCost) for n in e.skipped}
                 self._anchor_is_quick = any(
-                    isinstance(e, DenseWithinCost) and e.skipped for e in ladder
+                    lb.name in skipped and lb.method not in AS_TIGHT_AS_DENSE for lb in cert.layers
                 )
+        if not cert.certified and quick:  # the full ladder may certify what it did not
+            self._disabled.add("quick_certificate")
+            self._report(
+                "quick_not_certified",
+                f"the quick certificate could not certify AutoLip: {' '.join(cert.notes)} "
+                "Full certificates take its place for this fit.",
+            )
+            return None
         if not cert.certified:  # say so rather than log an estimate under a "certified" key
             self._disabled.update((*ANCHOR_ROWS, "autolip_certified"))
             self._report(
@@ -300,24 +311,30 @@ class MethodWork:
         return (1.0 + now) / (1.0 + base) - 1.0 > self.recertify_slack
 
     def _wants_quick_anchor(self) -> bool:
-        """The quick certificate's turn: a new anchor is wanted (:meth:`_wants_anchor`; the
-        first one always comes from it). Never on a sharded network (no anchors there)."""
+        """The quick certificate's turn: a new anchor is wanted (:meth:`_wants_anchor`: the
+        first one, or re-anchoring; while a quick anchor's upgrade fits the planned budget,
+        the budget makes it wait for the full one: ``Method.fallback_for``). Never on a
+        sharded network (no anchors there)."""
         return not self._sharded and self._wants_anchor()
 
     def _wants_full_anchor(self) -> bool:
-        """The full certificate's turn: the anchor is a quick one to upgrade, or a new
-        anchor is wanted (it is tried before the quick one, which runs when the budget
-        cannot afford it); on a sharded network at every certified step (no anchors)."""
+        """The full certificate's turn: the anchor is a quick one to upgrade (re-anchoring
+        included), or there is no anchor and the quick certificate is off; on a sharded
+        network at every certified step (no anchors). A tight anchor is re-anchored by the
+        quick certificate, which then gives the same value at its lower cost."""
         if self._sharded:
             return True
-        return self._anchor is not None and (self._anchor_is_quick or self._wants_anchor())
+        if self._anchor is None:
+            return "quick_certificate" in self._disabled
+        return self._anchor_is_quick
 
     def _promised_certificate(self) -> str:
         """The row of the fit end's certified value: incremental from the anchor if there is
-        one, else a quick full certificate (sharded: a full one; no anchors there)."""
+        one, else a quick full certificate (sharded, or the quick one off: a full one)."""
         if self._anchor is not None:
             return "autolip_certified"
-        return "full_certificate" if self._sharded else "quick_certificate"
+        full = self._sharded or "quick_certificate" in self._disabled
+        return "full_certificate" if full else "quick_certificate"
 
     def _has_anchor(self) -> bool:
         return self._anchor is not None
@@ -381,24 +398,23 @@ class MethodWork:
 
 
 #: The callback's computations, in the order they run at one step (:func:`run_order`: the
-#: certificates first, from the estimator's warm vectors, since their per-layer Lanczos
-#: estimates answer the AutoLip estimate (``covers``); the full certificate before the
+#: certificates first, from the estimator's warm vectors, since their per-layer Lanczos estimates
+#: answer the AutoLip estimate (``covers``); the full certificate before the quick one and the
 #: incremental one, which it makes unnecessary at the same step). Columns: name, the entry of
-#: methods= it belongs to, its cadence attribute, its warm-start vectors, the work, whether
-#: the budget may skip it, its assumed cost before the first run in multiples of the fit's
-#: first (cold) AutoLip estimate (for the estimate itself: of one training step), what it
-#: needs, what it logs under, when it is worth running and what it answers. Measured on the
-#: MNIST MLP / CNN-4 of benchmarks/training_overhead.py (cold estimate 0.05-0.15 s): full
-#: certificate 1-13x (CNN-4's dense convolutions the most), the quick one 0.4-3x (its first
-#: anchor: the full one runs when the anchor it gives is quick to upgrade, or to re-anchor,
-#: from savings, before the quick one), incremental certificate (the estimate it
-#: answers included) 0.3-0.5x, greedy SeqLip 150-400x, lower bound with 32 points 5-10x, the
-#: LipSDP tightening of the MLP's 1000-neuron blocks hundreds; rounded up, since a guess too
-#: high only delays a first run. Everything is budgeted: at the default cadence (every 50
-#: steps) the incremental certificate (with the estimate) costs a few percent of the
-#: training, at every step it is stretched. ``lipschitz/certified`` refines the certificate
-#: of the same step (``needs``), so it is budgeted apart: the fit end's promise is the
-#: certified AutoLip value alone.
+#: methods= it belongs to, its cadence attribute, its warm-start vectors, the work, whether the
+#: budget may skip it, its assumed cost before the first run in multiples of the fit's first (cold)
+#: AutoLip estimate (for the estimate itself: of one training step), what it needs, what it logs
+#: under, when it is worth running and what it answers. Measured on the MNIST MLP / CNN-4 of
+#: benchmarks/training_overhead.py (cold estimate 0.05-0.15 s): full certificate 1-13x (CNN-4's
+#: dense convolutions the most), the quick one 0.4-3x (the first anchor; the full one upgrades a
+#: quick anchor from savings, and the quick one waits for it while it fits the plan:
+#: ``fallback_for``), incremental certificate (the estimate it answers included) 0.3-0.5x, greedy
+#: SeqLip 150-400x, lower bound with 32 points 5-10x, the LipSDP tightening of the MLP's 1000-neuron
+#: blocks hundreds; rounded up, since a guess too high only delays a first run. Everything is
+#: budgeted: at the default cadence (every 50 steps) the incremental certificate (with the estimate)
+#: costs a few percent of the training, at every step it is stretched. ``lipschitz/certified``
+#: refines the certificate of the same step (``needs``), so it is budgeted apart: the fit end's
+#: promise is the certified AutoLip value alone.
 METHOD_TABLE: dict[str, Method] = {
     m.name: m
     for m in (
@@ -425,6 +441,7 @@ METHOD_TABLE: dict[str, Method] = {
             logs="autolip_certified",
             ready="_wants_quick_anchor",
             covers="autolip",
+            fallback_for="full_certificate",
         ),
         Method(
             "autolip_certified",
@@ -496,13 +513,13 @@ SCHEDULED = tuple(m.name for m in METHOD_TABLE.values() if m.logs is None)
 
 def rows_of(scheduled: set[str]) -> set[str]:
     """The rows of :data:`METHOD_TABLE` behind the scheduled names: each name's own row and
-    the rows logging under it (``"autolip_certified"``: the incremental certificate and the
-    full one; their ``ready`` predicates pick which can run)."""
+    the rows logging under it (``"autolip_certified"``: the incremental certificate, the
+    full and the quick one; their ``ready`` predicates pick which can run)."""
     return {m.name for m in METHOD_TABLE.values() if (m.logs or m.name) in scheduled}
 
 
 #: What ``compute_at_fit_end`` promises at the end of a fit: the estimate and a certified
-#: value, incremental when an anchor exists (``autolip_certified``), else a full certificate.
+#: value, incremental when an anchor exists (``autolip_certified``), else a (quick) full one.
 FIT_END = ("autolip", "full_certificate", "quick_certificate", "autolip_certified")
 
 

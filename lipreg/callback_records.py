@@ -52,7 +52,10 @@ class Method:
     at all (e.g. an incremental certificate needs an anchor), checked before the budget.
     ``covers``: a row whose value this one's result also gives (a certificate's per-layer
     Lanczos estimates are the AutoLip estimate): when both run at a step, this one runs
-    first and the covered row is answered from it at no cost.
+    first and the covered row is answered from it at no cost. ``fallback_for``: a tighter,
+    costlier row logging the same quantity that this one stands in for: when that row is
+    due and fits the planned budget (only waiting for savings), this one waits too; it runs
+    instead of it only when that one is not due or does not fit the plan at all.
     """
 
     name: str
@@ -66,6 +69,7 @@ class Method:
     logs: str | None = None
     ready: str | None = None
     covers: str | None = None
+    fallback_for: str | None = None
 
 
 def metric_values(method: Method, computed: Computed, seconds: float) -> dict[str, float]:

@@ -255,16 +255,16 @@ class ReAnchoring(TimedCallback):
 
 def test_re_anchoring_runs_from_savings_after_the_monitoring(tmp_path):
     """100 planned steps, a new anchor always wanted. Steps 1-3 as in the first test (the
-    first anchor, quick and borrowed, at step 2). From step 3 a re-anchor is tried before the
-    increment: the full certificate first (guess 20/64: it never ran), then the quick one
-    (measured 16/64, spaced by 16/64 / e t = 4 steps); the increment (answering the
-    estimate) costs 2/64 per step and is not run at a re-anchor's step. After j quick
-    re-anchors, S = (11 + 2k + 14j)/64 before step k. From savings the quick one needs
-    S + 16/64 <= k/16, i.e. k >= (27 + 14j)/2, the full one k >= (31 + 14j)/2: the quick one
-    always comes first, at k = 14 + 7j, with room for the remaining monitoring, (100 - k) *
-    2/64, within P (227 + 14j <= 400: j <= 12): steps 14, 21, ..., 98. The increments never
-    skip a step: a certified value at every step from step 2 on (S = (11 + 202 + 14 * 13)/64
-    = 395/64 at the end)."""
+    first anchor, quick and borrowed, at step 2; nothing was left to a looser certificate, so
+    the anchor is tight and the quick certificate re-anchors: the full one is not ready).
+    From step 3 a re-anchor is tried before the increment: the quick certificate (measured
+    16/64, spaced by 16/64 / e t = 4 steps); the increment (answering the estimate) costs
+    2/64 per step and is not run at a re-anchor's step. After j re-anchors, S = (11 + 2k +
+    14j)/64 before step k. From savings the quick one needs S + 16/64 <= k/16, i.e. k >= (27
+    + 14j)/2: k = 14 + 7j, with room for the remaining monitoring, (100 - k) * 2/64, within
+    P (227 + 14j <= 400: j <= 12): steps 14, 21, ..., 98. The increments never skip a step:
+    a certified value at every step from step 2 on (S = (11 + 202 + 14 * 13)/64 = 395/64 at
+    the end)."""
     clock = FakeClock()
     callback = ReAnchoring(
         clock,
@@ -330,3 +330,56 @@ def test_a_quick_anchor_is_upgraded_from_savings(tmp_path):
     assert callback.budget.own == ESTIMATE + QUICK + FULL + 97 * INCREMENT == 243 / 64
     assert callback.last_metrics["lipschitz/full_certificates"] == 2
     assert not callback._anchor_is_quick
+
+
+class QuickReAnchoring(QuickAnchor):
+    """Quick anchors (to be upgraded) and a new anchor always wanted."""
+
+    def _wants_anchor(self) -> bool:
+        return True
+
+
+def test_a_quick_anchor_waits_for_its_upgrade_while_it_fits_the_plan(tmp_path):
+    """100 planned steps, a new anchor always wanted, every quick anchor quick (to be
+    upgraded). S in 64ths before step k. Step 2: the quick anchor (S = 17 after it). While
+    the anchor is quick both anchor rows are ready, the full one first; the quick one stands
+    in for it only if the full one's run does not fit the plan (rule 2 with the remaining
+    monitoring, (100 - k) * 2): otherwise it waits too. Steps 3-15: S = 11 + 2k; the full
+    one (guess 20) fits the plan (231 <= 400) but not the savings (11 + 2k + 20 <= 4k from
+    k = 16): full at 16 (S = 75 after it); its anchor is tight, so re-anchoring is the
+    quick one's (16): S = 41 + 2k, 41 + 2k + 16 <= 4k at k = 29 (S = 115 after it), quick
+    again; then the full one (measured 32, plan 55 + 32 + 200 = 287): 55 + 2k + 32 <= 4k at
+    k = 44; quick at 51 (85 + 2k + 16 <= 4k), full at 66 (99 + 2k + 32 <= 4k), quick at 73
+    (129 + 2k + 16 <= 4k), full at 88 (143 + 2k + 32 <= 4k), quick at 95 (173 + 2k + 16 <=
+    4k). From step 96 (S = 187 + 2k) the full one no longer fits the plan (187 + 32 + 200 =
+    419 > 400) and the quick one neither (403 > 400): increments to the end (S = 379 + 5 * 2
+    = 389). Quick anchors 2, 29, 51, 73, 95; full 16, 44, 66, 88; 90 increments."""
+    clock = FakeClock()
+    callback = QuickReAnchoring(
+        clock,
+        methods=["autolip"],
+        every_n_train_steps=1,
+        max_overhead=EPSILON,
+        compute_at_fit_end=False,
+    )
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = make_trainer(tmp_path, [callback], logger=logger, max_steps=100)
+    trainer.fit(TimedModule(clock), loader(n=400))
+    rows = lipschitz_rows(logger)
+    steps = {
+        row: [int(r["step"]) + 1 for r in rows if r.get(f"lipschitz/{row}_time_s")]
+        for row in ("quick_certificate", "full_certificate")
+    }
+    assert steps == {
+        "quick_certificate": [2, 29, 51, 73, 95],
+        "full_certificate": [16, 44, 66, 88],
+    }
+    certified = [int(r["step"]) + 1 for r in rows if r.get(CERTIFIED)]
+    assert certified == list(range(2, 101))
+    assert callback.budget.runs == {
+        "autolip": 1,
+        "quick_certificate": 5,
+        "full_certificate": 4,
+        "autolip_certified": 90,
+    }
+    assert callback.budget.own == ESTIMATE + 5 * QUICK + 4 * FULL + 90 * INCREMENT == 389 / 64

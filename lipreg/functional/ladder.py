@@ -89,6 +89,7 @@ from lipreg.functional.sharding import gathered_agreed, refreshed_specs
 from lipreg.functional.specs import Affine, ConvData
 
 __all__ = [
+    "AS_TIGHT_AS_DENSE",
     "CLOSED_FORM_PAD",
     "GRAM_COST_RATIO",
     "GRAM_FREE_COST",
@@ -538,6 +539,16 @@ class DenseWithinCost:
             self.skipped.append(ctx.chain.name)
             return None
         return dense_chain(ctx)
+
+
+#: Methods of a chain certificate as tight as its dense certificate: exact up to rounding (the
+#: Gram test of a merged convolution, the kernel matrices of 1×1 convolutions, the dense
+#: certificate itself) or within 0.1 % of the estimate (the torus bound kept by
+#: TORUS_ACCEPT). A chain that :class:`DenseWithinCost` skipped and that ended on another
+#: method (a torus bound kept for cost, a product of per-op certificates) is looser.
+AS_TIGHT_AS_DENSE = frozenset(
+    {"dense", "conv-gram", "conv-pointwise", "conv-pointwise-product", "fft-merged"}
+)
 
 
 def quick_ladder(max_dense_flops: float | None = None) -> list[LadderEntry]:

@@ -1,7 +1,8 @@
 """A cheap first anchor? Cost and slack of full certificates with a lower dense limit.
 
-The callback's first anchor is a full certificate at the default ``dense_limit`` (2048): on
-the MNIST CNN-4 its four convolutions are certified as dense maps, ~100 training steps of the
+The callback's first anchor was (before ``quick_ladder``, incremental.md §10) a full
+certificate at the default ``dense_limit`` (2048): on the MNIST CNN-4 its four convolutions
+are certified as dense maps, ~100 training steps of the
 benchmark fit, more than a 1500-step fit's whole 5 % budget (training_overhead.md). This
 prints, for CNN-4 (random init) and torchvision resnet18 (num_classes=10, 3×32×32, eval
 mode), the cold full certificate at dense limits 2048 / 512 / 0: seconds (median of 3), value,
