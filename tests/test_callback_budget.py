@@ -152,7 +152,7 @@ def test_the_anchor_is_borrowed_for_and_increments_run_at_every_step(tmp_path):
     assert callback.budget.own == ESTIMATE + QUICK + 98 * INCREMENT <= EPSILON * 100
     # the monitoring never waited; the anchor ran without ever being stretched
     assert "autolip" not in notes and "autolip_certified" not in notes
-    assert "quick_certificate" not in notes and "full_certificate" not in notes
+    assert "quick_certificate" not in notes
     # the tightened certificate (guessed at 1000 estimates = 15.6 s > P) never runs, said once
     (other,) = notes["certified"]
     assert "lipschitz/certified costs 15.6 s (guessed at 1000x" in other
