@@ -148,10 +148,11 @@ def test_cadence_keys_and_direct_logging(tmp_path):
             float(r["lipschitz/seqlip"]) / float(r["lipschitz/autolip"]), rel=1e-9
         )
         # iterations of the call that gave the estimate: the estimator's, or a certificate's
-        # (which answers it); a full certificate of these tiny layers is a dense eigen-solve
-        assert (
-            float(r["lipschitz/autolip_iterations"]) >= 1 or r["lipschitz/full_certificate_time_s"]
+        # (which answers it); an anchor of these tiny layers is a dense eigen-solve
+        anchor = r.get("lipschitz/full_certificate_time_s") or r.get(
+            "lipschitz/quick_certificate_time_s"
         )
+        assert float(r["lipschitz/autolip_iterations"]) >= 1 or anchor
         assert float(r["lipschitz/autolip_time_s"]) >= 0
 
     # The last row is what the callback computed last, and callback_metrics mirrors it.
