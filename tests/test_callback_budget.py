@@ -134,6 +134,29 @@ def fit(tmp_path, steps: int, data: Any = None, **options: Any):
     return callback, steps_with[0], steps_with[1], by_method, rows
 
 
+def anchored_fit(tmp_path, callback_class: type, **options: Any):
+    """A 100-step fit of ``callback_class`` (a :class:`TimedCallback`) estimating and
+    certifying at every step, no fit-end promise; returns the callback and its CSV rows."""
+    clock = FakeClock()
+    callback = callback_class(
+        clock,
+        methods=["autolip"],
+        every_n_train_steps=1,
+        max_overhead=EPSILON,
+        compute_at_fit_end=False,
+        **options,
+    )
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = make_trainer(tmp_path, [callback], logger=logger, max_steps=100)
+    trainer.fit(TimedModule(clock), loader(n=400))
+    return callback, lipschitz_rows(logger)
+
+
+def steps_with(rows: list[dict[str, str]], key: str) -> list[int]:
+    """The optimizer steps whose CSV row holds ``key`` (Lightning's index is the step - 1)."""
+    return [int(r["step"]) + 1 for r in rows if r.get(key)]
+
+
 def test_the_anchor_is_borrowed_for_and_increments_run_at_every_step(tmp_path):
     """100 planned steps: plan P = e * t * N = 1/16 * 1 * 100 = 6.25 s; no fit-end reserve.
     Step 1: the estimate (guess 0.5 t = 0.5 s <= P) runs first (cold: the unit of the
@@ -265,20 +288,9 @@ def test_re_anchoring_runs_from_savings_after_the_monitoring(tmp_path):
     P (227 + 14j <= 400: j <= 12): steps 14, 21, ..., 98. The increments never skip a step:
     a certified value at every step from step 2 on (S = (11 + 202 + 14 * 13)/64 = 395/64 at
     the end)."""
-    clock = FakeClock()
-    callback = ReAnchoring(
-        clock,
-        methods=["autolip"],
-        every_n_train_steps=1,
-        max_overhead=EPSILON,
-        compute_at_fit_end=False,
-    )
-    logger = CSVLogger(tmp_path, name="csv")
-    trainer = make_trainer(tmp_path, [callback], logger=logger, max_steps=100)
-    trainer.fit(TimedModule(clock), loader(n=400))
-    rows = lipschitz_rows(logger)
-    certified = [int(r["step"]) + 1 for r in rows if r.get(CERTIFIED)]
-    quick = [int(r["step"]) + 1 for r in rows if r.get("lipschitz/quick_certificate_time_s")]
+    callback, rows = anchored_fit(tmp_path, ReAnchoring)
+    certified = steps_with(rows, CERTIFIED)
+    quick = steps_with(rows, "lipschitz/quick_certificate_time_s")
     assert quick == [2, *range(14, 99, 7)]
     assert certified == list(range(2, 101))
     assert callback.budget.runs == {"autolip": 1, "quick_certificate": 14, "autolip_certified": 85}
@@ -304,21 +316,9 @@ def test_a_quick_anchor_is_upgraded_from_savings(tmp_path):
     for the remaining increments within P ((11 + 32 + 20 + 84 * 2)/64 = 231/64 <= 400/64):
     step 16. Its anchor is not quick: nothing more is wanted; increments to the end (S = (43
     + 32 + 84 * 2)/64 = 243/64)."""
-    clock = FakeClock()
-    callback = QuickAnchor(
-        clock,
-        methods=["autolip"],
-        every_n_train_steps=1,
-        max_overhead=EPSILON,
-        compute_at_fit_end=False,
-        recertify_slack=1e9,
-    )
-    logger = CSVLogger(tmp_path, name="csv")
-    trainer = make_trainer(tmp_path, [callback], logger=logger, max_steps=100)
-    trainer.fit(TimedModule(clock), loader(n=400))
-    rows = lipschitz_rows(logger)
-    certified = [int(r["step"]) + 1 for r in rows if r.get(CERTIFIED)]
-    full = [int(r["step"]) + 1 for r in rows if r.get("lipschitz/full_certificate_time_s")]
+    callback, rows = anchored_fit(tmp_path, QuickAnchor, recertify_slack=1e9)
+    certified = steps_with(rows, CERTIFIED)
+    full = steps_with(rows, "lipschitz/full_certificate_time_s")
     assert full == [16]
     assert certified == list(range(2, 101))
     assert callback.budget.runs == {
@@ -354,28 +354,16 @@ def test_a_quick_anchor_waits_for_its_upgrade_while_it_fits_the_plan(tmp_path):
     4k). From step 96 (S = 187 + 2k) the full one no longer fits the plan (187 + 32 + 200 =
     419 > 400) and the quick one neither (403 > 400): increments to the end (S = 379 + 5 * 2
     = 389). Quick anchors 2, 29, 51, 73, 95; full 16, 44, 66, 88; 90 increments."""
-    clock = FakeClock()
-    callback = QuickReAnchoring(
-        clock,
-        methods=["autolip"],
-        every_n_train_steps=1,
-        max_overhead=EPSILON,
-        compute_at_fit_end=False,
-    )
-    logger = CSVLogger(tmp_path, name="csv")
-    trainer = make_trainer(tmp_path, [callback], logger=logger, max_steps=100)
-    trainer.fit(TimedModule(clock), loader(n=400))
-    rows = lipschitz_rows(logger)
+    callback, rows = anchored_fit(tmp_path, QuickReAnchoring)
     steps = {
-        row: [int(r["step"]) + 1 for r in rows if r.get(f"lipschitz/{row}_time_s")]
+        row: steps_with(rows, f"lipschitz/{row}_time_s")
         for row in ("quick_certificate", "full_certificate")
     }
     assert steps == {
         "quick_certificate": [2, 29, 51, 73, 95],
         "full_certificate": [16, 44, 66, 88],
     }
-    certified = [int(r["step"]) + 1 for r in rows if r.get(CERTIFIED)]
-    assert certified == list(range(2, 101))
+    assert steps_with(rows, CERTIFIED) == list(range(2, 101))
     assert callback.budget.runs == {
         "autolip": 1,
         "quick_certificate": 5,
