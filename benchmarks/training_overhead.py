@@ -282,6 +282,7 @@ def overhead_rows(fit: Fit, optimizer: str, repeats: int, device: torch.device) 
     fit_time(fit, optimizer, device, [], steps=5)  # warm-up (imports, allocator)
     rows_of = variants(fit)
     times: list[list[float]] = [[] for _ in rows_of]
+    owns: list[list[float]] = [[] for _ in rows_of]  # the callbacks' own seconds per fit
     notes: list[str] = ["" for _ in rows_of]
     watched: pl.Trainer | None = None  # the trainer of the iteration rows (no other is kept)
     for _ in range(repeats):
@@ -290,6 +291,9 @@ def overhead_rows(fit: Fit, optimizer: str, repeats: int, device: torch.device) 
                 fit, optimizer, device, v.callbacks(), penalty_weight=v.penalty_weight
             )
             times[i].append(seconds)
+            owns[i].append(
+                sum(getattr(getattr(cb, "budget", None), "own", 0.0) for cb in trainer.callbacks)
+            )
             notes[i] = reported(trainer)
             watched = trainer if i == 1 else watched
             del trainer
@@ -298,6 +302,9 @@ def overhead_rows(fit: Fit, optimizer: str, repeats: int, device: torch.device) 
     for i, v in enumerate(rows_of):
         ratio = median(t / b for t, b in zip(times[i], base, strict=True))
         note = "; ".join(n for n in (v.note, notes[i]) if n)
+        if any(owns[i]):  # what the fit lost outside the callback's hooks (caches, GC, noise)
+            rest = median((t - o) / b for t, o, b in zip(times[i], owns[i], base, strict=True))
+            note += f"; wall minus own time {rest:.3f}x the fit without"
         rows.append([fit.name, optimizer, v.label, median(times[i]), ratio, note])
     if fit.issue3_rows:
         assert watched is not None
