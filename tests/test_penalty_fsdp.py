@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import lipreg
-from tests.spawn_helpers import join_group, spawn_with_deadline
+from tests.spawn_helpers import exit_worker, join_group, spawn_with_deadline
 
 TIMEOUT_S = 240.0  # the pair imports torch and lipreg again: ~25 s at load
 RTOL, ATOL = 1e-6, 1e-9
@@ -179,6 +179,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     finally:
         torch.save(found, Path(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
+    exit_worker()  # see its docstring: torch's teardown after FSDP can abort
 
 
 @pytest.fixture(scope="module")

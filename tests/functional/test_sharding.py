@@ -28,7 +28,7 @@ from torch import nn
 
 import lipreg
 from lipreg.functional.specs import Affine
-from tests.spawn_helpers import join_group, spawn_with_deadline
+from tests.spawn_helpers import exit_worker, join_group, spawn_with_deadline
 
 TIMEOUT_S = 240.0  # the pair imports torch and lipreg again: ~25 s at load
 
@@ -254,6 +254,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(found))
         dist.destroy_process_group()
+    exit_worker()  # see its docstring: torch's teardown after FSDP can abort
 
 
 @pytest.fixture(scope="module")
