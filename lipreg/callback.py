@@ -87,7 +87,6 @@ from lipreg.callback_inputs import (
     infer_input,
 )
 from lipreg.callback_methods import (
-    ANCHOR_ROWS,
     FIT_END,
     METHOD_TABLE,
     SCHEDULED,
@@ -158,8 +157,11 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
     a looser certificate is replaced by a full one (:data:`~lipreg.functional.ladder.LADDER`)
     once the budget's savings afford it; once the slack grew by more than ``recertify_slack``
     since the anchor, the next certified value is a new anchor (the full certificate while a
-    quick anchor's upgrade fits the planned budget, else the quick one). The anchor belongs
-    to the fit (not checkpointed: a resumed fit anchors anew).
+    quick anchor's upgrade fits the planned budget, else the quick one). Where an increment
+    costs more than a quick certificate (both measured: train-mode batch-norm networks such
+    as resnet18, whose increments also bound the folded scales' change), every certified
+    value is a quick certificate, a new anchor: cheaper and without an increment's slack.
+    The anchor belongs to the fit (not checkpointed: a resumed fit anchors anew).
 
     **Cost budget.** The callback times everything it does (one clock, ``budget.clock``) and
     the training between its hooks, and keeps its own time under ``max_overhead`` times the
@@ -465,16 +467,12 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
         tasks = self._tasks(due)
         # the fit end's reserve: the estimate and an increment (without an anchor by then,
         # the promised quick certificate runs over budget, counted). Re-anchoring refreshes
-        # what these two keep logging: after them (from savings, room for their runs left).
-        monitored = [
-            METHOD_TABLE[m]
-            for m in ("autolip", "autolip_certified")
-            if METHOD_TABLE[m].requires in self._active() and m not in self._disabled
-        ]
-        reserve = monitored if self.compute_at_fit_end and not forced else []
+        # what these two keep logging: after them (from savings, room for their runs left);
+        # a quick certificate no dearer than an increment monitors in its place.
+        promised, monitored, refresh = self._budget_rows()
+        reserve = promised if self.compute_at_fit_end and not forced else []
         cadences = {m.name: getattr(self, m.cadence) or 0 for m in tasks}
         monitoring = [(m, getattr(self, m.cadence) or 0) for m in monitored]
-        refresh = ANCHOR_ROWS if self._anchor is not None else ()
         chosen = self.budget.choose(tasks, step, reserve, cadences, forced, monitoring, refresh)
         if trainer.world_size > 1:
             chosen = trainer.strategy.broadcast(chosen, src=0)

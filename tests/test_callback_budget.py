@@ -371,3 +371,37 @@ def test_a_quick_anchor_waits_for_its_upgrade_while_it_fits_the_plan(tmp_path):
         "autolip_certified": 90,
     }
     assert callback.budget.own == ESTIMATE + 5 * QUICK + 4 * FULL + 90 * INCREMENT == 389 / 64
+
+
+class DearIncrements(TimedCallback):
+    """Its increments cost 1/2 s (twice a quick certificate), as on resnet18 in train mode."""
+
+    def _incremental_certificate(self, network: nn.Module):
+        result = super()._incremental_certificate(network)
+        if result is not None:
+            self.clock.advance(1 / 2 - INCREMENT)
+        return result
+
+
+def test_quick_certificates_replace_increments_that_cost_more(tmp_path):
+    """100 planned steps (P = 400/64), no re-anchoring for slack; S in 64ths. Step 1: the
+    estimate (cold, S = 1); step 2: the quick anchor (S = 17); step 3: the first increment
+    (guessed at 1, measured 32: S = 49). From then on the quick certificate (measured 16)
+    costs no more than an increment: it is the monitoring in the increment's place, spaced by
+    its cost (16 / e t = 4 steps since its last run at 2), running in debt within the plan
+    (S + 16 <= 400); the increment, no longer monitoring, would need its own spacing (8
+    steps) and savings, and the estimate is given by each quick certificate. Quick
+    certificates at 6, 10, ..., 86 (S = 49 + 16 * 21 = 385); at 90 the next one would
+    overrun the plan (401), and so would an increment (417): the estimate alone, spaced by
+    the monitoring's cost (4 steps), at 90, 94 and 98 (its guess 1/2, then 1: S = 388). So a
+    certified value every 4 steps instead of every 8 (the increments' spacing), each a fresh
+    anchor (no increment's slack)."""
+    callback, rows = anchored_fit(tmp_path, DearIncrements, recertify_slack=1e9)
+    quick = steps_with(rows, "lipschitz/quick_certificate_time_s")
+    assert quick == [2, *range(6, 87, 4)]
+    assert steps_with(rows, CERTIFIED) == [2, 3, *range(6, 87, 4)]
+    assert steps_with(rows, "lipschitz/autolip") == [1, 2, 3, *range(6, 87, 4), 90, 94, 98]
+    assert callback.budget.runs == {"autolip": 4, "quick_certificate": 22, "autolip_certified": 1}
+    assert callback.budget.own == 4 * ESTIMATE + 22 * QUICK + 1 / 2 == 388 / 64
+    counts = [float(r["lipschitz/full_certificates"]) for r in rows if r.get(CERTIFIED)]
+    assert counts == [1, 1, *range(2, 23)]  # every quick certificate is a new anchor
