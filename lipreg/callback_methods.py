@@ -366,8 +366,9 @@ class MethodWork:
 
     def _promised_certificate(self) -> str:
         """The row of the fit end's certified value: incremental from the anchor if there is
-        one, else a quick full certificate (sharded, or the quick one off: a full one)."""
-        if self._anchor is not None:
+        one (unless a quick certificate costs no more: :meth:`_quick_replaces_increment`),
+        else a quick full certificate (sharded, or the quick one off: a full one)."""
+        if self._anchor is not None and not self._quick_replaces_increment():
             return "autolip_certified"
         full = self._sharded or "quick_certificate" in self._disabled
         return "full_certificate" if full else "quick_certificate"

@@ -136,15 +136,12 @@ def fit(tmp_path, steps: int, data: Any = None, **options: Any):
 
 def anchored_fit(tmp_path, callback_class: type, **options: Any):
     """A 100-step fit of ``callback_class`` (a :class:`TimedCallback`) estimating and
-    certifying at every step, no fit-end promise; returns the callback and its CSV rows."""
+    certifying at every step, no fit-end promise unless ``options`` say so; returns the
+    callback and its CSV rows."""
     clock = FakeClock()
+    options = {"compute_at_fit_end": False, **options}
     callback = callback_class(
-        clock,
-        methods=["autolip"],
-        every_n_train_steps=1,
-        max_overhead=EPSILON,
-        compute_at_fit_end=False,
-        **options,
+        clock, methods=["autolip"], every_n_train_steps=1, max_overhead=EPSILON, **options
     )
     logger = CSVLogger(tmp_path, name="csv")
     trainer = make_trainer(tmp_path, [callback], logger=logger, max_steps=100)
@@ -405,3 +402,21 @@ def test_quick_certificates_replace_increments_that_cost_more(tmp_path):
     assert callback.budget.own == 4 * ESTIMATE + 22 * QUICK + 1 / 2 == 388 / 64
     counts = [float(r["lipschitz/full_certificates"]) for r in rows if r.get(CERTIFIED)]
     assert counts == [1, 1, *range(2, 23)]  # every quick certificate is a new anchor
+
+
+def test_with_dear_increments_the_fit_ends_with_a_quick_certificate(tmp_path):
+    """The previous fit with the fit-end promise (S in 64ths): its reserve R is an
+    increment's cost (it answers the estimate), guessed at 1 until step 3, then 32. Quick
+    certificates while S + 16 + R <= 400: at 6, 10, ..., 78 (S = 49 + 16 * 19 = 353); then
+    the estimate alone (guess 1/2, then 1, plus R within the plan) at 82, ..., 98 (S = 358).
+    Nothing at step 100 (the estimate's spacing), so the fit end keeps its promise: the
+    estimate and, since an increment costs more than a quick certificate, a quick
+    certificate, run whatever they cost (S = 374)."""
+    callback, rows = anchored_fit(
+        tmp_path, DearIncrements, recertify_slack=1e9, compute_at_fit_end=True
+    )
+    quick = steps_with(rows, "lipschitz/quick_certificate_time_s")
+    assert quick == [2, *range(6, 79, 4), 100]
+    assert steps_with(rows, "lipschitz/autolip") == [1, 2, 3, *range(6, 99, 4), 100]
+    assert callback.budget.runs == {"autolip": 6, "quick_certificate": 21, "autolip_certified": 1}
+    assert callback.budget.own == 6 * ESTIMATE + 21 * QUICK + 1 / 2 == 374 / 64
