@@ -1,6 +1,7 @@
-"""The benchmark scripts' own machinery (``benchmarks/scaling.py``, ``benchmarks/_common.py``)
-against independent ground truths, and smoke runs of ``scaling.py`` and ``speed.py`` with
-``--quick`` on their smallest networks.
+"""The benchmark scripts' own machinery (``benchmarks/scaling.py``, ``benchmarks/_common.py``
+and ``benchmarks/lockstep_overhead.py``'s turn-taking) against independent ground truths, and
+smoke runs of ``scaling.py``, ``speed.py`` and ``lockstep_overhead.py`` with ``--quick`` on
+their smallest networks.
 
 ``training_overhead.py --quick`` is NOT run here: it fits three networks with Lightning several
 times (minutes of CPU), too long for the suite; run it by hand.
@@ -12,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import ModuleType
@@ -127,3 +129,67 @@ def test_cuda_device_is_refused_without_a_gpu(scaling: ModuleType) -> None:
     with pytest.raises(SystemExit, match=r"torch\.cuda\.is_available"):
         scaling.resolve_device("cuda")
     assert scaling.resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def lockstep() -> ModuleType:
+    """``benchmarks/lockstep_overhead.py`` imported with ``benchmarks/`` on ``sys.path``."""
+    import importlib
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCHMARKS))
+        return importlib.import_module("lockstep_overhead")
+
+
+def test_the_baton_alternates_fits_and_counts_each_ones_turns(
+    lockstep: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three threads of 4, 2 and 3 steps, each step advancing a fake clock by 1/2, 1/4 and
+    1/8 s (the first step of each is taken at ``take`` like ``on_train_start``): the turns go
+    round robin, skipping finished fits (0 1 2 0 1 2 0 2 0 by hand), each fit's held time is
+    its own steps only (2, 1/2, 3/8 s: exact, dyadic), and its clock reads that time."""
+    now = [0.0]
+    monkeypatch.setattr(lockstep.time, "perf_counter", lambda: now[0])
+    baton = lockstep.Baton(3)
+    steps, cost = [4, 2, 3], [0.5, 0.25, 0.125]
+    order: list[int] = []
+    clocks: list[float] = [0.0] * 3
+
+    def fit(i: int) -> None:
+        baton.take(i)
+        for k in range(steps[i]):
+            if k:
+                baton.hand_over(i)
+                baton.take(i)
+            order.append(i)
+            now[0] += cost[i]
+        clocks[i] = baton.clock(i)()
+        baton.hand_over(i, finished=True)
+
+    threads = [threading.Thread(target=fit, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert order == [0, 1, 2, 0, 1, 2, 0, 2, 0]
+    assert baton.held == clocks == [2.0, 0.5, 0.375]
+
+
+def test_lockstep_overhead_quick_runs() -> None:
+    """``lockstep_overhead.py --quick`` on the MLP with SGD, one cadence: both rows (≈ 20 s)."""
+    stdout = run_script(
+        [
+            str(BENCHMARKS / "lockstep_overhead.py"),
+            "--quick",
+            "--networks",
+            "mlp",
+            "--optimizers",
+            "sgd",
+            "--every",
+            "10",
+        ],
+        240,
+    )
+    assert "fit, no callback" in stdout
+    assert "LipschitzCallback(every_n_train_steps=10)" in stdout
+    assert "--quick" in stdout
