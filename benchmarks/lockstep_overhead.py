@@ -47,11 +47,10 @@ from training_overhead import (
     Fit,
     default_callback,
     loader,
-    mlp,
+    mnist_fit,
+    quiet_trainer,
     reported,
 )
-
-from lipreg.models import mnist_cnn4
 
 
 class Baton:
@@ -131,18 +130,8 @@ def one_round(
         own = [] if i == 0 else [default_callback(every[i - 1])]
         for callback in own:
             callback.budget.clock = baton.clock(i)
-        trainers.append(
-            pl.Trainer(
-                max_steps=fit.steps,
-                accelerator="gpu" if device.type == "cuda" else "cpu",
-                devices=[device.index or 0] if device.type == "cuda" else "auto",
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                callbacks=[TakeTurns(baton, i), *own, FinishTurns(baton, i)],
-            )
-        )
+        callbacks = [TakeTurns(baton, i), *own, FinishTurns(baton, i)]
+        trainers.append(quiet_trainer(fit.steps, device, callbacks))
 
     def run(i: int) -> None:
         try:
@@ -213,14 +202,11 @@ def main() -> None:
     setup_threads()
     device = resolve_device(args.device)
     load_before = machine_load()
-    nets = {
-        "mlp": Fit("MLP 784-1000x3-10", mlp, (1, 28, 28), 128, args.steps, False),
-        "cnn4": Fit("MNIST CNN-4", mnist_cnn4, (1, 28, 28), 128, args.steps, False),
-    }
     rows: list[list[Any]] = []
     for name in args.networks:
         for optimizer in args.optimizers:
-            rows += rows_for(nets[name], optimizer, args.every, args.rounds, device)
+            fit = mnist_fit(name, args.steps, issue3_rows=False)
+            rows += rows_for(fit, optimizer, args.every, args.rounds, device)
     print_table(["network", "optimizer", "what", "time (s)", "ratio", "own time", "note"], rows)
     print()
     print(

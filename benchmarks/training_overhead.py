@@ -151,6 +151,21 @@ def loader(fit: Fit, steps: int) -> DataLoader:
     return DataLoader(data, batch_size=fit.batch, sampler=sampler)
 
 
+def quiet_trainer(steps: int, device: torch.device, callbacks: list) -> pl.Trainer:
+    """A Trainer of ``steps`` optimizer steps on ``device`` with ``callbacks`` and nothing
+    else (no logger, checkpoint, progress bar or model summary: only what is timed)."""
+    return pl.Trainer(
+        max_steps=steps,
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=[device.index or 0] if device.type == "cuda" else "auto",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+
+
 def fit_time(
     fit: Fit,
     optimizer: str,
@@ -164,16 +179,7 @@ def fit_time(
     torch.manual_seed(0)
     steps = fit.steps if steps is None else steps
     model = Classifier(fit.make, fit.shape, optimizer, penalty_weight)
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=[device.index or 0] if device.type == "cuda" else "auto",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
+    trainer = quiet_trainer(steps, device, callbacks)
     data = loader(fit, steps)
     seconds, _ = single_run(lambda: trainer.fit(model, data), device)
     return seconds, trainer
@@ -323,11 +329,18 @@ def iteration_rows(fit: Fit, optimizer: str, trainer: pl.Trainer) -> list[list]:
     return [[*r, "", ""] for r in rows]
 
 
+def mnist_fit(name: str, steps: int, issue3_rows: bool) -> Fit:
+    """The MNIST-sized fit of ``name`` (``"mlp"`` or ``"cnn4"``): batches of 128 x 1 x 28 x 28."""
+    if name == "mlp":
+        return Fit("MLP 784-1000x3-10", mlp, (1, 28, 28), 128, steps, issue3_rows)
+    return Fit("MNIST CNN-4", mnist_cnn4, (1, 28, 28), 128, steps, issue3_rows)
+
+
 def fits(args: argparse.Namespace) -> list[Fit]:
     issue3 = not getattr(args, "defaults_only", False)
     table = {
-        "mlp": Fit("MLP 784-1000x3-10", mlp, (1, 28, 28), 128, args.steps, issue3),
-        "cnn4": Fit("MNIST CNN-4", mnist_cnn4, (1, 28, 28), 128, args.steps, issue3),
+        "mlp": mnist_fit("mlp", args.steps, issue3),
+        "cnn4": mnist_fit("cnn4", args.steps, issue3),
         "resnet18": Fit(
             "resnet18 3x32x32", resnet18, (3, 32, 32), args.resnet_batch, args.resnet_steps, False
         ),
