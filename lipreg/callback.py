@@ -410,7 +410,7 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
         due = {m for m in SCHEDULED if self.should_compute(m, step, trainer.current_epoch)}
         due = rows_of(due)
         if due:
-            with self.budget.counting():
+            with self.budget.counting(step=True):
                 due = self._affordable(trainer, due, step)
                 self._compute_and_log(trainer, step, due, in_batch=True)
 
@@ -471,7 +471,9 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
         # a quick certificate no dearer than an increment monitors in its place.
         promised, monitored, refresh = self._budget_rows()
         reserve = promised if self.compute_at_fit_end and not forced else []
-        cadences = {m.name: getattr(self, m.cadence) or 0 for m in tasks}
+        # every scheduled row's cadence: the smallest is how often the callback is called
+        scheduled = self._tasks(set(SCHEDULED)) + tasks
+        cadences = {m.name: getattr(self, m.cadence) or 0 for m in scheduled}
         monitoring = [(m, getattr(self, m.cadence) or 0) for m in monitored]
         chosen = self.budget.choose(tasks, step, reserve, cadences, forced, monitoring, refresh)
         if trainer.world_size > 1:
@@ -614,6 +616,9 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
         metrics: dict[str, float] = {}
         if self._collective:  # sharded: every rank must enter the same gathers
             self._check_ranks_agree(due, step)
+        elif not due:  # the budget chose nothing (the same on every rank: rank 0's choice)
+            self._mark_done(step, due)
+            return
         if self._prepared and not self._off and self._network_cache is not None:
             network = self._network_cache
             with torch.autocast(device_type=device_type(network), enabled=False):
@@ -621,10 +626,7 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
         # Same numbers on every rank (collective: every rank reaches this line at this step,
         # even with the callback off, so that a rank-dependent failure cannot hang DDP).
         metrics = trainer.strategy.broadcast(metrics, src=0)
-        if step != self._last_step:
-            self._done_at_last_step = set()
-        self._last_step = step
-        self._done_at_last_step |= due
+        self._mark_done(step, due)
         if not metrics:
             return
         # last_metrics: everything computed at the last step (the fit end may add to it)
@@ -643,6 +645,13 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
                 "index of its own self.log values): Lipschitz values are logged at "
                 "trainer.global_step, one step after Lightning's values of the same step.",
             )
+
+    def _mark_done(self, step: int, due: set[str]) -> None:
+        """``due`` was computed after ``step`` (what the fit end need not compute again)."""
+        if step != self._last_step:
+            self._done_at_last_step = set()
+        self._last_step = step
+        self._done_at_last_step |= due
 
     def _compute(self, network: nn.Module, step: int, due: set[str]) -> dict[str, float]:
         """Every due and runnable method of :data:`_METHOD_TABLE`, in its order; a failing

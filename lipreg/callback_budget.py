@@ -24,11 +24,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from lipreg.callback_options import PREFIX
 from lipreg.callback_records import Method
 
-__all__ = ["COST_WINDOW", "CostBudget", "planned_steps"]
+__all__ = ["COST_WINDOW", "UPKEEP_WINDOW", "CostBudget", "planned_steps"]
 
 #: A method's predicted cost is the median of its last ``COST_WINDOW`` measured runs (the
 #: median: a run slowed down by a busy machine or a cold start does not set the cadence).
 COST_WINDOW = 5
+
+#: The upkeep of a step (the callback's time at a step besides its methods' runs: deciding,
+#: checking the weights, logging) is predicted by the median of its last ``UPKEEP_WINDOW``
+#: steps (the median: a first log call that sets Lightning up does not stop the monitoring).
+UPKEEP_WINDOW = 25
 
 
 class CostBudget:
@@ -51,7 +56,12 @@ class CostBudget:
       length is unknown or infinite);
     * ``R``: the reserve, the predicted cost of what the callback promises at the end of the
       fit (``compute_at_fit_end``: the estimate and an incremental certificate); it is set
-      aside from ``P`` once the estimate has been measured (the guesses are in its units).
+      aside from ``P`` once the estimate has been measured (the guesses are in its units);
+      with it, the upkeep of the calls left in the planned fit, this one included (its
+      logging comes after the decision): ``u * (⌊(N − k) / n⌋ + 1)``, ``u`` the median
+      upkeep of a step at which the callback was called (:data:`UPKEEP_WINDOW`), ``n`` the
+      smallest step cadence (at ``every_n_train_steps=1`` on a small network, deciding at
+      every step costs about 1 % of the fit: unplanned, it overran the budget).
 
     At a step where the cadences select some methods, the unbudgeted ones count first
     (``S`` grows by their predicted cost), then each budgeted one, in the order of the
@@ -101,6 +111,7 @@ class CostBudget:
     def start_fit(self) -> None:
         """Forget the previous fit's measurements (a new fit may train another network)."""
         self.costs: dict[str, deque[float]] = {}
+        self._medians: dict[str, float] = {}  # of ``costs`` (asked at every decision)
         self.always = 0.0  # seconds of the always-run (unbudgeted) methods in this fit
         self.runs: dict[str, int] = {}  # runs of each method in this fit
         #: the unit of the priors: the fit's first AutoLip estimate (cold, unless warm
@@ -108,6 +119,9 @@ class CostBudget:
         self.unit: float | None = None
         self.last_chosen: dict[str, int] = {}  # k_m: the fit's step of each method's last run
         self.own = 0.0  # S: the callback's seconds in this fit
+        self.recorded = 0.0  # seconds of the methods' runs in this fit (part of S)
+        #: the callback's seconds besides its methods at its last steps (:data:`UPKEEP_WINDOW`)
+        self.upkeep: deque[float] = deque(maxlen=UPKEEP_WINDOW)
         self.start: float | None = None  # the clock at the first batch of the fit
         self.start_step = 0
         self.planned_steps: int | None = None
@@ -126,17 +140,22 @@ class CostBudget:
         self.planned_steps = remaining if remaining > 0 else None
 
     @contextmanager
-    def counting(self) -> Iterator[None]:
-        """Count the enclosed time as the callback's own (nested uses count once)."""
+    def counting(self, step: bool = False) -> Iterator[None]:
+        """Count the enclosed time as the callback's own (nested uses count once); ``step``:
+        the enclosed time is the callback's work at a step, whose part besides the methods'
+        runs is a sample of the step's upkeep."""
         if self._depth:
             yield
             return
-        self._depth, begin = 1, self.clock()
+        self._depth, begin, methods = 1, self.clock(), self.recorded
         try:
             yield
         finally:
             self._depth = 0
-            self.own += self.clock() - begin
+            seconds = self.clock() - begin
+            self.own += seconds
+            if step:
+                self.upkeep.append(max(seconds - (self.recorded - methods), 0.0))
 
     def record(self, method: Method, seconds: float) -> None:
         """One measured run of ``method``."""
@@ -145,15 +164,17 @@ class CostBudget:
             # not a prediction of the warm ones (it would space the next ones far apart)
             self.unit = seconds
         else:
-            self.costs.setdefault(method.name, deque(maxlen=COST_WINDOW)).append(seconds)
+            runs = self.costs.setdefault(method.name, deque(maxlen=COST_WINDOW))
+            runs.append(seconds)
+            self._medians[method.name] = statistics.median(runs)
         self.runs[method.name] = self.runs.get(method.name, 0) + 1
+        self.recorded += seconds
         if not method.budgeted:
             self.always += seconds
 
     def measured(self, name: str) -> float | None:
         """Median of the last runs of ``name`` in this fit (``None`` before the first)."""
-        runs = self.costs.get(name)
-        return statistics.median(runs) if runs else None
+        return self._medians.get(name)
 
     def training_seconds(self) -> float:
         """``T``: wall time since the fit's first batch minus the callback's own time."""
@@ -182,7 +203,8 @@ class CostBudget:
     ) -> list[str]:
         """The names of ``due`` (in order) that run at ``step`` (policy: class docstring);
         ``reserve`` are the methods promised at the fit end, ``cadences`` the step cadence of
-        each method (for the note a stretched method gets once); ``forced`` run whatever
+        each scheduled method (the smallest: how often the callback is called, for the
+        upkeep's reserve; each: for the note a stretched method gets once); ``forced`` run whatever
         they cost (the fit end's promise) and count like the unbudgeted ones.
         ``monitoring`` (methods with their cadences: the estimate and the incremental
         certificate) may run in debt (rule 1 waived: the debt of a borrowed anchor must not
@@ -205,6 +227,7 @@ class CostBudget:
         # (a guess scaled by the step time would keep the estimate itself from running)
         measured = self.unit is not None
         set_aside = self._cost(reserve, per_step) if measured else 0.0
+        set_aside += self._upkeep_reserve(k, cadences)
         later = self._monitoring_reserve(monitoring, k, per_step) if refresh else 0.0
         watch = {m.name for m, _ in monitoring}
         watch_cost = self._cost([m for m, _ in monitoring], per_step)
@@ -264,6 +287,14 @@ class CostBudget:
         running them all at one step costs."""
         covered = {m.covers for m in rows if m.covers}
         return sum(self.predicted(m, per_step) or 0.0 for m in rows if m.name not in covered)
+
+    def _upkeep_reserve(self, k: int, cadences: dict[str, int]) -> float:
+        """``u * (⌊(N − k) / n⌋ + 1)``: the upkeep of the calls left in the planned fit, this
+        one included (0 when its length is unknown, or no upkeep was measured yet)."""
+        if self.planned_steps is None or not self.upkeep or k > self.planned_steps:
+            return 0.0
+        every = min((c for c in cadences.values() if c > 0), default=1)
+        return statistics.median(self.upkeep) * ((self.planned_steps - k) // every + 1)
 
     def _monitoring_reserve(
         self, monitoring: Sequence[tuple[Method, int]], k: int, per_step: float | None

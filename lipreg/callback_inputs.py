@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -136,7 +137,8 @@ def subnetworks_hint(module: nn.Module) -> str:
 
 def device_type(module: nn.Module) -> str:
     """``"cpu"``/``"cuda"``...: where the first parameter or buffer lives (``"cpu"`` if none)."""
-    first = next(iter(list(module.parameters()) + list(module.buffers())), None)
+    # (a generator: this runs at every monitoring step, listing the parameters would not)
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
     return first.device.type if first is not None else "cpu"
 
 

@@ -420,3 +420,38 @@ def test_with_dear_increments_the_fit_ends_with_a_quick_certificate(tmp_path):
     assert steps_with(rows, "lipschitz/autolip") == [1, 2, 3, *range(6, 99, 4), 100]
     assert callback.budget.runs == {"autolip": 6, "quick_certificate": 21, "autolip_certified": 1}
     assert callback.budget.own == 6 * ESTIMATE + 21 * QUICK + 1 / 2 == 374 / 64
+
+
+class CostlyUpkeep(TimedCallback):
+    """Its increments cost 1/16 s (e t: one every step) and each step at which it is called
+    takes 1/64 s besides its methods, after deciding (as logging does)."""
+
+    def _affordable(self, *args: Any, **kwargs: Any) -> set[str]:
+        chosen = super()._affordable(*args, **kwargs)
+        self.clock.advance(1 / 64)
+        return chosen
+
+    def _incremental_certificate(self, network: nn.Module):
+        result = super()._incremental_certificate(network)
+        if result is not None:
+            self.clock.advance(1 / 16 - INCREMENT)
+        return result
+
+
+def test_the_upkeep_of_the_steps_left_is_set_aside(tmp_path):
+    """100 planned steps (P = 400/64), S in 64ths, the upkeep u = 1 at every step (the
+    callback is called at every step), so the plan sets aside u * (100 - k + 1) at step k.
+    Step 1: the estimate (cold: 1), S = 2. Step 2: the quick anchor (2 + 10 + 99 <= 400),
+    S = 19. From step 3 the increment (4, spaced by 4 <= e t = 4) at every step while
+    S + 4 + (101 - k) <= 400, with S = 5k + 4 before step k >= 4 (24 before step 4): up to
+    step 72 (S = 369 before 73). Then the estimate alone (guessed at 1/2, then measured 1)
+    while S + c + (101 - k) <= 400: at 73 (397.5), 74 (399), 75 (400), S = 375 after it,
+    and the upkeep of the 25 steps left ends the fit at S = 400 = e T exactly. Without the
+    upkeep set aside, the increments would run to step 78 (S + 4 <= 400), the estimate at
+    79, and the upkeep of the 21 steps left end the fit at S = 422 > e T (checked once)."""
+    callback, rows = anchored_fit(tmp_path, CostlyUpkeep, recertify_slack=1e9)
+    assert steps_with(rows, CERTIFIED) == list(range(2, 73))
+    assert steps_with(rows, "lipschitz/autolip") == list(range(1, 76))
+    assert callback.budget.runs == {"autolip": 4, "quick_certificate": 1, "autolip_certified": 70}
+    assert callback.budget.own == 1 / 64 + QUICK + 70 / 16 + 3 / 64 + 100 / 64 == 400 / 64
+    assert callback.budget.own <= EPSILON * callback.budget.training_seconds()
