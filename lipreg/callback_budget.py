@@ -76,8 +76,10 @@ class CostBudget:
     and ``S`` grows by ``c(m)`` before the next one is examined (two exceptions, passed by
     the callback: the *monitoring* — the estimate and the incremental certificate — skips
     rule 1 and is spaced by its summed cost, so that the debt of a borrowed anchor does not
-    silence it; a *refresh* — re-anchoring — needs ``S + c(m) <= E`` and room in the plan
-    for every remaining monitoring run; :meth:`choose`). A row whose value a chosen row
+    silence it, by twice that while a wanted re-anchoring fits half the plan left, so that
+    the increments' slack does not grow for the whole fit at a dense cadence; a *refresh* —
+    re-anchoring — needs ``S + c(m) <= E`` and room in the plan for every remaining
+    monitoring run; :meth:`choose`). A row whose value a chosen row
     already gives is chosen at no cost: the row it answers (``Method.covers``: the estimate,
     at a step where a certificate runs, which computes it anyway; sums of costs — the
     monitoring's, the reserve — leave it out once the unit is known), or a row logging the
@@ -209,10 +211,12 @@ class CostBudget:
         ``monitoring`` (methods with their cadences: the estimate and the incremental
         certificate) may run in debt (rule 1 waived: the debt of a borrowed anchor must not
         silence them) as long as rule 2 holds, spaced by their summed cost (rule 3 with
-        ``Σ c(m')``). ``refresh``: methods that only refresh what the monitoring keeps
-        logging (re-anchoring): they run from savings only (``S + c(m) <= E``) and only if
-        the planned fit keeps room for every remaining monitoring run (rule 2 with ``R`` plus
-        ``Σ c(m') ⌊(N − k) / n(m')⌋``)."""
+        ``C = Σ c(m')``; ``C = 2 Σ c(m')`` while a due ``refresh`` row costs at most half of
+        ``P − S − R``: the monitoring then leaves half the budget to it). ``refresh``: methods
+        that only refresh what the monitoring keeps logging (re-anchoring): they run from
+        savings only (``S + c(m) <= E``) and only if the planned fit keeps room for every
+        remaining monitoring run (rule 2 with ``R`` plus ``Σ c(m') ⌊(N − k) / max(n(m'),
+        C / (e t))⌋``)."""
         if self.max_overhead is None:
             return [m.name for m in due]
         k, train = step - self.start_step, self.training_seconds()
@@ -228,9 +232,17 @@ class CostBudget:
         measured = self.unit is not None
         set_aside = self._cost(reserve, per_step) if measured else 0.0
         set_aside += self._upkeep_reserve(k, cadences)
-        later = self._monitoring_reserve(monitoring, k, per_step) if refresh else 0.0
         watch = {m.name for m, _ in monitoring}
         watch_cost = self._cost([m for m, _ in monitoring], per_step)
+        # a wanted re-anchoring that fits half the plan left: the monitoring leaves it half
+        # the budget (spaced by twice its cost); else, at a dense cadence, the increments
+        # take it all and their slack grows for the whole fit (MLP + Adam at n = 10: 187)
+        room = (plan - spent - set_aside) / 2
+        if measured and any(
+            m.name in refresh and (self.predicted(m, per_step) or math.inf) <= room for m in due
+        ):
+            watch_cost *= 2
+        later = self._monitoring_reserve(monitoring, k, per_step, watch_cost) if refresh else 0.0
         chosen: list[str] = []
         # the quantities the chosen rows give: what they log, and what they answer (covers)
         given: set[str] = set()
@@ -297,16 +309,23 @@ class CostBudget:
         return statistics.median(self.upkeep) * ((self.planned_steps - k) // every + 1)
 
     def _monitoring_reserve(
-        self, monitoring: Sequence[tuple[Method, int]], k: int, per_step: float | None
+        self,
+        monitoring: Sequence[tuple[Method, int]],
+        k: int,
+        per_step: float | None,
+        spacing_cost: float,
     ) -> float:
-        """The predicted cost of every run of ``monitoring`` left in the planned fit (0 when
-        its length is unknown: the earned budget alone then governs)."""
+        """The predicted cost of every run of ``monitoring`` left in the planned fit, each
+        row every ``max(n(m), spacing_cost / (e t))`` steps (its cadence, or rule 3's
+        spacing; 0 when the length is unknown: the earned budget alone then governs)."""
         if self.planned_steps is None or per_step is None:
             return 0.0
+        assert self.max_overhead is not None
         remaining = max(self.planned_steps - k, 0)
+        spacing = spacing_cost / (self.max_overhead * per_step)
         covered = {m.covers for m, _ in monitoring if m.covers}
         return sum(
-            (self.predicted(m, per_step) or 0.0) * (remaining // max(cadence, 1))
+            (self.predicted(m, per_step) or 0.0) * (remaining // max(cadence, 1, spacing))
             for m, cadence in monitoring
             if m.name not in covered
         )

@@ -455,3 +455,34 @@ def test_the_upkeep_of_the_steps_left_is_set_aside(tmp_path):
     assert callback.budget.runs == {"autolip": 4, "quick_certificate": 1, "autolip_certified": 70}
     assert callback.budget.own == 1 / 64 + QUICK + 70 / 16 + 3 / 64 + 100 / 64 == 400 / 64
     assert callback.budget.own <= EPSILON * callback.budget.training_seconds()
+
+
+class DearReAnchoring(ReAnchoring):
+    """A new anchor always wanted, and increments costing 1/16 s: e t, the whole budget."""
+
+    def _incremental_certificate(self, network: nn.Module):
+        result = super()._incremental_certificate(network)
+        if result is not None:
+            self.clock.advance(1 / 16 - INCREMENT)
+        return result
+
+
+def test_the_monitoring_leaves_half_the_budget_to_a_wanted_re_anchoring(tmp_path):
+    """100 planned steps (P = 400), S in 64ths, a new anchor always wanted. Increments (4)
+    spaced by their cost alone would run at every step and take the whole budget (S = 4k + 5
+    > E = 4k before step k): no re-anchoring ever, the slack growing for the whole fit.
+    While the re-anchoring (the quick certificate, 16) fits half of P - S, the monitoring is
+    spaced by twice its cost: 8 / e t = 2 steps. Step 1 the estimate (1), step 2 the quick
+    anchor (S = 17), step 3 the first increment (guessed 1, spaced by 2; S = 21), then
+    increments at odd steps; the quick one tried first, from savings: S + 16 <= 4k, with S =
+    11 + 12j + 2k before an odd step k after j re-anchors (each replaces an increment: 12
+    more), at k = 15 + 6j (the even steps come later), with room in the plan for the
+    increments left (57 + 24j + 4 * (42 - 3j) <= 400). After the one at 93 (S = 369), half
+    of P - S (15.5) is below its cost: the increments run at every step again, 94-100
+    (S = 397), and a quick one no longer fits with them (S + 16 + 4 (100 - k) = 409)."""
+    callback, rows = anchored_fit(tmp_path, DearReAnchoring)
+    quick = steps_with(rows, "lipschitz/quick_certificate_time_s")
+    assert quick == [2, *range(15, 94, 6)]
+    assert steps_with(rows, CERTIFIED) == [2, *range(3, 94, 2), *range(94, 101)]
+    assert callback.budget.runs == {"autolip": 1, "quick_certificate": 15, "autolip_certified": 39}
+    assert callback.budget.own == ESTIMATE + 15 * QUICK + 39 / 16 == 397 / 64
