@@ -164,8 +164,10 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
     The anchor belongs to the fit (not checkpointed: a resumed fit anchors anew).
 
     **Cost budget.** The callback times everything it does (one clock, ``budget.clock``) and
-    the training between its hooks, and keeps its own time under ``max_overhead`` times the
-    training time. Every computation (``Method.budgeted`` in
+    the training between its hooks, and keeps its own time under ``(1 - UNTIMED_SHARE) *
+    max_overhead`` times the training time (3.75 % at the default 0.05: a quarter is left to
+    what no hook can time, its work slowing the fit's own steps through the CPU caches and the
+    allocator). Every computation (``Method.budgeted`` in
     :data:`lipreg.callback_methods.METHOD_TABLE`: the estimate, the full and the incremental
     certificates, SeqLip, the lower bound) runs at a step its cadence selects only if its
     predicted cost (median of its last runs; a generous guess before the first) fits: the
@@ -214,9 +216,10 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
             with a certified bound. SeqLip (minutes on a large network) and the lower bound
             keep their cadences. Independent of :meth:`should_compute`; never skipped by the
             budget (its cost is counted, and an incremental one set aside in advance).
-        max_overhead: the callback's time stays under this fraction of the training time
-            (default ``0.05``; ``None``: no budget, the step cadences alone). See **Cost
-            budget** above.
+        max_overhead: the fraction of the training time the callback may cost the fit: its
+            own time and, a quarter of it, its untimed effects on the training steps (default
+            ``0.05``; ``None``: no budget, the step cadences alone). See **Cost budget**
+            above.
         recertify_slack: re-anchor (a new full certificate) once the incremental certificates'
             slack grew by more than this fraction since the anchor (default ``0.01``; the
             slack is measured against the estimate of the same call).

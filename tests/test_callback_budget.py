@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from lipreg.callback import LipschitzCallback
+from lipreg.callback_budget import UNTIMED_SHARE
 from tests._lightning_helpers import (
     RegressionModule,
     capture_logs,
@@ -76,6 +77,7 @@ class TimedCallback(LipschitzCallback):
     def __init__(self, clock: FakeClock, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.budget.clock = clock
+        self.budget.untimed_share = 0.0  # the fake clock's steps have no untimed slow-down
         self.clock = clock
 
     def _run_estimator(self, network: nn.Module):
@@ -422,7 +424,17 @@ def test_with_dear_increments_the_fit_ends_with_a_quick_certificate(tmp_path):
     assert callback.budget.own == 6 * ESTIMATE + 21 * QUICK + 1 / 2 == 374 / 64
 
 
-class CostlyUpkeep(TimedCallback):
+class CostlyIncrements(TimedCallback):
+    """Its increments cost 1/16 s."""
+
+    def _incremental_certificate(self, network: nn.Module):
+        result = super()._incremental_certificate(network)
+        if result is not None:
+            self.clock.advance(1 / 16 - INCREMENT)
+        return result
+
+
+class CostlyUpkeep(CostlyIncrements):
     """Its increments cost 1/16 s (e t: one every step) and each step at which it is called
     takes 1/64 s besides its methods, after deciding (as logging does)."""
 
@@ -430,12 +442,6 @@ class CostlyUpkeep(TimedCallback):
         chosen = super()._affordable(*args, **kwargs)
         self.clock.advance(1 / 64)
         return chosen
-
-    def _incremental_certificate(self, network: nn.Module):
-        result = super()._incremental_certificate(network)
-        if result is not None:
-            self.clock.advance(1 / 16 - INCREMENT)
-        return result
 
 
 def test_the_upkeep_of_the_steps_left_is_set_aside(tmp_path):
@@ -457,14 +463,8 @@ def test_the_upkeep_of_the_steps_left_is_set_aside(tmp_path):
     assert callback.budget.own <= EPSILON * callback.budget.training_seconds()
 
 
-class DearReAnchoring(ReAnchoring):
+class DearReAnchoring(CostlyIncrements, ReAnchoring):
     """A new anchor always wanted, and increments costing 1/16 s: e t, the whole budget."""
-
-    def _incremental_certificate(self, network: nn.Module):
-        result = super()._incremental_certificate(network)
-        if result is not None:
-            self.clock.advance(1 / 16 - INCREMENT)
-        return result
 
 
 def test_the_monitoring_leaves_half_the_budget_to_a_wanted_re_anchoring(tmp_path):
@@ -486,3 +486,29 @@ def test_the_monitoring_leaves_half_the_budget_to_a_wanted_re_anchoring(tmp_path
     assert steps_with(rows, CERTIFIED) == [2, *range(3, 94, 2), *range(94, 101)]
     assert callback.budget.runs == {"autolip": 1, "quick_certificate": 15, "autolip_certified": 39}
     assert callback.budget.own == ESTIMATE + 15 * QUICK + 39 / 16 == 397 / 64
+
+
+def test_the_untimed_share_is_left_out_of_the_callback_s_own_time(tmp_path):
+    """The default share of max_overhead left to the untimed effects (1/4): the callback's
+    own share is e = 3/4 * 1/16 = 3/64 (so e t = 3 in 64ths of a second per step, P = 300).
+    Step 1 the estimate (1), step 2 the quick anchor (1 + 10 <= 300; S = 17), step 3 the first
+    increment (guessed at 1; 4); then increments spaced by their cost, 4 / e t: every 2
+    steps (every step without the share), 3, 5, ..., 99 (S = 17 + 49 * 4 = 213 <= 300)."""
+    clock = FakeClock()
+    callback = CostlyIncrements(
+        clock,
+        methods=["autolip"],
+        every_n_train_steps=1,
+        max_overhead=EPSILON,
+        compute_at_fit_end=False,
+        recertify_slack=1e9,
+    )
+    callback.budget.untimed_share = UNTIMED_SHARE
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = make_trainer(tmp_path, [callback], logger=logger, max_steps=100)
+    trainer.fit(TimedModule(clock), loader(n=400))
+    rows = lipschitz_rows(logger)
+    assert UNTIMED_SHARE == 1 / 4 and callback.budget.own_share == 3 / 64
+    assert steps_with(rows, CERTIFIED) == [2, *range(3, 100, 2)]
+    assert callback.budget.runs == {"autolip": 1, "quick_certificate": 1, "autolip_certified": 49}
+    assert callback.budget.own == ESTIMATE + QUICK + 49 / 16 == 213 / 64
