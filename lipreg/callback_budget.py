@@ -85,8 +85,9 @@ class CostBudget:
     and ``S`` grows by ``c(m)`` before the next one is examined (two exceptions, passed by
     the callback: the *monitoring* — the estimate and the incremental certificate — skips
     rule 1 and is spaced by its summed cost, so that the debt of a borrowed anchor does not
-    silence it, by twice that while a wanted re-anchoring fits half the plan left, so that
-    the increments' slack does not grow for the whole fit at a dense cadence; a *refresh* —
+    silence it, by twice that when it is too dear for its cadence and a wanted re-anchoring
+    fits half the plan left, so that the increments' slack does not grow for the whole fit
+    at a dense cadence; a *refresh* —
     re-anchoring — needs ``S + c(m) <= E`` and room in the plan for every remaining
     monitoring run; :meth:`choose`). A row whose value a chosen row
     already gives is chosen at no cost: the row it answers (``Method.covers``: the estimate,
@@ -225,17 +226,18 @@ class CostBudget:
         """The names of ``due`` (in order) that run at ``step`` (policy: class docstring);
         ``reserve`` are the methods promised at the fit end, ``cadences`` the step cadence of
         each scheduled method (the smallest: how often the callback is called, for the
-        upkeep's reserve; each: for the note a stretched method gets once); ``forced`` run whatever
-        they cost (the fit end's promise) and count like the unbudgeted ones.
+        upkeep's reserve; each: for the note a stretched method gets once); ``forced`` run
+        whatever they cost (the fit end's promise) and count like the unbudgeted ones.
         ``monitoring`` (methods with their cadences: the estimate and the incremental
         certificate) may run in debt (rule 1 waived: the debt of a borrowed anchor must not
         silence them) as long as rule 2 holds, spaced by their summed cost (rule 3 with
-        ``C = Σ c(m')``; ``C = 2 Σ c(m')`` while a due ``refresh`` row costs at most half of
-        ``P − S − R``: the monitoring then leaves half the budget to it). ``refresh``: methods
-        that only refresh what the monitoring keeps logging (re-anchoring): they run from
-        savings only (``S + c(m) <= E``) and only if the planned fit keeps room for every
-        remaining monitoring run (rule 2 with ``R`` plus ``Σ c(m') ⌊(N − k) / max(n(m'),
-        C / (e t))⌋``)."""
+        ``C = Σ c(m')``; ``C = 2 Σ c(m')`` when ``Σ c(m') >= e t n`` — the monitoring cannot
+        run at each step of its cadence ``n`` and leave anything — and a due ``refresh`` row
+        costs at most half of ``P − S − R``: it then leaves half the budget to it).
+        ``refresh``: methods that only refresh what the monitoring keeps logging
+        (re-anchoring): they run from savings only (``S + c(m) <= E``) and only if the
+        planned fit keeps room for every remaining monitoring run (rule 2 with ``R`` plus
+        ``Σ c(m') ⌊(N − k) / max(n(m'), C / (e t))⌋``)."""
         e = self.own_share
         if e is None:
             return [m.name for m in due]
@@ -254,12 +256,20 @@ class CostBudget:
         set_aside += self._upkeep_reserve(k, cadences)
         watch = {m.name for m, _ in monitoring}
         watch_cost = self._cost([m for m, _ in monitoring], per_step)
-        # a wanted re-anchoring that fits half the plan left: the monitoring leaves it half
-        # the budget (spaced by twice its cost); else, at a dense cadence, the increments
-        # take it all and their slack grows for the whole fit (MLP + Adam at n = 10: 187)
+        # a monitoring too dear for its cadence (C >= e t n) and a wanted re-anchoring that
+        # fits half the plan left: the monitoring leaves it half the budget (spaced by twice
+        # its cost); else, at a dense cadence, the increments take it all and their slack
+        # grows for the whole fit (MLP + Adam at n = 10: 187). At a cadence it can afford,
+        # the monitoring runs at every step of it and re-anchoring takes what is left.
+        cadence = max((n for _, n in monitoring), default=0)
         room = (plan - spent - set_aside) / 2
-        if measured and any(
-            m.name in refresh and (self.predicted(m, per_step) or math.inf) <= room for m in due
+        if (
+            measured
+            and per_step is not None
+            and watch_cost >= e * per_step * cadence
+            and any(
+                m.name in refresh and (self.predicted(m, per_step) or math.inf) <= room for m in due
+            )
         ):
             watch_cost *= 2
         later = self._monitoring_reserve(monitoring, k, per_step, watch_cost) if refresh else 0.0

@@ -141,10 +141,14 @@ def anchored_fit(tmp_path, callback_class: type, **options: Any):
     certifying at every step, no fit-end promise unless ``options`` say so; returns the
     callback and its CSV rows."""
     clock = FakeClock()
-    options = {"compute_at_fit_end": False, **options}
-    callback = callback_class(
-        clock, methods=["autolip"], every_n_train_steps=1, max_overhead=EPSILON, **options
-    )
+    options = {
+        "compute_at_fit_end": False,
+        "methods": ["autolip"],
+        "every_n_train_steps": 1,
+        "max_overhead": EPSILON,
+        **options,
+    }
+    callback = callback_class(clock, **options)
     logger = CSVLogger(tmp_path, name="csv")
     trainer = make_trainer(tmp_path, [callback], logger=logger, max_steps=100)
     trainer.fit(TimedModule(clock), loader(n=400))
@@ -512,3 +516,29 @@ def test_the_untimed_share_is_left_out_of_the_callback_s_own_time(tmp_path):
     assert steps_with(rows, CERTIFIED) == [2, *range(3, 100, 2)]
     assert callback.budget.runs == {"autolip": 1, "quick_certificate": 1, "autolip_certified": 49}
     assert callback.budget.own == ESTIMATE + QUICK + 49 / 16 == 213 / 64
+
+
+class ReAnchoringAtSixSixtyFourths(ReAnchoring):
+    """A new anchor always wanted, increments costing 6/64 s."""
+
+    def _incremental_certificate(self, network: nn.Module):
+        result = super()._incremental_certificate(network)
+        if result is not None:
+            self.clock.advance(6 / 64 - INCREMENT)
+        return result
+
+
+def test_a_monitoring_its_cadence_affords_keeps_every_step_of_it(tmp_path):
+    """Every 2 steps, increments costing 6 (in 64ths) < e t n = 8: the monitoring affords its
+    cadence, so it keeps every step of it although a re-anchoring is always wanted (spaced
+    by twice its cost it would skip every other one). Step 2 the estimate (1), step 4 the
+    quick anchor (S = 17), step 6 the first increment; S = 3k - 1 + 10j before an even step
+    k after j re-anchors (each replaces an increment: 10 more); the quick one from savings
+    (S + 16 <= 4k) at k = 16 + 10j, with room for the increments left (315 + 10j <= 400):
+    16, 26, ..., 96; increments at the other even steps (S = 395 at the end)."""
+    callback, rows = anchored_fit(tmp_path, ReAnchoringAtSixSixtyFourths, every_n_train_steps=2)
+    quick = steps_with(rows, "lipschitz/quick_certificate_time_s")
+    assert quick == [4, *range(16, 97, 10)]
+    assert steps_with(rows, CERTIFIED) == list(range(4, 101, 2))
+    assert callback.budget.runs == {"autolip": 1, "quick_certificate": 10, "autolip_certified": 39}
+    assert callback.budget.own == ESTIMATE + 10 * QUICK + 39 * 6 / 64 == 395 / 64
