@@ -20,7 +20,8 @@ Caveat: the fits share the CPU's caches in alternation (each step evicts the oth
 weights), which the fits of ``training_overhead.py`` do not; this costs every fit alike.
 
 Run: OMP_NUM_THREADS=1 python benchmarks/lockstep_overhead.py [--steps N] [--every 1 10 50]
-     [--networks mlp cnn4] [--optimizers sgd adam] [--rounds R] [--device cuda]
+     [--networks mlp cnn4 resnet18] [--resnet-batch B] [--optimizers sgd adam] [--rounds R]
+     [--device cuda]
 (``--quick``: 21 steps, one round, to check that the script runs; not for published figures.)
 """
 
@@ -50,6 +51,7 @@ from training_overhead import (
     mnist_fit,
     quiet_trainer,
     reported,
+    resnet_fit,
 )
 
 
@@ -188,7 +190,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--every", type=int, nargs="+", default=[1, 10, 50])
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--optimizers", nargs="+", choices=("sgd", "adam"), default=["sgd", "adam"])
-    parser.add_argument("--networks", nargs="+", choices=("mlp", "cnn4"), default=["mlp", "cnn4"])
+    parser.add_argument(
+        "--networks", nargs="+", choices=("mlp", "cnn4", "resnet18"), default=["mlp", "cnn4"]
+    )
+    parser.add_argument("--resnet-batch", type=int, default=32, help="resnet18's batch size")
     parser.add_argument("--quick", action="store_true", help="21 steps: checks the script runs")
     add_device_argument(parser)
     args = parser.parse_args()
@@ -205,7 +210,10 @@ def main() -> None:
     rows: list[list[Any]] = []
     for name in args.networks:
         for optimizer in args.optimizers:
-            fit = mnist_fit(name, args.steps, issue3_rows=False)
+            if name == "resnet18":
+                fit = resnet_fit(args.steps, args.resnet_batch)
+            else:
+                fit = mnist_fit(name, args.steps, issue3_rows=False)
             rows += rows_for(fit, optimizer, args.every, args.rounds, device)
     print_table(["network", "optimizer", "what", "time (s)", "ratio", "own time", "note"], rows)
     print()

@@ -336,14 +336,17 @@ def mnist_fit(name: str, steps: int, issue3_rows: bool) -> Fit:
     return Fit("MNIST CNN-4", mnist_cnn4, (1, 28, 28), 128, steps, issue3_rows)
 
 
+def resnet_fit(steps: int, batch: int) -> Fit:
+    """resnet18 on batches of ``batch`` x 3 x 32 x 32 (train-mode batch norm)."""
+    return Fit("resnet18 3x32x32", resnet18, (3, 32, 32), batch, steps, False)
+
+
 def fits(args: argparse.Namespace) -> list[Fit]:
     issue3 = not getattr(args, "defaults_only", False)
     table = {
         "mlp": mnist_fit("mlp", args.steps, issue3),
         "cnn4": mnist_fit("cnn4", args.steps, issue3),
-        "resnet18": Fit(
-            "resnet18 3x32x32", resnet18, (3, 32, 32), args.resnet_batch, args.resnet_steps, False
-        ),
+        "resnet18": resnet_fit(args.resnet_steps, args.resnet_batch),
     }
     return [table[name] for name in args.networks]
 

@@ -165,9 +165,9 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
 
     **Cost budget.** The callback times everything it does (one clock, ``budget.clock``) and
     the training between its hooks, and keeps its own time under ``(1 - UNTIMED_SHARE) *
-    max_overhead`` times the training time (3.75 % at the default 0.05: a quarter is left to
-    what no hook can time, its work slowing the fit's own steps through the CPU caches and the
-    allocator). Every computation (``Method.budgeted`` in
+    max_overhead`` times the training time (3 % at the default 0.05: 40 % is left to what
+    no hook can time, the fit's own steps running a little slower after its work). Every
+    computation (``Method.budgeted`` in
     :data:`lipreg.callback_methods.METHOD_TABLE`: the estimate, the full and the incremental
     certificates, SeqLip, the lower bound) runs at a step its cadence selects only if its
     predicted cost (median of its last runs; a generous guess before the first) fits: the
@@ -217,7 +217,7 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
             keep their cadences. Independent of :meth:`should_compute`; never skipped by the
             budget (its cost is counted, and an incremental one set aside in advance).
         max_overhead: the fraction of the training time the callback may cost the fit: its
-            own time and, a quarter of it, its untimed effects on the training steps (default
+            own time and, 40 % of it, its untimed effects on the training steps (default
             ``0.05``; ``None``: no budget, the step cadences alone). See **Cost budget**
             above.
         recertify_slack: re-anchor (a new full certificate) once the incremental certificates'

@@ -268,6 +268,9 @@ def test_bad_max_overhead_is_refused_at_construction(value, error):
 
 def test_max_overhead_accepts_numbers_and_none():
     assert LipschitzCallback().max_overhead == 0.05
+    # 40 % of it left to the callback's untimed effects on the training steps
+    assert UNTIMED_SHARE == 0.4
+    assert LipschitzCallback().budget.own_share == pytest.approx(0.03, rel=1e-15)
     assert LipschitzCallback(max_overhead=None).budget.max_overhead is None
     assert LipschitzCallback(max_overhead=1).max_overhead == 1.0
 
@@ -493,11 +496,12 @@ def test_the_monitoring_leaves_half_the_budget_to_a_wanted_re_anchoring(tmp_path
 
 
 def test_the_untimed_share_is_left_out_of_the_callback_s_own_time(tmp_path):
-    """The default share of max_overhead left to the untimed effects (1/4): the callback's
-    own share is e = 3/4 * 1/16 = 3/64 (so e t = 3 in 64ths of a second per step, P = 300).
-    Step 1 the estimate (1), step 2 the quick anchor (1 + 10 <= 300; S = 17), step 3 the first
-    increment (guessed at 1; 4); then increments spaced by their cost, 4 / e t: every 2
-    steps (every step without the share), 3, 5, ..., 99 (S = 17 + 49 * 4 = 213 <= 300)."""
+    """A share of max_overhead left to the untimed effects (1/4 here, for dyadic sums; the
+    default's mechanism): the callback's own share is e = 3/4 * 1/16 = 3/64 (so e t = 3 in
+    64ths of a second per step, P = 300). Step 1 the estimate (1), step 2 the quick anchor
+    (1 + 10 <= 300; S = 17), step 3 the first increment (guessed at 1; 4); then increments
+    spaced by their cost, 4 / e t: every 2 steps (every step without the share), 3, 5, ...,
+    99 (S = 17 + 49 * 4 = 213 <= 300)."""
     clock = FakeClock()
     callback = CostlyIncrements(
         clock,
@@ -507,12 +511,12 @@ def test_the_untimed_share_is_left_out_of_the_callback_s_own_time(tmp_path):
         compute_at_fit_end=False,
         recertify_slack=1e9,
     )
-    callback.budget.untimed_share = UNTIMED_SHARE
+    callback.budget.untimed_share = 1 / 4  # (the default's mechanism, with dyadic sums)
     logger = CSVLogger(tmp_path, name="csv")
     trainer = make_trainer(tmp_path, [callback], logger=logger, max_steps=100)
     trainer.fit(TimedModule(clock), loader(n=400))
     rows = lipschitz_rows(logger)
-    assert UNTIMED_SHARE == 1 / 4 and callback.budget.own_share == 3 / 64
+    assert callback.budget.own_share == 3 / 64
     assert steps_with(rows, CERTIFIED) == [2, *range(3, 100, 2)]
     assert callback.budget.runs == {"autolip": 1, "quick_certificate": 1, "autolip_certified": 49}
     assert callback.budget.own == ESTIMATE + QUICK + 49 / 16 == 213 / 64
