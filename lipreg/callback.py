@@ -65,7 +65,6 @@ and full certificates run, with every gather agreed across ranks (:mod:`lipreg.c
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -105,7 +104,7 @@ from lipreg.callback_options import (
     check_number,
 )
 from lipreg.callback_records import layer_key, lightning_step, publish
-from lipreg.callback_sharding import ShardedGuards, any_rank, nonfinite_weights
+from lipreg.callback_sharding import ShardedGuards
 from lipreg.callback_state import WarmState, read_state
 from lipreg.functional.autolip import AutoLip
 from lipreg.functional.chains import NotSequentialError
@@ -165,20 +164,20 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
 
     **Cost budget.** The callback times everything it does (one clock, ``budget.clock``) and
     the training between its hooks, and keeps its own time under ``(1 - UNTIMED_SHARE) *
-    max_overhead`` times the training time (3 % at the default 0.05: 40 % is left to what
-    no hook can time, the fit's own steps running a little slower after its work). Every
-    computation (``Method.budgeted`` in
-    :data:`lipreg.callback_methods.METHOD_TABLE`: the estimate, the full and the incremental
-    certificates, SeqLip, the lower bound) runs at a step its cadence selects only if its
-    predicted cost (median of its last runs; a generous guess before the first) fits: the
-    run, plus the fit-end certificate set aside, must fit the budget of the planned fit
-    (``trainer.estimated_stepping_batches``), so that a long fit gets its anchor early, and
-    runs of a method are spaced by about ``cost / (max_overhead * step time)`` steps. The
-    monitoring (estimate, incremental certificate) runs at its cadence even while a borrowed
-    anchor is repaid; the rest waits until the callback is out of debt, and re-anchoring is
-    paid from savings, leaving room for the monitoring's remaining runs. The first stretch of
-    each method is said once (``rank_zero_info``: cost, step time, effective cadence, how to
-    change it). Rule: :class:`lipreg.callback_budget.CostBudget`; under DDP rank 0 decides.
+    max_overhead`` of the training time (3 % at the default 0.05; the rest is left to what no
+    hook can time: the fit's steps run a little slower after its work). A computation
+    (``Method.budgeted``: every row of :data:`lipreg.callback_methods.METHOD_TABLE`) runs at
+    a step its cadence selects only if its predicted cost (median of its last runs; a
+    generous guess before the first) fits the budget of the planned fit
+    (``trainer.estimated_stepping_batches``; a long fit gets its anchor early) with the
+    fit-end certificate and the upkeep of the steps left set aside; runs of a method are
+    spaced by about ``cost / (own share * step time)`` steps. The monitoring (estimate,
+    incremental certificate) runs even while a borrowed anchor is repaid; the rest waits
+    until the callback is out of debt; re-anchoring is paid from savings, leaving room for
+    the monitoring's remaining runs (and half the budget, when the monitoring cannot afford
+    its cadence anyway). The first stretch of each method is said once
+    (``rank_zero_info``: cost, step time, effective cadence, how to change it). Rule:
+    :class:`lipreg.callback_budget.CostBudget`; under DDP rank 0 decides.
 
     **Resuming.** ``input_shape`` (when not passed) and the default methods are re-derived at
     every fit, so a run resumed on data of another size bounds the new size; warm-start
@@ -655,56 +654,3 @@ class LipschitzCallback(MethodWork, ShardedGuards, Callback):
             self._done_at_last_step = set()
         self._last_step = step
         self._done_at_last_step |= due
-
-    def _compute(self, network: nn.Module, step: int, due: set[str]) -> dict[str, float]:
-        """Every due and runnable method of :data:`_METHOD_TABLE`, in its order; a failing
-        method is switched off (warned once), non-finite values are logged as NaN."""
-        tasks = self._tasks(due)
-        if not tasks:
-            return {}
-        weights_bad = nonfinite_weights(network, self._collective)  # same on every rank
-        if weights_bad:
-            self._nonfinite(f"at step {step}: {weights_bad}")
-            return {f"lipschitz/{m.name}": math.nan for m in tasks}
-
-        metrics: dict[str, float] = {}
-        nonfinite: list[str] = []
-        self._fresh_cert = None  # lipschitz/certified refines this step's certificate only
-        self._step_now = step
-        for method in tasks:
-            label = f"lipschitz/{method.name}"
-            try:
-                metrics.update(self._run(method, network))
-            except Exception as exc:
-                is_nonfinite = isinstance(exc, ValueError) and "non-finite" in str(exc)
-                if any_rank(is_nonfinite, self._collective):
-                    metrics[label] = math.nan
-                    nonfinite.append(str(exc))
-                    continue
-                self._disabled.add(method.name)
-                fix = (
-                    f"To silence this, leave {method.name!r} out of methods=."
-                    if method.name == method.requires
-                    else f"(It comes with {method.requires!r}; it is back at the next fit.)"
-                )
-                self._report(
-                    f"failed:{method.name}",
-                    f"computing {label} failed at step {step}: {describe(exc)}\n{label} is "
-                    "switched off for the rest of this fit; the other bounds and training "
-                    f"continue. {fix}",
-                )
-        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-        if bad or nonfinite:
-            detail = "; ".join(nonfinite) if nonfinite else ""
-            self._nonfinite(f"non-finite Lipschitz values at step {step}: {bad}. {detail}")
-        return metrics
-
-    def _nonfinite(self, message: str) -> None:
-        if self.on_nonfinite == "raise":
-            raise FloatingPointError(PREFIX + message)
-        self._report(
-            "nonfinite",
-            f"{message.strip()} Logged as NaN; training goes on (this is reported once). "
-            "Check the learning rate / loss scaling, or pass on_nonfinite='raise' to stop the "
-            "run at the first non-finite value.",
-        )

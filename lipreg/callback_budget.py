@@ -89,10 +89,9 @@ class CostBudget:
     rule 1 and is spaced by its summed cost, so that the debt of a borrowed anchor does not
     silence it, by twice that when it is too dear for its cadence and a wanted re-anchoring
     fits half the plan left, so that the increments' slack does not grow for the whole fit
-    at a dense cadence; a *refresh* —
-    re-anchoring — needs ``S + c(m) <= E`` and room in the plan for every remaining
-    monitoring run; :meth:`choose`). A row whose value a chosen row
-    already gives is chosen at no cost: the row it answers (``Method.covers``: the estimate,
+    at a dense cadence; a *refresh* — re-anchoring — needs ``S + c(m) <= E`` and room in
+    the plan for every remaining monitoring run; :meth:`choose`). A row whose value a chosen
+    row already gives is chosen at no cost: the row it answers (``Method.covers``: the estimate,
     at a step where a certificate runs, which computes it anyway; sums of costs — the
     monitoring's, the reserve — leave it out once the unit is known), or a row logging the
     same quantity (``Method.logs``: the quick certificate or the increment after a full
@@ -389,9 +388,9 @@ class CostBudget:
             stretched = "never (the always-run methods alone use the budget)"
         rank_zero_info(
             f"{PREFIX}lipschitz/{method.name} costs {cost:.3g} s ({source}) and training "
-            f"{per_step:.3g} s per step: under max_overhead={self.max_overhead:g} (the callback "
-            f"takes at most {e:.3g} of the training time itself, leaving the rest to its "
-            f"untimed effects on training) it runs {stretched} "
+            f"{per_step:.3g} s per step: under max_overhead={self.max_overhead:g} (the callback's "
+            f"own time at most {e:.1%} of the training time, the rest left to its untimed "
+            f"effects on training) it runs {stretched} "
             f"instead of every {cadence} (step cadences are upper limits). To change this, "
             "raise max_overhead, or set max_overhead=None for the step cadences alone."
         )

@@ -11,6 +11,7 @@ schedules it like the others.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +23,7 @@ from lipreg.callback_budget import CostBudget
 from lipreg.callback_inputs import describe
 from lipreg.callback_options import PREFIX
 from lipreg.callback_records import Computed, Method, layer_key, metric_values
-from lipreg.callback_sharding import attempt, every_rank
+from lipreg.callback_sharding import any_rank, attempt, every_rank, nonfinite_weights
 from lipreg.functional.autolip import AutoLip, autolip
 from lipreg.functional.incremental import (
     METHOD_PREFIX,
@@ -100,6 +101,7 @@ class MethodWork:
     max_iter: int
     methods: list[str] | None
     _report: Callable[[str, str], None]  # warn once per cause (the callback's)
+    on_nonfinite: str  # "warn" or "raise"
 
     def _iterations(self) -> dict[str, Any]:
         """The iteration options every AutoLip call of the callback shares."""
@@ -115,6 +117,59 @@ class MethodWork:
             "analysis": self._estimator.analysis,
             **self._iterations(),
         }
+
+    def _compute(self, network: nn.Module, step: int, due: set[str]) -> dict[str, float]:
+        """Every due and runnable method of :data:`_METHOD_TABLE`, in its order; a failing
+        method is switched off (warned once), non-finite values are logged as NaN."""
+        tasks = self._tasks(due)
+        if not tasks:
+            return {}
+        weights_bad = nonfinite_weights(network, self._collective)  # same on every rank
+        if weights_bad:
+            self._nonfinite(f"at step {step}: {weights_bad}")
+            return {f"lipschitz/{m.name}": math.nan for m in tasks}
+
+        metrics: dict[str, float] = {}
+        nonfinite: list[str] = []
+        self._fresh_cert = None  # lipschitz/certified refines this step's certificate only
+        self._step_now = step
+        for method in tasks:
+            label = f"lipschitz/{method.name}"
+            try:
+                metrics.update(self._run(method, network))
+            except Exception as exc:
+                is_nonfinite = isinstance(exc, ValueError) and "non-finite" in str(exc)
+                if any_rank(is_nonfinite, self._collective):
+                    metrics[label] = math.nan
+                    nonfinite.append(str(exc))
+                    continue
+                self._disabled.add(method.name)
+                fix = (
+                    f"To silence this, leave {method.name!r} out of methods=."
+                    if method.name == method.requires
+                    else f"(It comes with {method.requires!r}; it is back at the next fit.)"
+                )
+                self._report(
+                    f"failed:{method.name}",
+                    f"computing {label} failed at step {step}: {describe(exc)}\n{label} is "
+                    "switched off for the rest of this fit; the other bounds and training "
+                    f"continue. {fix}",
+                )
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad or nonfinite:
+            detail = "; ".join(nonfinite) if nonfinite else ""
+            self._nonfinite(f"non-finite Lipschitz values at step {step}: {bad}. {detail}")
+        return metrics
+
+    def _nonfinite(self, message: str) -> None:
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(PREFIX + message)
+        self._report(
+            "nonfinite",
+            f"{message.strip()} Logged as NaN; training goes on (this is reported once). "
+            "Check the learning rate / loss scaling, or pass on_nonfinite='raise' to stop the "
+            "run at the first non-finite value.",
+        )
 
     def _run(self, method: Method, network: nn.Module) -> dict[str, float]:
         """Run one method, time it (for the budget) and name its metrics; if it fails while

@@ -50,7 +50,6 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from lipreg.functional.analysis import analyse
 from lipreg.functional.chain_lmi import lipsdp_value
@@ -296,31 +295,17 @@ class LipschitzPenalty(nn.Module):
     def _sigma(self, chain: AffineChain, v: Tensor) -> Tensor:
         """``σ̂ = uᵀ A v`` of one chain (``v`` refined first in training). A method of its
         own so that the chain's map (its gathered weights, when sharded) is released on
-        return, before the next chain is gathered (measured: one layer more held otherwise).
-
-        Sharded chains of several maps (``A = W₂W₁``: autograd would keep the gathered
-        ``W₂`` until the backward pass, for the gradient reaching ``W₁``) are checkpointed
-        (:func:`torch.utils.checkpoint.checkpoint`): nothing gathered is kept, and the
-        backward pass gathers the chain again, as FSDP does for its own units (every rank
-        runs the same backward, so the gathers stay collective and in the same order)."""
-        used: list[Tensor] = []  # the refined v, from the first run (the recomputation's)
-
-        def sigma() -> Tensor:
-            with self._chain_reader(chain) as read:
+        return, before the next chain is gathered (measured: one layer more held otherwise)."""
+        with self._chain_reader(chain) as read:
+            with self._agreed(v, f"refining the power iteration of {chain.name!r}"):
                 op = read()
-                if not used:  # not again when the backward pass recomputes
-                    with self._agreed(v, f"refining the power iteration of {chain.name!r}"):
-                        self._refine(op, v)
-                    # Clone: v is updated in place at the next step, while autograd may
-                    # still need this value (same reason as in torch's spectral_norm).
-                    used.append(v.clone().to(op.dtype))
-                av = op.apply(used[0].reshape(1, *op.in_shape)).reshape(-1)
-                u = (av / av.norm().clamp_min(1e-12)).detach()
-                return torch.dot(u, av)
-
-        if self._analysis.sharded and len(chain.nodes) > 1 and torch.is_grad_enabled():
-            return checkpoint(sigma, use_reentrant=False)
-        return sigma()
+                self._refine(op, v)
+            # Clone: v is updated in place at the next step, while autograd may still need
+            # this value for the backward pass (same reason as in torch's spectral_norm).
+            v_used = v.clone().to(op.dtype)
+            av = op.apply(v_used.reshape(1, *op.in_shape)).reshape(-1)
+            u = (av / av.norm().clamp_min(1e-12)).detach()
+            return torch.dot(u, av)
 
     def _refresh_other_specs(self) -> None:
         """Sharded: re-read, from gathered parameters, the specs outside the chains whose

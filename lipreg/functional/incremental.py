@@ -395,9 +395,8 @@ def _increment(
     folding = 0.0
     if core.kernel_error:
         folding = math.nextafter(anchor.folding + core.folding_error(), math.inf)
-    if torch.equal(core.weight, old.weight.to(torch.float64)):
-        return 0.0, folding, "unchanged"
-    delta = core.weight - old.weight.to(torch.float64)
+    # float64 (the anchor's float32 copy, when it is one, converts exactly, on the fly)
+    delta = core.weight - old.weight
     if core.rule in ("dense", "merged-dense"):
         beta, which = dense_increment_bound(delta, gram_flops=gram_flops)
     else:
@@ -411,6 +410,8 @@ def _increment(
             in_spatial=in_shape[1:],
             gram_flops=gram_flops,
         )
+    if which == "zero":
+        return 0.0, folding, "unchanged"
     return math.nextafter(beta * _DIFFERENCE_PAD, math.inf), folding, which
 
 

@@ -43,7 +43,7 @@ F64 = torch.float64
 
 # ---------------------------------------------------------------- the bounds on ||Delta||
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("scale", [1e-300, 1e-8, 1.0, 1e150])
+@pytest.mark.parametrize("scale", [1e-300, 1e-120, 1e-8, 1.0, 1e120, 1e150])
 def test_dense_bounds_above_exact_norm(seed: int, scale: float) -> None:
     g = gen(seed)
     shapes = [(7, 5), (1, 9), (9, 1), (12, 12)]
@@ -87,7 +87,7 @@ CONVS = [  # (c_out, c_in, kernel, input spatial, stride, padding, dilation, gro
 
 @pytest.mark.parametrize("case", range(len(CONVS)))
 @pytest.mark.parametrize("sparse", [False, True])
-@pytest.mark.parametrize("scale", [1.0, 1e-300, 1e200])
+@pytest.mark.parametrize("scale", [1.0, 1e-300, 1e-120, 1e120, 1e200])
 def test_conv_bound_above_exact_operator_norm(case: int, sparse: bool, scale: float) -> None:
     c_out, c_in, kernel, spatial, stride, padding, dilation, groups = CONVS[case]
     D = torch.randn(c_out, c_in // groups, *kernel, generator=gen(case), dtype=F64) * scale
