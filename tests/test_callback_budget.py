@@ -93,10 +93,13 @@ class TimedCallback(LipschitzCallback):
             self.clock.advance(QUICK)
         return super()._quick_certificate(network)
 
+    #: the fake seconds of an incremental certificate (subclasses change it)
+    increment_cost = INCREMENT
+
     def _incremental_certificate(self, network: nn.Module):
         result = super()._incremental_certificate(network)
         if result is not None:
-            self.clock.advance(INCREMENT)
+            self.clock.advance(self.increment_cost)
         return result
 
 
@@ -382,11 +385,7 @@ def test_a_quick_anchor_waits_for_its_upgrade_while_it_fits_the_plan(tmp_path):
 class DearIncrements(TimedCallback):
     """Its increments cost 1/2 s (twice a quick certificate), as on resnet18 in train mode."""
 
-    def _incremental_certificate(self, network: nn.Module):
-        result = super()._incremental_certificate(network)
-        if result is not None:
-            self.clock.advance(1 / 2 - INCREMENT)
-        return result
+    increment_cost = 1 / 2
 
 
 def test_quick_certificates_replace_increments_that_cost_more(tmp_path):
@@ -434,11 +433,7 @@ def test_with_dear_increments_the_fit_ends_with_a_quick_certificate(tmp_path):
 class CostlyIncrements(TimedCallback):
     """Its increments cost 1/16 s."""
 
-    def _incremental_certificate(self, network: nn.Module):
-        result = super()._incremental_certificate(network)
-        if result is not None:
-            self.clock.advance(1 / 16 - INCREMENT)
-        return result
+    increment_cost = 1 / 16
 
 
 class CostlyUpkeep(CostlyIncrements):
@@ -525,11 +520,7 @@ def test_the_untimed_share_is_left_out_of_the_callback_s_own_time(tmp_path):
 class ReAnchoringAtSixSixtyFourths(ReAnchoring):
     """A new anchor always wanted, increments costing 6/64 s."""
 
-    def _incremental_certificate(self, network: nn.Module):
-        result = super()._incremental_certificate(network)
-        if result is not None:
-            self.clock.advance(6 / 64 - INCREMENT)
-        return result
+    increment_cost = 6 / 64
 
 
 def test_a_monitoring_its_cadence_affords_keeps_every_step_of_it(tmp_path):
