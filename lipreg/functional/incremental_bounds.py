@@ -46,6 +46,7 @@ the number of outputs per axis: one tap per output position), which can be much 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -226,16 +227,22 @@ def window_copies(kernel: Sequence[int], stride: Sequence[int], dilation: Sequen
     return copies
 
 
+@functools.lru_cache(maxsize=64)
+def _phase_matrix(k: int, s: int, d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The ``k × s`` 0/1 matrix sending tap ``τ`` to its stride phase ``τd mod s`` (cached:
+    an incremental certificate asks for the same few at every call)."""
+    onehot = torch.zeros(k, s, dtype=dtype, device=device)
+    onehot[torch.arange(k, device=device), (torch.arange(k, device=device) * d) % s] = 1.0
+    return onehot
+
+
 def _phase_column_sums(A: Tensor, stride: Sequence[int], dilation: Sequence[int]) -> Tensor:
     """``Σ_{τ : τd ≡ φ (mod s)} A[o, c, τ]`` for every phase ``φ`` (one axis at a time):
     shape ``(c_out, c_in_g, s_1, …, s_d)``."""
     out = A
     for axis, (s, d) in enumerate(zip(stride, dilation, strict=True)):
         dim = 2 + axis
-        k = out.shape[dim]
-        phase = (torch.arange(k) * d) % s
-        onehot = torch.zeros(k, s, dtype=out.dtype)
-        onehot[torch.arange(k), phase] = 1.0
+        onehot = _phase_matrix(out.shape[dim], s, d, out.dtype, out.device)
         out = torch.movedim(torch.movedim(out, dim, -1) @ onehot, -1, dim)
     return out
 
@@ -291,22 +298,42 @@ def live_taps(
     read one input entry (the product over the axes of
     :func:`~lipreg.functional.conv_geometry.axis_plans`'s counts; 0 when an axis has no live
     tap: the operator is zero)."""
-    live: list[list[int]] = []
+    live, copies = _live_taps(*(tuple(x) for x in (kernel, stride, padding, dilation, in_spatial)))
+    return [list(taps) for taps in live], copies
+
+
+@functools.lru_cache(maxsize=256)
+def _live_taps(
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+    in_spatial: tuple[int, ...],
+) -> tuple[tuple[tuple[int, ...], ...], int]:
+    """:func:`live_taps` on hashable arguments, cached: a pure function of the geometry, which
+    an incremental certificate asks for at every call (``axis_plans`` also searches torus
+    embeddings, milliseconds in Python)."""
+    live: list[tuple[int, ...]] = []
     copies = 1
     for n, k, s, p, d in zip(in_spatial, kernel, stride, padding, dilation, strict=True):
         _, axis_copies, dead = axis_plans(n, p, p, k, d, s, None, "zeros")
-        live.append([t for t in range(k) if t not in dead] if axis_copies else [])
+        live.append(tuple(t for t in range(k) if t not in dead) if axis_copies else ())
         copies *= axis_copies
-    return live, copies
+    return tuple(live), copies
 
 
 def _restricted(D: Tensor, live: list[list[int]]) -> tuple[Tensor, Tensor]:
-    """``(D with dead taps zeroed, D restricted to its live taps)``."""
+    """``(D with dead taps zeroed, D restricted to its live taps)``; ``(D, D)`` when every tap
+    is live (no copy)."""
+    if all(len(taps) == size for taps, size in zip(live, D.shape[2:], strict=True)):
+        return D, D
     compact = D
     zeroed = torch.zeros_like(D)
     for axis, taps in enumerate(live):
-        compact = compact.index_select(2 + axis, torch.tensor(taps, dtype=torch.long))
-    index = torch.meshgrid(*[torch.tensor(t, dtype=torch.long) for t in live], indexing="ij")
+        index = torch.tensor(taps, dtype=torch.long, device=D.device)
+        compact = compact.index_select(2 + axis, index)
+    axes = [torch.tensor(t, dtype=torch.long, device=D.device) for t in live]
+    index = torch.meshgrid(*axes, indexing="ij")
     zeroed[(slice(None), slice(None), *index)] = D[(slice(None), slice(None), *index)]
     return zeroed, compact
 

@@ -32,6 +32,9 @@ GEOMETRIES = [
     ((3, 5), (5, 3), (1, 2), (2, 1), (1, 1)),
     ((2, 6), (3, 3), (1, 1), (2, 1), (2, 1)),
     ((7,), (7,), (2,), (3,), (1,)),
+    # every tap live (the bound's no-copy path)
+    ((5, 5), (3, 3), (2, 2), (0, 0), (1, 1)),
+    ((6, 4), (3, 2), (1, 1), (1, 0), (1, 1)),
 ]
 
 
@@ -86,6 +89,16 @@ def test_live_tap_bound_exact_on_a_rank_one_centre_tap() -> None:
     live, which = conv_increment_bound(D, (1, 1), (1, 1), 1, padding=(1, 1), in_spatial=(1, 1))
     assert exact <= live <= exact * (1 + 1e-10), (live, exact, which)
     assert conv_increment_bound(D, (1, 1), (1, 1), 1)[0] > 50 * exact
+
+
+def test_live_taps_are_fresh_lists_at_every_call() -> None:
+    """live_taps is cached by geometry: a caller changing its answer must not change the
+    next caller's."""
+    live, copies = live_taps((3, 3), (1, 1), (1, 1), (1, 1), (1, 1))
+    assert (live, copies) == ([[1], [1]], 1)
+    live[0].append(0)
+    live.append([2])
+    assert live_taps((3, 3), (1, 1), (1, 1), (1, 1), (1, 1)) == ([[1], [1]], 1)
 
 
 def test_a_convolution_reading_padding_only_has_a_zero_increment() -> None:
