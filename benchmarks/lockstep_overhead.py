@@ -52,6 +52,7 @@ from training_overhead import (
     quiet_trainer,
     reported,
     resnet_fit,
+    with_log,
 )
 
 
@@ -129,8 +130,8 @@ def one_round(
     for i in range(n):
         torch.manual_seed(0)  # the same initial weights for every fit
         modules.append(Classifier(fit.make, fit.shape, optimizer))
-        own = [] if i == 0 else [default_callback(every[i - 1])]
-        for callback in own:
+        own = [] if i == 0 else with_log(default_callback(every[i - 1]))
+        for callback in own[:1]:
             callback.budget.clock = baton.clock(i)
         callbacks = [TakeTurns(baton, i), *own, FinishTurns(baton, i)]
         trainers.append(quiet_trainer(fit.steps, device, callbacks))

@@ -256,10 +256,54 @@ def variants(fit: Fit) -> list[Variant]:
             Variant(
                 f"fit + LipschitzCallback(every_n_train_steps={every}{budget}), defaults",
                 target,
-                lambda every=every: [default_callback(every)],
+                lambda every=every: with_log(default_callback(every)),
             )
         )
     return out
+
+
+class CertifiedLog(pl.Callback):
+    """After a ``LipschitzCallback`` in the list: records every certified value it logs (the
+    step, its slack, whether it came with a new anchor, i.e. the count of full certificates
+    rose), for the increments' slack and the re-anchor rate of the note (:func:`reported`)."""
+
+    def __init__(self, watched: lipreg.LipschitzCallback) -> None:
+        self.watched = watched
+        self.seen: dict | None = None
+        self.anchors = 0.0
+        self.entries: list[tuple[int, float, bool]] = []  # (step, slack, new anchor)
+
+    def _read(self, trainer: pl.Trainer) -> None:
+        metrics = self.watched.last_metrics
+        if metrics is self.seen:  # a new dict at every step the callback logged something
+            return
+        self.seen = metrics
+        count = metrics.get("lipschitz/full_certificates")
+        if count is None:
+            return
+        slack = metrics.get("lipschitz/certified_slack", math.nan)
+        self.entries.append((trainer.global_step, float(slack), count > self.anchors))
+        self.anchors = count
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._read(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._read(trainer)  # the fit end's certificate
+
+    def summary(self) -> str:
+        """``certified at k steps (a anchors, i increments); increment slack median m, max M``."""
+        increments = [s for _, s, anchored in self.entries if not anchored and math.isfinite(s)]
+        anchors = sum(1 for *_, anchored in self.entries if anchored)
+        text = f"certified at {len(self.entries)} step(s) ({anchors} anchor(s))"
+        if increments:
+            text += f"; increment slack median {median(increments):.3g}, max {max(increments):.3g}"
+        return text
+
+
+def with_log(callback: lipreg.LipschitzCallback) -> list[pl.Callback]:
+    """``[callback, CertifiedLog(callback)]``."""
+    return [callback, CertifiedLog(callback)]
 
 
 def reported(trainer: pl.Trainer) -> str:
@@ -272,6 +316,7 @@ def reported(trainer: pl.Trainer) -> str:
         if key not in found and key in trainer.callback_metrics:
             found[key] = float(trainer.callback_metrics[key])
     parts = [f"{REPORTED_KEYS[k]} {v:.4g}" for k, v in found.items()]
+    parts += [cb.summary() for cb in trainer.callbacks if isinstance(cb, CertifiedLog)]
     for cb in trainer.callbacks:  # how often each computation ran (the budget's count)
         budget = getattr(cb, "budget", None)
         if budget is not None and budget.runs:

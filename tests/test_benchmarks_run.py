@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -193,3 +193,37 @@ def test_lockstep_overhead_quick_runs() -> None:
     assert "fit, no callback" in stdout
     assert "LipschitzCallback(every_n_train_steps=10)" in stdout
     assert "--quick" in stdout
+
+
+def test_certified_log_counts_anchors_and_the_increments_slack(lockstep: ModuleType) -> None:
+    """The note's certified history from a hand-made sequence of logged metrics: a step with
+    the estimate alone is not certified, a repeated dict (a step where the callback logged
+    nothing) is read once, a rise of the full-certificate count is an anchor; the increments'
+    slacks 0.3 and 0.5 give median 0.4, max 0.5 (by hand)."""
+    overhead = sys.modules["training_overhead"]
+    watched = SimpleNamespace(last_metrics={})
+    log = overhead.CertifiedLog(watched)
+    trainer = SimpleNamespace(global_step=0)
+    full, slack = "lipschitz/full_certificates", "lipschitz/certified_slack"
+    sequence = [
+        {"lipschitz/autolip": 2.0},
+        {full: 1.0, slack: 0.1},
+        {full: 1.0, slack: 0.3},
+        None,  # the same dict again
+        {full: 2.0, slack: 0.0},
+        {full: 2.0, slack: 0.5},
+    ]
+    for step, metrics in enumerate(sequence, start=1):
+        if metrics is not None:
+            watched.last_metrics = metrics
+        trainer.global_step = 50 * step
+        log.on_train_batch_end(trainer, None, None, None, step)
+    assert [(s, anchored) for s, _, anchored in log.entries] == [
+        (100, True),
+        (150, False),
+        (250, True),
+        (300, False),
+    ]
+    assert log.summary() == (
+        "certified at 4 step(s) (2 anchor(s)); increment slack median 0.4, max 0.5"
+    )
