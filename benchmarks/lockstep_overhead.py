@@ -16,6 +16,9 @@ fit: that time, its ratio to the fit without callback (the issue's target: <= 1.
 values. The fits' setup and teardown (Trainer construction, the first
 batch's fetch before training starts) are outside the intervals and the same for all.
 
+``--every`` may contain 0: a second fit without callback (a control, placed after the first),
+whose ratio shows what the position of a fit in the cycle costs by itself.
+
 Caveat: the fits share the CPU's caches in alternation (each step evicts the other fits'
 weights), which the fits of ``training_overhead.py`` do not; this costs every fit alike.
 
@@ -28,6 +31,7 @@ Run: OMP_NUM_THREADS=1 python benchmarks/lockstep_overhead.py [--steps N] [--eve
 from __future__ import annotations
 
 import argparse
+import math
 import threading
 import time
 from statistics import median
@@ -130,7 +134,8 @@ def one_round(
     for i in range(n):
         torch.manual_seed(0)  # the same initial weights for every fit
         modules.append(Classifier(fit.make, fit.shape, optimizer))
-        own = [] if i == 0 else with_log(default_callback(every[i - 1]))
+        # 0 in `every`: a control fit without callback
+        own = [] if i == 0 or every[i - 1] == 0 else with_log(default_callback(every[i - 1]))
         for callback in own[:1]:
             callback.budget.clock = baton.clock(i)
         callbacks = [TakeTurns(baton, i), *own, FinishTurns(baton, i)]
@@ -164,23 +169,20 @@ def rows_for(
         for i, s in enumerate(seconds):
             held[i].append(s)
         for j, trainer in enumerate(trainers[1:]):
-            budget = next(cb.budget for cb in trainer.callbacks if hasattr(cb, "budget"))
-            own[j].append(budget.own / seconds[j + 1])
+            budget = next((cb.budget for cb in trainer.callbacks if hasattr(cb, "budget")), None)
+            own[j].append(math.nan if budget is None else budget.own / seconds[j + 1])
             notes[j] = reported(trainer)
     rows = [[fit.name, optimizer, "fit, no callback", median(held[0]), 1.0, "", ""]]
     for j, n in enumerate(every):
         ratio = median(w / b for w, b in zip(held[j + 1], held[0], strict=True))
-        target = {1: "target <= 1.10; "}.get(n, "target <= 1.05; ")
+        if n == 0:
+            what, target, own_text = "fit, no callback (control, later in the cycle)", "", ""
+        else:
+            what = f"fit + LipschitzCallback(every_n_train_steps={n}), defaults"
+            target = {1: "target <= 1.10; "}.get(n, "target <= 1.05; ")
+            own_text = f"{median(own[j]):.1%}"
         rows.append(
-            [
-                fit.name,
-                optimizer,
-                f"fit + LipschitzCallback(every_n_train_steps={n}), defaults",
-                median(held[j + 1]),
-                ratio,
-                f"{median(own[j]):.1%}",
-                target + notes[j],
-            ]
+            [fit.name, optimizer, what, median(held[j + 1]), ratio, own_text, target + notes[j]]
         )
     return rows
 
