@@ -9,6 +9,7 @@ whose message names the op.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrizations as P
 
 import lipreg
+from tests.helpers import dense_conv_matrix, spectral_norm
 from tests.soundness.generator import FlattenLinear
 from tests.soundness.issue7 import (
     CASES,
@@ -174,6 +176,51 @@ def test_spectral_norm_buffers_unchanged(estimator: str, train: bool) -> None:
         lipreg.seqlip(model, (8,), method="exact")
     assert fingerprint_diff(before, model_fingerprint(model)) == []
     assert torch.equal(rng, torch.random.get_rng_state())
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_spectral_norm_conv_certified_with_the_eval_weight(train: bool) -> None:
+    """Was: a convolution's own certificate (the per-op product, reached here through a
+    pooling in its chain and ``dense_limit=0``) read ``m.weight`` when asked, outside
+    evaluation mode: a spectral-normed convolution in train mode then ran one more power
+    iteration (``_u``/``_v`` updated) and was certified with that weight, ``W / σ_new``, not
+    the ``W / σ_old`` the eval-mode network computes. With the original weight replaced after
+    registration (stale ``u``, ``v``: ``σ_old`` far below ``‖W‖``), the eval-mode norm is several
+    times the train-mode one. Truth: the exact matrix of conv then pool at the eval weight."""
+    torch.manual_seed(0)
+    conv = P.spectral_norm(nn.Conv2d(3, 4, 3, padding=1, bias=False))
+    with torch.no_grad():
+        conv.parametrizations.weight.original.copy_(torch.randn(4, 3, 3, 3))
+    model = nn.Sequential(conv, nn.AvgPool2d(2, stride=1)).train(train)
+    with torch.no_grad():
+        eval_weight = conv.eval().weight.double()
+        train_weight = copy.deepcopy(conv).train().weight.double()
+    model.train(train)
+    conv_matrix = dense_conv_matrix(eval_weight, (6, 6), padding=1)
+    truth = spectral_norm(_pool_matrix(4, 6) @ conv_matrix)
+    wrong = spectral_norm(_pool_matrix(4, 6) @ dense_conv_matrix(train_weight, (6, 6), padding=1))
+    assert truth > 2 * wrong  # the case tells the two weights apart
+    before = model_fingerprint(model)
+    result = lipreg.autolip(model, (3, 6, 6), dense_limit=0)
+    assert fingerprint_diff(before, model_fingerprint(model)) == []
+    (chain,) = [lb for lb in result.layers if lb.kind == "affine"]
+    assert "fft" in chain.method  # the convolution's own certificate, in the product
+    assert result.certified and result.value >= truth * (1 - 1e-9), (result.value, truth)
+
+
+def _pool_matrix(channels: int, size: int) -> Tensor:
+    """Exact matrix of ``AvgPool2d(2, stride=1)`` on ``channels × size × size``: each output
+    averages its 2 × 2 window (float64)."""
+    out = size - 1
+    matrix = torch.zeros(channels * out * out, channels * size * size, dtype=torch.float64)
+    for c in range(channels):
+        for i in range(out):
+            for j in range(out):
+                row = (c * out + i) * out + j
+                for di in (0, 1):
+                    for dj in (0, 1):
+                        matrix[row, (c * size + i + di) * size + j + dj] = 0.25
+    return matrix
 
 
 def test_weight_norm_and_orthogonal_certified_above_truth() -> None:

@@ -24,10 +24,11 @@ entries, in order:
    memory budget (both said in ``method``); several 1×1 convolutions with batch norms: the
    certified norm of the product of their kernel matrices. :data:`TIGHTEST_LADDER` runs the
    Gram test whatever its cost (for the tightest value).
-7. :func:`product_of_op_certificates` — ``‖A‖ ≤ Π_i ‖A_i‖`` with each ``‖A_i‖`` certified by
-   the first entry of :data:`OP_LADDER` that answers (closed form, dense weight, the rule's
-   own ``certify`` (FFT for convolutions), Schur test for non-negative maps, materialised
-   op).
+7. :func:`~lipreg.functional.ladder_ops.product_of_op_certificates` — ``‖A‖ ≤ Π_i ‖A_i‖``
+   with each ``‖A_i‖`` certified by the first entry of
+   :data:`~lipreg.functional.ladder_ops.OP_LADDER` that answers (closed form, dense weight,
+   the rule's own ``certify`` (FFT for convolutions), Schur test for non-negative maps,
+   materialised op).
 8. :func:`estimate` — the Lanczos/power-iteration value, **not** certified (``certified=False``,
    and AutoLip then reports an estimate).
 
@@ -38,8 +39,9 @@ factor, with ``certified=True`` only if ``value ≥ ‖A‖_2`` is guaranteed (f
 with explicit rounding margins, :mod:`lipreg.functional.certify`); ``estimate`` an iterative
 (lower) value when one was computed; and it may store a warm-start vector in
 ``ctx.bounder.new_state[chain.name]``. To add a certificate, write such a function and insert
-it in :data:`LADDER` (or an op-level one in :data:`OP_LADDER`) before the entries it should
-pre-empt.
+it in :data:`LADDER` (or an op-level one in :data:`~lipreg.functional.ladder_ops.OP_LADDER`)
+before the entries it should pre-empt. ``estimate`` may be ``None`` when the bounder asks for
+certificates only (``ChainBounder.estimates=False``) and the certificate did not need one.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
 from lipreg.functional.analysis import Analysis
 from lipreg.functional.banded_gram import (
@@ -67,12 +69,9 @@ from lipreg.functional.certify import (
     RELATIVE_MARGIN,
     current_budget,
     dense_bytes,
-    dense_norm_bound,
-    matrix_norm_bound,
     matrix_norm_certificate,
-    schur_bound,
 )
-from lipreg.functional.chains import AffineChain, chain_linear_map, node_linear_map
+from lipreg.functional.chains import AffineChain, chain_linear_map
 from lipreg.functional.conv_bounds import conv_operator_norm_bound
 from lipreg.functional.conv_chain import merged_conv
 from lipreg.functional.ladder_context import (
@@ -82,6 +81,7 @@ from lipreg.functional.ladder_context import (
     warm_vector,
     with_iterative,
 )
+from lipreg.functional.ladder_ops import product_of_op_certificates
 from lipreg.functional.linear_map import LinearMap
 from lipreg.functional.results import LayerBound
 from lipreg.functional.rounding import folded_kernel_error, materialisation_error
@@ -94,7 +94,6 @@ __all__ = [
     "GRAM_COST_RATIO",
     "GRAM_FREE_COST",
     "LADDER",
-    "OP_LADDER",
     "POINTWISE_MIN_SIDE",
     "QUICK_DENSE_FLOPS",
     "TIGHTEST_LADDER",
@@ -322,15 +321,30 @@ def _merged_conv_chain(ctx: ChainContext, cost_ratio: float | None) -> LayerBoun
         return None
     if (pointwise := _pointwise_bound(ctx)) is not None:
         return pointwise
-    res = ctx.iterative()
     if factors is not None:
         value = pointwise_product_bound(*factors) * scale
+        if not b.estimates:
+            return affine_bound(
+                ctx, value, certified=True, upper=value, method="conv-pointwise-product"
+            )
+        res = ctx.iterative()
         return with_iterative(ctx, res, value, upper=value, method="conv-pointwise-product")
     assert ctx.merged is not None
     conv, kernel_error, _ = ctx.merged
+    torus = None
+    if not b.estimates and any(k != 1 for k in conv.weight.shape[2:]):
+        # certificates only: the torus bound answers without an estimate when the Gram test
+        # is over its cost budget (the value merged_conv_value returns there too)
+        torus = merged_torus_bound(conv, kernel_error)
+        if (cost := gram_over_budget(ctx, conv, cost_ratio)) is not None:
+            value = torus * scale
+            method = "fft-merged (cost budget)"
+            extra = {"torus": torus, "gram_cost": cost}
+            return affine_bound(ctx, value, certified=True, upper=value, method=method, extra=extra)
+    res = ctx.iterative()
     estimate = res.sigma / ctx.scale
     core, method, details = merged_conv_value(
-        ctx, conv, estimate, kernel_error, res.v, cost_ratio=cost_ratio
+        ctx, conv, estimate, kernel_error, res.v, cost_ratio=cost_ratio, torus=torus
     )
     bound = with_iterative(ctx, res, core * scale, upper=core * scale, method=method)
     bound.extra.update(details)
@@ -378,6 +392,7 @@ def merged_conv_value(
     v0: Tensor,
     *,
     cost_ratio: float | None = None,
+    torus: float | None = None,
 ) -> tuple[float, str, dict]:
     """Certified ``‖A‖`` of the merged convolution (``estimate``: its Lanczos value), the
     method and details (``gram_delta``, ``gram_side``, ``torus``, ``gram_cost``), by the first
@@ -402,23 +417,20 @@ def merged_conv_value(
     Folding ``m`` computed scales into the kernel: ``|w' − ŵ| ≤ kernel_error · |ŵ|``
     (:func:`~lipreg.functional.rounding.folded_kernel_error`), so ``kernel_error · ‖|Â|‖``
     (:func:`~lipreg.functional.banded_gram.abs_norm_bound`) is added to every value.
+    ``torus``: :func:`merged_torus_bound` when the caller computed it already.
     """
     if all(k == 1 for k in conv.weight.shape[2:]):
         cert = certify_conv_norm(conv, estimate, kernel_error=kernel_error)
         assert cert is not None  # pointwise always answers
         return cert.bound, cert.method, {}
-    extra = kernel_error * abs_norm_bound(conv.weight, conv.groups)
-    torus = conv_operator_norm_bound(
-        conv.weight, conv.in_shape[1:], conv.stride, conv.padding, conv.dilation, conv.groups
-    )
-    torus = (torus + extra) * CLOSED_FORM_PAD
+    if torus is None:
+        torus = merged_torus_bound(conv, kernel_error)
     if torus <= estimate * (1 + TORUS_ACCEPT):
         return torus, "fft-merged", {"torus": torus}
-    plan, budget = gram_plan(conv), current_budget()
-    ratio = ctx.bounder.gram_cost_ratio if cost_ratio is None else cost_ratio
-    if plan.cost * conv.groups > GRAM_FREE_COST + ratio * conv_pass_flops(conv):
-        details = {"torus": torus, "gram_cost": plan.cost * conv.groups}
-        return torus, "fft-merged (cost budget)", details
+    if (cost := gram_over_budget(ctx, conv, cost_ratio)) is not None:
+        return torus, "fft-merged (cost budget)", {"torus": torus, "gram_cost": cost}
+    budget = current_budget()
+    plan = gram_plan(conv)
     if plan.bytes > budget.limit_bytes:
         budget.record(
             f"{ctx.chain.name}: the Gram test of this convolution needs "
@@ -443,6 +455,26 @@ def merged_conv_value(
     return torus, "fft-merged", details
 
 
+def merged_torus_bound(conv: ConvData, kernel_error: float) -> float:
+    """The torus bound of the merged convolution
+    (:func:`~lipreg.functional.conv_bounds.conv_operator_norm_bound`) plus the folded scales'
+    error ``kernel_error · ‖|Â|‖``, padded as a closed form: certified."""
+    extra = kernel_error * abs_norm_bound(conv.weight, conv.groups)
+    torus = conv_operator_norm_bound(
+        conv.weight, conv.in_shape[1:], conv.stride, conv.padding, conv.dilation, conv.groups
+    )
+    return (torus + extra) * CLOSED_FORM_PAD
+
+
+def gram_over_budget(ctx: ChainContext, conv: ConvData, cost_ratio: float | None) -> float | None:
+    """The Gram test's predicted cost (multiply-adds) when it exceeds :data:`GRAM_FREE_COST`
+    + ``cost_ratio`` (default ``ctx.bounder.gram_cost_ratio``) × one forward+backward of the
+    convolution, else ``None`` (the test is affordable)."""
+    cost = gram_plan(conv).cost * conv.groups
+    ratio = ctx.bounder.gram_cost_ratio if cost_ratio is None else cost_ratio
+    return cost if cost > GRAM_FREE_COST + ratio * conv_pass_flops(conv) else None
+
+
 def _warm_gram_test(
     ctx: ChainContext, conv: ConvData, estimate: float, kernel_error: float, v0: Tensor
 ) -> ConvNormCertificate | None:
@@ -460,32 +492,6 @@ def _warm_gram_test(
         elif last_v is not None:
             b.new_state[f"{name}#gram_v"] = last_v
     return cert
-
-
-def product_of_op_certificates(ctx: ChainContext) -> LayerBound | None:
-    """``‖A_m ⋯ A_1‖ ≤ Π_i ‖A_i‖`` (submultiplicativity), each ``‖A_i‖`` certified by the
-    first :data:`OP_LADDER` entry that answers; isometries contribute their scalar. Also runs
-    the iterative estimate (reported as ``estimate``). ``None`` (with the reason kept for
-    :func:`estimate`) when an op has no certificate. Certified."""
-    b = ctx.bounder
-    if not b.certify:
-        return None
-    res = ctx.iterative()
-    total, methods = ctx.scale, []
-    for node, spec in ctx.core:
-        answer = next((a for e in OP_LADDER if (a := e(ctx, node, spec)) is not None), None)
-        if answer is None:
-            op64 = node_linear_map(b.analysis64, node)
-            ctx.refusal = (
-                f"no certificate for {b.analysis.label(node)}: too large to "
-                f"materialise ({op64.in_features}x{op64.out_features}) and no "
-                "structured bound; raise dense_limit or register a rule with certify="
-            )
-            return None
-        total *= answer[0]
-        methods.append(answer[1])
-    how = " x ".join(methods) if len(methods) > 1 else methods[0]
-    return with_iterative(ctx, res, total, upper=total, method=how)
 
 
 def estimate(ctx: ChainContext) -> LayerBound:
@@ -562,51 +568,6 @@ def quick_ladder(max_dense_flops: float | None = None) -> list[LadderEntry]:
     return [DenseWithinCost(limit) if e is dense_chain else e for e in LADDER]
 
 
-# ---------------------------------------------------------------- the op ladder
-def op_closed_form(ctx: ChainContext, node: fx.Node, spec: Affine) -> tuple[float, str] | None:
-    """The rule's exact closed-form norm (``Affine.norm``, float64)."""
-    return None if spec.norm is None else (spec.norm, "closed-form")
-
-
-def op_dense_weight(ctx: ChainContext, node: fx.Node, spec: Affine) -> tuple[float, str] | None:
-    """A dense weight's certified norm (:func:`~lipreg.functional.certify.matrix_norm_bound`)."""
-    return None if spec.weight is None else (matrix_norm_bound(spec.weight)[0], "dense")
-
-
-def op_rule_certificate(ctx: ChainContext, node: fx.Node, spec: Affine) -> tuple[float, str] | None:
-    """The rule's own certified bound (``Affine.certify``: the FFT/polyphase bound of a
-    convolution, :mod:`lipreg.functional.conv_bounds`)."""
-    return None if spec.certify is None else (spec.certify(), "fft")
-
-
-def op_schur(ctx: ChainContext, node: fx.Node, spec: Affine) -> tuple[float, str] | None:
-    """Non-negative matrix (pooling, padding, indexing): ``‖A‖ ≤ sqrt(‖A‖_1 ‖A‖_∞)``."""
-    if not spec.nonnegative:
-        return None
-    return schur_bound(node_linear_map(ctx.bounder.analysis64, node)), "schur"
-
-
-def op_dense(ctx: ChainContext, node: fx.Node, spec: Affine) -> tuple[float, str] | None:
-    """The op materialised in float64 (if it fits, as :func:`dense_chain`), then the dense
-    certificate."""
-    b = ctx.bounder
-    op64 = node_linear_map(b.analysis64, node)
-    if not b.dense_ok(op64):
-        return None
-    return dense_norm_bound(op64, batch_size=b.dense_batch(op64))[0], "dense"
-
-
-OpEntry = Callable[[ChainContext, fx.Node, Affine], tuple[float, str] | None]
-OP_LADDER: list[OpEntry] = [
-    op_closed_form,
-    op_dense_weight,
-    op_rule_certificate,
-    op_schur,
-    op_dense,
-]
-"""Certificates of ONE op inside :func:`product_of_op_certificates`: ``(bound, method)``."""
-
-
 @dataclass
 class ChainBounder:
     """Computes the factor of each affine chain by the first :data:`LADDER` entry that answers.
@@ -618,7 +579,10 @@ class ChainBounder:
     estimate; ``dense_limit`` caps the smaller side of a materialised map;
     ``gram_cost_ratio`` is the Gram test's cost budget in forward+backward passes of the
     convolution (:func:`merged_conv_value`; default :data:`GRAM_COST_RATIO`, ``math.inf`` for
-    the tightest value whatever it costs).
+    the tightest value whatever it costs). ``estimates=False`` (certificates only) skips the
+    chains' iterative estimates wherever the certificate does not need one (their factors then
+    have ``estimate=None``): a merged convolution whose Gram test is over the cost budget (the
+    torus bound answers whatever the estimate), a product of per-op certificates.
     """
 
     analysis: Analysis
@@ -636,6 +600,7 @@ class ChainBounder:
     # derived on first use
     given_analysis64: Analysis | None = None
     gram_cost_ratio: float = field(default_factory=lambda: GRAM_COST_RATIO)
+    estimates: bool = True
     new_state: dict[str, Tensor] = field(default_factory=dict, init=False)
     _analysis64: Analysis | None = field(default=None, init=False, repr=False)
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import lipreg
+from lipreg.functional import ladder
 from lipreg.functional.ladder import quick_ladder
 from tests.soundness.generator import FAMILIES, generate
 from tests.soundness.harness import REL_TOL, Outcome, check_soundness
@@ -83,6 +85,40 @@ def test_quick_ladder_certificates(seed: int) -> None:
         names=g.names,
         seed=seed,
         autolip_kwargs={"ladder": quick_ladder(0.0)},
+    )
+    assert outcome.ok, _fail(outcome)
+
+
+@pytest.mark.parametrize("seed", range(1, N_RANDOM, 4))
+def test_certificate_only(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``estimate=False`` (the certified value alone) with every convolution's Gram test over
+    its cost budget and no chain materialised (``dense_limit=0``): the torus bounds and the
+    per-op products answer without an estimate, and hold against the oracle too. Some ops have
+    no certificate without materialising (an upsampling, a broadcast): such a network is
+    reported as an estimate, and must then be one with ``estimate=True`` as well (skipping
+    estimates never costs a certificate)."""
+    monkeypatch.setattr(ladder, "GRAM_FREE_COST", 0.0)
+    monkeypatch.setattr(ladder, "GRAM_COST_RATIO", 0.0)
+    g = generate(seed)
+    options = {"estimate": False, "dense_limit": 0}
+    with warnings.catch_warnings(record=True):  # an uncertified op warns
+        warnings.simplefilter("always")
+        try:
+            full = lipreg.autolip(g.model, g.input_shape, **{**options, "estimate": True})
+        except (lipreg.UnsupportedOperationError, lipreg.TraceError):
+            full = None  # refused: check_soundness judges the refusal below
+        if full is not None and not full.certified:
+            only = lipreg.autolip(g.model, g.input_shape, **options)
+            assert not only.certified and only.kind == "estimate"
+            return
+    outcome = check_soundness(
+        g.model,
+        g.input_shape,
+        label=f"{g.describe()} [estimate=False, dense_limit=0, no Gram test]",
+        families=g.families,
+        names=g.names,
+        seed=seed,
+        autolip_kwargs=options,
     )
     assert outcome.ok, _fail(outcome)
 

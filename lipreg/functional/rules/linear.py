@@ -102,11 +102,15 @@ def _module_certificate(
     m: nn.Module, in_spatial: tuple[int, ...], **geometry: Any
 ) -> Callable[[], float]:
     """The certified operator-norm bound of conv module ``m`` on inputs of ``in_spatial``
-    (computed from the module's own weight, at its own precision)."""
+    (computed from the module's own weight, at its own precision). The weight is read now,
+    while the rule runs (in evaluation mode, like the rest of the spec), not when the bound is
+    asked for: a parametrized weight (e.g. ``spectral_norm``) read later in training mode
+    would be another weight, and reading it would update the parametrization's state."""
+    weight = m.weight.detach()
 
     def certify() -> float:
         return _conv_bound()(
-            m.weight.detach(),
+            weight,
             in_spatial,
             stride=m.stride,
             padding=m.padding,
