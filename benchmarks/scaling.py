@@ -10,6 +10,10 @@ wall time on CUDA (``--device cuda``). Columns, for every network:
   warm-starts every map);
 - cold certificate: a new ``lipreg.AutoLip(model, shape, certify=True)`` and its first call,
   i.e. ``lipreg.autolip(model, shape, certify=True)``: a certified upper bound;
+- certificate only: ``lipreg.autolip(model, shape, certify=True, estimate=False)``, cold: the
+  certified value alone, without the chains' Lanczos estimates that no certificate needs (same
+  value as the cold certificate: the "same value" column checks it); "not available" when the
+  library has no such option;
 - warm certificate: the same certifying estimator called again after the SGD steps, i.e. the
   same call with the previous result's ``state`` (and the traced graph);
 - incremental certificate: ``lipreg.functional.incremental.incremental_autolip`` from an anchor
@@ -44,6 +48,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import math
 import os
 import signal
@@ -72,7 +77,14 @@ from torch import nn
 
 import lipreg
 
-COLUMNS = ("cold estimate", "warm estimate", "cold certificate", "warm certificate", "incremental")
+COLUMNS = (
+    "cold estimate",
+    "warm estimate",
+    "cold certificate",
+    "certificate only",
+    "warm certificate",
+    "incremental",
+)
 # A warm column needs the cold result of the same kind (its state, or the anchor).
 NEEDS = {
     "warm estimate": "cold estimate",
@@ -283,6 +295,10 @@ def measure(net: Network, device: torch.device, cap: float, skip: set[str], sgd:
 
     run("cold estimate", lambda: cold("cold estimate", False))
     run("cold certificate", lambda: cold("cold certificate", True))
+    if "estimate" in inspect.signature(lipreg.autolip).parameters:
+        run("certificate only", lambda: lipreg.autolip(model, shape, estimate=False))
+    else:
+        out.cost["certificate only"] = MISSING
     incremental, anchor = incremental_module(), None
     if incremental is not None and "cold certificate" in found:
         traced = estimators["cold certificate"].traced  # reused, as the callback would
@@ -358,6 +374,11 @@ def multiple(rounds: list[Round], column: str) -> float | str:
     return reasons[0] if reasons else median(cells)
 
 
+def same_value(only: float | None, certified: float) -> str:
+    """Whether the certificate-only value equals the cold certificate's ("" when absent)."""
+    return "" if only is None else ("yes" if only == certified else f"NO ({only:.6g})")
+
+
 def ratio(a: Any, b: Any) -> float | str:
     return a / b if isinstance(a, float) and isinstance(b, float) else ""
 
@@ -382,6 +403,7 @@ def table_rows(nets: list[Network], rounds: dict[int, list[Round]]) -> list[list
                 values.get("cold estimate", math.nan),
                 certified,
                 ratio(values.get("incremental"), values.get("warm certificate")),
+                same_value(values.get("certificate only"), certified),
                 max(r.load for r in rs),
                 rs[-1].methods or "-",
             ]
@@ -397,12 +419,14 @@ HEADERS = [
     "cold estimate x",
     "warm estimate x",
     "cold certificate x",
+    "certificate only x",
     "warm certificate x",
     "incremental x",
     "warm/cold certificate",
     "estimate (cold)",
     "certified (cold)",
     "incremental/warm certified",
+    "same value",
     "load (max)",
     "cold certificate by",
 ]
