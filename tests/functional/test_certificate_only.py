@@ -32,6 +32,23 @@ def small_cnn(channels: int = 16, size: int = 32) -> nn.Module:
     )
 
 
+def mixed_cnn() -> nn.Module:
+    """Two convolutions whose Gram test is over its cost budget (torus bounds, no estimate
+    needed), then two whose Gram test runs on their estimate (``conv-gram``)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 10),
+    )
+
+
 def conv_bn() -> nn.Module:
     """Convolutions with batch norms (merged chains) and a 1 × 1 convolution."""
     model = nn.Sequential(
@@ -68,12 +85,15 @@ def factors(result: lipreg.LipschitzResult) -> list[tuple[str, float, str]]:
     ("make", "shape", "options"),
     [
         (small_cnn, (3, 32, 32), {}),
+        (mixed_cnn, (3, 32, 32), {"dense_limit": 0}),
         (conv_bn, (3, 9, 9), {"dense_limit": 0}),
         (conv_bn, (3, 9, 9), {}),
     ],
-    ids=["small-cnn", "conv-bn-merged", "conv-bn-dense"],
+    ids=["small-cnn", "torus-then-gram", "conv-bn-merged", "conv-bn-dense"],
 )
 def test_the_certified_value_is_the_full_calls(make, shape, options) -> None:
+    """Equal to the last bit: a chain's random start does not depend on whether the chains
+    before it ran their estimate (a Gram test's value depends on its estimate)."""
     torch.manual_seed(0)
     model = make()
     full = lipreg.autolip(model, shape, **options)
@@ -137,3 +157,21 @@ def test_estimate_false_needs_certify() -> None:
     with pytest.raises(ValueError, match="estimate=False asks for the certified value alone"):
         lipreg.autolip(net, (4,), certify=False, estimate=False)
     assert math.isfinite(lipreg.autolip(net, (4,), estimate=False).value)
+
+
+def test_mobilenet_v2_keeps_every_factor() -> None:
+    """torchvision's mobilenet_v2 at 64 × 64 mixes torus bounds over the Gram test's budget
+    with Gram tests certified from their estimates (``σ̂ √(1 + δ)``): every factor is the
+    same bit for bit (with one random stream shared by the chains, the estimates skipped
+    before them moved the later Gram tests by ~1e-7)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(weights=None).eval()
+    full = lipreg.autolip(model, (3, 64, 64))
+    only = lipreg.autolip(model, (3, 64, 64), estimate=False)
+    methods = {lb.method for lb in full.layers}
+    assert {"conv-gram", "fft-merged (cost budget)"} <= methods
+    values = [(name, value) for name, value, _ in factors(full)]
+    assert [(name, value) for name, value, _ in factors(only)] == values
+    assert only.value == full.value
