@@ -417,7 +417,10 @@ def test_warm_vectors_that_do_not_fit_are_dropped_not_fatal(tmp_path):
     with capture_logs(logging.getLogger("lightning.pytorch")) as notes:
         assert fit_recording(trainer, module, loader(), ckpt_path=str(ckpt)) == []
     assert any("autolip failed with the warm-start vectors" in n for n in notes)
-    cold = lipreg.autolip(module.net, (6,), certify=False)  # a cold start, same seed
+    # a cold start with the callback's options (same seed, tolerance and cap)
+    cold = lipreg.autolip(
+        module.net, (6,), certify=False, tol=resumed.tol, max_iter=resumed.max_iter
+    )
     assert rel(resumed.last_metrics["lipschitz/autolip"], cold.value) < 1e-6
 
 

@@ -603,6 +603,7 @@ class ChainBounder:
     estimates: bool = True
     new_state: dict[str, Tensor] = field(default_factory=dict, init=False)
     _analysis64: Analysis | None = field(default=None, init=False, repr=False)
+    _positions: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.ladder = list(LADDER if self.ladder is None else self.ladder)
@@ -627,7 +628,18 @@ class ChainBounder:
         ):
             return self._bound(chain)
 
+    def cold_start_generator(self, name: str) -> torch.Generator:
+        """A private generator for the cold start of chain ``name``, seeded by the call's seed
+        and the chain's position among the chains bounded (graph order): a chain's draws do
+        not depend on which chains before it ran an iteration (``estimates=False`` skips
+        some, and a Gram test's value depends on its estimate), and two calls on the same
+        graph draw alike."""
+        position = self._positions.setdefault(name, len(self._positions))
+        seed = (self.generator.initial_seed() + 0x9E3779B97F4A7C15 * (position + 1)) % 2**63
+        return torch.Generator(device=self.generator.device).manual_seed(seed)
+
     def _bound(self, chain: AffineChain) -> LayerBound:
+        self._positions.setdefault(chain.name, len(self._positions))
         ctx = ChainContext(self, chain)
         for entry in self.ladder:
             answer = entry(ctx)

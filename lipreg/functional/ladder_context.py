@@ -12,7 +12,6 @@ returns; :func:`warm_vector` reads the chain's warm start.
 from __future__ import annotations
 
 import math
-import zlib
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -111,13 +110,8 @@ class ChainContext:
         return self._iterative
 
     def _generator(self) -> torch.Generator:
-        """The cold start's generator: the call's seed and this chain's name, so that a chain's
-        draws never depend on which other chains ran an iteration before it (``estimates=
-        False`` skips some: the others' certificates stay the same)."""
-        base = self.bounder.generator
-        name = zlib.crc32(self.chain.name.encode())
-        seed = (base.initial_seed() * 0x9E3779B1 + name) % (2**63)
-        return torch.Generator(device=base.device).manual_seed(seed)
+        """The cold start's generator (:meth:`ChainBounder.cold_start_generator`)."""
+        return self.bounder.cold_start_generator(self.chain.name)
 
 
 def affine_bound(ctx: ChainContext, value: float, **fields) -> LayerBound:
