@@ -101,17 +101,13 @@ class ChainContext:
                 tol=b.tol,
                 max_iter=b.max_iter,
                 method=b.method,  # type: ignore[arg-type]
-                generator=self._generator(),
+                generator=b.cold_start_generator(name),
             )
             b.new_state[name] = res.v
             if math.isfinite(res.gap):
                 b.new_state[f"{name}#gap"] = torch.tensor(res.gap, dtype=torch.float64)
             self._iterative = res
         return self._iterative
-
-    def _generator(self) -> torch.Generator:
-        """The cold start's generator (:meth:`ChainBounder.cold_start_generator`)."""
-        return self.bounder.cold_start_generator(self.chain.name)
 
 
 def affine_bound(ctx: ChainContext, value: float, **fields) -> LayerBound:
