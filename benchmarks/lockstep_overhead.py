@@ -33,7 +33,7 @@ weights), which the fits of ``training_overhead.py`` do not; this costs every fi
 
 Run: OMP_NUM_THREADS=1 python benchmarks/lockstep_overhead.py [--steps N] [--every 1 10 50]
      [--networks mlp cnn4 resnet18] [--resnet-batch B] [--optimizers sgd adam] [--rounds R]
-     [--device cuda]
+     [--allocator pinned|default] [--device cuda]
 (``--quick``: 21 steps, one round, to check that the script runs; not for published figures.)
 """
 
