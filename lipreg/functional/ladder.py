@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from lipreg.functional.analysis import Analysis
 from lipreg.functional.banded_gram import (
     ConvNormCertificate,
+    GramPlan,
     abs_norm_bound,
     certify_conv_norm,
     conv_matrix,
@@ -427,10 +428,10 @@ def merged_conv_value(
         torus = merged_torus_bound(conv, kernel_error)
     if torus <= estimate * (1 + TORUS_ACCEPT):
         return torus, "fft-merged", {"torus": torus}
-    if (cost := gram_over_budget(ctx, conv, cost_ratio)) is not None:
+    plan = gram_plan(conv)
+    if (cost := gram_over_budget(ctx, conv, cost_ratio, plan)) is not None:
         return torus, "fft-merged (cost budget)", {"torus": torus, "gram_cost": cost}
     budget = current_budget()
-    plan = gram_plan(conv)
     if plan.bytes > budget.limit_bytes:
         budget.record(
             f"{ctx.chain.name}: the Gram test of this convolution needs "
@@ -466,11 +467,14 @@ def merged_torus_bound(conv: ConvData, kernel_error: float) -> float:
     return (torus + extra) * CLOSED_FORM_PAD
 
 
-def gram_over_budget(ctx: ChainContext, conv: ConvData, cost_ratio: float | None) -> float | None:
-    """The Gram test's predicted cost (multiply-adds) when it exceeds :data:`GRAM_FREE_COST`
-    + ``cost_ratio`` (default ``ctx.bounder.gram_cost_ratio``) × one forward+backward of the
-    convolution, else ``None`` (the test is affordable)."""
-    cost = gram_plan(conv).cost * conv.groups
+def gram_over_budget(
+    ctx: ChainContext, conv: ConvData, cost_ratio: float | None, plan: GramPlan | None = None
+) -> float | None:
+    """The Gram test's predicted cost (multiply-adds; ``plan``: its :func:`gram_plan`, when
+    the caller has it) when it exceeds :data:`GRAM_FREE_COST` + ``cost_ratio`` (default
+    ``ctx.bounder.gram_cost_ratio``) × one forward+backward of the convolution, else ``None``
+    (the test is affordable)."""
+    cost = (gram_plan(conv) if plan is None else plan).cost * conv.groups
     ratio = ctx.bounder.gram_cost_ratio if cost_ratio is None else cost_ratio
     return cost if cost > GRAM_FREE_COST + ratio * conv_pass_flops(conv) else None
 
